@@ -1,0 +1,563 @@
+//! Command-line parsing and the admin commands' output (`--json` or text for people).
+//! The command-line contract is `shared/cli.md`; add to it, never break it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::api::{
+    ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, GcReport, PackageDetail, PackageInfo,
+    RefreshReport, RefreshRequest, RollbackReport, StatusReport, TargetInfo, TargetRequest, ValidateReport,
+};
+use crate::client::AdminClient;
+use crate::config::{ServerConfig, ServerOverrides};
+use crate::util::human_bytes;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dpsync",
+    version,
+    about = "Content replication from a site server to distribution points and child sites"
+)]
+pub struct Cli {
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Admin socket of the server to talk to.
+    #[arg(long, global = true, env = "DPSYNC_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Data directory (of the daemon to run, or whose admin.sock to use).
+    #[arg(long, global = true, env = "DPSYNC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (daemons).
+    #[arg(long, global = true, env = "DPSYNC_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a site server.
+    Server(ServerArgs),
+    /// Run a distribution point agent.
+    Agent(AgentArgs),
+    /// Manage packages.
+    #[command(subcommand)]
+    Package(PackageCmd),
+    /// Re-read a package's source, commit the next source version, and distribute it.
+    Refresh {
+        package: String,
+        /// Re-read every file, even those whose size and times did not change.
+        #[arg(long)]
+        verify: bool,
+        /// Show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Follow distribution until every target is installed (exit 0) or failed (exit 1).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (exit 1).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Manage distribution points.
+    #[command(subcommand)]
+    Dp(TargetCmd),
+    /// Manage child sites.
+    #[command(subcommand)]
+    Site(TargetCmd),
+    /// Send a package to DPs, DP groups or child sites.
+    Distribute {
+        package: String,
+        #[arg(long = "dp")]
+        dps: Vec<String>,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// Wait until every target has the package.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Per-target distribution state of one package, or of all.
+    Status { package: Option<String> },
+    /// Send the current version to a DP again, whole, ignoring what it reports.
+    Redistribute {
+        package: String,
+        #[arg(long = "dp", alias = "site")]
+        target: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Have DPs re-check their installed files; damaged files are repaired.
+    Validate {
+        package: String,
+        #[arg(long = "dp")]
+        target: Option<String>,
+    },
+    /// Make the previous version's content current again (as a new source version).
+    Rollback {
+        package: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Remove a package from a DP.
+    Remove {
+        package: String,
+        #[arg(long = "dp", alias = "site")]
+        target: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Prune old versions and remove content no retained version uses.
+    Gc,
+    /// Show the server's identity.
+    Info,
+}
+
+#[derive(Debug, Args)]
+struct ServerArgs {
+    /// Three-character site code (default PS1).
+    #[arg(long, env = "DPSYNC_SITE_CODE")]
+    site_code: Option<String>,
+    /// Receiving address for a parent site (makes this a child site).
+    #[arg(long, env = "DPSYNC_LISTEN")]
+    listen: Option<String>,
+    /// sqlite://… or postgres://… (default: SQLite in the data directory).
+    #[arg(long, env = "DPSYNC_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Targets pushed to at once (default 8).
+    #[arg(long, env = "DPSYNC_PARALLEL_TARGETS")]
+    parallel_targets: Option<usize>,
+    /// Retries before a target is marked failed (default 5).
+    #[arg(long, env = "DPSYNC_RETRIES")]
+    retries: Option<i64>,
+    /// First retry delay in milliseconds; doubles each retry (default 2000).
+    #[arg(long, env = "DPSYNC_RETRY_DELAY_MS")]
+    retry_delay_ms: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// Address to receive content and serve clients on, e.g. 0.0.0.0:8443 (port 0 picks one;
+    /// the bound address is written to DATA_DIR/listen.addr).
+    #[arg(long, env = "DPSYNC_LISTEN")]
+    listen: Option<String>,
+    /// Token the site must present.
+    #[arg(long, env = "DPSYNC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the token (mode 0600).
+    #[arg(long, env = "DPSYNC_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TargetCmd {
+    /// Add a target.
+    Add {
+        name: String,
+        /// Its receiving address, e.g. http://dp1.example:8443
+        url: String,
+        /// Token the target expects.
+        #[arg(long, hide_env_values = true)]
+        token: Option<String>,
+        /// File holding the token (mode 0600).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// DP group (DPs only).
+        #[arg(long)]
+        group: Option<String>,
+        /// Bandwidth limit in bytes per second.
+        #[arg(long)]
+        rate_limit: Option<i64>,
+    },
+    /// List targets.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum PackageCmd {
+    /// Add a package; prints its id.
+    Add { name: String, source_dir: PathBuf },
+    /// List packages.
+    List,
+    /// Show a package and its versions.
+    Show { package: String },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dpsync: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            if json {
+                println!("{}", serde_json::json!({ "error": msg }));
+            }
+            eprintln!("dpsync: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let Cli { json, socket, data_dir, config, command } = cli;
+    let command_kind = match &command {
+        Command::Dp(_) => "dp",
+        _ => "site",
+    };
+    let client = || -> Result<AdminClient> {
+        let socket = socket
+            .clone()
+            .or_else(|| data_dir.as_ref().map(|d| d.join("admin.sock")))
+            .context("which server? pass --socket PATH or --data-dir DIR (or set DPSYNC_SOCKET)")?;
+        Ok(AdminClient::new(socket))
+    };
+    match command {
+        Command::Server(a) => {
+            crate::logging::init();
+            let cfg = ServerConfig::resolve(ServerOverrides {
+                config,
+                data_dir,
+                site_code: a.site_code,
+                socket,
+                listen: a.listen,
+                database_url: a.database_url,
+                parallel_targets: a.parallel_targets,
+                retries: a.retries,
+                retry_delay_ms: a.retry_delay_ms,
+            })?;
+            crate::site::run(cfg).await?;
+        }
+        Command::Agent(a) => {
+            crate::logging::init();
+            let cfg = crate::agent::AgentConfig::resolve(config.as_deref(), data_dir, a.listen, a.token, a.token_file)?;
+            crate::agent::run(cfg).await?;
+        }
+        Command::Package(PackageCmd::Add { name, source_dir }) => {
+            let source = std::path::absolute(&source_dir).context("invalid source path")?;
+            let req = AddPackage { name, source: source.display().to_string() };
+            let p: PackageInfo = client()?.post("/v1/packages", &req).await?;
+            emit(json, &p, |p| println!("{}", p.id));
+        }
+        Command::Package(PackageCmd::List) => {
+            let list: Vec<PackageInfo> = client()?.get("/v1/packages").await?;
+            emit(json, &list, |list| {
+                println!("{:<10} {:<24} {:>7}  {:<5} SOURCE", "ID", "NAME", "VERSION", "SITE");
+                for p in list {
+                    println!(
+                        "{:<10} {:<24} {:>7}  {:<5} {}",
+                        p.id,
+                        p.name,
+                        p.source_version,
+                        p.source_site,
+                        p.source_path.as_deref().unwrap_or("-")
+                    );
+                }
+            });
+        }
+        Command::Package(PackageCmd::Show { package }) => {
+            let d: PackageDetail = client()?.get(&format!("/v1/packages/{}", enc(&package))).await?;
+            emit(json, &d, |d| {
+                let p = &d.package;
+                println!("package        {} ({})", p.id, p.name);
+                println!("source         {}", p.source_path.as_deref().unwrap_or("-"));
+                println!("source site    {}", p.source_site);
+                println!("source version {}", p.source_version);
+                println!("content root   {}", p.content_root.as_deref().unwrap_or("-"));
+                println!();
+                println!(
+                    "{:>7}  {:<16} {:>7} {:>10} {:>6} {:>6} {:>6}  ORIGIN",
+                    "VERSION", "ROOT", "FILES", "SIZE", "ADDED", "CHNGD", "REMVD"
+                );
+                for v in &d.versions {
+                    println!(
+                        "{:>7}  {:<16} {:>7} {:>10} {:>6} {:>6} {:>6}  {}",
+                        v.source_version,
+                        &v.content_root[..16.min(v.content_root.len())],
+                        v.files,
+                        human_bytes(v.total_bytes as u64),
+                        v.files_added,
+                        v.files_changed,
+                        v.files_removed,
+                        v.origin
+                    );
+                }
+            });
+        }
+        Command::Refresh { package, verify, dry_run, wait, timeout } => {
+            let req = RefreshRequest { verify, dry_run };
+            let c = client()?;
+            let r: RefreshReport = c.post(&format!("/v1/packages/{}/refresh", enc(&package)), &req).await?;
+            if wait && !dry_run {
+                if !json {
+                    print_refresh(&r);
+                }
+                let outcome = crate::wait::wait(&c, &r.package, r.source_version, timeout, json).await?;
+                if json {
+                    let mut v = serde_json::to_value(&r)?;
+                    v["status"] = serde_json::to_value(&outcome.status)?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                return Ok(outcome.exit_code());
+            }
+            emit(json, &r, print_refresh);
+        }
+        Command::Dp(TargetCmd::Add { name, url, token, token_file, group, rate_limit }) => {
+            let token = match token_file {
+                Some(p) => Some(crate::config::read_secret(&p)?),
+                None => token,
+            };
+            let req = AddTarget { name, kind: "dp".into(), url, token, group, rate_limit };
+            let t: TargetInfo = client()?.post("/v1/targets", &req).await?;
+            emit(json, &t, |t| println!("added DP {} at {}", t.name, t.url));
+        }
+        Command::Site(TargetCmd::Add { name, url, token, token_file, group, rate_limit }) => {
+            let token = match token_file {
+                Some(p) => Some(crate::config::read_secret(&p)?),
+                None => token,
+            };
+            let req = AddTarget { name, kind: "site".into(), url, token, group, rate_limit };
+            let t: TargetInfo = client()?.post("/v1/targets", &req).await?;
+            emit(json, &t, |t| println!("added child site {} at {}", t.name, t.url));
+        }
+        Command::Dp(TargetCmd::List) | Command::Site(TargetCmd::List) => {
+            let kind = if matches!(command_kind, "dp") { "dp" } else { "site" };
+            let all: Vec<TargetInfo> = client()?.get("/v1/targets").await?;
+            let list: Vec<TargetInfo> = all.into_iter().filter(|t| t.kind == kind).collect();
+            emit(json, &list, |list| {
+                println!("{:<16} {:<36} {:<10} {:>12}  TOKEN", "NAME", "URL", "GROUP", "RATE LIMIT");
+                for t in list {
+                    println!(
+                        "{:<16} {:<36} {:<10} {:>12}  {}",
+                        t.name,
+                        t.url,
+                        t.group.as_deref().unwrap_or("-"),
+                        t.rate_limit.map(|r| format!("{}/s", human_bytes(r as u64))).unwrap_or_else(|| "-".into()),
+                        if t.has_token { "yes" } else { "no" }
+                    );
+                }
+            });
+        }
+        Command::Distribute { package, dps, groups, sites, wait, timeout } => {
+            let c = client()?;
+            let req = DistributeRequest { dps, groups, sites };
+            let r: DistributeReport = c.post(&format!("/v1/packages/{}/distribute", enc(&package)), &req).await?;
+            if wait {
+                if !json {
+                    println!("{} version {} → {}", r.package, r.source_version, r.targets.join(", "));
+                }
+                let outcome = crate::wait::wait(&c, &r.package, r.source_version, timeout, json).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&outcome.status)?);
+                }
+                return Ok(outcome.exit_code());
+            }
+            emit(json, &r, |r| println!("{} version {} → {}", r.package, r.source_version, r.targets.join(", ")));
+        }
+        Command::Status { package } => {
+            let c = client()?;
+            match package {
+                Some(p) => {
+                    let s: StatusReport = c.get(&format!("/v1/packages/{}/status", enc(&p))).await?;
+                    emit(json, &s, |s| crate::wait::print_status(s));
+                }
+                None => {
+                    let all: Vec<StatusReport> = c.get("/v1/status").await?;
+                    emit(json, &all, |all| {
+                        for s in all {
+                            crate::wait::print_status(s);
+                            println!();
+                        }
+                    });
+                }
+            }
+        }
+        Command::Redistribute { package, target, wait, timeout } => {
+            return action(&client()?, json, &package, "redistribute", target, wait, timeout).await;
+        }
+        Command::Remove { package, target, wait, timeout } => {
+            return action(&client()?, json, &package, "remove", target, wait, timeout).await;
+        }
+        Command::Rollback { package, wait, timeout } => {
+            let c = client()?;
+            let r: RollbackReport = c.post(&format!("/v1/packages/{}/rollback", enc(&package)), &()).await?;
+            let text = |r: &RollbackReport| {
+                println!(
+                    "{} source version {} restores the content of version {} (root {}); queued for {} targets",
+                    r.package, r.source_version, r.restored_version, r.content_root, r.targets_queued
+                )
+            };
+            if wait {
+                if !json {
+                    text(&r);
+                }
+                let outcome = crate::wait::wait(&c, &r.package, r.source_version, timeout, json).await?;
+                if json {
+                    let mut v = serde_json::to_value(&r)?;
+                    v["status"] = serde_json::to_value(&outcome.status)?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                return Ok(outcome.exit_code());
+            }
+            emit(json, &r, text);
+        }
+        Command::Validate { package, target } => {
+            let r: ValidateReport =
+                client()?.post(&format!("/v1/packages/{}/validate", enc(&package)), &TargetRequest { target }).await?;
+            let all_ok = r.targets.iter().all(|t| t.ok);
+            emit(json, &r, |r| {
+                for t in &r.targets {
+                    match (&t.error, t.ok) {
+                        (Some(e), _) => println!("{:<16} error: {e}", t.name),
+                        (None, true) => println!("{:<16} ok ({} files checked)", t.name, t.files_checked),
+                        (None, false) => {
+                            println!("{:<16} {} damaged files; repair queued", t.name, t.broken.len());
+                            for p in t.broken.iter().take(20) {
+                                println!("    {p}");
+                            }
+                        }
+                    }
+                }
+            });
+            if !all_ok {
+                let bad: Vec<&str> = r.targets.iter().filter(|t| !t.ok).map(|t| t.name.as_str()).collect();
+                eprintln!("dpsync: validation found problems on {}", bad.join(", "));
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Gc => {
+            let r: GcReport = client()?.post("/v1/gc", &()).await?;
+            emit(json, &r, |r| {
+                println!(
+                    "pruned {} versions; removed {} objects ({}); kept {}",
+                    r.versions_pruned,
+                    r.objects_removed,
+                    human_bytes(r.bytes_removed),
+                    r.objects_kept
+                )
+            });
+        }
+        Command::Info => {
+            let r: crate::api::SiteInfo = client()?.get("/v1/site").await?;
+            emit(json, &r, |r| {
+                println!(
+                    "site {} (dpsync {}), {} packages, {} at {}",
+                    r.site_code, r.version, r.packages, r.database, r.data_dir
+                )
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn action(
+    c: &AdminClient,
+    json: bool,
+    package: &str,
+    verb: &str,
+    target: String,
+    wait: bool,
+    timeout: Option<u64>,
+) -> Result<ExitCode> {
+    let r: ActionReport =
+        c.post(&format!("/v1/packages/{}/{verb}", enc(package)), &TargetRequest { target: Some(target) }).await?;
+    let text = |r: &ActionReport| println!("{} {} queued for {}", r.package, r.action, r.targets.join(", "));
+    if wait {
+        if !json {
+            text(&r);
+        }
+        let outcome = crate::wait::wait(c, &r.package, r.source_version, timeout, json).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&outcome.status)?);
+        }
+        return Ok(outcome.exit_code());
+    }
+    emit(json, &r, text);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_refresh(r: &RefreshReport) {
+    if r.dry_run {
+        println!("dry run for {}: would commit source version {}", r.package, r.source_version);
+        println!(
+            "  files: {} added, {} changed, {} removed, {} unchanged; {} to hash",
+            r.files_added,
+            r.files_changed,
+            r.files_removed,
+            r.files_unchanged,
+            human_bytes(r.bytes_to_hash)
+        );
+        for (label, list) in [("+", &r.added), ("~", &r.changed), ("-", &r.removed)] {
+            for p in list {
+                println!("  {label} {p}");
+            }
+        }
+        return;
+    }
+    println!(
+        "{} source version {}  root {}{}",
+        r.package,
+        r.source_version,
+        r.content_root.as_deref().unwrap_or("-"),
+        if r.content_changed { "" } else { " (content unchanged)" }
+    );
+    println!(
+        "  files: {} added, {} changed, {} removed, {} unchanged ({} files, {} in all)",
+        r.files_added,
+        r.files_changed,
+        r.files_removed,
+        r.files_unchanged,
+        r.files,
+        human_bytes(r.total_bytes)
+    );
+    println!(
+        "  hashed {} in {} files, stored {} new, {} ms; queued for {} targets",
+        human_bytes(r.bytes_hashed),
+        r.files_read,
+        human_bytes(r.bytes_stored),
+        r.duration_ms,
+        r.targets_queued
+    );
+}
+
+fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T)) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
+    } else {
+        text(value);
+    }
+}
+
+/// Percent-encodes a path segment.
+pub fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

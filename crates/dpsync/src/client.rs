@@ -1,0 +1,81 @@
+//! The admin client: HTTP/1.1 + JSON to a running server over its Unix socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::ErrorBody;
+
+/// A failed admin call: the server's one-line reason, or why it could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CallError {
+    pub status: Option<StatusCode>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    socket: PathBuf,
+}
+
+impl AdminClient {
+    pub fn new(socket: PathBuf) -> Self {
+        Self { socket }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| CallError {
+            status: None,
+            message: format!(
+                "cannot reach the dpsync server at {} ({e}); is `dpsync server` running? Pass --socket or --data-dir to point at it",
+                self.socket.display()
+            ),
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let body = match body {
+            Some(b) => Bytes::from(serde_json::to_vec(b)?),
+            None => Bytes::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))?;
+        let resp = sender.send_request(req).await.context("the dpsync server closed the connection")?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.context("reading the server's answer")?.to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("server answered {status}: {}", String::from_utf8_lossy(&bytes)));
+            return Err(CallError { status: Some(status), message }.into());
+        }
+        serde_json::from_slice(&bytes).map_err(|e| anyhow!("the server's answer is not what this CLI expects ({e})"))
+    }
+}

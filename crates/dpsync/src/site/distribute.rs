@@ -1,0 +1,418 @@
+//! Fan-out: the durable job runner and the per-target push.
+//!
+//! One job per (package, target) lives in the store. The runner claims due jobs up to
+//! the parallelism limit and runs each as a task; a job that fails with a retryable
+//! error is rescheduled with exponential backoff and jitter until its retries run out.
+//! Jobs that were running when the server stopped are claimable again at start.
+//!
+//! A push: ask the target what it holds; if it already has this content, record the
+//! new version number there (O(1)); otherwise offer the manifest, read the chunks it
+//! lacks from the library on a blocking thread, batch and compress them, and send the
+//! batches through a bounded channel (a slow target slows the reader, memory stays
+//! bounded), then ask it to commit.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest};
+use dpsync_store::{Action, Distribution, Outcome, Target};
+use dpsync_transfer::client::{TargetClient, TransferError};
+use dpsync_transfer::wire::{self, WireChunk};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::Site;
+use crate::util::now_ms;
+
+/// Distribution settings.
+#[derive(Debug, Clone)]
+pub struct DistConfig {
+    /// Targets pushed to at once.
+    pub parallel: usize,
+    /// Retries after the first attempt before a job is `failed`.
+    pub retries: i64,
+    /// First retry delay; doubles each attempt, with ±25 % jitter, up to `retry_max`.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// Chunk bytes per batch request.
+    pub batch_bytes: usize,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            parallel: 8,
+            retries: 5,
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(300),
+            batch_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Live progress of a running job (not persisted).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub phase: String,
+    /// Chunk bytes the target lacks (before compression).
+    pub bytes_planned: u64,
+    /// Of those, sent so far.
+    pub bytes_done: u64,
+    pub started_ms: i64,
+}
+
+/// Why a push failed, and whether to try again.
+#[derive(Debug)]
+struct PushError {
+    message: String,
+    retryable: bool,
+}
+
+impl From<TransferError> for PushError {
+    fn from(e: TransferError) -> Self {
+        Self { retryable: e.is_retryable(), message: e.to_string() }
+    }
+}
+
+impl PushError {
+    fn permanent(message: impl Into<String>) -> Self {
+        Self { message: message.into(), retryable: false }
+    }
+    fn transient(message: impl Into<String>) -> Self {
+        Self { message: message.into(), retryable: true }
+    }
+}
+
+/// Backoff before retry number `attempt` (1-based): base × 2^(attempt-1), capped, ±25 %.
+pub fn backoff(cfg: &DistConfig, attempt: i64) -> Duration {
+    let exp = cfg.retry_base.saturating_mul(1u32 << (attempt.clamp(1, 20) - 1) as u32).min(cfg.retry_max);
+    let jitter = 0.75 + rand::random::<f64>() * 0.5;
+    exp.mul_f64(jitter)
+}
+
+/// Runs due jobs until `shutdown`.
+pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
+    match site.store.reset_in_progress().await {
+        Ok(n) if n > 0 => tracing::info!(jobs = n, "resuming distributions interrupted by a stop"),
+        Ok(_) => {}
+        Err(e) => tracing::error!("cannot reset interrupted jobs: {e}"),
+    }
+    let slots = Arc::new(tokio::sync::Semaphore::new(site.dist.parallel));
+    loop {
+        let free = slots.available_permits();
+        if free > 0 {
+            match site.store.claim_due(now_ms(), free as i64).await {
+                Ok(jobs) => {
+                    for job in jobs {
+                        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+                        let site = site.clone();
+                        tokio::spawn(async move {
+                            site.run_job(job).await;
+                            drop(permit);
+                            site.jobs.notify_one();
+                        });
+                    }
+                }
+                Err(e) => tracing::error!("cannot claim jobs: {e}"),
+            }
+        }
+        let wait = match site.store.next_due_at().await {
+            Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(10, 5_000) as u64),
+            _ => Duration::from_secs(5),
+        };
+        tokio::select! {
+            _ = site.jobs.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+}
+
+impl Site {
+    /// Wakes the runner (new or changed jobs).
+    pub fn kick_jobs(&self) {
+        self.jobs.notify_one();
+    }
+
+    async fn run_job(&self, job: Distribution) {
+        let key = (job.package_id.clone(), job.target_id);
+        self.set_progress(&key, |p| {
+            p.phase = "connecting".into();
+            p.started_ms = now_ms();
+        });
+        let result = match self.store.target_by_id(job.target_id).await {
+            Ok(Some(target)) => self.run_action(&job, &target).await,
+            Ok(None) => Err(PushError::permanent(format!("target {} no longer exists", job.target_name))),
+            Err(e) => Err(PushError::transient(format!("store: {e}"))),
+        };
+        self.progress.lock().unwrap().remove(&key);
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) if e.retryable && job.attempts <= self.dist.retries => {
+                let delay = backoff(&self.dist, job.attempts);
+                tracing::warn!(
+                    package = %job.package_id,
+                    target = %job.target_name,
+                    attempt = job.attempts,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "{}",
+                    e.message
+                );
+                Outcome::Retry { error: e.message, next_attempt_at: now_ms() + delay.as_millis() as i64 }
+            }
+            Err(e) => {
+                tracing::error!(package = %job.package_id, target = %job.target_name, attempts = job.attempts, "failed: {}", e.message);
+                Outcome::Failed { error: e.message }
+            }
+        };
+        match self.store.finish(&job.package_id, job.target_id, outcome).await {
+            Ok(d) => {
+                tracing::debug!(package = %d.package_id, target = %d.target_name, state = %d.state, "job finished")
+            }
+            Err(e) => tracing::error!("cannot record the outcome of {} → {}: {e}", job.package_id, job.target_name),
+        }
+    }
+
+    async fn run_action(&self, job: &Distribution, target: &Target) -> Result<Outcome, PushError> {
+        let client = TargetClient::new(&target.name, &target.url, target.token.clone())?;
+        match job.action {
+            Action::Install | Action::Validate => {
+                self.push(job, target, &client, false).await.map(|version| Outcome::Installed { version })
+            }
+            Action::Redistribute => {
+                self.push(job, target, &client, true).await.map(|version| Outcome::Installed { version })
+            }
+            Action::Remove => {
+                self.set_progress(&(job.package_id.clone(), job.target_id), |p| p.phase = "removing".into());
+                client.remove(&job.package_id).await?;
+                tracing::info!(package = %job.package_id, target = %target.name, "removed from target");
+                Ok(Outcome::Removed)
+            }
+        }
+    }
+
+    fn set_progress(&self, key: &(String, i64), f: impl FnOnce(&mut Progress)) {
+        f(self.progress.lock().unwrap().entry(key.clone()).or_default());
+    }
+
+    async fn count_sent(&self, job: &Distribution, bytes: u64) {
+        if let Err(e) = self.store.record_progress(&job.package_id, job.target_id, bytes as i64).await {
+            tracing::warn!("cannot record bytes sent: {e}");
+        }
+    }
+
+    /// Brings `target` to the job's version; returns the version installed.
+    async fn push(
+        &self,
+        job: &Distribution,
+        target: &Target,
+        client: &TargetClient,
+        force: bool,
+    ) -> Result<i64, PushError> {
+        let pkg = &job.package_id;
+        let version = job.desired_version;
+        let key = (pkg.clone(), job.target_id);
+        let record = self
+            .store
+            .version(pkg, version)
+            .await
+            .map_err(|e| PushError::transient(format!("store: {e}")))?
+            .ok_or_else(|| {
+            PushError::permanent(format!("{pkg} version {version} is no longer stored on this site"))
+        })?;
+        let root = record.summary.content_root.clone();
+        let state = client.package_state(pkg).await?;
+        if !force && !state.broken && state.installed_root.as_deref() == Some(root.as_str()) {
+            match state.installed_version {
+                Some(v) if v == version => return Ok(version),
+                Some(v) if v < version => {
+                    self.set_progress(&key, |p| p.phase = "relabel".into());
+                    let r = client.relabel(pkg, version, &root).await?;
+                    return Ok(r.installed_version);
+                }
+                _ => {}
+            }
+        }
+        self.set_progress(&key, |p| p.phase = "manifest".into());
+        let (manifest, compressed) = self.wire_manifest(pkg, version, record.manifest).await?;
+        let mut missing = client.offer(pkg, version, compressed.clone(), &root, force).await?;
+        self.count_sent(job, compressed.len() as u64).await;
+        for round in 0..4 {
+            if !missing.is_empty() {
+                self.send_chunks(job, target, client, &manifest, missing).await?;
+            }
+            self.set_progress(&key, |p| p.phase = "committing".into());
+            match client.commit(pkg, version).await {
+                Ok(r) => {
+                    tracing::info!(package = %pkg, target = %target.name, version, built = r.files_built, "installed on target");
+                    return Ok(r.installed_version);
+                }
+                Err(TransferError::MissingChunks { missing: m, .. }) if round < 3 => {
+                    tracing::warn!(package = %pkg, target = %target.name, chunks = m.len(), "target lacks chunks at commit; sending them again");
+                    missing = m;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(PushError::transient("target kept reporting missing chunks"))
+    }
+
+    /// The decoded manifest and its compressed wire form, cached per version.
+    async fn wire_manifest(
+        &self,
+        pkg: &str,
+        version: i64,
+        encoded: Vec<u8>,
+    ) -> Result<(Arc<Manifest>, Bytes), PushError> {
+        let key = (pkg.to_owned(), version);
+        if let Some(hit) = self.manifest_cache.lock().unwrap().get(&key).cloned() {
+            return Ok(hit);
+        }
+        let built = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let m =
+                Manifest::decode(&encoded, &DecodeLimits::default()).map_err(|e| format!("stored manifest: {e}"))?;
+            Ok((Arc::new(m), Bytes::from(wire::compress_manifest(&encoded))))
+        })
+        .await
+        .map_err(|e| PushError::transient(e.to_string()))?
+        .map_err(PushError::permanent)?;
+        let mut cache = self.manifest_cache.lock().unwrap();
+        if cache.len() >= 16 {
+            cache.clear();
+        }
+        cache.insert(key, built.clone());
+        Ok(built)
+    }
+
+    /// Reads, compresses and sends `missing` in batches; resends chunks the target
+    /// rejected (damaged in transit) up to three times.
+    async fn send_chunks(
+        &self,
+        job: &Distribution,
+        target: &Target,
+        client: &TargetClient,
+        manifest: &Arc<Manifest>,
+        missing: Vec<ChunkId>,
+    ) -> Result<(), PushError> {
+        let key = (job.package_id.clone(), job.target_id);
+        let wanted: HashSet<ChunkId> = missing.iter().copied().collect();
+        let mut locations: HashMap<ChunkId, (FileHash, u64, u32)> = HashMap::with_capacity(wanted.len());
+        for e in manifest.files() {
+            let h = e.file_hash().expect("file");
+            let mut off = 0u64;
+            for c in e.chunks() {
+                if wanted.contains(&c.id) {
+                    locations.entry(c.id).or_insert((h, off, c.len));
+                }
+                off += c.len as u64;
+            }
+        }
+        let mut todo: Vec<(ChunkId, FileHash, u64, u32)> = Vec::with_capacity(missing.len());
+        for id in &missing {
+            let Some(&(h, off, len)) = locations.get(id) else {
+                return Err(PushError::permanent(format!(
+                    "{} asked for a chunk that is not in the manifest",
+                    target.name
+                )));
+            };
+            todo.push((*id, h, off, len));
+        }
+        let planned: u64 = todo.iter().map(|t| t.3 as u64).sum();
+        self.set_progress(&key, |p| {
+            p.phase = "sending".into();
+            p.bytes_planned += planned;
+        });
+        let rate = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
+        let batch_bytes = match rate {
+            Some(r) => (r as usize / 4).clamp(64 << 10, self.dist.batch_bytes),
+            None => self.dist.batch_bytes,
+        };
+        let started = Instant::now();
+        let mut sent_on_wire = 0u64;
+        for _round in 0..4 {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Bytes, u64), String>>(1);
+            let lib = self.library.clone();
+            let items = std::mem::take(&mut todo);
+            let reader = tokio::task::spawn_blocking(move || read_batches(&lib, items, batch_bytes, tx));
+            let mut rejected_all = Vec::new();
+            while let Some(batch) = rx.recv().await {
+                let (body, raw) = batch.map_err(PushError::permanent)?;
+                if let Some(r) = rate {
+                    let due = Duration::from_secs_f64((sent_on_wire + body.len() as u64) as f64 / r as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                let len = body.len() as u64;
+                let resp = client.send_batch(&job.package_id, job.desired_version, body).await?;
+                sent_on_wire += len;
+                self.count_sent(job, len).await;
+                self.set_progress(&key, |p| p.bytes_done += raw);
+                rejected_all.extend(resp.rejected);
+            }
+            reader.await.map_err(|e| PushError::transient(e.to_string()))?;
+            if rejected_all.is_empty() {
+                return Ok(());
+            }
+            tracing::warn!(package = %job.package_id, target = %target.name, chunks = rejected_all.len(), "target rejected damaged chunks; sending them again");
+            let rejected: HashSet<ChunkId> = rejected_all.into_iter().collect();
+            todo = rejected.iter().filter_map(|id| locations.get(id).map(|&(h, o, l)| (*id, h, o, l))).collect();
+        }
+        Err(PushError::transient(format!("{} kept rejecting chunks as damaged", target.name)))
+    }
+}
+
+/// Blocking: reads chunks from the library in order, checks each against its id,
+/// compresses and packs them into batches, and hands each batch to the sender.
+fn read_batches(
+    lib: &dpsync_library::Library,
+    items: Vec<(ChunkId, FileHash, u64, u32)>,
+    batch_bytes: usize,
+    tx: tokio::sync::mpsc::Sender<Result<(Bytes, u64), String>>,
+) {
+    use std::os::unix::fs::FileExt;
+    let mut open: Option<(FileHash, std::fs::File)> = None;
+    let mut batch: Vec<WireChunk> = Vec::new();
+    let (mut size, mut raw_total) = (0usize, 0u64);
+    let mut buf = Vec::new();
+    for (id, hash, offset, len) in items {
+        if open.as_ref().map(|(h, _)| *h) != Some(hash) {
+            match lib.open_object(&hash) {
+                Ok(f) => open = Some((hash, f)),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(format!("site content library: {e}; run `dpsync refresh --verify`")));
+                    return;
+                }
+            }
+        }
+        buf.resize(len as usize, 0);
+        let f = &open.as_ref().expect("opened").1;
+        if let Err(e) = f.read_exact_at(&mut buf, offset) {
+            let _ = tx.blocking_send(Err(format!("site content library object {hash}: {e}")));
+            return;
+        }
+        if ChunkId::from(blake3::hash(&buf)) != id {
+            let _ = tx.blocking_send(Err(format!(
+                "site content library object {hash} is damaged; run `dpsync refresh --verify` on its package"
+            )));
+            return;
+        }
+        let c = WireChunk::encode(id, &buf);
+        size += c.wire_len();
+        raw_total += len as u64;
+        batch.push(c);
+        if size >= batch_bytes {
+            if tx.blocking_send(Ok((wire::encode_batch(&batch), raw_total))).is_err() {
+                return;
+            }
+            batch.clear();
+            size = 0;
+            raw_total = 0;
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Ok((wire::encode_batch(&batch), raw_total)));
+    }
+}

@@ -1,0 +1,227 @@
+//! The site server: owns the store and the content library, runs refreshes and garbage
+//! collection, and answers the admin API.
+
+mod admin;
+mod distribute;
+mod refresh;
+mod targets;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use dpsync_hash::{ChunkParams, DecodeLimits, FileHash, Manifest};
+use dpsync_library::Library;
+use dpsync_store::{Store, StoreError};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::GcReport;
+use crate::config::ServerConfig;
+
+pub use admin::router;
+pub use distribute::{DistConfig, Progress};
+
+/// A failure the admin API reports; the variant picks the HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// The request is understood but refused (bad source tree, not the owner, …).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<StoreError> for SiteError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => SiteError::NotFound(m),
+            StoreError::Conflict(m) => SiteError::Conflict(m),
+            e => SiteError::Internal(anyhow::Error::new(e).context("store")),
+        }
+    }
+}
+
+/// Shared state of a running site server.
+#[derive(Debug)]
+pub struct Site {
+    pub cfg: ServerConfig,
+    pub store: Store,
+    pub library: Arc<Library>,
+    pub params: ChunkParams,
+    package_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Refreshes hold it shared; `gc` holds it exclusively, so a sweep never removes
+    /// content a refresh has imported but not yet committed.
+    gc_lock: tokio::sync::RwLock<()>,
+    pub dist: DistConfig,
+    /// Wakes the job runner.
+    jobs: tokio::sync::Notify,
+    /// Live progress of running jobs, by (package, target id).
+    pub progress: Mutex<HashMap<(String, i64), Progress>>,
+    manifest_cache: Mutex<HashMap<(String, i64), (Arc<Manifest>, bytes::Bytes)>>,
+}
+
+impl Site {
+    pub async fn open(cfg: ServerConfig) -> Result<Self> {
+        let dist = cfg.dist.clone();
+        let store = Store::connect(&cfg.database_url)
+            .await
+            .with_context(|| format!("cannot open the database {}", redact_url(&cfg.database_url)))?;
+        match store.meta_get("site_code").await? {
+            Some(code) if code != cfg.site_code => bail!(
+                "this data directory belongs to site {code}, not {}; pass --site-code {code} or use another --data-dir",
+                cfg.site_code
+            ),
+            Some(_) => {}
+            None => store.meta_set("site_code", &cfg.site_code).await?,
+        }
+        let lib_dir = cfg.data_dir.join("library");
+        let library = tokio::task::spawn_blocking(move || Library::open(&lib_dir)).await??;
+        Ok(Self {
+            cfg,
+            store,
+            library: Arc::new(library),
+            params: ChunkParams::default(),
+            package_locks: Mutex::new(HashMap::new()),
+            gc_lock: tokio::sync::RwLock::new(()),
+            dist,
+            jobs: tokio::sync::Notify::new(),
+            progress: Mutex::new(HashMap::new()),
+            manifest_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn package_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.package_locks.lock().unwrap().entry(id.to_owned()).or_default().clone()
+    }
+
+    pub async fn find_package(&self, pkg: &str) -> Result<dpsync_store::Package, SiteError> {
+        self.store.package(pkg).await?.ok_or_else(|| {
+            SiteError::NotFound(format!(
+                "no package {pkg:?} on site {}; `dpsync package list` shows them",
+                self.cfg.site_code
+            ))
+        })
+    }
+
+    /// Prunes old versions and removes library content no retained version names.
+    pub async fn gc(&self) -> Result<GcReport, SiteError> {
+        let _exclusive = self.gc_lock.write().await;
+        let started = std::time::SystemTime::now();
+        let mut report = GcReport::default();
+        for p in self.store.packages().await? {
+            report.versions_pruned += self.store.prune_versions(&p.id, self.cfg.keep_versions).await?;
+        }
+        let manifests = self.store.live_file_hashes().await?;
+        let library = self.library.clone();
+        let stats = tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut live = HashSet::<FileHash>::new();
+            for blob in manifests {
+                let m = Manifest::decode(&blob, &DecodeLimits::default()).context("a stored manifest is corrupt")?;
+                live.extend(m.files().filter_map(|e| e.file_hash()));
+            }
+            Ok(library.sweep(&live, started)?)
+        })
+        .await
+        .context("gc task")??;
+        report.objects_removed = stats.objects_removed;
+        report.bytes_removed = stats.bytes_removed;
+        report.objects_kept = stats.objects_kept;
+        tracing::info!(?report, "garbage collection done");
+        Ok(report)
+    }
+}
+
+/// Hides a password in a database URL for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Runs `dpsync server` until SIGINT/SIGTERM.
+pub async fn run(cfg: ServerConfig) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let socket = cfg.socket.clone();
+    let site = Arc::new(Site::open(cfg).await?);
+    let listener = bind_admin_socket(&socket).await?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    tracing::info!(
+        site = %site.cfg.site_code,
+        data_dir = %site.cfg.data_dir.display(),
+        socket = %socket.display(),
+        database = %redact_url(&site.cfg.database_url),
+        "dpsync server ready"
+    );
+    tokio::spawn(distribute::run_jobs(site.clone(), shutdown.clone()));
+    let app = router(site.clone());
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    let _ = std::fs::remove_file(&socket);
+    site.store.close().await;
+    tracing::info!("dpsync server stopped");
+    served.context("admin socket")
+}
+
+/// Holds an exclusive lock on `DIR/dpsync.lock` for the life of the process.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = dir.join("dpsync.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}: is the data directory writable?", path.display()))?;
+    if f.try_lock().is_err() {
+        bail!("another dpsync process is using the data directory {}; stop it first", dir.display());
+    }
+    Ok(f)
+}
+
+async fn bind_admin_socket(path: &PathBuf) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("a server is already listening on {}; stop it or pass another --socket", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        tracing::warn!(socket = %path.display(), "removed a stale admin socket");
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on the admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+pub fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+}

@@ -1,0 +1,344 @@
+//! `RefreshPkgSource`, first half: scan the source, read only what changed (hash, chunk
+//! and copy into the library in one pass), and commit the next source version.
+
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use dpsync_hash::{ChunkParams, DecodeLimits, Entry, EntryKind, FileDigest, Manifest};
+use dpsync_library::Library;
+use dpsync_scan::{FilePlan, FileStat, ScanCache, ScanEntry, ScanError, ScanKind};
+use dpsync_store::{NewVersion, VersionStats};
+use rayon::prelude::*;
+
+use super::{Site, SiteError};
+use crate::api::{RefreshReport, RefreshRequest};
+use crate::util::now_ns;
+
+/// How often a file that keeps changing under the reader is read before giving up.
+const READ_ATTEMPTS: u32 = 3;
+/// Dry-run path lists are cut at this many entries each.
+const MAX_LISTED: usize = 1000;
+
+impl Site {
+    pub async fn refresh(&self, pkg: &str, req: RefreshRequest) -> Result<RefreshReport, SiteError> {
+        let started = Instant::now();
+        let package = self.find_package(pkg).await?;
+        if package.source_site != self.cfg.site_code {
+            return Err(SiteError::Refused(format!(
+                "package {} is owned by site {}; refresh it there (this site, {}, only relays it)",
+                package.id, package.source_site, self.cfg.site_code
+            )));
+        }
+        let Some(source) = package.source_path.clone() else {
+            return Err(SiteError::Refused(format!("package {} has no source folder", package.id)));
+        };
+        tracing::info!(package = %package.id, source = %source, verify = req.verify, dry_run = req.dry_run, "refresh started");
+        let _gc_shared = self.gc_lock.read().await;
+        let lock = self.package_lock(&package.id);
+        let _exclusive = lock.lock().await;
+
+        let previous = self.store.latest_version(&package.id).await?;
+        let (prev_manifest, prev_cache, prev_root) = match &previous {
+            Some(v) => (
+                Some(
+                    Manifest::decode(&v.manifest, &DecodeLimits::default())
+                        .context("the stored manifest of the previous version is corrupt")?,
+                ),
+                ScanCache::decode(&v.scan_cache).unwrap_or_default(),
+                Some(v.summary.content_root.clone()),
+            ),
+            None => (None, ScanCache::default(), None),
+        };
+        let library = self.library.clone();
+        let params = self.params;
+        let id = package.id.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            build(&library, &params, Path::new(&source), prev_manifest.as_ref(), &prev_cache, &req)
+        })
+        .await
+        .context("refresh task")??;
+
+        let mut report = built.report;
+        report.package = id.clone();
+        report.previous_content_root = prev_root.clone();
+        if req.dry_run {
+            report.source_version = package.current_version + 1;
+            report.duration_ms = started.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
+        let (manifest, cache) = built.version.expect("built unless dry run");
+        let root = manifest.content_root().to_hex();
+        let library = self.library.clone();
+        tokio::task::spawn_blocking(move || library.sync()).await.context("sync task")?.context("content library")?;
+        let stats = VersionStats {
+            files: report.files as i64,
+            dirs: report.dirs as i64,
+            symlinks: report.symlinks as i64,
+            total_bytes: report.total_bytes as i64,
+            files_added: report.files_added as i64,
+            files_changed: report.files_changed as i64,
+            files_removed: report.files_removed as i64,
+            files_unchanged: report.files_unchanged as i64,
+            bytes_hashed: report.bytes_hashed as i64,
+        };
+        let record = self
+            .store
+            .commit_version(
+                &id,
+                NewVersion {
+                    version: None,
+                    content_root: root.clone(),
+                    manifest: manifest.encode(),
+                    scan_cache: cache.encode(),
+                    stats,
+                    origin: "refresh".into(),
+                },
+            )
+            .await?;
+        self.store.prune_versions(&id, self.cfg.keep_versions).await?;
+        report.source_version = record.summary.version;
+        report.content_changed = prev_root.as_deref() != Some(root.as_str());
+        report.content_root = Some(root);
+        report.targets_queued = self.queued_targets(&id).await?;
+        self.kick_jobs();
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            package = %id,
+            version = report.source_version,
+            root = report.content_root.as_deref().unwrap_or(""),
+            added = report.files_added,
+            changed = report.files_changed,
+            removed = report.files_removed,
+            bytes_hashed = report.bytes_hashed,
+            ms = report.duration_ms,
+            "refresh committed"
+        );
+        Ok(report)
+    }
+
+    pub(super) async fn queued_targets(&self, package_id: &str) -> Result<u64, SiteError> {
+        use dpsync_store::DistState;
+        let d = self.store.distributions(package_id).await?;
+        Ok(d.iter().filter(|d| !matches!(d.state, DistState::Removed | DistState::Removing)).count() as u64)
+    }
+}
+
+struct Built {
+    report: RefreshReport,
+    version: Option<(Manifest, ScanCache)>,
+}
+
+fn build(
+    library: &Library,
+    params: &ChunkParams,
+    source: &Path,
+    previous: Option<&Manifest>,
+    prev_cache: &ScanCache,
+    req: &RefreshRequest,
+) -> Result<Built, SiteError> {
+    let scan_started = now_ns();
+    let scan = dpsync_scan::scan(source).map_err(|e| match e {
+        ScanError::Missing(_) | ScanError::NotADirectory(_) => {
+            SiteError::Refused(format!("{e}; fix the source path or the folder, then refresh again"))
+        }
+        e => SiteError::Refused(e.to_string()),
+    })?;
+    if !scan.problems.is_empty() {
+        let n = scan.problems.len();
+        let shown: Vec<String> = scan.problems.iter().take(20).map(|p| p.to_string()).collect();
+        let more = if n > 20 { format!("; and {} more", n - 20) } else { String::new() };
+        return Err(SiteError::Refused(format!(
+            "{n} source entr{} refused, nothing was committed: {}{more}",
+            if n == 1 { "y" } else { "ies" },
+            shown.join("; ")
+        )));
+    }
+    let plan = dpsync_scan::plan(scan.entries, previous, prev_cache, req.verify);
+    let mut report = RefreshReport { dry_run: req.dry_run, ..Default::default() };
+
+    if req.dry_run {
+        let prev = previous.map(|m| m.entries()).unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        for (entry, decision) in &plan.items {
+            if entry.kind == ScanKind::File {
+                seen.insert(entry.path.as_str());
+            }
+            count_kind(&mut report, entry);
+            // A path that was not a file before (a folder or a symlink) is a new file.
+            let old_file = previous.and_then(|m| m.get(entry.path.as_str())).filter(|e| e.is_file());
+            match (decision, old_file) {
+                (Some(FilePlan::Read), None) => {
+                    report.files_added += 1;
+                    push_listed(&mut report.added, entry);
+                }
+                (Some(FilePlan::Read), Some(_)) => {
+                    report.files_changed += 1;
+                    push_listed(&mut report.changed, entry);
+                }
+                (Some(FilePlan::Reuse { .. }), _) => report.files_unchanged += 1,
+                (None, _) => {}
+            }
+        }
+        // A file that is now a folder or a symlink was removed.
+        for e in prev.iter().filter(|e| e.is_file() && !seen.contains(e.path.as_str())) {
+            report.files_removed += 1;
+            if report.removed.len() < MAX_LISTED {
+                report.removed.push(e.path.to_string());
+            }
+        }
+        report.bytes_to_hash = plan.bytes_to_read;
+        return Ok(Built { report, version: None });
+    }
+
+    let bytes_read = AtomicU64::new(0);
+    let bytes_stored = AtomicU64::new(0);
+    let results: Vec<Result<Entry, String>> = plan
+        .items
+        .into_par_iter()
+        .map(|(entry, decision)| -> Result<Entry, String> {
+            Ok(match (&entry.kind, decision) {
+                (ScanKind::Dir, _) => entry_of(&entry, EntryKind::Dir),
+                (ScanKind::Symlink { target }, _) => entry_of(&entry, EntryKind::Symlink { target: target.clone() }),
+                (ScanKind::File, Some(FilePlan::Reuse { hash, size, chunks })) => {
+                    entry_of(&entry, EntryKind::File { size, hash, chunks })
+                }
+                (ScanKind::File, _) => {
+                    let (digest, stat, mode, stored_new) = import_file(library, params, source, &entry)?;
+                    bytes_read.fetch_add(digest.size, Ordering::Relaxed);
+                    if stored_new {
+                        bytes_stored.fetch_add(digest.size, Ordering::Relaxed);
+                    }
+                    let kind = EntryKind::File { size: digest.size, hash: digest.hash, chunks: digest.chunks };
+                    Entry { path: entry.path.clone(), mode, mtime_ns: stat.mtime_ns, kind }
+                }
+            })
+        })
+        .collect();
+    let mut entries = Vec::with_capacity(results.len());
+    let mut failures = Vec::new();
+    for r in results {
+        match r {
+            Ok(e) => entries.push(e),
+            Err(msg) => failures.push(msg),
+        }
+    }
+    if !failures.is_empty() {
+        let n = failures.len();
+        let shown: Vec<_> = failures.into_iter().take(20).collect();
+        return Err(SiteError::Refused(format!(
+            "{n} file{} could not be read, nothing was committed: {}",
+            if n == 1 { "" } else { "s" },
+            shown.join("; ")
+        )));
+    }
+    let manifest = Manifest::new(entries).map_err(|e| SiteError::Internal(anyhow::anyhow!("manifest: {e}")))?;
+    let mut cache = ScanCache::default();
+    for e in manifest.files() {
+        if let Some(stat) = current_stat(source, e) {
+            cache.record(e.path.as_str(), stat, scan_started);
+        }
+    }
+    for e in manifest.entries() {
+        match e.kind {
+            EntryKind::Dir => report.dirs += 1,
+            EntryKind::Symlink { .. } => report.symlinks += 1,
+            EntryKind::File { size, .. } => {
+                report.files += 1;
+                report.total_bytes += size;
+            }
+        }
+    }
+    let empty = Manifest::default();
+    let diff = manifest.diff(previous.unwrap_or(&empty));
+    let is_file = |m: &Manifest, p: &dpsync_hash::RelPath| m.get(p.as_str()).is_some_and(Entry::is_file);
+    let was_file = |p: &dpsync_hash::RelPath| previous.is_some_and(|m| is_file(m, p));
+    report.files_added = diff.added.iter().filter(|p| is_file(&manifest, p)).count() as u64;
+    report.files_removed = diff.removed.iter().filter(|p| was_file(p)).count() as u64;
+    // A path whose kind changed counts as a removed file and/or an added one, not a change.
+    for p in &diff.changed {
+        match (was_file(p), is_file(&manifest, p)) {
+            (true, true) => report.files_changed += 1,
+            (false, true) => report.files_added += 1,
+            (true, false) => report.files_removed += 1,
+            (false, false) => {}
+        }
+    }
+    report.files_unchanged = report.files - report.files_added - report.files_changed;
+    report.files_read = plan.files_to_read;
+    report.bytes_hashed = bytes_read.into_inner();
+    report.bytes_stored = bytes_stored.into_inner();
+    Ok(Built { report, version: Some((manifest, cache)) })
+}
+
+fn push_listed(list: &mut Vec<String>, e: &ScanEntry) {
+    if list.len() < MAX_LISTED {
+        list.push(e.path.to_string());
+    }
+}
+
+fn count_kind(report: &mut RefreshReport, e: &ScanEntry) {
+    match e.kind {
+        ScanKind::Dir => report.dirs += 1,
+        ScanKind::Symlink { .. } => report.symlinks += 1,
+        ScanKind::File => {
+            report.files += 1;
+            report.total_bytes += e.stat.size;
+        }
+    }
+}
+
+fn entry_of(e: &ScanEntry, kind: EntryKind) -> Entry {
+    Entry { path: e.path.clone(), mode: e.mode, mtime_ns: e.stat.mtime_ns, kind }
+}
+
+/// The stat a file had when it was read, for the scan cache: what the manifest says,
+/// confirmed by the file on disk (it must not have moved since).
+fn current_stat(source: &Path, e: &Entry) -> Option<FileStat> {
+    let md = std::fs::symlink_metadata(source.join(e.path.as_str())).ok()?;
+    let stat = FileStat::of(&md);
+    (stat.mtime_ns == e.mtime_ns && stat.size == e.size()).then_some(stat)
+}
+
+/// Reads one source file into the library. The file is opened without following a
+/// symlink (it was a regular file when scanned) and re-read when its size or times move
+/// while it is read.
+fn import_file(
+    library: &Library,
+    params: &ChunkParams,
+    root: &Path,
+    entry: &ScanEntry,
+) -> Result<(FileDigest, FileStat, u32, bool), String> {
+    let path = root.join(entry.path.as_str());
+    for _ in 0..READ_ATTEMPTS {
+        let file =
+            File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => format!("{}: vanished during the refresh; refresh again", entry.path),
+                _ => format!("{}: cannot be opened: {e}", entry.path),
+            })?;
+        let before = file.metadata().map_err(|e| format!("{}: {e}", entry.path))?;
+        if !before.is_file() {
+            return Err(format!("{}: is no longer a regular file", entry.path));
+        }
+        let imported = library.import(&file, params).map_err(|e| {
+            if e.is_disk_full() {
+                format!("{}: the content library's disk is full ({e}); free space, then refresh again", entry.path)
+            } else {
+                format!("{}: {e}", entry.path)
+            }
+        })?;
+        let after = file.metadata().map_err(|e| format!("{}: {e}", entry.path))?;
+        let (b, a) = (FileStat::of(&before), FileStat::of(&after));
+        if b == a && imported.digest.size == b.size {
+            return Ok((imported.digest, b, before.mode() & 0o7777, imported.stored_new));
+        }
+        tracing::debug!(path = %entry.path, "file changed while being read; reading it again");
+    }
+    Err(format!(
+        "{}: kept changing while it was read ({READ_ATTEMPTS} attempts); stop writing to it, then refresh again",
+        entry.path
+    ))
+}

@@ -1,0 +1,279 @@
+//! Targets and the administrator's actions on distributions: assign, redistribute,
+//! remove, rollback, validate, status.
+
+use dpsync_hash::{DecodeLimits, Manifest};
+use dpsync_store::{Action, DistState, NewTarget, NewVersion, Target, TargetKind};
+use dpsync_transfer::client::TargetClient;
+
+use super::{Site, SiteError};
+use crate::api::{
+    ActionReport, AddTarget, DistributeReport, DistributeRequest, RollbackReport, StatusReport, TargetInfo,
+    TargetStatus, TargetValidation, ValidateReport,
+};
+
+pub fn target_info(t: &Target) -> TargetInfo {
+    TargetInfo {
+        name: t.name.clone(),
+        kind: t.kind.as_str().into(),
+        url: t.url.clone(),
+        group: t.group.clone(),
+        rate_limit: t.rate_limit,
+        has_token: t.token.is_some(),
+        created_at: t.created_at,
+    }
+}
+
+impl Site {
+    pub async fn add_target(&self, req: AddTarget) -> Result<TargetInfo, SiteError> {
+        let kind = match req.kind.as_str() {
+            "dp" => TargetKind::Dp,
+            "site" => TargetKind::Site,
+            k => return Err(SiteError::Invalid(format!("target kind {k:?} is neither dp nor site"))),
+        };
+        let name = req.name.trim().to_owned();
+        if name.is_empty() || name.len() > 100 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(SiteError::Invalid(format!("target name {name:?}: use letters, digits, '-', '_' and '.'")));
+        }
+        let url = req.url.trim().trim_end_matches('/').to_owned();
+        let parsed =
+            reqwest::Url::parse(&url).map_err(|e| SiteError::Invalid(format!("URL {url:?} is invalid: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(SiteError::Invalid(format!("URL {url:?} must be http://HOST:PORT or https://HOST:PORT")));
+        }
+        if req.rate_limit.is_some_and(|r| r < 1024) {
+            return Err(SiteError::Invalid("rate limit must be at least 1024 bytes per second".into()));
+        }
+        let t = self
+            .store
+            .add_target(NewTarget { name, kind, url, token: req.token, group: req.group, rate_limit: req.rate_limit })
+            .await?;
+        tracing::info!(target = %t.name, kind = %t.kind, url = %t.url, "target added");
+        Ok(target_info(&t))
+    }
+
+    pub async fn distribute(&self, pkg: &str, req: DistributeRequest) -> Result<DistributeReport, SiteError> {
+        let p = self.find_package(pkg).await?;
+        let mut targets: Vec<Target> = Vec::new();
+        for (names, kind) in [(&req.dps, TargetKind::Dp), (&req.sites, TargetKind::Site)] {
+            for n in names {
+                let t = self.store.target(n).await?.filter(|t| t.kind == kind).ok_or_else(|| {
+                    SiteError::NotFound(format!(
+                        "no {} named {n:?}; `dpsync {} list` shows them",
+                        if kind == TargetKind::Dp { "DP" } else { "child site" },
+                        kind.as_str()
+                    ))
+                })?;
+                targets.push(t);
+            }
+        }
+        for g in &req.groups {
+            let members = self.store.targets_in_group(g).await?;
+            if members.is_empty() {
+                return Err(SiteError::NotFound(format!("no DP is in group {g:?}")));
+            }
+            targets.extend(members);
+        }
+        if targets.is_empty() {
+            return Err(SiteError::Invalid("name at least one --dp, --group or --site".into()));
+        }
+        targets.sort_by(|a, b| a.name.cmp(&b.name));
+        targets.dedup_by(|a, b| a.id == b.id);
+        for t in &targets {
+            self.store.assign(&p.id, t.id).await?;
+        }
+        self.kick_jobs();
+        tracing::info!(package = %p.id, targets = targets.len(), "distribution assigned");
+        Ok(DistributeReport {
+            package: p.id,
+            source_version: p.current_version,
+            targets: targets.into_iter().map(|t| t.name).collect(),
+        })
+    }
+
+    async fn assigned_target(&self, pkg: &str, name: &str) -> Result<(dpsync_store::Package, Target), SiteError> {
+        let p = self.find_package(pkg).await?;
+        let t = self
+            .store
+            .target(name)
+            .await?
+            .ok_or_else(|| SiteError::NotFound(format!("no target named {name:?}; `dpsync dp list` shows them")))?;
+        if self.store.distribution(&p.id, t.id).await?.is_none() {
+            return Err(SiteError::NotFound(format!(
+                "{} is not distributed to {name}; use `dpsync distribute` first",
+                p.id
+            )));
+        }
+        Ok((p, t))
+    }
+
+    pub async fn request(&self, pkg: &str, name: &str, action: Action) -> Result<ActionReport, SiteError> {
+        let (p, t) = self.assigned_target(pkg, name).await?;
+        if action != Action::Remove && p.current_version == 0 {
+            return Err(SiteError::Refused(format!("{} has no version yet; refresh it first", p.id)));
+        }
+        self.store.request_action(&p.id, t.id, action, p.current_version).await?;
+        self.kick_jobs();
+        Ok(ActionReport {
+            package: p.id,
+            action: action.as_str().into(),
+            source_version: p.current_version,
+            targets: vec![t.name],
+        })
+    }
+
+    /// Republishes the previous version's content as a new source version: versions
+    /// only grow, and every target switches back atomically (it still holds that content).
+    pub async fn rollback(&self, pkg: &str) -> Result<RollbackReport, SiteError> {
+        let p = self.find_package(pkg).await?;
+        if p.source_site != self.cfg.site_code {
+            return Err(SiteError::Refused(format!(
+                "package {} is owned by site {}; roll it back there",
+                p.id, p.source_site
+            )));
+        }
+        let lock = self.package_lock(&p.id);
+        let _g = lock.lock().await;
+        let versions = self.store.versions(&p.id).await?;
+        let Some(current) = versions.last() else {
+            return Err(SiteError::Refused(format!("{} has no version to roll back", p.id)));
+        };
+        let Some(prev) = versions.iter().rev().find(|v| v.content_root != current.content_root) else {
+            return Err(SiteError::Refused(format!(
+                "{} has no earlier version with different content on this site (versions older than {} were pruned)",
+                p.id,
+                versions.first().map(|v| v.version).unwrap_or(0)
+            )));
+        };
+        let rec = self
+            .store
+            .version(&p.id, prev.version)
+            .await?
+            .ok_or_else(|| SiteError::NotFound("version vanished".into()))?;
+        Manifest::decode(&rec.manifest, &DecodeLimits::default())
+            .map_err(|e| SiteError::Internal(anyhow::anyhow!("stored manifest of version {}: {e}", prev.version)))?;
+        let mut stats = rec.summary.stats.clone();
+        stats.bytes_hashed = 0;
+        let committed = self
+            .store
+            .commit_version(
+                &p.id,
+                NewVersion {
+                    version: None,
+                    content_root: rec.summary.content_root.clone(),
+                    manifest: rec.manifest,
+                    scan_cache: rec.scan_cache,
+                    stats,
+                    origin: format!("rollback to {}", prev.version),
+                },
+            )
+            .await?;
+        let queued = self.queued_targets(&p.id).await?;
+        self.kick_jobs();
+        tracing::info!(package = %p.id, version = committed.summary.version, restored = prev.version, "rolled back");
+        Ok(RollbackReport {
+            package: p.id,
+            source_version: committed.summary.version,
+            restored_version: prev.version,
+            content_root: committed.summary.content_root,
+            targets_queued: queued,
+        })
+    }
+
+    pub async fn status(&self, pkg: &str) -> Result<StatusReport, SiteError> {
+        let p = self.find_package(pkg).await?;
+        let root = self.store.versions(&p.id).await?.last().map(|v| v.content_root.clone());
+        let progress = self.progress.lock().unwrap().clone();
+        let targets = self
+            .store
+            .distributions(&p.id)
+            .await?
+            .into_iter()
+            .map(|d| TargetStatus {
+                progress: progress.get(&(d.package_id.clone(), d.target_id)).cloned(),
+                name: d.target_name,
+                kind: d.target_kind.as_str().into(),
+                state: d.state.as_str().into(),
+                action: d.action.as_str().into(),
+                installed_version: d.installed_version,
+                desired_version: d.desired_version,
+                bytes_sent_last: d.bytes_sent_last,
+                bytes_sent_total: d.bytes_sent_total,
+                last_error: d.last_error,
+                attempts: d.attempts,
+                next_attempt_at: d.next_attempt_at,
+                updated_at: d.updated_at,
+                targets: vec![],
+            })
+            .collect();
+        Ok(StatusReport {
+            package: p.id,
+            name: p.name,
+            source_site: p.source_site,
+            source_version: p.current_version,
+            content_root: root,
+            targets,
+        })
+    }
+
+    /// Asks targets to re-hash their installed files; queues a repair where some are damaged.
+    pub async fn validate(&self, pkg: &str, only: Option<&str>) -> Result<ValidateReport, SiteError> {
+        let p = self.find_package(pkg).await?;
+        let mut dists = self.store.distributions(&p.id).await?;
+        dists.retain(|d| !matches!(d.state, DistState::Removed | DistState::Removing));
+        if let Some(name) = only {
+            dists.retain(|d| d.target_name == name);
+            if dists.is_empty() {
+                return Err(SiteError::NotFound(format!("{} is not distributed to {name}", p.id)));
+            }
+        }
+        let mut tasks = Vec::new();
+        for d in dists {
+            let t = self.store.target_by_id(d.target_id).await?;
+            let pkg_id = p.id.clone();
+            tasks.push(tokio::spawn(async move {
+                let Some(t) = t else { return (d, Err("target no longer exists".to_owned())) };
+                let r = match TargetClient::new(&t.name, &t.url, t.token.clone()) {
+                    Ok(c) => c.validate(&pkg_id).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (d, r)
+            }));
+        }
+        let mut out = Vec::new();
+        for task in tasks {
+            let (d, r) = task.await.map_err(|e| SiteError::Internal(e.into()))?;
+            let mut v = TargetValidation {
+                name: d.target_name.clone(),
+                ok: false,
+                files_checked: 0,
+                broken: vec![],
+                error: None,
+                repair_queued: false,
+            };
+            match r {
+                Ok(resp) => {
+                    v.files_checked = resp.files_checked;
+                    v.ok = resp.broken.is_empty() && resp.installed_version.is_some();
+                    if resp.installed_version.is_none() {
+                        v.error = Some("nothing installed".into());
+                    }
+                    v.broken = resp.broken;
+                    if !v.broken.is_empty() {
+                        let msg = format!("validation: {} damaged files, e.g. {}", v.broken.len(), v.broken[0]);
+                        self.store
+                            .finish(&p.id, d.target_id, dpsync_store::Outcome::ValidationFailed { error: msg })
+                            .await
+                            .ok();
+                        self.store.request_action(&p.id, d.target_id, Action::Install, p.current_version).await?;
+                        v.repair_queued = true;
+                    }
+                }
+                Err(e) => v.error = Some(e),
+            }
+            out.push(v);
+        }
+        self.kick_jobs();
+        Ok(ValidateReport { package: p.id, source_version: p.current_version, targets: out })
+    }
+}

@@ -1,0 +1,314 @@
+//! The content library: a single-instance store of whole files keyed by their BLAKE3,
+//! used by site servers (what refreshes import) and by DP agents (what versions are
+//! built from).
+//!
+//! Layout under the library root:
+//!
+//! ```text
+//! objects/ab/abcdef…   one file per distinct content, named by its BLAKE3 (hex)
+//! tmp/                 files being written; emptied at open
+//! ```
+//!
+//! **Architecture Invariant:** nothing is ever visible under `objects/` that is not
+//! whole and fsync'd: files are written in `tmp/`, fsync'd, then renamed; the fan-out
+//! directories are fsync'd by [`Library::sync`] before a caller commits anything that
+//! names them. The object's name is the hash of the bytes that were actually written,
+//! computed while writing, so a name never lies about its content.
+//!
+//! Garbage collection is mark-and-sweep: the caller names the live hashes (those of the
+//! retained versions) and [`Library::sweep`] removes the rest that are older than the
+//! sweep's start, so a refresh importing concurrently loses nothing.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use dpsync_hash::{ChunkParams, FileDigest, FileHash, digest_stream};
+
+/// A library operation that failed, naming the path concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum LibraryError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("content {hash} is not in the library")]
+    Missing { hash: FileHash },
+    #[error("content {hash} in the library is corrupt (its bytes hash to {actual})")]
+    Corrupt { hash: FileHash, actual: FileHash },
+    #[error("{path}: written bytes hash to {actual}, expected {expected}")]
+    HashMismatch { path: PathBuf, expected: FileHash, actual: FileHash },
+}
+
+impl LibraryError {
+    /// True when the disk is full: callers report it as such rather than as corruption.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, LibraryError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, LibraryError>;
+
+trait IoContext<T> {
+    fn at(self, path: &Path) -> Result<T>;
+}
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: &Path) -> Result<T> {
+        self.map_err(|source| LibraryError::Io { path: path.to_owned(), source })
+    }
+}
+
+/// The outcome of importing one stream.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub digest: FileDigest,
+    /// False when the content was already in the library (the copy was discarded).
+    pub stored_new: bool,
+}
+
+/// What a sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    pub objects_removed: u64,
+    pub bytes_removed: u64,
+    pub objects_kept: u64,
+}
+
+/// A content library rooted at a directory.
+#[derive(Debug)]
+pub struct Library {
+    root: PathBuf,
+    objects: PathBuf,
+    tmp: PathBuf,
+    dirty_dirs: Mutex<HashSet<PathBuf>>,
+    tmp_counter: AtomicU64,
+}
+
+impl Library {
+    /// Opens (creating if needed) the library at `root`, and clears `tmp/`.
+    pub fn open(root: &Path) -> Result<Self> {
+        let objects = root.join("objects");
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&objects).at(&objects)?;
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).at(&tmp)?;
+        }
+        fs::create_dir_all(&tmp).at(&tmp)?;
+        Ok(Self {
+            root: root.to_owned(),
+            objects,
+            tmp,
+            dirty_dirs: Mutex::new(HashSet::new()),
+            tmp_counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the content with `hash` lives (whether or not it is there).
+    pub fn object_path(&self, hash: &FileHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.objects.join(&hex[..2]).join(hex)
+    }
+
+    pub fn contains(&self, hash: &FileHash) -> bool {
+        self.object_path(hash).is_file()
+    }
+
+    /// A fresh path in `tmp/` (same filesystem as `objects/`, so renames are atomic).
+    pub fn temp_path(&self) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{}-{n}", std::process::id()))
+    }
+
+    /// Reads `reader` once: hashes it, chunks it, and stores a copy under its hash.
+    pub fn import<R: Read>(&self, reader: R, params: &ChunkParams) -> Result<Imported> {
+        let tmp = self.temp_path();
+        let result = (|| {
+            let mut file = create_new(&tmp)?;
+            let digest = digest_stream(reader, &mut file, params).at(&tmp)?;
+            let stored_new = self.adopt_file(file, &tmp, &digest.hash)?;
+            Ok(Imported { digest, stored_new })
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Moves a complete file that the caller wrote at `tmp` (from [`Library::temp_path`])
+    /// and whose bytes it hashed to `hash` into the library. Returns false when the
+    /// content was already there (and `tmp` was discarded).
+    pub fn adopt(&self, tmp: &Path, hash: &FileHash) -> Result<bool> {
+        let file = File::open(tmp).at(tmp)?;
+        self.adopt_file(file, tmp, hash)
+    }
+
+    fn adopt_file(&self, file: File, tmp: &Path, hash: &FileHash) -> Result<bool> {
+        let dest = self.object_path(hash);
+        if dest.is_file() {
+            fs::remove_file(tmp).at(tmp)?;
+            return Ok(false);
+        }
+        file.sync_all().at(tmp)?;
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).at(tmp)?;
+        let dir = dest.parent().expect("object paths have a parent");
+        if !dir.is_dir() {
+            fs::create_dir_all(dir).at(dir)?;
+            self.dirty_dirs.lock().unwrap().insert(self.objects.clone());
+        }
+        fs::rename(tmp, &dest).at(&dest)?;
+        self.dirty_dirs.lock().unwrap().insert(dir.to_owned());
+        Ok(true)
+    }
+
+    /// Like [`Library::adopt`], but replaces content already stored under `hash` (a repair:
+    /// the old copy may be damaged). Trees that hard-link the old inode keep it.
+    pub fn adopt_replacing(&self, tmp: &Path, hash: &FileHash) -> Result<()> {
+        let dest = self.object_path(hash);
+        let file = File::open(tmp).at(tmp)?;
+        file.sync_all().at(tmp)?;
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).at(tmp)?;
+        let dir = dest.parent().expect("object paths have a parent");
+        fs::create_dir_all(dir).at(dir)?;
+        fs::rename(tmp, &dest).at(&dest)?;
+        self.dirty_dirs.lock().unwrap().insert(dir.to_owned());
+        Ok(())
+    }
+
+    /// Verifies an assembled temp file against `expected` and adopts it.
+    pub fn adopt_verified(&self, tmp: &Path, expected: &FileHash) -> Result<bool> {
+        let actual = hash_file(tmp)?;
+        if actual != *expected {
+            let _ = fs::remove_file(tmp);
+            return Err(LibraryError::HashMismatch { path: tmp.to_owned(), expected: *expected, actual });
+        }
+        self.adopt(tmp, expected)
+    }
+
+    /// Makes every rename since the last call durable (fsyncs the directories touched).
+    pub fn sync(&self) -> Result<()> {
+        let dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap().drain().collect();
+        for d in dirs {
+            File::open(&d).and_then(|f| f.sync_all()).at(&d)?;
+        }
+        Ok(())
+    }
+
+    /// Opens stored content for reading.
+    pub fn open_object(&self, hash: &FileHash) -> Result<File> {
+        let p = self.object_path(hash);
+        File::open(&p).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => LibraryError::Missing { hash: *hash },
+            _ => LibraryError::Io { path: p, source: e },
+        })
+    }
+
+    /// Reads `len` bytes at `offset` of stored content (a chunk).
+    pub fn read_range(&self, hash: &FileHash, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let f = self.open_object(hash)?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset).at(&self.object_path(hash))?;
+        Ok(buf)
+    }
+
+    /// Re-reads stored content and checks it against its name.
+    pub fn verify(&self, hash: &FileHash) -> Result<()> {
+        let p = self.object_path(hash);
+        if !p.is_file() {
+            return Err(LibraryError::Missing { hash: *hash });
+        }
+        let actual = hash_file(&p)?;
+        if actual != *hash {
+            return Err(LibraryError::Corrupt { hash: *hash, actual });
+        }
+        Ok(())
+    }
+
+    /// Removes stored content (e.g. found corrupt).
+    pub fn remove(&self, hash: &FileHash) -> Result<()> {
+        let p = self.object_path(hash);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(LibraryError::Io { path: p, source: e }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every hash stored.
+    pub fn list(&self) -> Result<Vec<FileHash>> {
+        let mut out = Vec::new();
+        for fan in fs::read_dir(&self.objects).at(&self.objects)? {
+            let fan = fan.at(&self.objects)?.path();
+            if !fan.is_dir() {
+                continue;
+            }
+            for obj in fs::read_dir(&fan).at(&fan)? {
+                let obj = obj.at(&fan)?;
+                if let Some(h) = obj.file_name().to_str().and_then(|n| FileHash::from_hex(n).ok()) {
+                    out.push(h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every object not in `live` whose file was last changed before `started`.
+    pub fn sweep(&self, live: &HashSet<FileHash>, started: SystemTime) -> Result<SweepStats> {
+        let mut stats = SweepStats::default();
+        for h in self.list()? {
+            if live.contains(&h) {
+                stats.objects_kept += 1;
+                continue;
+            }
+            let p = self.object_path(&h);
+            let Ok(md) = fs::symlink_metadata(&p) else { continue };
+            if md.modified().map(|m| m >= started).unwrap_or(true) {
+                stats.objects_kept += 1;
+                continue;
+            }
+            self.remove(&h)?;
+            stats.objects_removed += 1;
+            stats.bytes_removed += md.len();
+        }
+        self.sync()?;
+        Ok(stats)
+    }
+}
+
+fn create_new(path: &Path) -> Result<File> {
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).at(path)
+}
+
+/// BLAKE3 of a file on disk, streaming.
+pub fn hash_file(path: &Path) -> Result<FileHash> {
+    let mut f = File::open(path).at(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).at(path)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(FileHash::from(h.finalize()))
+}
+
+/// Writes `data` to `dest` durably: temp file beside it, fsync, rename, fsync the dir.
+pub fn write_atomic(dest: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let tmp =
+        dir.join(format!(".{}.tmp-{}", dest.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, dest)?;
+    File::open(dir)?.sync_all()
+}

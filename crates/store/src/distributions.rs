@@ -1,0 +1,407 @@
+//! Distributions: the durable job queue, one row per (package, target).
+//!
+//! Life of a row: [`Store::assign`] or [`Store::commit_version`] make it `pending`;
+//! [`Store::claim_due`] hands it to exactly one worker (`in_progress`, `attempts + 1`);
+//! the worker reports with [`Store::finish`]. A request that arrives while a row is
+//! `in_progress` (a new commit, `assign`, `request_action`) updates what the row asks for
+//! but leaves it `in_progress`, so no second worker gets it; each such request bumps the
+//! row's hidden `generation`, and `finish` compares it with the generation the worker
+//! claimed: if they differ the job was superseded, its factual result (installed or removed
+//! version) is recorded and the row goes back to `pending` (or `removing`) at once.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::error::{Result, StoreError};
+use crate::packages::{Lock, lock_package, normalize_id};
+use crate::{Action, Backend, DistState, Distribution, Outcome, Store, now_ms};
+
+macro_rules! dist_select {
+    () => {
+        "SELECT d.package_id, d.target_id, t.name AS target_name, t.kind AS target_kind, \
+         d.state, d.action, d.desired_version, d.installed_version, d.attempts, \
+         d.next_attempt_at, d.last_error, d.bytes_sent_last, d.bytes_sent_total, d.updated_at \
+         FROM distributions d JOIN targets t ON t.id = d.target_id "
+    };
+}
+
+/// Rows a worker may claim (when due).
+macro_rules! claimable {
+    () => {
+        "state IN ('pending', 'retrying', 'removing') \
+         AND (desired_version > 0 OR action = 'remove')"
+    };
+}
+
+fn dist_from_row(row: &AnyRow) -> Result<Distribution> {
+    let kind: String = row.try_get("target_kind")?;
+    let state: String = row.try_get("state")?;
+    let action: String = row.try_get("action")?;
+    Ok(Distribution {
+        package_id: row.try_get("package_id")?,
+        target_id: row.try_get("target_id")?,
+        target_name: row.try_get("target_name")?,
+        target_kind: kind.parse()?,
+        state: state.parse()?,
+        action: action.parse()?,
+        desired_version: row.try_get("desired_version")?,
+        installed_version: row.try_get("installed_version")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        bytes_sent_last: row.try_get("bytes_sent_last")?,
+        bytes_sent_total: row.try_get("bytes_sent_total")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn not_assigned(package_id: &str, target_id: i64) -> StoreError {
+    StoreError::NotFound(format!("package {package_id} is not assigned to target id {target_id}"))
+}
+
+/// A random, process-unique token marking the rows of one `claim_due` call.
+fn claim_token() -> i64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    COUNTER.fetch_add(1, Ordering::Relaxed).hash(&mut h);
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    (h.finish() >> 1) as i64
+}
+
+impl Store {
+    /// Assigns a package to a target (upsert).
+    ///
+    /// * New row: `pending`, action `install`, `desired_version` = the package's current
+    ///   version (0 before its first commit: the row is not claimable until a commit), due now.
+    /// * Existing row being or already removed (state `removing`/`removed`, or action
+    ///   `remove`): back to `install` of the current version, `pending` (an `in_progress`
+    ///   removal stays `in_progress` and is re-queued when it finishes), attempts 0.
+    /// * Any other existing row: unchanged.
+    ///
+    /// `NotFound` if the package or target does not exist.
+    pub async fn assign(&self, package_id: &str, target_id: i64) -> Result<Distribution> {
+        let id = normalize_id(package_id);
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let current = lock_package(self, &mut tx, &id, Lock::Share).await?;
+        if sqlx::query("SELECT id FROM targets WHERE id = $1").bind(target_id).fetch_optional(&mut *tx).await?.is_none()
+        {
+            return Err(StoreError::NotFound(format!("target id {target_id}")));
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO distributions (package_id, target_id, state, action, desired_version, \
+               attempts, next_attempt_at, bytes_sent_last, bytes_sent_total, generation, \
+               claimed_generation, updated_at) \
+             VALUES ($1, $2, 'pending', 'install', $3, 0, $4, 0, 0, 1, 0, $4) \
+             ON CONFLICT (package_id, target_id) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(target_id)
+        .bind(current)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            sqlx::query(
+                "UPDATE distributions SET action = 'install', desired_version = $3, \
+                   state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, \
+                   attempts = 0, next_attempt_at = $4, last_error = NULL, bytes_sent_last = 0, \
+                   generation = generation + 1, updated_at = $4 \
+                 WHERE package_id = $1 AND target_id = $2 \
+                   AND (state IN ('removing', 'removed') OR action = 'remove')",
+            )
+            .bind(&id)
+            .bind(target_id)
+            .bind(current)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
+        tx.commit().await?;
+        Ok(dist)
+    }
+
+    /// Asks for `action` at `desired_version` on an assigned target: sets the action and
+    /// version, state `pending` (`removing` for [`Action::Remove`]), attempts 0, due now,
+    /// `bytes_sent_last` 0, error cleared. A row that is `in_progress` stays so and is
+    /// re-queued when its job finishes.
+    ///
+    /// `NotFound` if the package is not assigned to the target, or if `desired_version` is
+    /// not a retained version of the package (except for `Remove`, which ignores it).
+    pub async fn request_action(
+        &self,
+        package_id: &str,
+        target_id: i64,
+        action: Action,
+        desired_version: i64,
+    ) -> Result<Distribution> {
+        let id = normalize_id(package_id);
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        lock_package(self, &mut tx, &id, Lock::Share).await?;
+        if action != Action::Remove
+            && sqlx::query("SELECT version FROM versions WHERE package_id = $1 AND version = $2")
+                .bind(&id)
+                .bind(desired_version)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_none()
+        {
+            return Err(StoreError::NotFound(format!("package {id} has no version {desired_version} to {action}")));
+        }
+        let state = if action == Action::Remove { DistState::Removing } else { DistState::Pending };
+        let done = sqlx::query(
+            "UPDATE distributions SET action = $3, desired_version = $4, \
+               state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE $5 END, \
+               attempts = 0, next_attempt_at = $6, last_error = NULL, bytes_sent_last = 0, \
+               generation = generation + 1, updated_at = $6 \
+             WHERE package_id = $1 AND target_id = $2",
+        )
+        .bind(&id)
+        .bind(target_id)
+        .bind(action.as_str())
+        .bind(desired_version)
+        .bind(state.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(not_assigned(&id, target_id));
+        }
+        let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
+        tx.commit().await?;
+        Ok(dist)
+    }
+
+    /// The distributions of a package with their target's name and kind, ordered by target
+    /// name.
+    pub async fn distributions(&self, package_id: &str) -> Result<Vec<Distribution>> {
+        sqlx::query(concat!(dist_select!(), "WHERE d.package_id = $1 ORDER BY t.name"))
+            .bind(normalize_id(package_id))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(dist_from_row)
+            .collect()
+    }
+
+    /// Every distribution to one target, ordered by package id.
+    pub async fn distributions_to_target(&self, target_id: i64) -> Result<Vec<Distribution>> {
+        sqlx::query(concat!(dist_select!(), "WHERE d.target_id = $1 ORDER BY d.package_id"))
+            .bind(target_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(dist_from_row)
+            .collect()
+    }
+
+    /// One distribution, or `None` if the package is not assigned to the target.
+    pub async fn distribution(&self, package_id: &str, target_id: i64) -> Result<Option<Distribution>> {
+        sqlx::query(concat!(dist_select!(), "WHERE d.package_id = $1 AND d.target_id = $2"))
+            .bind(normalize_id(package_id))
+            .bind(target_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(dist_from_row)
+            .transpose()
+    }
+
+    /// Atomically takes up to `limit` due rows (state `pending`/`retrying`/`removing`,
+    /// `next_attempt_at <= now_ms`, and a version to install or a removal to do), oldest due
+    /// first, marks them `in_progress`, increments `attempts` and returns them (with their
+    /// action, so removals stay identifiable). A row is never returned to two claimers:
+    /// PostgreSQL uses `FOR UPDATE SKIP LOCKED`, SQLite one `BEGIN IMMEDIATE` transaction.
+    pub async fn claim_due(&self, now_ms: i64, limit: i64) -> Result<Vec<Distribution>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let token = claim_token();
+        let mut tx = self.begin_write().await?;
+        let sql = match self.backend {
+            Backend::Sqlite => concat!(
+                "UPDATE distributions SET state = 'in_progress', attempts = attempts + 1, \
+                   claim_token = $1, claimed_generation = generation, updated_at = $4 \
+                 WHERE rowid IN (SELECT rowid FROM distributions WHERE ",
+                claimable!(),
+                " AND next_attempt_at <= $2 \
+                   ORDER BY next_attempt_at, package_id, target_id LIMIT $3)"
+            ),
+            Backend::Postgres => concat!(
+                "UPDATE distributions SET state = 'in_progress', attempts = attempts + 1, \
+                   claim_token = $1, claimed_generation = generation, updated_at = $4 \
+                 WHERE (package_id, target_id) IN (SELECT package_id, target_id \
+                   FROM distributions WHERE ",
+                claimable!(),
+                " AND next_attempt_at <= $2 \
+                   ORDER BY next_attempt_at, package_id, target_id LIMIT $3 \
+                   FOR UPDATE SKIP LOCKED) \
+                 AND ",
+                claimable!()
+            ),
+        };
+        sqlx::query(sql).bind(token).bind(now_ms).bind(limit).bind(crate::now_ms()).execute(&mut *tx).await?;
+        let rows = sqlx::query(concat!(
+            dist_select!(),
+            "WHERE d.claim_token = $1 AND d.state = 'in_progress' \
+             ORDER BY d.next_attempt_at, d.package_id, d.target_id"
+        ))
+        .bind(token)
+        .fetch_all(&mut *tx)
+        .await?;
+        let claimed = rows.iter().map(dist_from_row).collect::<Result<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    /// The earliest `next_attempt_at` among claimable rows (possibly in the past), or `None`
+    /// if nothing is waiting: how long the scheduler may sleep.
+    pub async fn next_due_at(&self) -> Result<Option<i64>> {
+        let row = sqlx::query(concat!("SELECT MIN(next_attempt_at) AS due FROM distributions WHERE ", claimable!()))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("due")?)
+    }
+
+    /// At server start: every `in_progress` row goes back to `pending` (`removing` if its
+    /// action is `remove`), attempts kept. Returns how many rows were reset. Call it only
+    /// when no worker of any server sharing this database is running.
+    pub async fn reset_in_progress(&self) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE distributions SET \
+               state = CASE WHEN action = 'remove' THEN 'removing' ELSE 'pending' END, \
+               claim_token = NULL, updated_at = $1 \
+             WHERE state = 'in_progress'",
+        )
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Adds `bytes_sent_delta` to `bytes_sent_last` and `bytes_sent_total`. This is a write
+    /// transaction: call it per batch, not per chunk. `NotFound` if not assigned.
+    pub async fn record_progress(&self, package_id: &str, target_id: i64, bytes_sent_delta: i64) -> Result<()> {
+        let id = normalize_id(package_id);
+        let done = sqlx::query(
+            "UPDATE distributions SET bytes_sent_last = bytes_sent_last + $3, \
+               bytes_sent_total = bytes_sent_total + $3, updated_at = $4 \
+             WHERE package_id = $1 AND target_id = $2",
+        )
+        .bind(&id)
+        .bind(target_id)
+        .bind(bytes_sent_delta)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(not_assigned(&id, target_id));
+        }
+        Ok(())
+    }
+
+    /// Records the outcome of a job and returns the updated row.
+    ///
+    /// * `Installed { version }` → `installed`, `installed_version = version`, error cleared.
+    /// * `Retry { error, next_attempt_at }` → `retrying`, due at `next_attempt_at`.
+    /// * `Failed { error }` → `failed`; `ValidationFailed { error }` → `validation_failed`.
+    /// * `Removed` → `removed`, no installed version, error cleared.
+    ///
+    /// If the row was `in_progress` and a request changed it since it was claimed (a new
+    /// commit, `assign`, `request_action`), the job was superseded: the installed/removed
+    /// version is still recorded, but the row becomes `pending` (`removing` for a removal)
+    /// with attempts 0 so the newer request runs next. `NotFound` if not assigned.
+    pub async fn finish(&self, package_id: &str, target_id: i64, outcome: Outcome) -> Result<Distribution> {
+        let id = normalize_id(package_id);
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let sql = match self.backend {
+            Backend::Sqlite => {
+                "SELECT state, action, installed_version, attempts, next_attempt_at, \
+                   generation, claimed_generation \
+                 FROM distributions WHERE package_id = $1 AND target_id = $2"
+            }
+            Backend::Postgres => {
+                "SELECT state, action, installed_version, attempts, next_attempt_at, \
+                   generation, claimed_generation \
+                 FROM distributions WHERE package_id = $1 AND target_id = $2 FOR UPDATE"
+            }
+        };
+        let row = sqlx::query(sql)
+            .bind(&id)
+            .bind(target_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| not_assigned(&id, target_id))?;
+        let state: DistState = row.try_get::<String, _>("state")?.parse()?;
+        let action: Action = row.try_get::<String, _>("action")?.parse()?;
+        let mut installed: Option<i64> = row.try_get("installed_version")?;
+        let mut attempts: i64 = row.try_get("attempts")?;
+        let mut next_attempt_at: i64 = row.try_get("next_attempt_at")?;
+        let generation: i64 = row.try_get("generation")?;
+        let claimed: i64 = row.try_get("claimed_generation")?;
+
+        let (mut new_state, last_error) = match outcome {
+            Outcome::Installed { version } => {
+                installed = Some(version);
+                (DistState::Installed, None)
+            }
+            Outcome::Retry { error, next_attempt_at: at } => {
+                next_attempt_at = at;
+                (DistState::Retrying, Some(error))
+            }
+            Outcome::Failed { error } => (DistState::Failed, Some(error)),
+            Outcome::ValidationFailed { error } => (DistState::ValidationFailed, Some(error)),
+            Outcome::Removed => {
+                installed = None;
+                (DistState::Removed, None)
+            }
+        };
+        if state == DistState::InProgress && generation != claimed {
+            new_state = if action == Action::Remove { DistState::Removing } else { DistState::Pending };
+            attempts = 0;
+            next_attempt_at = next_attempt_at.min(now);
+        }
+
+        sqlx::query(
+            "UPDATE distributions SET state = $3, installed_version = $4, attempts = $5, \
+               next_attempt_at = $6, last_error = $7, claim_token = NULL, updated_at = $8 \
+             WHERE package_id = $1 AND target_id = $2",
+        )
+        .bind(&id)
+        .bind(target_id)
+        .bind(new_state.as_str())
+        .bind(installed)
+        .bind(attempts)
+        .bind(next_attempt_at)
+        .bind(last_error)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
+        tx.commit().await?;
+        Ok(dist)
+    }
+}
+
+async fn select_one(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    package_id: &str,
+    target_id: i64,
+) -> Result<Option<Distribution>> {
+    sqlx::query(concat!(dist_select!(), "WHERE d.package_id = $1 AND d.target_id = $2"))
+        .bind(package_id)
+        .bind(target_id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .as_ref()
+        .map(dist_from_row)
+        .transpose()
+}

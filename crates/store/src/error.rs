@@ -1,0 +1,132 @@
+//! Errors of the store.
+//!
+//! # Error policy
+//!
+//! * Every fallible store call returns [`StoreError`]; nothing in this crate panics on bad
+//!   input or on database trouble.
+//! * Expected, caller-actionable outcomes get their own variant and a message that names the
+//!   package, target or setting concerned: [`StoreError::NotFound`] (no such package, target,
+//!   version or distribution), [`StoreError::Conflict`] (a unique name or id is taken),
+//!   [`StoreError::VersionNotNewer`] (an explicit source version that would go back or repeat),
+//!   [`StoreError::InvalidInput`] (a malformed site code, URL, empty name, …).
+//! * Everything the database or the driver reports that is not one of the above stays a
+//!   [`StoreError::Database`] wrapping the original [`sqlx::Error`], so no detail is lost.
+//!   A unique violation is turned into `Conflict` where the store knows which name was taken.
+//! * Schema problems at [`Store::connect`](crate::Store::connect) (a migration failed, or the
+//!   database was written by a newer dpsync) are [`StoreError::Migration`]: the server must
+//!   not start.
+//! * [`StoreError::is_retryable`] tells transient conditions (connection lost, pool timeout,
+//!   SQLite busy/locked, PostgreSQL serialization failure or deadlock) from permanent ones;
+//!   a failed call never leaves a half-done change behind, so retrying a retryable error is
+//!   always safe.
+
+/// Errors returned by [`Store`](crate::Store) operations.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The named package, target, version or distribution does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    /// A unique name or id is already taken (package name, package id, target name).
+    #[error("conflict: {0}")]
+    Conflict(String),
+
+    /// An explicit source version was not greater than the package's current version.
+    #[error("package {package}: source version {offered} is not newer than the current version {current}")]
+    VersionNotNewer {
+        /// Package id.
+        package: String,
+        /// The package's current source version.
+        current: i64,
+        /// The version that was offered.
+        offered: i64,
+    },
+
+    /// The caller passed a value the store cannot accept (bad site code, URL, empty name, …).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// Any other error from the database or its driver.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// The schema could not be brought up to date, or is newer than this build knows.
+    #[error("database migration: {0}")]
+    Migration(String),
+}
+
+impl StoreError {
+    /// True for transient conditions where the same call may succeed later: the connection
+    /// dropped or could not be made, the pool timed out, the database was busy or locked,
+    /// or PostgreSQL aborted the transaction for a serialization failure or deadlock.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Database(e) => sqlx_is_retryable(e),
+            _ => false,
+        }
+    }
+
+    /// True for [`StoreError::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound(_))
+    }
+
+    /// True for [`StoreError::Conflict`].
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict(_))
+    }
+}
+
+fn sqlx_is_retryable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let Some(code) = db.code() else { return false };
+            // SQLite reports (extended) numeric result codes; the primary code is the low byte.
+            if let Ok(n) = code.parse::<i64>() {
+                let primary = n & 0xff;
+                return primary == 5 /* SQLITE_BUSY */ || primary == 6 /* SQLITE_LOCKED */;
+            }
+            // PostgreSQL SQLSTATE.
+            matches!(
+                code.as_ref(),
+                "40001" // serialization_failure
+                    | "40P01" // deadlock_detected
+                    | "55P03" // lock_not_available
+                    | "53300" // too_many_connections
+                    | "57P01" // admin_shutdown
+                    | "57P02" // crash_shutdown
+                    | "57P03" // cannot_connect_now
+            ) || code.starts_with("08") // connection exceptions
+        }
+        _ => false,
+    }
+}
+
+/// Convenience alias used by every store call.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// True if `e` is a unique-constraint violation reported by either backend.
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_classification() {
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_retryable());
+        assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_retryable());
+        assert!(!StoreError::NotFound("package PS100001".into()).is_retryable());
+        assert!(!StoreError::Migration("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn messages_name_the_package() {
+        let e = StoreError::VersionNotNewer { package: "PS100001".into(), current: 3, offered: 2 };
+        let s = e.to_string();
+        assert!(s.contains("PS100001") && s.contains('3') && s.contains('2'), "{s}");
+    }
+}

@@ -1,0 +1,113 @@
+//! Targets: distribution points and child sites, with their URL, token, group and rate limit.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::error::{Result, StoreError, is_unique_violation};
+use crate::{NewTarget, Store, Target, now_ms};
+
+macro_rules! target_columns {
+    () => {
+        "id, name, kind, url, token, grp, rate_limit, created_at"
+    };
+}
+
+fn target_from_row(row: &AnyRow) -> Result<Target> {
+    let kind: String = row.try_get("kind")?;
+    Ok(Target {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        kind: kind.parse()?,
+        url: row.try_get("url")?,
+        token: row.try_get("token")?,
+        group: row.try_get("grp")?,
+        rate_limit: row.try_get("rate_limit")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Store {
+    /// Adds a target. `Conflict` if the name is taken.
+    pub async fn add_target(&self, new: NewTarget) -> Result<Target> {
+        if new.name.trim().is_empty() {
+            return Err(StoreError::InvalidInput("target name is empty".into()));
+        }
+        if new.url.trim().is_empty() {
+            return Err(StoreError::InvalidInput(format!("target {}: URL is empty", new.name)));
+        }
+        let now = now_ms();
+        let row = sqlx::query(
+            "INSERT INTO targets (name, kind, url, token, grp, rate_limit, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        )
+        .bind(&new.name)
+        .bind(new.kind.as_str())
+        .bind(&new.url)
+        .bind(&new.token)
+        .bind(&new.group)
+        .bind(new.rate_limit)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("target name {:?} is already taken", new.name))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(Target {
+            id: row.try_get("id")?,
+            name: new.name,
+            kind: new.kind,
+            url: new.url,
+            token: new.token,
+            group: new.group,
+            rate_limit: new.rate_limit,
+            created_at: now,
+        })
+    }
+
+    /// All targets, ordered by name.
+    pub async fn targets(&self) -> Result<Vec<Target>> {
+        sqlx::query(concat!("SELECT ", target_columns!(), " FROM targets ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(target_from_row)
+            .collect()
+    }
+
+    /// One target by exact name.
+    pub async fn target(&self, name: &str) -> Result<Option<Target>> {
+        sqlx::query(concat!("SELECT ", target_columns!(), " FROM targets WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(target_from_row)
+            .transpose()
+    }
+
+    /// One target by id.
+    pub async fn target_by_id(&self, id: i64) -> Result<Option<Target>> {
+        sqlx::query(concat!("SELECT ", target_columns!(), " FROM targets WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(target_from_row)
+            .transpose()
+    }
+
+    /// The targets of a group, ordered by name.
+    pub async fn targets_in_group(&self, group: &str) -> Result<Vec<Target>> {
+        sqlx::query(concat!("SELECT ", target_columns!(), " FROM targets WHERE grp = $1 ORDER BY name"))
+            .bind(group)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(target_from_row)
+            .collect()
+    }
+}

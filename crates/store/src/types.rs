@@ -1,0 +1,371 @@
+//! Plain data types exchanged with the store: packages, versions, targets, distributions and
+//! their state enums. Enums serialize (serde) and print as the same snake_case strings that
+//! are stored in the database columns.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+
+/// Which database engine a [`Store`](crate::Store) talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// SQLite file (the default).
+    Sqlite,
+    /// PostgreSQL server.
+    Postgres,
+}
+
+impl Backend {
+    /// `"sqlite"` or `"postgres"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Defines a string-backed enum with `as_str`, `Display` and `FromStr`.
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident => $s:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The snake_case name, as stored and serialized.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $s),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = StoreError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($s => Ok($name::$variant),)+
+                    other => Err(StoreError::InvalidInput(format!(
+                        concat!("unknown ", $what, " {:?} (expected one of: {})"),
+                        other,
+                        [$($s),+].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+string_enum! {
+    /// State of one (package, target) distribution.
+    DistState, "distribution state" {
+        /// Waiting to be claimed by a worker.
+        Pending => "pending",
+        /// Claimed by a worker (see [`Distribution::action`] for what it is doing).
+        InProgress => "in_progress",
+        /// The target holds `installed_version`, which is the desired version.
+        Installed => "installed",
+        /// The last attempt failed transiently; claimable again at `next_attempt_at`.
+        Retrying => "retrying",
+        /// Gave up; needs an explicit request to try again.
+        Failed => "failed",
+        /// The target reported broken content.
+        ValidationFailed => "validation_failed",
+        /// Waiting for a worker to remove the package from the target.
+        Removing => "removing",
+        /// The package is gone from the target.
+        Removed => "removed",
+    }
+}
+
+string_enum! {
+    /// What a distribution job has to do on its target.
+    Action, "distribution action" {
+        /// Bring the target to `desired_version`, sending only what it lacks.
+        Install => "install",
+        /// Like install, but re-send and re-verify everything.
+        Redistribute => "redistribute",
+        /// Delete the package from the target.
+        Remove => "remove",
+        /// Ask the target to verify its content.
+        Validate => "validate",
+    }
+}
+
+string_enum! {
+    /// What kind of target a distribution goes to.
+    TargetKind, "target kind" {
+        /// A distribution point (`dpsync agent`).
+        Dp => "dp",
+        /// A child site (another `dpsync server`).
+        Site => "site",
+    }
+}
+
+/// A package: a named source folder owned by one site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Package {
+    /// Site code + 5 uppercase hex digits, e.g. `PS100012`.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Source folder; `None` for a package received from a parent site.
+    pub source_path: Option<String>,
+    /// Site code of the owning site.
+    pub source_site: String,
+    /// Latest committed source version; 0 before the first commit.
+    pub current_version: i64,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+/// Statistics of one source version, as measured by the scan and import.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionStats {
+    /// Regular files in the version.
+    pub files: i64,
+    /// Directories in the version.
+    pub dirs: i64,
+    /// Symbolic links in the version.
+    pub symlinks: i64,
+    /// Sum of file sizes.
+    pub total_bytes: i64,
+    /// Files new since the previous version.
+    pub files_added: i64,
+    /// Files whose content changed.
+    pub files_changed: i64,
+    /// Files gone since the previous version.
+    pub files_removed: i64,
+    /// Files carried over unchanged.
+    pub files_unchanged: i64,
+    /// Bytes read and hashed to build this version.
+    pub bytes_hashed: i64,
+}
+
+/// A source version to commit with [`Store::commit_version`](crate::Store::commit_version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewVersion {
+    /// `None`: next number (current + 1). `Some(v)`: exactly `v`, which must be newer than the
+    /// current version (used when a child site stores its parent's numbering).
+    pub version: Option<i64>,
+    /// Lowercase hex BLAKE3 content root.
+    pub content_root: String,
+    /// Encoded manifest (opaque to the store).
+    pub manifest: Vec<u8>,
+    /// Encoded scan cache (opaque to the store).
+    pub scan_cache: Vec<u8>,
+    /// Scan statistics.
+    pub stats: VersionStats,
+    /// Where the version came from, e.g. `"local"` or the parent site code.
+    pub origin: String,
+}
+
+/// A stored source version without its blobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionSummary {
+    /// Package id.
+    pub package_id: String,
+    /// Source version number.
+    pub version: i64,
+    /// Lowercase hex BLAKE3 content root.
+    pub content_root: String,
+    /// Scan statistics.
+    pub stats: VersionStats,
+    /// Where the version came from.
+    pub origin: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+/// A stored source version with its manifest and scan cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Everything but the blobs.
+    pub summary: VersionSummary,
+    /// Encoded manifest.
+    pub manifest: Vec<u8>,
+    /// Encoded scan cache.
+    pub scan_cache: Vec<u8>,
+}
+
+/// A target to add with [`Store::add_target`](crate::Store::add_target).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTarget {
+    /// Unique name.
+    pub name: String,
+    /// DP or child site.
+    pub kind: TargetKind,
+    /// Base URL of the target's receiving service.
+    pub url: String,
+    /// Shared secret presented to the target, if any.
+    pub token: Option<String>,
+    /// Distribution point group, if any.
+    pub group: Option<String>,
+    /// Bandwidth limit in bytes per second, if any.
+    pub rate_limit: Option<i64>,
+}
+
+/// A distribution point or child site.
+///
+/// `Debug` redacts the token. `Serialize` includes it (it is needed to persist or
+/// transfer a target); do not print a serialized `Target` to users.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// Database id, never reused.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// DP or child site.
+    pub kind: TargetKind,
+    /// Base URL of the target's receiving service.
+    pub url: String,
+    /// Shared secret presented to the target, if any.
+    pub token: Option<String>,
+    /// Distribution point group, if any.
+    pub group: Option<String>,
+    /// Bandwidth limit in bytes per second, if any.
+    pub rate_limit: Option<i64>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+const REDACTED: &str = "<redacted>";
+
+fn redact(token: &Option<String>) -> Option<&'static str> {
+    token.as_ref().map(|_| REDACTED)
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .field("token", &redact(&self.token))
+            .field("group", &self.group)
+            .field("rate_limit", &self.rate_limit)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+impl fmt::Debug for NewTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewTarget")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .field("token", &redact(&self.token))
+            .field("group", &self.group)
+            .field("rate_limit", &self.rate_limit)
+            .finish()
+    }
+}
+
+/// One durable job row per (package, target).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Distribution {
+    /// Package id.
+    pub package_id: String,
+    /// Target id.
+    pub target_id: i64,
+    /// Target name (joined).
+    pub target_name: String,
+    /// Target kind (joined).
+    pub target_kind: TargetKind,
+    /// Current state.
+    pub state: DistState,
+    /// What the job does; kept while the row is `in_progress`.
+    pub action: Action,
+    /// Source version the target should end up with (0 before the package's first commit).
+    pub desired_version: i64,
+    /// Source version the target last reported installed.
+    pub installed_version: Option<i64>,
+    /// Claims since the last request (reset by commit/assign/request_action).
+    pub attempts: i64,
+    /// Unix milliseconds when the row becomes claimable.
+    pub next_attempt_at: i64,
+    /// Error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// Bytes sent by the current/last job.
+    pub bytes_sent_last: i64,
+    /// Bytes sent to this target for this package, ever.
+    pub bytes_sent_total: i64,
+    /// Unix milliseconds.
+    pub updated_at: i64,
+}
+
+/// Result of one distribution job, passed to [`Store::finish`](crate::Store::finish).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The target now holds `version`: state `installed`, error cleared.
+    Installed {
+        /// The version the target installed.
+        version: i64,
+    },
+    /// Transient failure: state `retrying`, claimable again at `next_attempt_at`.
+    Retry {
+        /// What went wrong.
+        error: String,
+        /// Unix milliseconds of the next attempt.
+        next_attempt_at: i64,
+    },
+    /// Permanent failure: state `failed`.
+    Failed {
+        /// What went wrong.
+        error: String,
+    },
+    /// The target found broken content: state `validation_failed`.
+    ValidationFailed {
+        /// What is broken.
+        error: String,
+    },
+    /// The package is gone from the target: state `removed`, no installed version.
+    Removed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_round_trip_through_strings() {
+        for s in DistState::ALL {
+            assert_eq!(s.as_str().parse::<DistState>().unwrap(), *s);
+        }
+        for a in Action::ALL {
+            assert_eq!(a.as_str().parse::<Action>().unwrap(), *a);
+        }
+        for k in TargetKind::ALL {
+            assert_eq!(k.as_str().parse::<TargetKind>().unwrap(), *k);
+        }
+        assert_eq!(DistState::ValidationFailed.as_str(), "validation_failed");
+        assert!("bogus".parse::<Action>().is_err());
+    }
+}

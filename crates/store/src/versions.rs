@@ -1,0 +1,214 @@
+//! Source versions: committing a manifest as the next version (and re-targeting every
+//! distribution of the package at it), reading versions back, pruning old ones.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::error::{Result, StoreError};
+use crate::packages::{Lock, lock_package, normalize_id};
+use crate::{NewVersion, Store, VersionRecord, VersionStats, VersionSummary, now_ms};
+
+macro_rules! summary_columns {
+    () => {
+        "package_id, version, content_root, files, dirs, symlinks, total_bytes, files_added, \
+         files_changed, files_removed, files_unchanged, bytes_hashed, origin, created_at"
+    };
+}
+
+fn summary_from_row(row: &AnyRow) -> Result<VersionSummary> {
+    Ok(VersionSummary {
+        package_id: row.try_get("package_id")?,
+        version: row.try_get("version")?,
+        content_root: row.try_get("content_root")?,
+        stats: VersionStats {
+            files: row.try_get("files")?,
+            dirs: row.try_get("dirs")?,
+            symlinks: row.try_get("symlinks")?,
+            total_bytes: row.try_get("total_bytes")?,
+            files_added: row.try_get("files_added")?,
+            files_changed: row.try_get("files_changed")?,
+            files_removed: row.try_get("files_removed")?,
+            files_unchanged: row.try_get("files_unchanged")?,
+            bytes_hashed: row.try_get("bytes_hashed")?,
+        },
+        origin: row.try_get("origin")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn record_from_row(row: &AnyRow) -> Result<VersionRecord> {
+    Ok(VersionRecord {
+        summary: summary_from_row(row)?,
+        manifest: row.try_get("manifest")?,
+        scan_cache: row.try_get("scan_cache")?,
+    })
+}
+
+impl Store {
+    /// Commits `new` as the package's next source version, in one transaction:
+    ///
+    /// 1. the version is `current_version + 1`, or `new.version` if given, which must be
+    ///    greater than the current version (else [`StoreError::VersionNotNewer`]);
+    /// 2. `packages.current_version` is set to it and the version row inserted;
+    /// 3. every distribution of the package that is not being or has not been removed is
+    ///    re-targeted: `desired_version` = the new version, action `install`, state `pending`,
+    ///    attempts 0, due now, error cleared, `bytes_sent_last` 0. A row that is
+    ///    `in_progress` stays `in_progress` (it is never handed to a second worker); its
+    ///    [`finish`](Store::finish) then sees the job was superseded and puts it back to
+    ///    `pending` for the new version.
+    ///
+    /// On PostgreSQL the package row is locked, so concurrent commits serialize and version
+    /// numbers never repeat. If the call fails nothing changes.
+    pub async fn commit_version(&self, package_id: &str, new: NewVersion) -> Result<VersionRecord> {
+        let id = normalize_id(package_id);
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let current = lock_package(self, &mut tx, &id, Lock::Update).await?;
+        let version = match new.version {
+            None => current + 1,
+            Some(v) if v > current => v,
+            Some(v) => {
+                return Err(StoreError::VersionNotNewer { package: id, current, offered: v });
+            }
+        };
+
+        sqlx::query("UPDATE packages SET current_version = $2 WHERE id = $1")
+            .bind(&id)
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        let s = &new.stats;
+        sqlx::query(concat!(
+            "INSERT INTO versions (",
+            summary_columns!(),
+            ", manifest, scan_cache) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+        ))
+        .bind(&id)
+        .bind(version)
+        .bind(&new.content_root)
+        .bind(s.files)
+        .bind(s.dirs)
+        .bind(s.symlinks)
+        .bind(s.total_bytes)
+        .bind(s.files_added)
+        .bind(s.files_changed)
+        .bind(s.files_removed)
+        .bind(s.files_unchanged)
+        .bind(s.bytes_hashed)
+        .bind(&new.origin)
+        .bind(now)
+        .bind(&new.manifest)
+        .bind(&new.scan_cache)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE distributions SET desired_version = $2, action = 'install', \
+               state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, \
+               attempts = 0, next_attempt_at = $3, last_error = NULL, bytes_sent_last = 0, \
+               generation = generation + 1, updated_at = $3 \
+             WHERE package_id = $1 AND state NOT IN ('removing', 'removed') AND action <> 'remove'",
+        )
+        .bind(&id)
+        .bind(version)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+
+        Ok(VersionRecord {
+            summary: VersionSummary {
+                package_id: id,
+                version,
+                content_root: new.content_root,
+                stats: new.stats,
+                origin: new.origin,
+                created_at: now,
+            },
+            manifest: new.manifest,
+            scan_cache: new.scan_cache,
+        })
+    }
+
+    /// One version with its blobs, or `None` (also if pruned).
+    pub async fn version(&self, package_id: &str, version: i64) -> Result<Option<VersionRecord>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            summary_columns!(),
+            ", manifest, scan_cache FROM versions WHERE package_id = $1 AND version = $2"
+        ))
+        .bind(normalize_id(package_id))
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(record_from_row)
+        .transpose()
+    }
+
+    /// The retained versions of a package, ascending, without blobs. Empty if the package
+    /// has no versions or does not exist.
+    pub async fn versions(&self, package_id: &str) -> Result<Vec<VersionSummary>> {
+        sqlx::query(concat!("SELECT ", summary_columns!(), " FROM versions WHERE package_id = $1 ORDER BY version"))
+            .bind(normalize_id(package_id))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(summary_from_row)
+            .collect()
+    }
+
+    /// The package's current version with its blobs, or `None` before the first commit.
+    pub async fn latest_version(&self, package_id: &str) -> Result<Option<VersionRecord>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            summary_columns!(),
+            ", manifest, scan_cache FROM versions \
+             WHERE package_id = $1 \
+               AND version = (SELECT current_version FROM packages WHERE id = $1)"
+        ))
+        .bind(normalize_id(package_id))
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(record_from_row)
+        .transpose()
+    }
+
+    /// Deletes old version rows of a package, keeping the newest `keep_last` (at least 1),
+    /// the current version, and any version a live distribution of the package wants
+    /// (`desired_version` of a row not `removed`). Returns how many rows were deleted.
+    /// `NotFound` if the package does not exist.
+    pub async fn prune_versions(&self, package_id: &str, keep_last: i64) -> Result<u64> {
+        let id = normalize_id(package_id);
+        let keep = keep_last.max(1);
+        let mut tx = self.begin_write().await?;
+        let current = lock_package(self, &mut tx, &id, Lock::Update).await?;
+        let done = sqlx::query(
+            "DELETE FROM versions WHERE package_id = $1 AND version <> $2 \
+               AND version NOT IN (SELECT v.version FROM versions v WHERE v.package_id = $1 \
+                                   ORDER BY v.version DESC LIMIT $3) \
+               AND version NOT IN (SELECT d.desired_version FROM distributions d \
+                                   WHERE d.package_id = $1 AND d.state <> 'removed')",
+        )
+        .bind(&id)
+        .bind(current)
+        .bind(keep)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    /// The manifest blobs of every retained version of every package (ordered by package and
+    /// version), for the content library's mark-and-sweep: a file is live if any of these
+    /// manifests names it.
+    pub async fn live_file_hashes(&self) -> Result<Vec<Vec<u8>>> {
+        sqlx::query("SELECT manifest FROM versions ORDER BY package_id, version")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok(r.try_get("manifest")?))
+            .collect()
+    }
+}

@@ -1,0 +1,914 @@
+//! Store conformance suite.
+//!
+//! Every test is written once as `async fn(&Db)` (a [`Store`] plus the URL it was opened
+//! with) and run twice by the `conformance!` macro: `sqlite::<name>` against a fresh file in
+//! a temp dir, and `postgres::<name>` against a fresh schema on the server named by
+//! `DPSYNC_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`), dropped
+//! afterwards. Without a reachable server the PostgreSQL tests print why and pass, unless
+//! `DPSYNC_REQUIRE_POSTGRES=1`, in which case they fail.
+
+use std::collections::HashSet;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dpsync_store::{
+    Action, Backend, DistState, NewTarget, NewVersion, Outcome, Store, StoreError, TargetKind, VersionStats,
+};
+use sqlx::Connection;
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// A store under test and the URL it was opened with (to open it again).
+#[derive(Debug, Clone)]
+struct Db {
+    store: Store,
+    url: String,
+}
+
+impl Deref for Db {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+async fn with_sqlite<F, Fut>(test: F)
+where
+    F: FnOnce(Db) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("sub").join("store.db");
+    let url = format!("sqlite://{}", path.display());
+    let store = Store::connect(&url).await.expect("connect sqlite");
+    assert_eq!(store.backend(), Backend::Sqlite);
+    assert!(path.exists(), "the SQLite file is created");
+    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(mode, "wal");
+    conn.close().await.unwrap();
+    test(Db { store: store.clone(), url }).await;
+    store.close().await;
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("DPSYNC_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+async fn pg_admin(url: &str) -> Result<sqlx::PgConnection, String> {
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connection timed out after 5 s".to_string()),
+    }
+}
+
+async fn with_postgres<F, Fut>(test: F)
+where
+    F: FnOnce(Db) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let admin_url = pg_admin_url();
+    let mut admin = match pg_admin(&admin_url).await {
+        Ok(c) => c,
+        Err(e) => {
+            if std::env::var("DPSYNC_REQUIRE_POSTGRES").as_deref() == Ok("1") {
+                panic!("PostgreSQL required (DPSYNC_REQUIRE_POSTGRES=1) but no server at {admin_url} ({e})");
+            }
+            // Written straight to stderr (not eprintln!, which the test harness captures)
+            // and once per run, so the skip is visible without --nocapture.
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "skipping PostgreSQL conformance: no server at {admin_url} ({e}); \
+                     set DPSYNC_TEST_POSTGRES_URL"
+                );
+            });
+            return;
+        }
+    };
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let schema = format!("dpsync_test_{}_{}_{}", std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut admin)
+        .await
+        .expect("create test schema");
+    let sep = if admin_url.contains('?') { '&' } else { '?' };
+    let url = format!("{admin_url}{sep}options=-c%20search_path%3D{schema}");
+
+    let store = Store::connect(&url).await.expect("connect postgres");
+    assert_eq!(store.backend(), Backend::Postgres);
+    let db = Db { store: store.clone(), url };
+    // Run the body as a task so a failed assertion still lets us drop the schema.
+    let result = tokio::spawn(test(db)).await;
+    store.close().await;
+    let dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&mut admin).await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    dropped.expect("drop test schema");
+}
+
+/// Generates `sqlite::<test>` and `postgres::<test>` for each listed test.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::with_sqlite(|db| async move { super::$name(&db).await }).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::with_postgres(|db| async move { super::$name(&db).await }).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    id_allocation_format_and_sequence,
+    package_name_conflict,
+    foreign_packages,
+    commit_numbers_versions_1_2_3,
+    explicit_version_must_be_newer,
+    concurrent_commits_never_duplicate_a_version,
+    commit_resets_distributions_to_pending,
+    assign_claim_finish_flow,
+    retry_and_failure_flow,
+    remove_flow,
+    job_superseded_while_in_progress_is_requeued,
+    concurrent_claimers_never_share_a_row,
+    reset_in_progress_requeues_claimed_rows,
+    record_progress_accumulates_bytes,
+    prune_versions_keeps_current_and_wanted,
+    migrations_are_idempotent,
+    newer_schema_is_refused,
+    meta_get_set,
+    targets_and_debug_redacts_token,
+);
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Far enough ahead that everything due "now" is due.
+fn soon() -> i64 {
+    now() + 1_000
+}
+
+fn new_version(tag: &str) -> NewVersion {
+    NewVersion {
+        version: None,
+        content_root: format!("{:0>64}", tag),
+        manifest: format!("manifest {tag}").into_bytes(),
+        scan_cache: format!("scan cache {tag}").into_bytes(),
+        stats: VersionStats {
+            files: 10,
+            dirs: 2,
+            symlinks: 1,
+            total_bytes: 12_345,
+            files_added: 3,
+            files_changed: 4,
+            files_removed: 1,
+            files_unchanged: 3,
+            bytes_hashed: 999,
+        },
+        origin: "local".to_string(),
+    }
+}
+
+async fn target(db: &Db, name: &str) -> i64 {
+    db.add_target(NewTarget {
+        name: name.to_string(),
+        kind: TargetKind::Dp,
+        url: format!("https://{name}.example:8443"),
+        token: Some(format!("token-of-{name}")),
+        group: None,
+        rate_limit: None,
+    })
+    .await
+    .expect("add target")
+    .id
+}
+
+/// A package with one committed version.
+async fn package_v1(db: &Db, name: &str) -> String {
+    let p = db.create_package("PS1", name, &format!("/src/{name}")).await.unwrap();
+    db.commit_version(&p.id, new_version("a")).await.unwrap();
+    p.id
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+async fn id_allocation_format_and_sequence(db: &Db) {
+    let a = db.create_package("PS1", "Office", "/src/office").await.unwrap();
+    let b = db.create_package("ps1", "Chrome", "/src/chrome").await.unwrap();
+    let c = db.create_package("PS1", "Zoom", "/src/zoom").await.unwrap();
+    let other = db.create_package("CAS", "7zip", "/src/7zip").await.unwrap();
+    assert_eq!(a.id, "PS100001");
+    assert_eq!(b.id, "PS100002");
+    assert_eq!(c.id, "PS100003");
+    assert_eq!(other.id, "CAS00001", "each site code has its own sequence");
+    assert_eq!(a.source_site, "PS1");
+    assert_eq!(a.source_path.as_deref(), Some("/src/office"));
+    assert_eq!(a.current_version, 0);
+    assert!(a.created_at > 0);
+
+    // Ids are 5 uppercase hex digits: the 10th package is …0000A.
+    for i in 4..=10 {
+        let p = db.create_package("PS1", &format!("pkg{i}"), "/src/x").await.unwrap();
+        assert_eq!(p.id, format!("PS1{i:05X}"));
+    }
+    assert!(db.package("PS1").await.unwrap().is_none(), "no package named PS1");
+    assert_eq!(db.package("pkg10").await.unwrap().unwrap().id, "PS10000A");
+
+    // Lookup: id (case-insensitive) first, then name.
+    assert_eq!(db.package("ps100002").await.unwrap().unwrap(), b);
+    assert_eq!(db.package("Zoom").await.unwrap().unwrap(), c);
+    assert!(db.package("zoom").await.unwrap().is_none(), "names are exact");
+    assert!(db.package("PS1FFFFF").await.unwrap().is_none());
+
+    let ids: Vec<String> = db.packages().await.unwrap().into_iter().map(|p| p.id).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "packages() is ordered by id");
+    assert_eq!(ids.len(), 11);
+    assert_eq!(ids[0], "CAS00001");
+
+    db.set_source_path("ps100001", "/new/office").await.unwrap();
+    assert_eq!(db.package("PS100001").await.unwrap().unwrap().source_path.as_deref(), Some("/new/office"));
+    assert!(db.set_source_path("PS1FFFFF", "/x").await.unwrap_err().is_not_found());
+
+    for bad in ["", "P1", "PS12", "P-1"] {
+        assert!(
+            matches!(db.create_package(bad, &format!("bad{bad}"), "/x").await, Err(StoreError::InvalidInput(_))),
+            "site code {bad:?} must be refused"
+        );
+    }
+}
+
+async fn package_name_conflict(db: &Db) {
+    let a = db.create_package("PS1", "Office", "/src/a").await.unwrap();
+    let err = db.create_package("PS1", "Office", "/src/b").await.unwrap_err();
+    match &err {
+        StoreError::Conflict(msg) => {
+            assert!(msg.contains("Office"), "{msg}");
+            assert!(msg.contains(&a.id), "{msg}");
+        }
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    // The failed create consumed no id and left one package.
+    let b = db.create_package("PS1", "Other", "/src/b").await.unwrap();
+    assert_eq!(b.id, "PS100002");
+    assert_eq!(db.packages().await.unwrap().len(), 2);
+    assert!(matches!(db.create_package("PS1", "  ", "/x").await, Err(StoreError::InvalidInput(_))));
+}
+
+async fn foreign_packages(db: &Db) {
+    let p = db.insert_foreign_package("cen0001a", "Runtime", "CEN").await.unwrap();
+    assert_eq!(p.id, "CEN0001A");
+    assert_eq!(p.source_site, "CEN");
+    assert_eq!(p.source_path, None);
+    assert_eq!(p.current_version, 0);
+
+    // Idempotent.
+    let again = db.insert_foreign_package("CEN0001A", "Runtime", "CEN").await.unwrap();
+    assert_eq!(again, p);
+    assert_eq!(db.packages().await.unwrap().len(), 1);
+
+    // A rename at the parent follows.
+    let renamed = db.insert_foreign_package("CEN0001A", "Runtime 2", "CEN").await.unwrap();
+    assert_eq!(renamed.name, "Runtime 2");
+    assert_eq!(db.package("Runtime 2").await.unwrap().unwrap().id, "CEN0001A");
+
+    // Same id from another source site, or a local package's id: conflict.
+    assert!(db.insert_foreign_package("CEN0001A", "Runtime 2", "XYZ").await.unwrap_err().is_conflict());
+    let local = db.create_package("PS1", "Local", "/src/l").await.unwrap();
+    assert!(db.insert_foreign_package(&local.id, "Local", "PS1").await.unwrap_err().is_conflict());
+    // Name taken by another package.
+    let err = db.insert_foreign_package("CEN00002", "Local", "CEN").await.unwrap_err();
+    assert!(err.is_conflict(), "{err:?}");
+    assert!(err.to_string().contains("CEN00002"), "{err}");
+    assert!(matches!(db.insert_foreign_package("not-an-id", "X", "CEN").await, Err(StoreError::InvalidInput(_))));
+
+    // Foreign packages take explicit versions from the parent.
+    let v = db
+        .commit_version("CEN0001A", NewVersion { version: Some(7), origin: "CEN".into(), ..new_version("f") })
+        .await
+        .unwrap();
+    assert_eq!(v.summary.version, 7);
+    assert_eq!(db.package("CEN0001A").await.unwrap().unwrap().current_version, 7);
+}
+
+async fn commit_numbers_versions_1_2_3(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    assert!(db.latest_version(&p.id).await.unwrap().is_none());
+    let mut got = Vec::new();
+    for tag in ["a", "b", "c"] {
+        let v = db.commit_version(&p.id, new_version(tag)).await.unwrap();
+        assert_eq!(v.manifest, format!("manifest {tag}").into_bytes());
+        got.push(v.summary.version);
+    }
+    assert_eq!(got, vec![1, 2, 3]);
+    assert_eq!(db.package(&p.id).await.unwrap().unwrap().current_version, 3);
+
+    let list = db.versions(&p.id).await.unwrap();
+    assert_eq!(list.iter().map(|v| v.version).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(list[1].content_root, format!("{:0>64}", "b"));
+    assert_eq!(list[1].stats, new_version("b").stats);
+    assert_eq!(list[1].origin, "local");
+
+    let v2 = db.version(&p.id, 2).await.unwrap().unwrap();
+    assert_eq!(v2.summary, list[1]);
+    assert_eq!(v2.manifest, b"manifest b".to_vec());
+    assert_eq!(v2.scan_cache, b"scan cache b".to_vec());
+    assert!(db.version(&p.id, 4).await.unwrap().is_none());
+
+    let latest = db.latest_version(&p.id).await.unwrap().unwrap();
+    assert_eq!(latest.summary.version, 3);
+    assert_eq!(latest.manifest, b"manifest c".to_vec());
+
+    // Lowercase id works too.
+    assert_eq!(db.versions(&p.id.to_lowercase()).await.unwrap().len(), 3);
+
+    let err = db.commit_version("PS1FFFFF", new_version("x")).await.unwrap_err();
+    assert!(err.is_not_found() && err.to_string().contains("PS1FFFFF"), "{err}");
+}
+
+async fn explicit_version_must_be_newer(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    let v = db.commit_version(&p.id, NewVersion { version: Some(5), ..new_version("a") }).await.unwrap();
+    assert_eq!(v.summary.version, 5);
+    for offered in [5, 3, 0, -1] {
+        let err =
+            db.commit_version(&p.id, NewVersion { version: Some(offered), ..new_version("b") }).await.unwrap_err();
+        match &err {
+            StoreError::VersionNotNewer { package, current, offered: o } => {
+                assert_eq!(package, &p.id);
+                assert_eq!(*current, 5);
+                assert_eq!(*o, offered);
+            }
+            other => panic!("expected VersionNotNewer, got {other:?}"),
+        }
+        assert!(err.to_string().contains(&p.id), "{err}");
+    }
+    // A failed commit leaves the current version and the version list untouched.
+    assert_eq!(db.package(&p.id).await.unwrap().unwrap().current_version, 5);
+    assert_eq!(db.versions(&p.id).await.unwrap().len(), 1);
+    let next = db.commit_version(&p.id, new_version("c")).await.unwrap();
+    assert_eq!(next.summary.version, 6);
+}
+
+async fn concurrent_commits_never_duplicate_a_version(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = db.store.clone();
+        let id = p.id.clone();
+        tasks.push(tokio::spawn(async move {
+            store.commit_version(&id, new_version(&format!("c{i}"))).await.map(|v| v.summary.version)
+        }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        versions.push(t.await.unwrap().expect("concurrent commit"));
+    }
+    versions.sort();
+    assert_eq!(versions, (1..=8).collect::<Vec<i64>>());
+    assert_eq!(db.package(&p.id).await.unwrap().unwrap().current_version, 8);
+    let stored: Vec<i64> = db.versions(&p.id).await.unwrap().into_iter().map(|v| v.version).collect();
+    assert_eq!(stored, (1..=8).collect::<Vec<i64>>());
+}
+
+async fn commit_resets_distributions_to_pending(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t_ok = target(db, "dp-ok").await;
+    let t_fail = target(db, "dp-fail").await;
+    let t_gone = target(db, "dp-gone").await;
+    for t in [t_ok, t_fail, t_gone] {
+        assert_eq!(db.assign(&id, t).await.unwrap().desired_version, 1);
+    }
+    let claimed = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    db.finish(&id, t_ok, Outcome::Installed { version: 1 }).await.unwrap();
+    db.finish(&id, t_fail, Outcome::Failed { error: "disk full".into() }).await.unwrap();
+    db.finish(&id, t_gone, Outcome::Installed { version: 1 }).await.unwrap();
+    db.record_progress(&id, t_ok, 500).await.unwrap();
+    db.request_action(&id, t_gone, Action::Remove, 0).await.unwrap();
+    let c = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(c.len(), 1);
+    db.finish(&id, t_gone, Outcome::Removed).await.unwrap();
+
+    let v2 = db.commit_version(&id, new_version("b")).await.unwrap();
+    assert_eq!(v2.summary.version, 2);
+    for t in [t_ok, t_fail] {
+        let d = db.distribution(&id, t).await.unwrap().unwrap();
+        assert_eq!(d.state, DistState::Pending, "{d:?}");
+        assert_eq!(d.action, Action::Install);
+        assert_eq!(d.desired_version, 2);
+        assert_eq!(d.attempts, 0);
+        assert_eq!(d.last_error, None);
+        assert_eq!(d.bytes_sent_last, 0);
+        assert!(d.next_attempt_at <= now());
+    }
+    let ok = db.distribution(&id, t_ok).await.unwrap().unwrap();
+    assert_eq!(ok.installed_version, Some(1), "installed version is kept");
+    assert_eq!(ok.bytes_sent_total, 500, "total bytes are kept");
+    let gone = db.distribution(&id, t_gone).await.unwrap().unwrap();
+    assert_eq!(gone.state, DistState::Removed, "removed rows are left alone");
+    assert_eq!(gone.desired_version, 0);
+
+    // Another package's distributions are not touched.
+    let other = package_v1(db, "Other").await;
+    db.assign(&other, t_ok).await.unwrap();
+    db.commit_version(&id, new_version("c")).await.unwrap();
+    assert_eq!(db.distribution(&other, t_ok).await.unwrap().unwrap().desired_version, 1);
+}
+
+async fn assign_claim_finish_flow(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    let t1 = target(db, "dp1").await;
+    let t2 = target(db, "dp2").await;
+
+    // Before the first commit a row exists but is not claimable.
+    let d = db.assign(&p.id, t1).await.unwrap();
+    assert_eq!(d.state, DistState::Pending);
+    assert_eq!(d.action, Action::Install);
+    assert_eq!(d.desired_version, 0);
+    assert_eq!(d.target_name, "dp1");
+    assert_eq!(d.target_kind, TargetKind::Dp);
+    assert_eq!(d.installed_version, None);
+    assert!(db.claim_due(soon(), 10).await.unwrap().is_empty());
+    assert_eq!(db.next_due_at().await.unwrap(), None);
+
+    db.commit_version(&p.id, new_version("a")).await.unwrap();
+    let d2 = db.assign(&p.id, t2).await.unwrap();
+    assert_eq!(d2.desired_version, 1, "new rows want the current version");
+    let due = db.next_due_at().await.unwrap().expect("something is due");
+    assert!(due <= now());
+
+    let dists = db.distributions(&p.id).await.unwrap();
+    assert_eq!(dists.iter().map(|d| d.target_name.as_str()).collect::<Vec<_>>(), vec!["dp1", "dp2"]);
+
+    // Nothing is due in the past.
+    assert!(db.claim_due(due - 10_000, 10).await.unwrap().is_empty());
+    assert!(db.claim_due(soon(), 0).await.unwrap().is_empty());
+
+    let claimed = db.claim_due(soon(), 1).await.unwrap();
+    assert_eq!(claimed.len(), 1, "limit is honoured");
+    let c = &claimed[0];
+    assert_eq!(c.state, DistState::InProgress);
+    assert_eq!(c.attempts, 1);
+    assert_eq!(c.action, Action::Install);
+    assert_eq!(c.desired_version, 1);
+    let rest = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_ne!(rest[0].target_id, c.target_id);
+    assert!(db.claim_due(soon(), 10).await.unwrap().is_empty(), "all claimed");
+    assert_eq!(db.next_due_at().await.unwrap(), None);
+
+    let done = db.finish(&p.id, c.target_id, Outcome::Installed { version: 1 }).await.unwrap();
+    assert_eq!(done.state, DistState::Installed);
+    assert_eq!(done.installed_version, Some(1));
+    assert_eq!(done.last_error, None);
+    assert_eq!(done, db.distribution(&p.id, c.target_id).await.unwrap().unwrap());
+
+    // Re-assigning an installed row changes nothing.
+    let again = db.assign(&p.id, c.target_id).await.unwrap();
+    assert_eq!(again.state, DistState::Installed);
+    assert_eq!(again.attempts, 1);
+
+    // Unknown package / target / pair.
+    assert!(db.assign("PS1FFFFF", t1).await.unwrap_err().is_not_found());
+    assert!(db.assign(&p.id, 999_999).await.unwrap_err().is_not_found());
+    assert!(db.finish("PS1FFFFF", t1, Outcome::Removed).await.unwrap_err().is_not_found());
+    assert!(db.distribution(&p.id, 999_999).await.unwrap().is_none());
+}
+
+async fn retry_and_failure_flow(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t = target(db, "dp1").await;
+    db.assign(&id, t).await.unwrap();
+    assert_eq!(db.claim_due(soon(), 10).await.unwrap().len(), 1);
+
+    let later = now() + 60_000;
+    let d = db
+        .finish(&id, t, Outcome::Retry { error: "connection refused by dp1".into(), next_attempt_at: later })
+        .await
+        .unwrap();
+    assert_eq!(d.state, DistState::Retrying);
+    assert_eq!(d.next_attempt_at, later);
+    assert_eq!(d.last_error.as_deref(), Some("connection refused by dp1"));
+    assert_eq!(db.next_due_at().await.unwrap(), Some(later));
+    assert!(db.claim_due(now(), 10).await.unwrap().is_empty(), "not due yet");
+
+    let again = db.claim_due(later, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 2, "attempts count claims");
+    assert_eq!(again[0].state, DistState::InProgress);
+
+    let failed = db.finish(&id, t, Outcome::Failed { error: "gave up".into() }).await.unwrap();
+    assert_eq!(failed.state, DistState::Failed);
+    assert_eq!(failed.attempts, 2);
+    assert_eq!(failed.last_error.as_deref(), Some("gave up"));
+    assert!(db.claim_due(later + 1, 10).await.unwrap().is_empty(), "failed rows wait");
+
+    // An explicit request revives it.
+    let req = db.request_action(&id, t, Action::Redistribute, 1).await.unwrap();
+    assert_eq!(req.state, DistState::Pending);
+    assert_eq!(req.action, Action::Redistribute);
+    assert_eq!(req.attempts, 0);
+    assert_eq!(req.last_error, None);
+    let c = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].action, Action::Redistribute);
+    db.finish(&id, t, Outcome::Installed { version: 1 }).await.unwrap();
+
+    // Validation.
+    db.request_action(&id, t, Action::Validate, 1).await.unwrap();
+    let c = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(c[0].action, Action::Validate);
+    let v = db.finish(&id, t, Outcome::ValidationFailed { error: "2 files differ".into() }).await.unwrap();
+    assert_eq!(v.state, DistState::ValidationFailed);
+    assert_eq!(v.installed_version, Some(1));
+    assert_eq!(v.last_error.as_deref(), Some("2 files differ"));
+
+    // Requests for versions that do not exist, or for unassigned pairs, are refused.
+    let err = db.request_action(&id, t, Action::Install, 9).await.unwrap_err();
+    assert!(err.is_not_found() && err.to_string().contains(&id), "{err}");
+    let t2 = target(db, "dp2").await;
+    assert!(db.request_action(&id, t2, Action::Install, 1).await.unwrap_err().is_not_found());
+}
+
+async fn remove_flow(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t = target(db, "dp1").await;
+    db.assign(&id, t).await.unwrap();
+    db.claim_due(soon(), 10).await.unwrap();
+    db.finish(&id, t, Outcome::Installed { version: 1 }).await.unwrap();
+
+    let r = db.request_action(&id, t, Action::Remove, 0).await.unwrap();
+    assert_eq!(r.state, DistState::Removing);
+    assert_eq!(r.action, Action::Remove);
+    assert!(db.next_due_at().await.unwrap().is_some(), "removals are due");
+    let c = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].state, DistState::InProgress);
+    assert_eq!(c[0].action, Action::Remove, "a claimed removal stays identifiable");
+
+    // A commit while the removal runs does not turn it into an install.
+    db.commit_version(&id, new_version("b")).await.unwrap();
+    let mid = db.distribution(&id, t).await.unwrap().unwrap();
+    assert_eq!(mid.action, Action::Remove);
+    assert_eq!(mid.state, DistState::InProgress);
+
+    let done = db.finish(&id, t, Outcome::Removed).await.unwrap();
+    assert_eq!(done.state, DistState::Removed);
+    assert_eq!(done.installed_version, None);
+    assert!(db.claim_due(soon(), 10).await.unwrap().is_empty());
+
+    // Assigning again brings it back as an install of the current version.
+    let back = db.assign(&id, t).await.unwrap();
+    assert_eq!(back.state, DistState::Pending);
+    assert_eq!(back.action, Action::Install);
+    assert_eq!(back.desired_version, 2);
+    assert_eq!(back.attempts, 0);
+}
+
+async fn job_superseded_while_in_progress_is_requeued(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t = target(db, "dp1").await;
+    db.assign(&id, t).await.unwrap();
+    let c = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(c[0].desired_version, 1);
+
+    db.commit_version(&id, new_version("b")).await.unwrap();
+    let mid = db.distribution(&id, t).await.unwrap().unwrap();
+    assert_eq!(mid.state, DistState::InProgress, "never handed to a second worker");
+    assert_eq!(mid.desired_version, 2);
+    assert!(db.claim_due(soon(), 10).await.unwrap().is_empty());
+
+    // The old job finishes: its result is recorded, and the row is queued for v2.
+    let d = db.finish(&id, t, Outcome::Installed { version: 1 }).await.unwrap();
+    assert_eq!(d.state, DistState::Pending);
+    assert_eq!(d.installed_version, Some(1));
+    assert_eq!(d.desired_version, 2);
+    assert_eq!(d.attempts, 0);
+    let c2 = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(c2.len(), 1);
+    assert_eq!(c2[0].desired_version, 2);
+    let d = db.finish(&id, t, Outcome::Installed { version: 2 }).await.unwrap();
+    assert_eq!(d.state, DistState::Installed);
+
+    // Same for a failure of a superseded job.
+    db.commit_version(&id, new_version("c")).await.unwrap();
+    db.claim_due(soon(), 10).await.unwrap();
+    db.request_action(&id, t, Action::Redistribute, 3).await.unwrap();
+    let d = db
+        .finish(&id, t, Outcome::Retry { error: "timeout".into(), next_attempt_at: now() + 3_600_000 })
+        .await
+        .unwrap();
+    assert_eq!(d.state, DistState::Pending);
+    assert_eq!(d.action, Action::Redistribute);
+    assert!(d.next_attempt_at <= now(), "the new request is due at once");
+}
+
+async fn concurrent_claimers_never_share_a_row(db: &Db) {
+    let a = package_v1(db, "A").await;
+    let b = package_v1(db, "B").await;
+    let mut expected = HashSet::new();
+    for i in 0..15 {
+        let t = target(db, &format!("dp{i:02}")).await;
+        for p in [&a, &b] {
+            db.assign(p, t).await.unwrap();
+            expected.insert((p.clone(), t));
+        }
+    }
+    let at = soon();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let store = db.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = store.claim_due(at, 3).await.expect("claim");
+                if batch.is_empty() {
+                    break;
+                }
+                assert!(batch.len() <= 3);
+                for d in batch {
+                    assert_eq!(d.state, DistState::InProgress);
+                    assert_eq!(d.attempts, 1, "claimed once: {d:?}");
+                    mine.push((d.package_id, d.target_id));
+                }
+                tokio::task::yield_now().await;
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: HashSet<_> = all.iter().cloned().collect();
+    assert_eq!(unique.len(), all.len(), "a row was claimed twice");
+    assert_eq!(unique, expected, "every due row was claimed");
+}
+
+async fn reset_in_progress_requeues_claimed_rows(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t1 = target(db, "dp1").await;
+    let t2 = target(db, "dp2").await;
+    let t3 = target(db, "dp3").await;
+    for t in [t1, t2, t3] {
+        db.assign(&id, t).await.unwrap();
+    }
+    db.claim_due(soon(), 10).await.unwrap();
+    db.finish(&id, t3, Outcome::Installed { version: 1 }).await.unwrap();
+    db.request_action(&id, t3, Action::Remove, 0).await.unwrap();
+    assert_eq!(db.claim_due(soon(), 10).await.unwrap().len(), 1);
+    // Now: t1, t2 installing in progress; t3 removing in progress.
+
+    assert_eq!(db.reset_in_progress().await.unwrap(), 3);
+    assert_eq!(db.reset_in_progress().await.unwrap(), 0, "nothing left in progress");
+    for t in [t1, t2] {
+        let d = db.distribution(&id, t).await.unwrap().unwrap();
+        assert_eq!(d.state, DistState::Pending);
+        assert_eq!(d.attempts, 1, "attempts are kept");
+    }
+    let r = db.distribution(&id, t3).await.unwrap().unwrap();
+    assert_eq!(r.state, DistState::Removing, "an interrupted removal stays a removal");
+    assert_eq!(r.action, Action::Remove);
+
+    let again = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(again.len(), 3);
+    assert!(again.iter().filter(|d| d.target_id != t3).all(|d| d.attempts == 2));
+}
+
+async fn record_progress_accumulates_bytes(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t = target(db, "dp1").await;
+    db.assign(&id, t).await.unwrap();
+    db.claim_due(soon(), 10).await.unwrap();
+    db.record_progress(&id, t, 100).await.unwrap();
+    db.record_progress(&id, t, 250).await.unwrap();
+    let d = db.distribution(&id, t).await.unwrap().unwrap();
+    assert_eq!((d.bytes_sent_last, d.bytes_sent_total), (350, 350));
+    db.finish(&id, t, Outcome::Installed { version: 1 }).await.unwrap();
+
+    // A new version starts a new job: last resets, total keeps growing.
+    db.commit_version(&id, new_version("b")).await.unwrap();
+    let d = db.distribution(&id, t).await.unwrap().unwrap();
+    assert_eq!((d.bytes_sent_last, d.bytes_sent_total), (0, 350));
+    db.claim_due(soon(), 10).await.unwrap();
+    db.record_progress(&id, t, 50).await.unwrap();
+    let d = db.distribution(&id, t).await.unwrap().unwrap();
+    assert_eq!((d.bytes_sent_last, d.bytes_sent_total), (50, 400));
+
+    let t2 = target(db, "dp2").await;
+    let err = db.record_progress(&id, t2, 1).await.unwrap_err();
+    assert!(err.is_not_found() && err.to_string().contains(&id), "{err}");
+}
+
+async fn prune_versions_keeps_current_and_wanted(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    for i in 1..=5 {
+        db.commit_version(&p.id, new_version(&format!("v{i}"))).await.unwrap();
+    }
+    let other = package_v1(db, "Other").await;
+
+    assert_eq!(db.prune_versions(&p.id, 2).await.unwrap(), 3);
+    let left: Vec<i64> = db.versions(&p.id).await.unwrap().iter().map(|v| v.version).collect();
+    assert_eq!(left, vec![4, 5]);
+    assert_eq!(db.prune_versions(&p.id, 2).await.unwrap(), 0, "idempotent");
+
+    // A version a distribution still wants is kept.
+    let t = target(db, "dp1").await;
+    db.assign(&p.id, t).await.unwrap();
+    db.request_action(&p.id, t, Action::Install, 4).await.unwrap();
+    assert_eq!(db.prune_versions(&p.id, 1).await.unwrap(), 0);
+    db.request_action(&p.id, t, Action::Install, 5).await.unwrap();
+
+    // keep_last 0 never deletes the current version.
+    assert_eq!(db.prune_versions(&p.id, 0).await.unwrap(), 1);
+    let left: Vec<i64> = db.versions(&p.id).await.unwrap().iter().map(|v| v.version).collect();
+    assert_eq!(left, vec![5]);
+    assert!(db.version(&p.id, 4).await.unwrap().is_none());
+
+    // Pruning never makes numbers repeat.
+    let v = db.commit_version(&p.id, new_version("v6")).await.unwrap();
+    assert_eq!(v.summary.version, 6);
+
+    let mut live = db.live_file_hashes().await.unwrap();
+    live.sort();
+    let mut want = vec![b"manifest v5".to_vec(), b"manifest v6".to_vec(), b"manifest a".to_vec()];
+    want.sort();
+    assert_eq!(live, want);
+    assert_eq!(db.versions(&other).await.unwrap().len(), 1, "other packages untouched");
+    assert!(db.prune_versions("PS1FFFFF", 1).await.unwrap_err().is_not_found());
+}
+
+async fn migrations_are_idempotent(db: &Db) {
+    db.meta_set("site_code", "PS1").await.unwrap();
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    for _ in 0..2 {
+        let second = Store::connect(&db.url).await.expect("reconnect");
+        assert_eq!(second.meta_get("site_code").await.unwrap().as_deref(), Some("PS1"));
+        assert_eq!(second.package(&p.id).await.unwrap().unwrap(), p);
+        second.close().await;
+    }
+    // Concurrent connects apply each migration once.
+    let (a, b) = tokio::join!(Store::connect(&db.url), Store::connect(&db.url));
+    a.unwrap().close().await;
+    b.unwrap().close().await;
+    let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    let rows: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rows, (1..=dpsync_store::SCHEMA_VERSION).collect::<Vec<_>>());
+    conn.close().await.unwrap();
+}
+
+async fn newer_schema_is_refused(db: &Db) {
+    let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+        .bind(dpsync_store::SCHEMA_VERSION + 1)
+        .bind(now())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    match Store::connect(&db.url).await {
+        Err(StoreError::Migration(msg)) => {
+            assert!(msg.contains("newer"), "{msg}");
+        }
+        other => panic!("expected a Migration error, got {other:?}"),
+    }
+}
+
+async fn meta_get_set(db: &Db) {
+    assert_eq!(db.meta_get("site_code").await.unwrap(), None);
+    db.meta_set("site_code", "PS1").await.unwrap();
+    db.meta_set("site_name", "Primary").await.unwrap();
+    assert_eq!(db.meta_get("site_code").await.unwrap().as_deref(), Some("PS1"));
+    db.meta_set("site_code", "PS2").await.unwrap();
+    assert_eq!(db.meta_get("site_code").await.unwrap().as_deref(), Some("PS2"));
+    assert_eq!(db.meta_get("site_name").await.unwrap().as_deref(), Some("Primary"));
+}
+
+async fn targets_and_debug_redacts_token(db: &Db) {
+    let new = NewTarget {
+        name: "dp-zeta".into(),
+        kind: TargetKind::Site,
+        url: "https://zeta:8443".into(),
+        token: Some("s3cr3t-t0ken".into()),
+        group: Some("emea".into()),
+        rate_limit: Some(1_000_000),
+    };
+    assert!(!format!("{new:?}").contains("s3cr3t"));
+    let t = db.add_target(new.clone()).await.unwrap();
+    assert!(t.id > 0);
+    assert_eq!(t.token.as_deref(), Some("s3cr3t-t0ken"));
+    let dbg = format!("{t:?}");
+    assert!(!dbg.contains("s3cr3t"), "token leaked: {dbg}");
+    assert!(dbg.contains("<redacted>") && dbg.contains("dp-zeta"), "{dbg}");
+    assert!(!format!("{:#?}", db.targets().await.unwrap()).contains("s3cr3t"));
+
+    let err = db.add_target(new).await.unwrap_err();
+    assert!(err.is_conflict() && err.to_string().contains("dp-zeta"), "{err}");
+
+    let a = db
+        .add_target(NewTarget {
+            name: "dp-alpha".into(),
+            kind: TargetKind::Dp,
+            url: "https://alpha:8443".into(),
+            token: None,
+            group: Some("emea".into()),
+            rate_limit: None,
+        })
+        .await
+        .unwrap();
+    target(db, "dp-mid").await;
+    assert_ne!(a.id, t.id);
+    let names: Vec<String> = db.targets().await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, vec!["dp-alpha", "dp-mid", "dp-zeta"]);
+    assert_eq!(db.target("dp-zeta").await.unwrap().unwrap(), t);
+    assert_eq!(db.target_by_id(a.id).await.unwrap().unwrap(), a);
+    assert!(db.target("nope").await.unwrap().is_none());
+    let emea: Vec<String> = db.targets_in_group("emea").await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(emea, vec!["dp-alpha", "dp-zeta"]);
+    assert!(db.targets_in_group("apac").await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Backend-independent
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn enums_serialize_as_snake_case() {
+    assert_eq!(serde_json::to_string(&DistState::InProgress).unwrap(), "\"in_progress\"");
+    assert_eq!(serde_json::to_string(&DistState::ValidationFailed).unwrap(), "\"validation_failed\"");
+    for s in DistState::ALL {
+        assert_eq!(serde_json::to_string(s).unwrap(), format!("\"{s}\""));
+        assert_eq!(s.as_str().parse::<DistState>().unwrap(), *s);
+    }
+    for a in Action::ALL {
+        assert_eq!(serde_json::to_string(a).unwrap(), format!("\"{a}\""));
+    }
+    assert_eq!(serde_json::to_string(&TargetKind::Dp).unwrap(), "\"dp\"");
+    assert_eq!(serde_json::to_string(&Backend::Postgres).unwrap(), "\"postgres\"");
+}
+
+#[tokio::test]
+async fn bad_urls_are_refused() {
+    let err = Store::connect("mysql://root:pw@localhost/x").await.unwrap_err();
+    assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+    assert!(!err.to_string().contains("pw@"), "{err}");
+}
+
+#[tokio::test]
+async fn relative_sqlite_url_creates_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // The relative form is resolved against the current directory; use a path that is
+    // relative to it by going through the temp dir's absolute path components.
+    let rel = pathdiff(dir.path());
+    let url = format!("sqlite:{rel}/rel.db");
+    let s = Store::connect(&url).await.unwrap();
+    s.meta_set("k", "v").await.unwrap();
+    s.close().await;
+    assert!(dir.path().join("rel.db").exists());
+}
+
+/// `dir` relative to the current directory (via `..` components).
+fn pathdiff(dir: &std::path::Path) -> String {
+    let cwd = std::env::current_dir().unwrap();
+    let up = cwd.components().count() - 1;
+    let mut s = vec![".."; up].join("/");
+    for c in dir.components().skip(1) {
+        s.push('/');
+        s.push_str(&c.as_os_str().to_string_lossy());
+    }
+    s
+}

@@ -1,0 +1,209 @@
+//! The pushing side of the protocol: one [`TargetClient`] per target, over reqwest.
+//! Every call counts the request bytes it put on the wire, so the site can report
+//! what each target cost.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dpsync_hash::ChunkId;
+use reqwest::{Method, StatusCode, header};
+use serde::de::DeserializeOwned;
+
+use crate::wire::{self, BatchResponse, CommitResponse, Hello, PackageState, ValidateResponse, WireError};
+
+/// Why a call to a target failed. [`TransferError::is_retryable`] drives the site's
+/// retry policy.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransferError {
+    #[error("{target} is unreachable: {message}")]
+    Unreachable { target: String, message: String },
+    #[error("{target} timed out: {message}")]
+    Timeout { target: String, message: String },
+    #[error("{target} refused the request ({status}): {message}")]
+    Rejected { target: String, status: u16, message: String },
+    #[error("{target} failed ({status}): {message}")]
+    Server { target: String, status: u16, message: String },
+    #[error("{target} still lacks {} chunks", missing.len())]
+    MissingChunks { target: String, missing: Vec<ChunkId> },
+    #[error("{target} answered something this site does not understand: {message}")]
+    Protocol { target: String, message: String },
+}
+
+impl TransferError {
+    /// Network failures, timeouts, 5xx, 507 (disk full) and 429 are worth retrying;
+    /// other 4xx answers (bad token, bad request) need an administrator.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TransferError::Unreachable { .. } | TransferError::Timeout { .. } | TransferError::Server { .. } => true,
+            TransferError::MissingChunks { .. } => true,
+            TransferError::Rejected { status, .. } => matches!(*status, 408 | 409 | 429),
+            TransferError::Protocol { .. } => false,
+        }
+    }
+}
+
+/// A connection to one target's receiving service.
+#[derive(Debug, Clone)]
+pub struct TargetClient {
+    http: reqwest::Client,
+    base: String,
+    name: String,
+    token: Option<String>,
+}
+
+impl TargetClient {
+    /// `base` is the target's URL (`http://host:port` or `https://…`).
+    pub fn new(name: &str, base: &str, token: Option<String>) -> Result<Self, TransferError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(300))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| TransferError::Protocol { target: name.into(), message: e.to_string() })?;
+        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), name: name.to_owned(), token })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, &'static str)>,
+        extra: &[(&str, String)],
+    ) -> Result<reqwest::Response, TransferError> {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        for (k, v) in extra {
+            req = req.header(*k, v);
+        }
+        if let Some((b, ct)) = body {
+            req = req.header(header::CONTENT_TYPE, ct).body(b);
+        }
+        let resp = req.send().await.map_err(|e| self.net_error(e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let body: Option<WireError> = serde_json::from_slice(&bytes).ok();
+        let message = body
+            .as_ref()
+            .map(|b| b.error.clone())
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned());
+        let target = self.name.clone();
+        Err(match status {
+            StatusCode::CONFLICT if body.as_ref().is_some_and(|b| !b.missing.is_empty()) => {
+                TransferError::MissingChunks { target, missing: body.map(|b| b.missing).unwrap_or_default() }
+            }
+            s if s.is_server_error() => TransferError::Server { target, status: s.as_u16(), message },
+            s => TransferError::Rejected { target, status: s.as_u16(), message },
+        })
+    }
+
+    fn net_error(&self, e: reqwest::Error) -> TransferError {
+        let message = error_chain(&e);
+        if e.is_timeout() {
+            TransferError::Timeout { target: self.name.clone(), message }
+        } else {
+            TransferError::Unreachable { target: self.name.clone(), message }
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, resp: reqwest::Response) -> Result<T, TransferError> {
+        let bytes = resp.bytes().await.map_err(|e| self.net_error(e))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| TransferError::Protocol { target: self.name.clone(), message: e.to_string() })
+    }
+
+    pub async fn hello(&self) -> Result<Hello, TransferError> {
+        let r = self.send(Method::GET, "/v1/hello", None, &[]).await?;
+        self.json(r).await
+    }
+
+    pub async fn package_state(&self, pkg: &str) -> Result<PackageState, TransferError> {
+        let r = self.send(Method::GET, &format!("/v1/packages/{pkg}"), None, &[]).await?;
+        self.json(r).await
+    }
+
+    /// Sends a version's manifest (already compressed); answers the chunks the target lacks.
+    pub async fn offer(
+        &self,
+        pkg: &str,
+        version: i64,
+        compressed: Bytes,
+        root: &str,
+        force: bool,
+    ) -> Result<Vec<ChunkId>, TransferError> {
+        let path = format!("/v1/packages/{pkg}/versions/{version}/manifest{}", if force { "?force=true" } else { "" });
+        let r = self
+            .send(
+                Method::PUT,
+                &path,
+                Some((compressed, wire::CONTENT_TYPE_MANIFEST)),
+                &[(wire::HEADER_CONTENT_ROOT, root.to_owned())],
+            )
+            .await?;
+        let bytes = r.bytes().await.map_err(|e| self.net_error(e))?;
+        wire::decode_ids(&bytes)
+            .ok_or_else(|| TransferError::Protocol { target: self.name.clone(), message: "bad chunk id list".into() })
+    }
+
+    /// Sends one encoded chunk batch.
+    pub async fn send_batch(&self, pkg: &str, version: i64, body: Bytes) -> Result<BatchResponse, TransferError> {
+        let r = self
+            .send(
+                Method::POST,
+                &format!("/v1/packages/{pkg}/versions/{version}/chunks"),
+                Some((body, wire::CONTENT_TYPE_CHUNKS)),
+                &[],
+            )
+            .await?;
+        self.json(r).await
+    }
+
+    pub async fn commit(&self, pkg: &str, version: i64) -> Result<CommitResponse, TransferError> {
+        let r = self.send(Method::POST, &format!("/v1/packages/{pkg}/versions/{version}/commit"), None, &[]).await?;
+        self.json(r).await
+    }
+
+    /// Asks the target to record `version` for the content it already has (`root`).
+    pub async fn relabel(&self, pkg: &str, version: i64, root: &str) -> Result<CommitResponse, TransferError> {
+        let r = self
+            .send(Method::POST, &format!("/v1/packages/{pkg}/versions/{version}/relabel?root={root}"), None, &[])
+            .await?;
+        self.json(r).await
+    }
+
+    pub async fn remove(&self, pkg: &str) -> Result<(), TransferError> {
+        self.send(Method::DELETE, &format!("/v1/packages/{pkg}"), None, &[]).await.map(|_| ())
+    }
+
+    pub async fn validate(&self, pkg: &str) -> Result<ValidateResponse, TransferError> {
+        let r = self.send(Method::POST, &format!("/v1/packages/{pkg}/validate"), None, &[]).await?;
+        self.json(r).await
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

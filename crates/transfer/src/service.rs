@@ -1,0 +1,458 @@
+//! The receiving side of the protocol (axum), shared by DP agents and child sites.
+//! It authenticates, bounds and verifies every request, then calls a [`Receiver`].
+
+use std::future::Future;
+use std::io::SeekFrom;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest, RelPath};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::wire::{self, BatchResponse, CommitResponse, Hello, PackageState, ValidateResponse, WireError};
+
+/// An error a receiver reports; the variant picks the HTTP status.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// A commit that still lacks chunks, or a version that is not newer.
+    #[error("{message}")]
+    Conflict { message: String, missing: Vec<ChunkId> },
+    /// The receiver refuses to fill its disk.
+    #[error("{0}")]
+    InsufficientStorage(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl IntoResponse for ReceiveError {
+    fn into_response(self) -> Response {
+        let (status, missing) = match &self {
+            ReceiveError::NotFound(_) => (StatusCode::NOT_FOUND, vec![]),
+            ReceiveError::BadRequest(_) => (StatusCode::BAD_REQUEST, vec![]),
+            ReceiveError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, vec![]),
+            ReceiveError::Forbidden(_) => (StatusCode::FORBIDDEN, vec![]),
+            ReceiveError::Conflict { missing, .. } => (StatusCode::CONFLICT, missing.clone()),
+            ReceiveError::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, vec![]),
+            ReceiveError::Internal(m) => {
+                tracing::error!("{m}");
+                (StatusCode::INTERNAL_SERVER_ERROR, vec![])
+            }
+        };
+        (status, Json(WireError { error: self.to_string(), missing })).into_response()
+    }
+}
+
+/// An installed file opened for a client download.
+#[derive(Debug)]
+pub struct ServedFile {
+    pub file: std::fs::File,
+    pub len: u64,
+    pub hash: FileHash,
+    pub modified: Option<SystemTime>,
+}
+
+/// What a DP agent or a child site does with verified input.
+pub trait Receiver: Send + Sync + 'static {
+    fn package_state(&self, pkg: &str) -> impl Future<Output = Result<PackageState, ReceiveError>> + Send;
+    /// Stores the manifest of `version` and answers the chunks still needed. With
+    /// `force`, every chunk of every file is needed (nothing local is trusted).
+    fn offer(
+        &self,
+        pkg: &str,
+        version: i64,
+        manifest: Arc<Manifest>,
+        force: bool,
+    ) -> impl Future<Output = Result<Vec<ChunkId>, ReceiveError>> + Send;
+    /// Keeps chunks whose hashes the service has already checked.
+    fn store_chunks(
+        &self,
+        pkg: &str,
+        version: i64,
+        chunks: Vec<(ChunkId, Bytes)>,
+    ) -> impl Future<Output = Result<(), ReceiveError>> + Send;
+    fn commit(&self, pkg: &str, version: i64) -> impl Future<Output = Result<CommitResponse, ReceiveError>> + Send;
+    /// Records `version` as installed when the installed content already has `root`
+    /// (a refresh that changed nothing): O(1), no manifest on the wire.
+    fn relabel(
+        &self,
+        pkg: &str,
+        version: i64,
+        root: &str,
+    ) -> impl Future<Output = Result<CommitResponse, ReceiveError>> + Send;
+    fn remove(&self, pkg: &str) -> impl Future<Output = Result<(), ReceiveError>> + Send;
+    fn validate(&self, pkg: &str) -> impl Future<Output = Result<ValidateResponse, ReceiveError>> + Send;
+    /// Opens an installed file for a client download (`None`: downloads not served).
+    fn open_file(&self, pkg: &str, path: &RelPath) -> impl Future<Output = Result<ServedFile, ReceiveError>> + Send;
+    /// Prometheus text exposition.
+    fn metrics(&self) -> String;
+}
+
+/// Settings of the service.
+#[derive(Clone)]
+pub struct ServiceConfig {
+    /// Bearer token every push call must present (`None`: no authentication).
+    pub token: Option<String>,
+    /// "dp" or "site".
+    pub role: &'static str,
+    pub site_code: Option<String>,
+    pub decode_limits: DecodeLimits,
+}
+
+impl std::fmt::Debug for ServiceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("role", &self.role)
+            .field("site_code", &self.site_code)
+            .finish()
+    }
+}
+
+struct Shared<R> {
+    receiver: Arc<R>,
+    cfg: ServiceConfig,
+}
+
+/// The service's routes. Push routes require the token; `hello`, file downloads and
+/// `/metrics` do not.
+pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
+    let shared = Arc::new(Shared { receiver, cfg });
+    let push = Router::new()
+        .route("/v1/packages/{pkg}", get(state::<R>).delete(remove::<R>))
+        .route(
+            "/v1/packages/{pkg}/versions/{version}/manifest",
+            put(offer::<R>).layer(DefaultBodyLimit::max(wire::MAX_MANIFEST_BYTES)),
+        )
+        .route(
+            "/v1/packages/{pkg}/versions/{version}/chunks",
+            post(chunks::<R>).layer(DefaultBodyLimit::max(wire::MAX_BATCH_BYTES)),
+        )
+        .route("/v1/packages/{pkg}/versions/{version}/commit", post(commit::<R>))
+        .route("/v1/packages/{pkg}/versions/{version}/relabel", post(relabel::<R>))
+        .route("/v1/packages/{pkg}/validate", post(validate::<R>))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate::<R>));
+    Router::new()
+        .route("/v1/hello", get(hello::<R>))
+        .route("/v1/packages/{pkg}/files/{*path}", get(download::<R>))
+        .route("/metrics", get(metrics::<R>))
+        .merge(push)
+        .layer(DefaultBodyLimit::max(64 << 10))
+        .with_state(shared)
+        .fallback(|| async { ReceiveError::NotFound("no such endpoint".into()) })
+}
+
+async fn authenticate<R: Receiver>(State(s): State<Arc<Shared<R>>>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &s.cfg.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes()));
+        if !ok {
+            let why = if given.is_none() { "missing bearer token" } else { "wrong token" };
+            tracing::warn!(path = %req.uri().path(), "refused a push call: {why}");
+            return ReceiveError::Unauthorized(format!("{why}: this target only accepts its site's token"))
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Package ids are a 3-character site code and 5 hex digits, e.g. `PS100012`.
+pub fn valid_package_id(pkg: &str) -> bool {
+    pkg.len() == 8
+        && pkg[..3].bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        && pkg[3..].bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+fn check_pkg(pkg: &str) -> Result<(), ReceiveError> {
+    if valid_package_id(pkg) {
+        Ok(())
+    } else {
+        Err(ReceiveError::BadRequest(format!("{:?} is not a package id (like PS100012)", truncate(pkg))))
+    }
+}
+
+fn check_version(v: i64) -> Result<(), ReceiveError> {
+    if v >= 1 { Ok(()) } else { Err(ReceiveError::BadRequest(format!("source version {v} is invalid"))) }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+async fn hello<R: Receiver>(State(s): State<Arc<Shared<R>>>) -> Json<Hello> {
+    Json(Hello {
+        protocol: wire::PROTOCOL_VERSION,
+        role: s.cfg.role.into(),
+        site_code: s.cfg.site_code.clone(),
+        software: concat!("dpsync ", env!("CARGO_PKG_VERSION")).into(),
+    })
+}
+
+async fn metrics<R: Receiver>(State(s): State<Arc<Shared<R>>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.receiver.metrics())
+}
+
+async fn state<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path(pkg): Path<String>,
+) -> Result<Json<PackageState>, ReceiveError> {
+    check_pkg(&pkg)?;
+    Ok(Json(s.receiver.package_state(&pkg).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct OfferQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn offer<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path((pkg, version)): Path<(String, i64)>,
+    Query(q): Query<OfferQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ReceiveError> {
+    check_pkg(&pkg)?;
+    check_version(version)?;
+    let claimed_root = headers.get(wire::HEADER_CONTENT_ROOT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let limits = s.cfg.decode_limits;
+    let manifest = tokio::task::spawn_blocking(move || -> Result<Manifest, ReceiveError> {
+        let raw = wire::decompress_manifest(&body)
+            .map_err(|e| ReceiveError::BadRequest(format!("manifest body is not valid zstd: {e}")))?;
+        let m =
+            Manifest::decode(&raw, &limits).map_err(|e| ReceiveError::BadRequest(format!("manifest refused: {e}")))?;
+        if let Some(claimed) = claimed_root
+            && m.content_root().to_hex() != claimed.to_ascii_lowercase()
+        {
+            return Err(ReceiveError::BadRequest("manifest does not match its content root".into()));
+        }
+        Ok(m)
+    })
+    .await
+    .map_err(|e| ReceiveError::Internal(format!("manifest task: {e}")))??;
+    let missing = s.receiver.offer(&pkg, version, Arc::new(manifest), q.force).await?;
+    Ok(([(header::CONTENT_TYPE, wire::CONTENT_TYPE_CHUNK_IDS)], wire::encode_ids(&missing)).into_response())
+}
+
+async fn chunks<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path((pkg, version)): Path<(String, i64)>,
+    body: Bytes,
+) -> Result<Json<BatchResponse>, ReceiveError> {
+    check_pkg(&pkg)?;
+    check_version(version)?;
+    let (good, rejected) = tokio::task::spawn_blocking(move || -> Result<_, ReceiveError> {
+        let batch = wire::decode_batch(&body).map_err(|e| ReceiveError::BadRequest(e.to_string()))?;
+        let mut good = Vec::with_capacity(batch.len());
+        let mut rejected = Vec::new();
+        for c in batch {
+            match c.decode() {
+                Ok(raw) if ChunkId::from(blake3::hash(&raw)) == c.id => good.push((c.id, raw)),
+                _ => rejected.push(c.id),
+            }
+        }
+        Ok((good, rejected))
+    })
+    .await
+    .map_err(|e| ReceiveError::Internal(format!("batch task: {e}")))??;
+    if !rejected.is_empty() {
+        tracing::warn!(package = %pkg, version, rejected = rejected.len(), "chunks failed verification; asking for them again");
+    }
+    let accepted = good.len() as u64;
+    if !good.is_empty() {
+        s.receiver.store_chunks(&pkg, version, good).await?;
+    }
+    Ok(Json(BatchResponse { accepted, rejected }))
+}
+
+async fn commit<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path((pkg, version)): Path<(String, i64)>,
+) -> Result<Json<CommitResponse>, ReceiveError> {
+    check_pkg(&pkg)?;
+    check_version(version)?;
+    Ok(Json(s.receiver.commit(&pkg, version).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct RelabelQuery {
+    root: String,
+}
+
+async fn relabel<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path((pkg, version)): Path<(String, i64)>,
+    Query(q): Query<RelabelQuery>,
+) -> Result<Json<CommitResponse>, ReceiveError> {
+    check_pkg(&pkg)?;
+    check_version(version)?;
+    let root = dpsync_hash::ContentRoot::from_hex(&q.root).map_err(|e| ReceiveError::BadRequest(e.to_string()))?;
+    Ok(Json(s.receiver.relabel(&pkg, version, &root.to_hex()).await?))
+}
+
+async fn remove<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path(pkg): Path<String>,
+) -> Result<StatusCode, ReceiveError> {
+    check_pkg(&pkg)?;
+    s.receiver.remove(&pkg).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn validate<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path(pkg): Path<String>,
+) -> Result<Json<ValidateResponse>, ReceiveError> {
+    check_pkg(&pkg)?;
+    Ok(Json(s.receiver.validate(&pkg).await?))
+}
+
+async fn download<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path((pkg, path)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ReceiveError> {
+    check_pkg(&pkg)?;
+    let path = RelPath::new(path).map_err(|e| ReceiveError::BadRequest(format!("bad path: {e}")))?;
+    let served = s.receiver.open_file(&pkg, &path).await?;
+    let etag = format!("\"{}\"", served.hash);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(|r| parse_range(r, served.len));
+    let (status, start, len) = match range {
+        None | Some(RangeSpec::Ignore) => (StatusCode::OK, 0, served.len),
+        Some(RangeSpec::Satisfiable(start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        Some(RangeSpec::Unsatisfiable) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{}", served.len)), (header::ETAG, etag)],
+            )
+                .into_response());
+        }
+    };
+    let mut file = tokio::fs::File::from_std(served.file);
+    file.seek(SeekFrom::Start(start)).await.map_err(|e| ReceiveError::Internal(format!("seek: {e}")))?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(path.as_str())));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        let v = format!("bytes {}-{}/{}", start, start + len - 1, served.len);
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&v).expect("ascii"));
+    }
+    Ok(resp)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeSpec {
+    /// Malformed or multi-range: serve the whole file (allowed by RFC 9110).
+    Ignore,
+    Satisfiable(u64, u64),
+    Unsatisfiable,
+}
+
+fn parse_range(v: &str, len: u64) -> RangeSpec {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else { return RangeSpec::Ignore };
+    if spec.contains(',') {
+        return RangeSpec::Ignore;
+    }
+    let Some((a, b)) = spec.split_once('-') else { return RangeSpec::Ignore };
+    let (a, b) = (a.trim(), b.trim());
+    match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
+        (Some(start), end) if a.chars().all(|c| c.is_ascii_digit()) => {
+            if b.is_empty() || end.is_some() {
+                let end = end.unwrap_or(u64::MAX).min(len.saturating_sub(1));
+                if start >= len || end < start { RangeSpec::Unsatisfiable } else { RangeSpec::Satisfiable(start, end) }
+            } else {
+                RangeSpec::Ignore
+            }
+        }
+        (None, Some(suffix)) if a.is_empty() => {
+            if suffix == 0 || len == 0 {
+                RangeSpec::Unsatisfiable
+            } else {
+                RangeSpec::Satisfiable(len - suffix.min(len), len - 1)
+            }
+        }
+        _ => RangeSpec::Ignore,
+    }
+}
+
+fn content_type(path: &str) -> &'static str {
+    let ext = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    match ext.as_str() {
+        "txt" | "log" | "ini" | "cfg" => "text/plain; charset=utf-8",
+        "htm" | "html" => "text/html; charset=utf-8",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "zip" => "application/zip",
+        "msi" => "application/x-msi",
+        "exe" | "dll" => "application/vnd.microsoft.portable-executable",
+        "ps1" => "text/plain; charset=utf-8",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), RangeSpec::Satisfiable(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), RangeSpec::Satisfiable(90, 99));
+        assert_eq!(parse_range("bytes=90-500", 100), RangeSpec::Satisfiable(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), RangeSpec::Satisfiable(90, 99));
+        assert_eq!(parse_range("bytes=-500", 100), RangeSpec::Satisfiable(0, 99));
+        assert_eq!(parse_range("bytes=100-", 100), RangeSpec::Unsatisfiable);
+        assert_eq!(parse_range("bytes=5-2", 100), RangeSpec::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), RangeSpec::Ignore);
+        assert_eq!(parse_range("items=0-1", 100), RangeSpec::Ignore);
+        assert_eq!(parse_range("bytes=x-1", 100), RangeSpec::Ignore);
+    }
+
+    #[test]
+    fn package_ids() {
+        assert!(valid_package_id("PS100012"));
+        assert!(valid_package_id("XY9ABCDE"));
+        assert!(!valid_package_id("PS10001"));
+        assert!(!valid_package_id("ps100012"));
+        assert!(!valid_package_id("PS1000G2"));
+        assert!(!valid_package_id("../../..."));
+    }
+}

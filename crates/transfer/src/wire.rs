@@ -1,0 +1,302 @@
+//! Message formats of protocol version 1. JSON for small control messages; binary for
+//! manifests (the canonical encoding, zstd-compressed) and chunk batches.
+//!
+//! Chunk batch (`application/x-dpsync-chunks`), all integers little-endian:
+//!
+//! ```text
+//! "DPSB" u16 format=1 u32 count
+//! count × ( [32] chunk BLAKE3, u8 codec (0 raw, 1 zstd), u32 raw_len, u32 data_len, data )
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+use dpsync_hash::ChunkId;
+use dpsync_hash::manifest::MAX_CHUNK_LEN;
+use serde::{Deserialize, Serialize};
+
+/// Protocol version; the URL prefix is `/v1`.
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const CONTENT_TYPE_MANIFEST: &str = "application/x-dpsync-manifest";
+pub const CONTENT_TYPE_CHUNKS: &str = "application/x-dpsync-chunks";
+pub const CONTENT_TYPE_CHUNK_IDS: &str = "application/x-dpsync-chunk-ids";
+/// Header carrying the content root the sender computed for an offered manifest.
+pub const HEADER_CONTENT_ROOT: &str = "x-dpsync-content-root";
+/// Largest chunk batch body a receiver accepts.
+pub const MAX_BATCH_BYTES: usize = 32 << 20;
+/// Largest (compressed) manifest body a receiver accepts.
+pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
+/// Largest decompressed manifest.
+pub const MAX_MANIFEST_DECODED: usize = 1 << 30;
+/// A batch the sender fills up to (big writes, few requests).
+pub const TARGET_BATCH_BYTES: usize = 8 << 20;
+
+const BATCH_MAGIC: &[u8; 4] = b"DPSB";
+const BATCH_FORMAT: u16 = 1;
+
+/// `GET /v1/hello`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol: u32,
+    /// "dp" or "site".
+    pub role: String,
+    /// The receiving site's code (child sites).
+    #[serde(default)]
+    pub site_code: Option<String>,
+    pub software: String,
+}
+
+/// `GET /v1/packages/{pkg}`: what the target holds for a package.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PackageState {
+    pub package: String,
+    pub installed_version: Option<i64>,
+    pub installed_root: Option<String>,
+    pub previous_version: Option<i64>,
+    /// A version whose manifest was offered but not yet committed.
+    pub staged_version: Option<i64>,
+    /// Validation found files of the installed version damaged: reinstall it.
+    #[serde(default)]
+    pub broken: bool,
+}
+
+/// `POST …/commit` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommitResponse {
+    pub installed_version: i64,
+    pub content_root: String,
+    pub files_built: u64,
+    pub files_linked: u64,
+}
+
+/// `POST …/chunks` answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchResponse {
+    pub accepted: u64,
+    /// Chunks whose bytes did not match their id (corrupted in transit): send again.
+    pub rejected: Vec<ChunkId>,
+}
+
+/// `POST /v1/packages/{pkg}/validate` answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ValidateResponse {
+    pub package: String,
+    pub installed_version: Option<i64>,
+    pub files_checked: u64,
+    /// Paths whose bytes no longer match the manifest; their content was dropped so
+    /// that the next install sends exactly what they need.
+    pub broken: Vec<String>,
+}
+
+/// Error body of every 4xx/5xx answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireError {
+    pub error: String,
+    /// Chunks a commit still lacks (409).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<ChunkId>,
+}
+
+/// Codec of one chunk in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Raw = 0,
+    Zstd = 1,
+}
+
+/// Why a batch body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("chunk batch is truncated")]
+    Truncated,
+    #[error("not a chunk batch (bad magic)")]
+    BadMagic,
+    #[error("chunk batch format {0} is not supported")]
+    UnsupportedFormat(u16),
+    #[error("chunk batch has an unknown codec {0}")]
+    UnknownCodec(u8),
+    #[error("chunk of {0} bytes exceeds the limit")]
+    ChunkTooLarge(u32),
+    #[error("chunk batch has {0} unexpected trailing bytes")]
+    TrailingBytes(usize),
+    #[error("chunk {0} does not decompress to its declared length")]
+    BadCompression(ChunkId),
+}
+
+/// One chunk as carried in a batch (possibly compressed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireChunk {
+    pub id: ChunkId,
+    pub codec: Codec,
+    pub raw_len: u32,
+    pub data: Bytes,
+}
+
+impl WireChunk {
+    /// Wraps raw chunk bytes, compressing them with zstd when that saves at least 1/16.
+    pub fn encode(id: ChunkId, raw: &[u8]) -> Self {
+        let raw_len = raw.len() as u32;
+        if raw.len() >= 512
+            && let Ok(z) = zstd::bulk::compress(raw, 1)
+            && z.len() < raw.len() - raw.len() / 16
+        {
+            return Self { id, codec: Codec::Zstd, raw_len, data: Bytes::from(z) };
+        }
+        Self { id, codec: Codec::Raw, raw_len, data: Bytes::copy_from_slice(raw) }
+    }
+
+    /// The raw bytes (decompressing, bounded by the declared length).
+    pub fn decode(&self) -> Result<Bytes, BatchError> {
+        match self.codec {
+            Codec::Raw if self.data.len() == self.raw_len as usize => Ok(self.data.clone()),
+            Codec::Raw => Err(BatchError::BadCompression(self.id)),
+            Codec::Zstd => {
+                let out = zstd::bulk::decompress(&self.data, self.raw_len as usize)
+                    .map_err(|_| BatchError::BadCompression(self.id))?;
+                if out.len() != self.raw_len as usize {
+                    return Err(BatchError::BadCompression(self.id));
+                }
+                Ok(Bytes::from(out))
+            }
+        }
+    }
+
+    /// Bytes this chunk takes in a batch.
+    pub fn wire_len(&self) -> usize {
+        41 + self.data.len()
+    }
+}
+
+/// Encodes a batch.
+pub fn encode_batch(chunks: &[WireChunk]) -> Bytes {
+    let len = 10 + chunks.iter().map(WireChunk::wire_len).sum::<usize>();
+    let mut out = BytesMut::with_capacity(len);
+    out.put_slice(BATCH_MAGIC);
+    out.put_u16_le(BATCH_FORMAT);
+    out.put_u32_le(chunks.len() as u32);
+    for c in chunks {
+        out.put_slice(c.id.as_bytes());
+        out.put_u8(c.codec as u8);
+        out.put_u32_le(c.raw_len);
+        out.put_u32_le(c.data.len() as u32);
+        out.put_slice(&c.data);
+    }
+    out.freeze()
+}
+
+/// Decodes a batch without copying chunk data. Lengths are checked against the body,
+/// so a hostile count or length cannot cause a large allocation.
+pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
+    let b = &body[..];
+    if b.len() < 10 {
+        return Err(BatchError::Truncated);
+    }
+    if &b[..4] != BATCH_MAGIC {
+        return Err(BatchError::BadMagic);
+    }
+    let format = u16::from_le_bytes([b[4], b[5]]);
+    if format != BATCH_FORMAT {
+        return Err(BatchError::UnsupportedFormat(format));
+    }
+    let count = u32::from_le_bytes(b[6..10].try_into().unwrap()) as usize;
+    let mut pos = 10;
+    let mut out = Vec::with_capacity(count.min(b.len() / 41));
+    for _ in 0..count {
+        if b.len() - pos < 41 {
+            return Err(BatchError::Truncated);
+        }
+        let id = ChunkId::from_slice(&b[pos..pos + 32]).expect("32 bytes");
+        let codec = match b[pos + 32] {
+            0 => Codec::Raw,
+            1 => Codec::Zstd,
+            c => return Err(BatchError::UnknownCodec(c)),
+        };
+        let raw_len = u32::from_le_bytes(b[pos + 33..pos + 37].try_into().unwrap());
+        let data_len = u32::from_le_bytes(b[pos + 37..pos + 41].try_into().unwrap()) as usize;
+        if raw_len == 0 || raw_len > MAX_CHUNK_LEN {
+            return Err(BatchError::ChunkTooLarge(raw_len));
+        }
+        pos += 41;
+        if b.len() - pos < data_len {
+            return Err(BatchError::Truncated);
+        }
+        out.push(WireChunk { id, codec, raw_len, data: body.slice(pos..pos + data_len) });
+        pos += data_len;
+    }
+    if pos != b.len() {
+        return Err(BatchError::TrailingBytes(b.len() - pos));
+    }
+    Ok(out)
+}
+
+/// Encodes a list of chunk ids (32 bytes each).
+pub fn encode_ids(ids: &[ChunkId]) -> Bytes {
+    let mut out = BytesMut::with_capacity(ids.len() * 32);
+    for id in ids {
+        out.put_slice(id.as_bytes());
+    }
+    out.freeze()
+}
+
+/// Decodes a list of chunk ids.
+pub fn decode_ids(b: &[u8]) -> Option<Vec<ChunkId>> {
+    if !b.len().is_multiple_of(32) {
+        return None;
+    }
+    Some(b.chunks_exact(32).map(|c| ChunkId::from_slice(c).expect("32 bytes")).collect())
+}
+
+/// Compresses a manifest encoding for the wire.
+pub fn compress_manifest(encoded: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(encoded, 3).expect("zstd compression of an in-memory buffer")
+}
+
+/// Decompresses a manifest body, refusing more than [`MAX_MANIFEST_DECODED`] bytes.
+pub fn decompress_manifest(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let decoder = zstd::stream::read::Decoder::new(body)?;
+    decoder.take(MAX_MANIFEST_DECODED as u64 + 1).read_to_end(&mut out)?;
+    if out.len() > MAX_MANIFEST_DECODED {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "manifest too large"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_round_trip_with_both_codecs() {
+        let a = vec![7u8; 70_000];
+        let b: Vec<u8> = (0..3000u32).map(|i| (i.wrapping_mul(2654435761u32) >> 24) as u8).collect();
+        let chunks = vec![
+            WireChunk::encode(ChunkId::from(blake3::hash(&a)), &a),
+            WireChunk::encode(ChunkId::from(blake3::hash(&b)), &b),
+        ];
+        assert_eq!(chunks[0].codec, Codec::Zstd);
+        let body = encode_batch(&chunks);
+        let back = decode_batch(&body).unwrap();
+        assert_eq!(back, chunks);
+        assert_eq!(&back[0].decode().unwrap()[..], &a[..]);
+        assert_eq!(&back[1].decode().unwrap()[..], &b[..]);
+    }
+
+    #[test]
+    fn hostile_batches_are_refused() {
+        assert_eq!(decode_batch(&Bytes::from_static(b"DPSB")), Err(BatchError::Truncated));
+        assert_eq!(decode_batch(&Bytes::from_static(b"XXXX\x01\x00\x00\x00\x00\x00")), Err(BatchError::BadMagic));
+        // Claims 2^32-1 chunks with no data.
+        assert_eq!(decode_batch(&Bytes::from_static(b"DPSB\x01\x00\xff\xff\xff\xff")), Err(BatchError::Truncated));
+        let c = WireChunk {
+            id: ChunkId::from_bytes([1; 32]),
+            codec: Codec::Zstd,
+            raw_len: 100,
+            data: Bytes::from_static(b"junk"),
+        };
+        let body = encode_batch(std::slice::from_ref(&c));
+        assert!(matches!(decode_batch(&body).unwrap()[0].decode(), Err(BatchError::BadCompression(_))));
+        let mut long = encode_batch(&[]).to_vec();
+        long.push(0);
+        assert_eq!(decode_batch(&Bytes::from(long)), Err(BatchError::TrailingBytes(1)));
+    }
+}

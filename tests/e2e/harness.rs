@@ -1,0 +1,915 @@
+//! Process harness for the end-to-end tests: temporary directories, daemons with log
+//! files, a site server driven through the real CLI, and source-tree helpers.
+//!
+//! Everything here bounds its waits and, when a wait times out, panics with the last
+//! lines of the logs of the daemons concerned. Tests run in parallel: each one works in
+//! its own short directory under `/tmp` (Unix socket paths are limited to 107 bytes).
+//! Set `DPSYNC_KEEP_TEST_DIRS=1` to keep the directory of a failed test.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::ops::Range;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+/// The `dpsync` binary under test.
+pub const DPSYNC: &str = env!("CARGO_BIN_EXE_dpsync");
+/// Longest a CLI command may take.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a daemon may take to become ready.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest a daemon may take to stop after SIGTERM (or to die after SIGKILL).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lines of each daemon's log shown when a wait fails.
+pub const LOG_TAIL_LINES: usize = 40;
+const POLL: Duration = Duration::from_millis(10);
+
+// ---------------------------------------------------------------------------------------
+// Commands
+
+/// A `dpsync` command with no `DPSYNC_*` settings inherited from the test's environment
+/// (except `DPSYNC_LOG`), so an administrator's shell cannot change what a test sees.
+pub fn dpsync_command() -> Command {
+    let mut cmd = Command::new(DPSYNC);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("DPSYNC_") && k != "DPSYNC_LOG" {
+            cmd.env_remove(&*k);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` to its end with captured output; kills it and panics after `timeout`.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
+    try_run_bounded(cmd, timeout).unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// [`run_bounded`], with an error when the program cannot be started at all.
+pub fn try_run_bounded(cmd: &mut Command, timeout: Duration) -> std::io::Result<Output> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        b
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(POLL);
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok(Output { status, stdout, stderr }),
+        None => panic!(
+            "{cmd:?} did not finish within {timeout:?}; killed it.\n--- stdout\n{}\n--- stderr\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
+    }
+}
+
+/// Polls `probe` until it returns `Some`, at most `timeout`; on timeout panics naming
+/// `what`, with the last lines of each daemon's log.
+pub fn wait_until<T>(what: &str, timeout: Duration, daemons: &[&Daemon], mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}{}", log_tails(daemons));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The last [`LOG_TAIL_LINES`] lines of each daemon's log, for panic messages.
+pub fn log_tails(daemons: &[&Daemon]) -> String {
+    let mut s = String::new();
+    for d in daemons {
+        s.push_str(&format!(
+            "\n--- last {LOG_TAIL_LINES} lines of {} ({})\n{}",
+            d.name,
+            d.log_path.display(),
+            d.log_tail(LOG_TAIL_LINES)
+        ));
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------
+// Temporary directories
+
+/// A fresh directory `/tmp/dpsXXXXXX`, removed when dropped, unless the test failed and
+/// `DPSYNC_KEEP_TEST_DIRS=1`. Declare it before the daemons that use it, so that they
+/// are stopped (dropped) first.
+#[derive(Debug)]
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new() -> Self {
+        let path = tempfile::Builder::new()
+            .prefix("dps")
+            .rand_bytes(6)
+            .tempdir_in("/tmp")
+            .expect("cannot create a temporary directory in /tmp")
+            .keep();
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.path.join(rel)
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if std::env::var("DPSYNC_KEEP_TEST_DIRS").as_deref() == Ok("1") {
+                eprintln!("test directory kept: {}", self.path.display());
+                return;
+            }
+            eprintln!("(set DPSYNC_KEEP_TEST_DIRS=1 to keep the test directory {})", self.path.display());
+        }
+        if fs::remove_dir_all(&self.path).is_err() {
+            // A test may have left an unreadable folder behind: open everything up, retry.
+            make_writable(&self.path);
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn make_writable(p: &Path) {
+    let Ok(md) = fs::symlink_metadata(p) else { return };
+    if md.is_dir() {
+        let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o755));
+        if let Ok(rd) = fs::read_dir(p) {
+            for e in rd.flatten() {
+                make_writable(&e.path());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Daemons
+
+/// A long-running child process whose stdout and stderr go to a log file. Dropping it
+/// kills it (SIGKILL) and reaps it; if the test is failing, the log's tail is printed.
+#[derive(Debug)]
+pub struct Daemon {
+    name: String,
+    child: Child,
+    log_path: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Spawns `cmd` with its output appended to `log_path`.
+    pub fn spawn(name: &str, mut cmd: Command, log_path: &Path) -> Self {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .unwrap_or_else(|e| panic!("cannot open log {}: {e}", log_path.display()));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Self { name: name.to_owned(), child, log_path: log_path.to_owned(), status: None }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        fs::read(&self.log_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The exit status, if it has exited (reaps it).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
+    /// Waits for the process to exit by itself; panics (with its log) after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for {} to exit{}", self.name, log_tails(&[self]));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) if the process has not been reaped yet.
+    pub fn signal(&mut self, sig: i32) {
+        if self.try_wait().is_some() {
+            return;
+        }
+        let pid = self.child.id() as libc::pid_t;
+        // The child is not reaped (checked above), so its pid cannot have been reused.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+            self.status = Some(self.child.wait().expect("wait after SIGKILL"));
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; panics (after a SIGKILL) if it does not stop
+    /// within [`STOP_TIMEOUT`].
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                let tails = log_tails(&[self]);
+                self.kill9();
+                panic!("{} did not stop within {STOP_TIMEOUT:?} of SIGTERM; killed it{tails}", self.name);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits until the log contains `needle`; panics if the process exits first or after
+    /// `timeout`.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for_log_count(needle, 1, timeout);
+    }
+
+    /// Waits until the log contains `needle` at least `n` times; panics if the process
+    /// exits first or after `timeout`.
+    pub fn wait_for_log_count(&mut self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().matches(needle).count() >= n {
+                return;
+            }
+            if let Some(s) = self.try_wait() {
+                panic!("{} exited ({s}) before logging {needle:?}{}", self.name, log_tails(&[self]));
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {needle:?} in the log of {}{}",
+                    self.name,
+                    log_tails(&[self])
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", log_tails(&[self]));
+        }
+        self.kill9();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The site server
+
+/// How to start a server besides its data directory.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOpts {
+    pub site_code: Option<String>,
+    pub database_url: Option<String>,
+    /// Admin socket (default `DATA_DIR/admin.sock`).
+    pub socket: Option<PathBuf>,
+    /// TOML configuration file.
+    pub config: Option<PathBuf>,
+    /// More `dpsync server` arguments.
+    pub args: Vec<String>,
+    /// More environment variables for the server process.
+    pub env: Vec<(String, String)>,
+}
+
+impl ServerOpts {
+    pub fn site(code: &str) -> Self {
+        Self { site_code: Some(code.to_owned()), ..Self::default() }
+    }
+}
+
+/// A running `dpsync server`, driven through the CLI. Its logs are the files
+/// `DATA_DIR.serverN.log` beside the data directory (one per start).
+#[derive(Debug)]
+pub struct Server {
+    pub data_dir: PathBuf,
+    pub opts: ServerOpts,
+    daemon: Option<Daemon>,
+    starts: u32,
+}
+
+impl Server {
+    /// Starts a server on `data_dir` with `site_code` and waits until it answers.
+    pub fn start(data_dir: impl AsRef<Path>, site_code: &str) -> Self {
+        Self::start_with(data_dir, ServerOpts::site(site_code))
+    }
+
+    pub fn start_with(data_dir: impl AsRef<Path>, opts: ServerOpts) -> Self {
+        let mut s = Self { data_dir: data_dir.as_ref().to_owned(), opts, daemon: None, starts: 0 };
+        s.spawn_and_wait();
+        s
+    }
+
+    /// The `dpsync server …` command line for `data_dir` and `opts`.
+    pub fn command(data_dir: &Path, opts: &ServerOpts) -> Command {
+        let mut cmd = dpsync_command();
+        cmd.arg("server").arg("--data-dir").arg(data_dir);
+        if let Some(c) = &opts.site_code {
+            cmd.args(["--site-code", c]);
+        }
+        if let Some(u) = &opts.database_url {
+            cmd.args(["--database-url", u]);
+        }
+        if let Some(s) = &opts.socket {
+            cmd.arg("--socket").arg(s);
+        }
+        if let Some(c) = &opts.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.args(&opts.args);
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Runs a server that must refuse to start: asserts it exits non-zero (within
+    /// [`START_TIMEOUT`]) and returns its stderr.
+    pub fn refuse_to_start(data_dir: impl AsRef<Path>, opts: &ServerOpts) -> String {
+        let out = run_bounded(&mut Self::command(data_dir.as_ref(), opts), START_TIMEOUT);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "the server started although it should have refused; stderr:\n{stderr}");
+        assert_eq!(out.status.code(), Some(1), "the server should exit 1; stderr:\n{stderr}");
+        stderr
+    }
+
+    fn spawn_and_wait(&mut self) {
+        self.starts += 1;
+        let log = PathBuf::from(format!("{}.server{}.log", self.data_dir.display(), self.starts));
+        let name = format!("server {} (start {})", self.data_dir.display(), self.starts);
+        self.daemon = Some(Daemon::spawn(&name, Self::command(&self.data_dir, &self.opts), &log));
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let d = self.daemon.as_mut().expect("just spawned");
+            if let Some(status) = d.try_wait() {
+                panic!("{name} exited ({status}) before it was ready{}", log_tails(&[d]));
+            }
+            let out = run_bounded(&mut self.cli_command(&["info", "--json"]), CLI_TIMEOUT);
+            if out.status.success() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{name} was not ready within {START_TIMEOUT:?}; last `info`: {}{}",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    log_tails(&[self.daemon()])
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server if it runs (SIGTERM) and starts it again on the same data dir.
+    pub fn restart(&mut self) {
+        if let Some(d) = self.daemon.as_mut() {
+            d.terminate();
+        }
+        self.spawn_and_wait();
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("server was started")
+    }
+
+    pub fn daemon_mut(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("server was started")
+    }
+
+    /// The log of the current (latest) start.
+    pub fn log(&self) -> String {
+        self.daemon().log()
+    }
+
+    pub fn kill9(&mut self) {
+        self.daemon_mut().kill9();
+    }
+
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.daemon_mut().terminate()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.opts.socket.clone().unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+
+    /// `DATA_DIR/library`.
+    pub fn library(&self) -> PathBuf {
+        self.data_dir.join("library")
+    }
+
+    /// A CLI command aimed at this server (`--data-dir`, and `--socket` if it has one).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = dpsync_command();
+        cmd.arg("--data-dir").arg(&self.data_dir);
+        if let Some(s) = &self.opts.socket {
+            cmd.arg("--socket").arg(s);
+        }
+        cmd.args(args);
+        cmd
+    }
+
+    /// Runs the CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_bounded(&mut self.cli_command(args), CLI_TIMEOUT)
+    }
+
+    /// Runs the CLI with `--json`, asserts success, and parses its stdout.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a);
+        if !out.status.success() {
+            panic!(
+                "`dpsync {}` failed ({}): {}{}",
+                a.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                self.tails()
+            );
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("`dpsync {}` printed no JSON ({e}): {}", a.join(" "), String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// Runs the CLI expecting failure: asserts exit code 1 and a one-line reason on
+    /// stderr (`dpsync: …`), and returns that line.
+    pub fn cli_fail(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "`dpsync {}` succeeded but should have failed; stdout:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(out.status.code(), Some(1), "`dpsync {}`: exit code; stderr: {stderr}", args.join(" "));
+        let line = stderr.trim_end_matches('\n');
+        assert!(
+            !line.is_empty() && !line.contains('\n'),
+            "`dpsync {}` should give a one-line reason on stderr, got:\n{stderr}",
+            args.join(" ")
+        );
+        assert!(line.starts_with("dpsync: "), "reason should start with `dpsync: `: {line}");
+        line.to_owned()
+    }
+
+    /// Starts the CLI in the background (output to `DATA_DIR.NAME.log`), e.g. a refresh
+    /// to interrupt.
+    pub fn spawn_cli(&self, name: &str, args: &[&str]) -> Daemon {
+        let log = PathBuf::from(format!("{}.{name}.log", self.data_dir.display()));
+        Daemon::spawn(name, self.cli_command(args), &log)
+    }
+
+    fn tails(&self) -> String {
+        self.daemon.as_ref().map(|d| log_tails(&[d])).unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON
+
+/// `v[key]` as u64; panics showing `v` if absent or not a number.
+pub fn num(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key:?} is not a number in {v:#}"))
+}
+
+/// `v[key]` as a string; panics showing `v` otherwise.
+pub fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_else(|| panic!("{key:?} is not a string in {v:#}"))
+}
+
+/// The `source_version` of each version in a `package show --json` answer.
+pub fn version_numbers(show: &Value) -> Vec<u64> {
+    show["versions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no versions array in {show:#}"))
+        .iter()
+        .map(|v| num(v, "source_version"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Source trees
+
+/// What [`gen_tree`] wrote: relative paths (with `/`) of files with their sizes, of
+/// folders, and of symlinks with their targets.
+#[derive(Debug, Clone, Default)]
+pub struct Tree {
+    pub files: BTreeMap<String, u64>,
+    pub dirs: BTreeSet<String>,
+    pub symlinks: BTreeMap<String, String>,
+}
+
+impl Tree {
+    pub fn file_count(&self) -> u64 {
+        self.files.len() as u64
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.files.values().sum()
+    }
+
+    /// Records a folder and its ancestors.
+    pub fn add_dir(&mut self, rel: &str) {
+        let mut cur = String::new();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            if !cur.is_empty() {
+                cur.push('/');
+            }
+            cur.push_str(part);
+            self.dirs.insert(cur.clone());
+        }
+    }
+
+    /// Writes a pseudo-random file under `root` and records it (and its folders).
+    pub fn add_file(&mut self, root: &Path, rel: &str, size: u64, seed: u64) {
+        if let Some((dir, _)) = rel.rsplit_once('/') {
+            self.add_dir(dir);
+        }
+        write_random_file(&root.join(rel), size, seed);
+        self.files.insert(rel.to_owned(), size);
+    }
+
+    /// Creates a symlink under `root` and records it.
+    pub fn add_symlink(&mut self, root: &Path, rel: &str, target: &str) {
+        let p = root.join(rel);
+        if let Some((dir, _)) = rel.rsplit_once('/') {
+            self.add_dir(dir);
+            fs::create_dir_all(root.join(dir)).expect("create parent");
+        }
+        std::os::unix::fs::symlink(target, &p).unwrap_or_else(|e| panic!("symlink {}: {e}", p.display()));
+        self.symlinks.insert(rel.to_owned(), target.to_owned());
+    }
+}
+
+/// A small deterministic PRNG (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `r` (`r.start` if empty).
+    pub fn range(&mut self, r: Range<u64>) -> u64 {
+        if r.end <= r.start { r.start } else { r.start + self.next_u64() % (r.end - r.start) }
+    }
+}
+
+/// `len` pseudo-random bytes determined by `seed` (BLAKE3 output stream: fast and
+/// incompressible).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut b);
+    b
+}
+
+/// Writes (replacing) a file of `size` pseudo-random bytes determined by `seed`,
+/// creating its parent folders.
+pub fn write_random_file(path: &Path, size: u64, seed: u64) {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("create {}: {e}", parent.display()));
+    }
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let mut xof = blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof();
+    let mut buf = vec![0u8; (1 << 20).min(size as usize)];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        xof.fill(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        left -= n as u64;
+    }
+}
+
+/// Appends `bytes` to a file.
+pub fn append(path: &Path, bytes: &[u8]) {
+    let mut f =
+        fs::OpenOptions::new().append(true).open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all(bytes).unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
+}
+
+/// Writes a deterministic pseudo-random tree of `files` files under `root`: nested
+/// folders up to four deep, about one file in eleven empty, one in 128 of 1–3 MiB, the
+/// others sized in `size_range`, plus one empty folder `empty/`. Same seed, same tree.
+pub fn gen_tree(root: &Path, files: usize, seed: u64, size_range: Range<u64>) -> Tree {
+    const MIB: u64 = 1 << 20;
+    let mut rng = Rng::new(seed);
+    let mut tree = Tree::default();
+    fs::create_dir_all(root).expect("create tree root");
+    for i in 0..files {
+        let depth = rng.range(0..5);
+        let mut rel = String::new();
+        for _ in 0..depth {
+            rel.push_str(&format!("d{}/", rng.range(0..4)));
+        }
+        let ext = ["bin", "txt", "dat", "cab", "msi"][rng.range(0..5) as usize];
+        rel.push_str(&format!("f{i:04}.{ext}"));
+        let size = if i % 11 == 5 {
+            0
+        } else if i % 128 == 64 {
+            rng.range(MIB..3 * MIB)
+        } else {
+            rng.range(size_range.clone())
+        };
+        tree.add_file(root, &rel, size, seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+    }
+    fs::create_dir_all(root.join("empty")).expect("create empty dir");
+    tree.add_dir("empty");
+    tree
+}
+
+/// Gives every file and folder under `root` whose mtime is less than an hour old an
+/// mtime a day back, so the scan cache's racy window (see `crates/scan/src/cache.rs`)
+/// never applies. Entries already old are not touched (touching changes the ctime,
+/// which would make the next refresh read them again), so it is safe to call after
+/// every change. Symlinks are left alone (their times do not matter).
+pub fn set_old_mtimes(root: &Path) {
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let md = fs::symlink_metadata(root).unwrap_or_else(|e| panic!("{}: {e}", root.display()));
+    if md.file_type().is_symlink() {
+        return;
+    }
+    if md.is_dir() {
+        for e in fs::read_dir(root).expect("read_dir") {
+            set_old_mtimes(&e.expect("dir entry").path());
+        }
+    }
+    if (md.is_dir() || md.is_file()) && md.modified().expect("mtime") > hour_ago {
+        set_old_mtime(root);
+    }
+}
+
+/// Sets one file's or folder's mtime (and atime) to a day ago.
+pub fn set_old_mtime(path: &Path) {
+    let day_ago = SystemTime::now() - Duration::from_secs(86_400);
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.set_times(fs::FileTimes::new().set_modified(day_ago).set_accessed(day_ago))
+        .unwrap_or_else(|e| panic!("set times of {}: {e}", path.display()));
+}
+
+/// Creates a FIFO.
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL in path");
+    #[allow(unsafe_code)]
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
+    assert_eq!(rc, 0, "mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+/// A comparable description of a tree: relative path → `dir MODE`, `file MODE SIZE
+/// BLAKE3`, `symlink -> TARGET` or `special …`. Non-UTF-8 names are shown lossily.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TreeDigest(pub BTreeMap<String, String>);
+
+pub fn tree_digest(root: &Path) -> TreeDigest {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+            .map(|e| e.expect("dir entry").path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let rel = p.strip_prefix(root).expect("under root").to_string_lossy().into_owned();
+            let md = fs::symlink_metadata(&p).expect("lstat");
+            let mode = md.mode() & 0o7777;
+            let ft = md.file_type();
+            let desc = if ft.is_symlink() {
+                format!("symlink -> {}", fs::read_link(&p).expect("readlink").to_string_lossy())
+            } else if ft.is_dir() {
+                walk(root, &p, out);
+                format!("dir {mode:o}")
+            } else if ft.is_file() {
+                let mut h = blake3::Hasher::new();
+                h.update_reader(File::open(&p).expect("open")).expect("read");
+                format!("file {mode:o} {} {}", md.len(), h.finalize().to_hex())
+            } else if ft.is_fifo() {
+                "special fifo".into()
+            } else {
+                format!("special {ft:?}")
+            };
+            out.insert(rel, desc);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    TreeDigest(out)
+}
+
+impl TreeDigest {
+    /// The entries that differ, one per line (empty when equal).
+    pub fn diff(&self, other: &TreeDigest) -> String {
+        let mut s = String::new();
+        let keys: BTreeSet<&String> = self.0.keys().chain(other.0.keys()).collect();
+        for k in keys {
+            match (self.0.get(k), other.0.get(k)) {
+                (Some(a), Some(b)) if a == b => {}
+                (a, b) => s.push_str(&format!("{k}: {a:?} vs {b:?}\n")),
+            }
+        }
+        s
+    }
+}
+
+/// Asserts two trees are identical, listing only the differences.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let d = tree_digest(a).diff(&tree_digest(b));
+    assert!(d.is_empty(), "trees {} and {} differ:\n{d}", a.display(), b.display());
+}
+
+/// BLAKE3 (hex) of a byte string: how the content library names objects.
+pub fn blake3_hex(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// Where a content library holds the object with BLAKE3 `hex`.
+pub fn library_object(library: &Path, hex: &str) -> PathBuf {
+    library.join("objects").join(&hex[..2]).join(hex)
+}
+
+/// Number of entries directly in a folder (0 if it does not exist).
+pub fn count_entries(dir: &Path) -> usize {
+    fs::read_dir(dir).map(|rd| rd.count()).unwrap_or(0)
+}
+
+/// A non-UTF-8 file name.
+pub fn non_utf8_name() -> &'static OsStr {
+    OsStr::from_bytes(b"bad-\xff\xfe-name.txt")
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL
+
+/// A fresh PostgreSQL database `dpsync_e2e_<random>` for one test, dropped (with
+/// `FORCE`) when this value is dropped. Declare it before the server that uses it.
+#[derive(Debug)]
+pub struct PgDatabase {
+    /// URL of the new database.
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    /// The server to use: env `DPSYNC_TEST_POSTGRES_URL`, default
+    /// `postgres://postgres@127.0.0.1:5432/test`.
+    pub fn admin_url() -> String {
+        std::env::var("DPSYNC_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    }
+
+    /// Creates the database; `None` (after printing "skipping: …") when PostgreSQL is
+    /// unreachable, unless env `DPSYNC_REQUIRE_POSTGRES=1`, then it panics.
+    pub fn create() -> Option<Self> {
+        let admin_url = Self::admin_url();
+        if let Err(e) = psql(&admin_url, "SELECT 1") {
+            if std::env::var("DPSYNC_REQUIRE_POSTGRES").as_deref() == Ok("1") {
+                panic!("no PostgreSQL server at {admin_url} (DPSYNC_REQUIRE_POSTGRES=1): {e}");
+            }
+            eprintln!("skipping: no PostgreSQL server at {admin_url}");
+            return None;
+        }
+        let name = format!("dpsync_e2e_{:016x}", Rng::new(std::process::id() as u64 ^ now_nanos()).next_u64());
+        psql(&admin_url, &format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
+        let url = with_database(&admin_url, &name);
+        Some(Self { url, admin_url, name })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        if let Err(e) = psql(&self.admin_url, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Runs one SQL statement with `psql`; the error is psql's stderr.
+pub fn psql(url: &str, sql: &str) -> Result<String, String> {
+    let mut cmd = Command::new("psql");
+    cmd.arg(url).args(["-X", "-q", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]).env("PGCONNECT_TIMEOUT", "5");
+    let out = try_run_bounded(&mut cmd, Duration::from_secs(20)).map_err(|e| format!("cannot run psql: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// `url` with its database name replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
