@@ -147,6 +147,12 @@ struct ServerArgs {
     /// First retry delay in milliseconds; doubles each retry (default 2000).
     #[arg(long, env = "DPSYNC_RETRY_DELAY_MS")]
     retry_delay_ms: Option<u64>,
+    /// Token a parent site must present on --listen.
+    #[arg(long, env = "DPSYNC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding that token (mode 0600).
+    #[arg(long, env = "DPSYNC_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +252,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 parallel_targets: a.parallel_targets,
                 retries: a.retries,
                 retry_delay_ms: a.retry_delay_ms,
+                token: a.token,
+                token_file: a.token_file,
             })?;
             crate::site::run(cfg).await?;
         }

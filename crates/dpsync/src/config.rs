@@ -18,6 +18,10 @@ pub struct ServerFile {
     pub socket: Option<PathBuf>,
     /// Receiving side for a parent site (child sites only).
     pub listen: Option<String>,
+    /// File holding the token a parent must present on `listen` (mode 0600).
+    pub token_file: Option<PathBuf>,
+    /// Free space the receiving side keeps on the data disk, in MiB. Default 256.
+    pub disk_reserve_mib: Option<u64>,
     /// Default `sqlite://DATA_DIR/dpsync.db`.
     pub database_url: Option<String>,
     /// Source versions kept per package (older ones are pruned; their content is
@@ -41,6 +45,8 @@ pub struct ServerConfig {
     pub database_url: String,
     pub keep_versions: i64,
     pub dist: crate::site::DistConfig,
+    pub listen_token: Option<String>,
+    pub disk_reserve: u64,
 }
 
 /// What flags and environment gave.
@@ -55,6 +61,8 @@ pub struct ServerOverrides {
     pub parallel_targets: Option<usize>,
     pub retries: Option<i64>,
     pub retry_delay_ms: Option<u64>,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
 }
 
 pub fn load_toml<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> Result<T> {
@@ -96,7 +104,21 @@ impl ServerConfig {
         if let Some(ms) = o.retry_delay_ms.or(file.retry_delay_ms) {
             dist.retry_base = std::time::Duration::from_millis(ms.max(1));
         }
-        Ok(Self { data_dir, site_code, socket, listen: o.listen.or(file.listen), database_url, keep_versions, dist })
+        let listen_token = match o.token_file.or(file.token_file) {
+            Some(p) => Some(read_secret(&p)?),
+            None => o.token,
+        };
+        Ok(Self {
+            data_dir,
+            site_code,
+            socket,
+            listen: o.listen.or(file.listen),
+            database_url,
+            keep_versions,
+            dist,
+            listen_token,
+            disk_reserve: file.disk_reserve_mib.unwrap_or(256) << 20,
+        })
     }
 }
 

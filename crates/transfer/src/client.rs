@@ -136,6 +136,7 @@ impl TargetClient {
     }
 
     /// Sends a version's manifest (already compressed); answers the chunks the target lacks.
+    #[allow(clippy::too_many_arguments)]
     pub async fn offer(
         &self,
         pkg: &str,
@@ -143,8 +144,14 @@ impl TargetClient {
         compressed: Bytes,
         root: &str,
         force: bool,
+        name: &str,
+        source_site: &str,
     ) -> Result<Vec<ChunkId>, TransferError> {
-        let path = format!("/v1/packages/{pkg}/versions/{version}/manifest{}", if force { "?force=true" } else { "" });
+        let path = format!(
+            "/v1/packages/{pkg}/versions/{version}/manifest?force={force}&name={}&source_site={}",
+            query_escape(name),
+            query_escape(source_site)
+        );
         let r = self
             .send(
                 Method::PUT,
@@ -188,6 +195,12 @@ impl TargetClient {
         self.send(Method::DELETE, &format!("/v1/packages/{pkg}"), None, &[]).await.map(|_| ())
     }
 
+    /// The target's own status of a package (a child site's view of its targets).
+    pub async fn status(&self, pkg: &str) -> Result<serde_json::Value, TransferError> {
+        let r = self.send(Method::GET, &format!("/v1/packages/{pkg}/status"), None, &[]).await?;
+        self.json(r).await
+    }
+
     pub async fn validate(&self, pkg: &str) -> Result<ValidateResponse, TransferError> {
         let r = self.send(Method::POST, &format!("/v1/packages/{pkg}/validate"), None, &[]).await?;
         self.json(r).await
@@ -206,4 +219,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

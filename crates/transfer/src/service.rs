@@ -67,6 +67,15 @@ pub struct ServedFile {
     pub modified: Option<SystemTime>,
 }
 
+/// What the sender says about an offered version beyond its manifest.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct OfferMeta {
+    /// The package's name at its source site.
+    pub name: Option<String>,
+    /// The owning site's code.
+    pub source_site: Option<String>,
+}
+
 /// What a DP agent or a child site does with verified input.
 pub trait Receiver: Send + Sync + 'static {
     fn package_state(&self, pkg: &str) -> impl Future<Output = Result<PackageState, ReceiveError>> + Send;
@@ -78,6 +87,7 @@ pub trait Receiver: Send + Sync + 'static {
         version: i64,
         manifest: Arc<Manifest>,
         force: bool,
+        meta: OfferMeta,
     ) -> impl Future<Output = Result<Vec<ChunkId>, ReceiveError>> + Send;
     /// Keeps chunks whose hashes the service has already checked.
     fn store_chunks(
@@ -99,6 +109,8 @@ pub trait Receiver: Send + Sync + 'static {
     fn validate(&self, pkg: &str) -> impl Future<Output = Result<ValidateResponse, ReceiveError>> + Send;
     /// Opens an installed file for a client download (`None`: downloads not served).
     fn open_file(&self, pkg: &str, path: &RelPath) -> impl Future<Output = Result<ServedFile, ReceiveError>> + Send;
+    /// The receiver's own distribution status of a package (child sites: its targets).
+    fn status(&self, pkg: &str) -> impl Future<Output = Result<serde_json::Value, ReceiveError>> + Send;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
 }
@@ -146,6 +158,7 @@ pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
         .route("/v1/packages/{pkg}/versions/{version}/commit", post(commit::<R>))
         .route("/v1/packages/{pkg}/versions/{version}/relabel", post(relabel::<R>))
         .route("/v1/packages/{pkg}/validate", post(validate::<R>))
+        .route("/v1/packages/{pkg}/status", get(status::<R>))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate::<R>));
     Router::new()
         .route("/v1/hello", get(hello::<R>))
@@ -227,6 +240,8 @@ async fn state<R: Receiver>(
 struct OfferQuery {
     #[serde(default)]
     force: bool,
+    name: Option<String>,
+    source_site: Option<String>,
 }
 
 async fn offer<R: Receiver>(
@@ -254,7 +269,8 @@ async fn offer<R: Receiver>(
     })
     .await
     .map_err(|e| ReceiveError::Internal(format!("manifest task: {e}")))??;
-    let missing = s.receiver.offer(&pkg, version, Arc::new(manifest), q.force).await?;
+    let meta = OfferMeta { name: q.name, source_site: q.source_site };
+    let missing = s.receiver.offer(&pkg, version, Arc::new(manifest), q.force, meta).await?;
     Ok(([(header::CONTENT_TYPE, wire::CONTENT_TYPE_CHUNK_IDS)], wire::encode_ids(&missing)).into_response())
 }
 
@@ -321,6 +337,14 @@ async fn remove<R: Receiver>(
     check_pkg(&pkg)?;
     s.receiver.remove(&pkg).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn status<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path(pkg): Path<String>,
+) -> Result<Json<serde_json::Value>, ReceiveError> {
+    check_pkg(&pkg)?;
+    Ok(Json(s.receiver.status(&pkg).await?))
 }
 
 async fn validate<R: Receiver>(

@@ -65,8 +65,28 @@ pub fn install(
     sources: &HashMap<ChunkId, Source>,
     force: bool,
 ) -> Result<Installed, InstallError> {
+    let mut out = assemble_missing(lib, manifest, sources, force)?;
+    let versions = pkg_dir.join("versions");
+    fs::create_dir_all(&versions).map_err(io(format!("creating {}", versions.display())))?;
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let name = format!("v{version}-{stamp:x}");
+    let dir = versions.join(&name);
+    fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    out.files_linked = build_tree(lib, &dir, manifest)?;
+    switch_current(pkg_dir, &format!("versions/{name}"))?;
+    out.dir = dir;
+    Ok(out)
+}
+
+/// Puts every file of `manifest` into the library, assembling those it lacks (all of
+/// them with `force`) from verified chunks. Nothing is built when a chunk is missing.
+pub fn assemble_missing(
+    lib: &Library,
+    manifest: &Manifest,
+    sources: &HashMap<ChunkId, Source>,
+    force: bool,
+) -> Result<Installed, InstallError> {
     let mut out = Installed::default();
-    // Unique files to assemble.
     let mut seen = std::collections::HashSet::new();
     let to_build: Vec<&Entry> = manifest
         .files()
@@ -75,13 +95,10 @@ pub fn install(
             seen.insert(h) && (force || !lib.contains(&h))
         })
         .collect();
-    let missing: Vec<ChunkId> = {
-        let mut m: Vec<ChunkId> =
-            to_build.iter().flat_map(|e| e.chunks()).map(|c| c.id).filter(|id| !sources.contains_key(id)).collect();
-        m.sort();
-        m.dedup();
-        m
-    };
+    let mut missing: Vec<ChunkId> =
+        to_build.iter().flat_map(|e| e.chunks()).map(|c| c.id).filter(|id| !sources.contains_key(id)).collect();
+    missing.sort();
+    missing.dedup();
     if !missing.is_empty() {
         return Err(InstallError::Missing(missing));
     }
@@ -102,16 +119,6 @@ pub fn install(
         return Err(InstallError::Missing(bad));
     }
     lib.sync().map_err(|e| InstallError::Io { context: "library".into(), source: std::io::Error::other(e) })?;
-
-    let versions = pkg_dir.join("versions");
-    fs::create_dir_all(&versions).map_err(io(format!("creating {}", versions.display())))?;
-    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let name = format!("v{version}-{stamp:x}");
-    let dir = versions.join(&name);
-    fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
-    out.files_linked = build_tree(lib, &dir, manifest)?;
-    switch_current(pkg_dir, &format!("versions/{name}"))?;
-    out.dir = dir;
     Ok(out)
 }
 

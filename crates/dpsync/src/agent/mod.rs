@@ -25,7 +25,7 @@ use dpsync_hash::path::resolve_symlink;
 use dpsync_hash::{ChunkId, DecodeLimits, EntryKind, FileHash, Manifest, RelPath};
 use dpsync_library::Library;
 use dpsync_store::agent::{AgentDb, Staged};
-use dpsync_transfer::service::{ReceiveError, Receiver, ServedFile, ServiceConfig};
+use dpsync_transfer::service::{OfferMeta, ReceiveError, Receiver, ServedFile, ServiceConfig};
 use dpsync_transfer::wire::{CommitResponse, PackageState, ValidateResponse};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -112,9 +112,20 @@ struct Live {
     manifest: Arc<Manifest>,
 }
 
-/// The agent's shared state.
+/// What the receiving side does with a verified version.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// A distribution point: build the version tree, switch `current`, serve clients.
+    Dp,
+    /// A child site: commit the version to the site's store and library; the site's own
+    /// jobs then fan it out to its targets.
+    Site(Arc<crate::site::Site>),
+}
+
+/// The receiving side's shared state (a DP agent, or a child site's receiver).
 #[derive(Debug)]
 pub struct Agent {
+    mode: Mode,
     data_dir: PathBuf,
     db: AgentDb,
     library: Arc<Library>,
@@ -134,11 +145,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl Agent {
-    pub async fn open(data_dir: &Path, disk_reserve: u64) -> Result<Self> {
-        let db = AgentDb::open(&data_dir.join("agent.db")).await.context("agent database")?;
-        let lib_dir = data_dir.join("library");
-        let library = Arc::new(tokio::task::spawn_blocking(move || Library::open(&lib_dir)).await??);
+    pub async fn open(data_dir: &Path, disk_reserve: u64, mode: Mode) -> Result<Self> {
+        let (db_file, library) = match &mode {
+            Mode::Dp => {
+                let lib_dir = data_dir.join("library");
+                ("agent.db", Arc::new(tokio::task::spawn_blocking(move || Library::open(&lib_dir)).await??))
+            }
+            Mode::Site(site) => ("receive.db", site.library.clone()),
+        };
+        let db = AgentDb::open(&data_dir.join(db_file)).await.context("receiving database")?;
         let agent = Self {
+            mode,
             data_dir: data_dir.to_owned(),
             db,
             library,
@@ -149,6 +166,9 @@ impl Agent {
             pack_counter: AtomicU64::new(0),
         };
         for p in agent.db.packages().await? {
+            if matches!(agent.mode, Mode::Site(_)) {
+                break;
+            }
             if let (Some(v), Some(dir), Some(m)) = (p.installed_version, &p.installed_dir, &p.installed_manifest) {
                 let manifest = Manifest::decode(m, &DecodeLimits::default())
                     .with_context(|| format!("stored manifest of {} is corrupt", p.id))?;
@@ -322,9 +342,13 @@ impl Receiver for Agent {
         version: i64,
         manifest: Arc<Manifest>,
         force: bool,
+        meta: OfferMeta,
     ) -> Result<Vec<ChunkId>, ReceiveError> {
         let lock = self.lock(pkg);
         let _g = lock.lock().await;
+        if let Mode::Site(site) = &self.mode {
+            site.accept_package(pkg, &meta).await?;
+        }
         let p = self.db.package(pkg).await.map_err(internal("offer"))?.unwrap_or_default();
         if let Some(iv) = p.installed_version
             && version < iv
@@ -400,8 +424,19 @@ impl Receiver for Agent {
         );
         let sources = self.chunk_sources(pkg, &manifest).await?;
         let (lib, pkg_dir, m2, force) = (self.library.clone(), self.pkg_dir(pkg), manifest.clone(), staged.force);
-        std::fs::create_dir_all(&pkg_dir).map_err(|e| ReceiveError::Internal(format!("{}: {e}", pkg_dir.display())))?;
-        let result = blocking(move || install::install(&lib, &pkg_dir, version, &m2, &sources, force)).await?;
+        let site_mode = matches!(self.mode, Mode::Site(_));
+        let result = blocking(move || {
+            if site_mode {
+                install::assemble_missing(&lib, &m2, &sources, force)
+            } else {
+                std::fs::create_dir_all(&pkg_dir).map_err(|source| InstallError::Io {
+                    context: format!("creating {}", pkg_dir.display()),
+                    source,
+                })?;
+                install::install(&lib, &pkg_dir, version, &m2, &sources, force)
+            }
+        })
+        .await?;
         let installed = match result {
             Ok(i) => i,
             Err(InstallError::Missing(missing)) => {
@@ -423,12 +458,30 @@ impl Receiver for Agent {
             }
             Err(e) => return Err(ReceiveError::Internal(e.to_string())),
         };
+        if let Mode::Site(site) = &self.mode {
+            site.accept_version(pkg, version, &staged.content_root, staged.manifest.clone()).await?;
+        }
         let dir = installed.dir.display().to_string();
         self.db
             .record_install(pkg, version, &staged.content_root, &dir, &staged.manifest)
             .await
             .map_err(internal("recording the install"))?;
         self.db.index_chunks(&Self::chunk_index_rows(&manifest)).await.map_err(internal("chunk index"))?;
+        if site_mode {
+            let _ = tokio::fs::remove_dir_all(self.staging_dir(pkg)).await;
+            tracing::info!(
+                package = pkg,
+                version,
+                built = installed.files_built,
+                "version received from the parent site"
+            );
+            return Ok(CommitResponse {
+                installed_version: version,
+                content_root: staged.content_root,
+                files_built: installed.files_built,
+                files_linked: 0,
+            });
+        }
         self.live
             .write()
             .unwrap()
@@ -486,6 +539,9 @@ impl Receiver for Agent {
         match p.installed_version {
             Some(iv) if !p.broken && p.installed_root.as_deref() == Some(root) && iv <= version => {
                 if iv < version {
+                    if let (Mode::Site(site), Some(m)) = (&self.mode, p.installed_manifest.clone()) {
+                        site.accept_version(pkg, version, root, m).await?;
+                    }
                     self.db.relabel(pkg, version).await.map_err(internal("relabel"))?;
                     let live = self.live.read().unwrap().get(pkg).cloned();
                     if let Some(live) = live {
@@ -511,6 +567,12 @@ impl Receiver for Agent {
     async fn remove(&self, pkg: &str) -> Result<(), ReceiveError> {
         let lock = self.lock(pkg);
         let _g = lock.lock().await;
+        if let Mode::Site(site) = &self.mode {
+            site.remove_everywhere(pkg).await?;
+            self.db.delete_package(pkg).await.map_err(internal("remove"))?;
+            let _ = tokio::fs::remove_dir_all(self.staging_dir(pkg)).await;
+            return Ok(());
+        }
         let p = self.db.package(pkg).await.map_err(internal("remove"))?.unwrap_or_default();
         self.live.write().unwrap().remove(pkg);
         let mut candidates = manifest_hashes(p.installed_manifest.as_ref());
@@ -530,7 +592,25 @@ impl Receiver for Agent {
         Ok(())
     }
 
+    async fn status(&self, pkg: &str) -> Result<serde_json::Value, ReceiveError> {
+        match &self.mode {
+            Mode::Site(site) => {
+                let report = site.status(pkg).await.map_err(|e| ReceiveError::NotFound(e.to_string()))?;
+                serde_json::to_value(report).map_err(|e| ReceiveError::Internal(e.to_string()))
+            }
+            Mode::Dp => {
+                let state = self.package_state(pkg).await?;
+                serde_json::to_value(state).map_err(|e| ReceiveError::Internal(e.to_string()))
+            }
+        }
+    }
+
     async fn validate(&self, pkg: &str) -> Result<ValidateResponse, ReceiveError> {
+        if matches!(self.mode, Mode::Site(_)) {
+            return Err(ReceiveError::BadRequest(
+                "a site holds no installed tree to validate; validate its DPs".into(),
+            ));
+        }
         let lock = self.lock(pkg);
         let _g = lock.lock().await;
         let Some(live) = self.live.read().unwrap().get(pkg).cloned() else {
@@ -655,7 +735,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .with_context(|| format!("cannot listen on {}; is the port taken or the address wrong?", cfg.listen))?;
     let addr = listener.local_addr()?;
     dpsync_library::write_atomic(&cfg.data_dir.join("listen.addr"), addr.to_string().as_bytes())?;
-    let agent = Arc::new(Agent::open(&cfg.data_dir, cfg.disk_reserve).await?);
+    let agent = Arc::new(Agent::open(&cfg.data_dir, cfg.disk_reserve, Mode::Dp).await?);
     if cfg.token.is_none() {
         tracing::warn!(
             "no --token: any site that can reach this port can push content (use only on a trusted network)"

@@ -237,7 +237,14 @@ impl Site {
         }
         self.set_progress(&key, |p| p.phase = "manifest".into());
         let (manifest, compressed) = self.wire_manifest(pkg, version, record.manifest).await?;
-        let mut missing = client.offer(pkg, version, compressed.clone(), &root, force).await?;
+        let package = self
+            .store
+            .package(pkg)
+            .await
+            .map_err(|e| PushError::transient(format!("store: {e}")))?
+            .ok_or_else(|| PushError::permanent(format!("package {pkg} no longer exists")))?;
+        let mut missing =
+            client.offer(pkg, version, compressed.clone(), &root, force, &package.name, &package.source_site).await?;
         self.count_sent(job, compressed.len() as u64).await;
         for round in 0..4 {
             if !missing.is_empty() {

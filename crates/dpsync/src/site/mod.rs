@@ -3,6 +3,7 @@
 
 mod admin;
 mod distribute;
+mod receive;
 mod refresh;
 mod targets;
 
@@ -170,6 +171,38 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         "dpsync server ready"
     );
     tokio::spawn(distribute::run_jobs(site.clone(), shutdown.clone()));
+    if let Some(listen) = site.cfg.listen.clone() {
+        let tcp = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}; is the port taken or the address wrong?"))?;
+        let addr = tcp.local_addr()?;
+        dpsync_library::write_atomic(&site.cfg.data_dir.join("listen.addr"), addr.to_string().as_bytes())?;
+        let receiver = Arc::new(
+            crate::agent::Agent::open(
+                &site.cfg.data_dir,
+                site.cfg.disk_reserve,
+                crate::agent::Mode::Site(site.clone()),
+            )
+            .await?,
+        );
+        if site.cfg.listen_token.is_none() {
+            tracing::warn!("no --token for --listen: any site that can reach {addr} can push content here");
+        }
+        let service = dpsync_transfer::service::ServiceConfig {
+            token: site.cfg.listen_token.clone(),
+            role: "site",
+            site_code: Some(site.cfg.site_code.clone()),
+            decode_limits: DecodeLimits::default(),
+        };
+        let app = dpsync_transfer::service::router(receiver, service);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(tcp, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                tracing::error!("receiving service: {e}");
+            }
+        });
+        tracing::info!(listen = %addr, "receiving content from a parent site");
+    }
     let app = router(site.clone());
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     let _ = std::fs::remove_file(&socket);

@@ -184,7 +184,7 @@ impl Site {
         let p = self.find_package(pkg).await?;
         let root = self.store.versions(&p.id).await?.last().map(|v| v.content_root.clone());
         let progress = self.progress.lock().unwrap().clone();
-        let targets = self
+        let targets: Vec<TargetStatus> = self
             .store
             .distributions(&p.id)
             .await?
@@ -206,6 +206,8 @@ impl Site {
                 targets: vec![],
             })
             .collect();
+        let mut targets: Vec<TargetStatus> = targets;
+        self.pull_child_status(&p.id, &mut targets).await;
         Ok(StatusReport {
             package: p.id,
             name: p.name,
@@ -214,6 +216,35 @@ impl Site {
             content_root: root,
             targets,
         })
+    }
+
+    /// Fills in each child site's own targets, asked on demand (a child that cannot be
+    /// reached in time shows none, with the reason in `last_error` if it had none).
+    async fn pull_child_status(&self, pkg: &str, targets: &mut [TargetStatus]) {
+        let mut asks = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            if t.kind != "site" || matches!(t.state.as_str(), "removed" | "pending") && t.installed_version.is_none() {
+                continue;
+            }
+            let Ok(Some(target)) = self.store.target(&t.name).await else { continue };
+            let pkg = pkg.to_owned();
+            asks.push((
+                i,
+                tokio::spawn(async move {
+                    let client = TargetClient::new(&target.name, &target.url, target.token.clone()).ok()?;
+                    let v = tokio::time::timeout(std::time::Duration::from_secs(3), client.status(&pkg))
+                        .await
+                        .ok()?
+                        .ok()?;
+                    serde_json::from_value::<StatusReport>(v).ok()
+                }),
+            ));
+        }
+        for (i, task) in asks {
+            if let Ok(Some(child)) = task.await {
+                targets[i].targets = child.targets;
+            }
+        }
     }
 
     /// Asks targets to re-hash their installed files; queues a repair where some are damaged.

@@ -1,0 +1,144 @@
+//! A site as a target of its parent: what the receiving side (shared with the DP
+//! agent, see `crate::agent`) calls once a version from the parent is verified.
+//!
+//! The child keeps the parent's package id, name, source site and source version, so
+//! versions mean the same thing at every tier; it never lets a parent overwrite a
+//! package it owns, and it never lets its own administrators refresh one it does not.
+
+use dpsync_hash::{DecodeLimits, Manifest};
+use dpsync_store::{Action, DistState, NewVersion, StoreError, VersionStats};
+use dpsync_transfer::service::{OfferMeta, ReceiveError};
+
+use super::Site;
+
+fn store_err(e: StoreError) -> ReceiveError {
+    match e {
+        StoreError::Conflict(m) | StoreError::InvalidInput(m) => ReceiveError::Conflict { message: m, missing: vec![] },
+        StoreError::NotFound(m) => ReceiveError::NotFound(m),
+        e => ReceiveError::Internal(e.to_string()),
+    }
+}
+
+impl Site {
+    /// Registers (or checks) a package offered by the parent site.
+    pub async fn accept_package(&self, pkg: &str, meta: &OfferMeta) -> Result<(), ReceiveError> {
+        let (Some(name), Some(source_site)) = (&meta.name, &meta.source_site) else {
+            return Err(ReceiveError::BadRequest(
+                "a site needs the package's name and source site with its manifest".into(),
+            ));
+        };
+        if source_site.eq_ignore_ascii_case(&self.cfg.site_code) {
+            return Err(ReceiveError::Forbidden(format!(
+                "package {pkg} names this site ({}) as its owner; a parent cannot push it here",
+                self.cfg.site_code
+            )));
+        }
+        let existing = self.store.package(pkg).await.map_err(store_err)?;
+        if let Some(p) = &existing
+            && p.source_site == self.cfg.site_code
+        {
+            return Err(ReceiveError::Forbidden(format!(
+                "package {pkg} is owned by this site ({})",
+                self.cfg.site_code
+            )));
+        }
+        self.store.insert_foreign_package(pkg, name, source_site).await.map_err(store_err)?;
+        if existing.is_none() {
+            // A package sent to a site goes to every DP and child site of that site;
+            // its administrators may remove it from some of them afterwards.
+            let targets = self.store.targets().await.map_err(store_err)?;
+            for t in &targets {
+                self.store.assign(pkg, t.id).await.map_err(store_err)?;
+            }
+            tracing::info!(package = pkg, from = %source_site, targets = targets.len(), "new package from the parent site");
+        }
+        Ok(())
+    }
+
+    /// Commits a version received from the parent (same number, same content root) and
+    /// lets this site's jobs fan it out.
+    pub async fn accept_version(
+        &self,
+        pkg: &str,
+        version: i64,
+        root: &str,
+        manifest: Vec<u8>,
+    ) -> Result<(), ReceiveError> {
+        let p = self
+            .store
+            .package(pkg)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| ReceiveError::NotFound(format!("package {pkg} was not offered to this site")))?;
+        if p.current_version >= version {
+            let latest = self.store.latest_version(pkg).await.map_err(store_err)?;
+            if p.current_version == version && latest.is_some_and(|v| v.summary.content_root == root) {
+                return Ok(());
+            }
+            return Err(ReceiveError::Conflict {
+                message: format!("{pkg}: this site already has version {}, newer than {version}", p.current_version),
+                missing: vec![],
+            });
+        }
+        let previous = self.store.latest_version(pkg).await.map_err(store_err)?;
+        let m =
+            Manifest::decode(&manifest, &DecodeLimits::default()).map_err(|e| ReceiveError::Internal(e.to_string()))?;
+        let mut stats = VersionStats::default();
+        for e in m.entries() {
+            match e.kind {
+                dpsync_hash::EntryKind::Dir => stats.dirs += 1,
+                dpsync_hash::EntryKind::Symlink { .. } => stats.symlinks += 1,
+                dpsync_hash::EntryKind::File { size, .. } => {
+                    stats.files += 1;
+                    stats.total_bytes += size as i64;
+                }
+            }
+        }
+        if let Some(prev) = previous.and_then(|v| Manifest::decode(&v.manifest, &DecodeLimits::default()).ok()) {
+            let d = m.diff(&prev);
+            let file = |mm: &Manifest, path: &dpsync_hash::RelPath| mm.get(path.as_str()).is_some_and(|e| e.is_file());
+            stats.files_added = d.added.iter().filter(|x| file(&m, x)).count() as i64;
+            stats.files_changed = d.changed.iter().filter(|x| file(&m, x)).count() as i64;
+            stats.files_removed = d.removed.iter().filter(|x| file(&prev, x)).count() as i64;
+        } else {
+            stats.files_added = stats.files;
+        }
+        stats.files_unchanged = stats.files - stats.files_added - stats.files_changed;
+        self.store
+            .commit_version(
+                pkg,
+                NewVersion {
+                    version: Some(version),
+                    content_root: root.to_owned(),
+                    manifest,
+                    scan_cache: vec![],
+                    stats,
+                    origin: format!("site {}", p.source_site),
+                },
+            )
+            .await
+            .map_err(store_err)?;
+        let _ = self.store.prune_versions(pkg, self.cfg.keep_versions).await;
+        self.kick_jobs();
+        tracing::info!(package = pkg, version, from = %p.source_site, "version committed from the parent site");
+        Ok(())
+    }
+
+    /// The parent removed the package from this site: remove it from every target here.
+    pub async fn remove_everywhere(&self, pkg: &str) -> Result<(), ReceiveError> {
+        let Some(p) = self.store.package(pkg).await.map_err(store_err)? else { return Ok(()) };
+        if p.source_site == self.cfg.site_code {
+            return Err(ReceiveError::Forbidden(format!("package {pkg} is owned by this site")));
+        }
+        for d in self.store.distributions(pkg).await.map_err(store_err)? {
+            if !matches!(d.state, DistState::Removed | DistState::Removing) {
+                self.store
+                    .request_action(pkg, d.target_id, Action::Remove, p.current_version)
+                    .await
+                    .map_err(store_err)?;
+            }
+        }
+        self.kick_jobs();
+        Ok(())
+    }
+}
