@@ -108,6 +108,8 @@ pub struct SiteInfo {
     pub data_dir: String,
     pub database: String,
     pub packages: u64,
+    /// This site's public signing key: DPs and child sites pin it (`--trust CODE=KEY`).
+    pub site_key: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -128,6 +130,9 @@ pub struct AddTarget {
     pub token: Option<String>,
     pub group: Option<String>,
     pub rate_limit: Option<i64>,
+    /// SHA-256 of the target's TLS certificate, pinned.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 /// A target as shown to administrators (never its token).
@@ -139,6 +144,7 @@ pub struct TargetInfo {
     pub group: Option<String>,
     pub rate_limit: Option<i64>,
     pub has_token: bool,
+    pub fingerprint: Option<String>,
     pub created_at: i64,
 }
 

@@ -123,8 +123,17 @@ enum Command {
     },
     /// Prune old versions and remove content no retained version uses.
     Gc,
+    /// TLS certificates for agents and child sites.
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// Show the server's identity.
     Info,
+    /// Try it on this machine: a site server, two DPs, a sample package, refreshes.
+    Quickstart {
+        /// Keep the temporary directory (source, data directories, logs) and print where it is.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +162,8 @@ struct ServerArgs {
     /// File holding that token (mode 0600).
     #[arg(long, env = "DPSYNC_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    receive: ReceiveArgs,
 }
 
 #[derive(Debug, Args)]
@@ -167,6 +178,54 @@ struct AgentArgs {
     /// File holding the token (mode 0600).
     #[arg(long, env = "DPSYNC_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    #[command(flatten)]
+    receive: ReceiveArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCmd {
+    /// Create a self-signed certificate and key; prints the SHA-256 fingerprint to pin
+    /// with `dp add … --fingerprint`.
+    Create {
+        /// Folder to write cert.pem and key.pem (mode 0600) into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names or IP addresses the certificate is for (repeatable).
+        #[arg(long = "host", default_value = "localhost")]
+        hosts: Vec<String>,
+    },
+    /// Print the SHA-256 fingerprint of a PEM certificate.
+    Fingerprint { cert: PathBuf },
+}
+
+/// TLS and trust options of a receiving listener (agent, child site).
+#[derive(Debug, Args)]
+struct ReceiveArgs {
+    /// PEM certificate chain for the listener (default: a self-signed one in DATA_DIR/tls).
+    #[arg(long, env = "DPSYNC_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert (mode 0600).
+    #[arg(long, env = "DPSYNC_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Serve plain HTTP instead of TLS (loopback tests, or behind a TLS-terminating proxy).
+    #[arg(long, env = "DPSYNC_INSECURE_HTTP")]
+    insecure_http: bool,
+    /// Pin a source site's signing key: SITE=KEY (repeatable; KEY from `dpsync info` there).
+    #[arg(long = "trust", value_name = "SITE=KEY")]
+    trust: Vec<String>,
+    /// Refuse content from source sites not pinned with --trust (no trust on first use).
+    #[arg(long)]
+    strict_trust: bool,
+}
+
+impl ReceiveArgs {
+    fn tls(&self) -> crate::config::TlsOptions {
+        crate::config::TlsOptions {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            insecure_http: self.insecure_http,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +247,10 @@ enum TargetCmd {
         /// Bandwidth limit in bytes per second.
         #[arg(long)]
         rate_limit: Option<i64>,
+        /// Pin the target's TLS certificate by its SHA-256 (from `dpsync cert create` or
+        /// the target's DATA_DIR/tls/fingerprint) instead of trusting certificate authorities.
+        #[arg(long)]
+        fingerprint: Option<String>,
     },
     /// List targets.
     List,
@@ -205,6 +268,7 @@ enum PackageCmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    dpsync_transfer::trust::install_crypto_provider();
     let json = cli.json;
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -254,12 +318,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 retry_delay_ms: a.retry_delay_ms,
                 token: a.token,
                 token_file: a.token_file,
+                tls: a.receive.tls(),
+                trust: crate::config::parse_trust(&a.receive.trust)?,
+                strict_trust: a.receive.strict_trust,
             })?;
             crate::site::run(cfg).await?;
         }
         Command::Agent(a) => {
             crate::logging::init();
-            let cfg = crate::agent::AgentConfig::resolve(config.as_deref(), data_dir, a.listen, a.token, a.token_file)?;
+            let cfg = crate::agent::AgentConfig::resolve(
+                config.as_deref(),
+                data_dir,
+                a.listen,
+                a.token,
+                a.token_file,
+                a.receive.tls(),
+                crate::config::parse_trust(&a.receive.trust)?,
+                a.receive.strict_trust,
+            )?;
             crate::agent::run(cfg).await?;
         }
         Command::Package(PackageCmd::Add { name, source_dir }) => {
@@ -331,21 +407,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             emit(json, &r, print_refresh);
         }
-        Command::Dp(TargetCmd::Add { name, url, token, token_file, group, rate_limit }) => {
+        Command::Cert(CertCmd::Create { out, hosts }) => {
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let pair = dpsync_transfer::trust::self_signed(&hosts)?;
+            crate::config::write_private(&out.join("key.pem"), pair.key_pem.as_bytes())?;
+            std::fs::write(out.join("cert.pem"), &pair.cert_pem)?;
+            let fp = dpsync_transfer::trust::pem_fingerprint(&pair.cert_pem)?;
+            let v = serde_json::json!({"cert": out.join("cert.pem"), "key": out.join("key.pem"), "fingerprint": fp});
+            emit(json, &v, |_| {
+                println!("wrote {} and {}", out.join("cert.pem").display(), out.join("key.pem").display());
+                println!("fingerprint {fp}");
+            });
+        }
+        Command::Cert(CertCmd::Fingerprint { cert }) => {
+            let pem = std::fs::read_to_string(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
+            let fp = dpsync_transfer::trust::pem_fingerprint(&pem)?;
+            emit(json, &serde_json::json!({ "fingerprint": fp }), |_| println!("{fp}"));
+        }
+        Command::Dp(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint }) => {
             let token = match token_file {
                 Some(p) => Some(crate::config::read_secret(&p)?),
                 None => token,
             };
-            let req = AddTarget { name, kind: "dp".into(), url, token, group, rate_limit };
+            let req = AddTarget { name, kind: "dp".into(), url, token, group, rate_limit, fingerprint };
             let t: TargetInfo = client()?.post("/v1/targets", &req).await?;
             emit(json, &t, |t| println!("added DP {} at {}", t.name, t.url));
         }
-        Command::Site(TargetCmd::Add { name, url, token, token_file, group, rate_limit }) => {
+        Command::Site(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint }) => {
             let token = match token_file {
                 Some(p) => Some(crate::config::read_secret(&p)?),
                 None => token,
             };
-            let req = AddTarget { name, kind: "site".into(), url, token, group, rate_limit };
+            let req = AddTarget { name, kind: "site".into(), url, token, group, rate_limit, fingerprint };
             let t: TargetInfo = client()?.post("/v1/targets", &req).await?;
             emit(json, &t, |t| println!("added child site {} at {}", t.name, t.url));
         }
@@ -466,6 +559,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 )
             });
         }
+        Command::Quickstart { keep } => return crate::quickstart::run(keep, json).await,
         Command::Info => {
             let r: crate::api::SiteInfo = client()?.get("/v1/site").await?;
             emit(json, &r, |r| {

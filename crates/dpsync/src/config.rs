@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub dist: crate::site::DistConfig,
     pub listen_token: Option<String>,
     pub disk_reserve: u64,
+    pub tls: TlsOptions,
+    pub trust: Vec<(String, String)>,
+    pub strict_trust: bool,
 }
 
 /// What flags and environment gave.
@@ -63,6 +66,9 @@ pub struct ServerOverrides {
     pub retry_delay_ms: Option<u64>,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub tls: TlsOptions,
+    pub trust: Vec<(String, String)>,
+    pub strict_trust: bool,
 }
 
 pub fn load_toml<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> Result<T> {
@@ -118,6 +124,9 @@ impl ServerConfig {
             dist,
             listen_token,
             disk_reserve: file.disk_reserve_mib.unwrap_or(256) << 20,
+            tls: o.tls,
+            trust: o.trust,
+            strict_trust: o.strict_trust,
         })
     }
 }
@@ -139,4 +148,92 @@ pub fn read_secret(path: &Path) -> Result<String> {
         bail!("secret file {} is empty", path.display());
     }
     Ok(s)
+}
+
+/// How a receiving listener (agent, child site) does TLS.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Serve plain HTTP (loopback tests, or behind a TLS-terminating proxy).
+    pub insecure_http: bool,
+}
+
+/// The TLS configuration for a listener: the operator's certificate, or a self-signed
+/// one created on first start under `DATA/tls/` (its SHA-256 fingerprint is logged and
+/// written to `DATA/tls/fingerprint`, to pin with `dp add --fingerprint`).
+pub fn listener_tls(
+    data_dir: &Path,
+    listen: &str,
+    opts: &TlsOptions,
+) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+    use dpsync_transfer::trust;
+    if opts.insecure_http {
+        tracing::warn!("--insecure-http: content and tokens cross the network unencrypted");
+        return Ok(None);
+    }
+    let pair = match (&opts.cert, &opts.key) {
+        (Some(c), Some(k)) => trust::CertPair {
+            cert_pem: std::fs::read_to_string(c)
+                .with_context(|| format!("cannot read the certificate {}", c.display()))?,
+            key_pem: read_secret(k)?,
+        },
+        (None, None) => {
+            let dir = data_dir.join("tls");
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            if !cert.exists() || !key.exists() {
+                std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                let mut hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+                if let Ok(addr) = listen.parse::<std::net::SocketAddr>()
+                    && !addr.ip().is_unspecified()
+                {
+                    hosts.push(addr.ip().to_string());
+                }
+                if let Ok(h) = std::fs::read_to_string("/etc/hostname") {
+                    let h = h.trim();
+                    if !h.is_empty() {
+                        hosts.push(h.to_owned());
+                    }
+                }
+                let pair = trust::self_signed(&hosts)?;
+                write_private(&key, pair.key_pem.as_bytes())?;
+                std::fs::write(&cert, &pair.cert_pem).with_context(|| format!("cannot write {}", cert.display()))?;
+                tracing::info!(cert = %cert.display(), "created a self-signed TLS certificate");
+            }
+            trust::CertPair {
+                cert_pem: std::fs::read_to_string(&cert).with_context(|| format!("cannot read {}", cert.display()))?,
+                key_pem: read_secret(&key)?,
+            }
+        }
+        _ => bail!("pass both --tls-cert and --tls-key, or neither (a self-signed certificate is then created)"),
+    };
+    let fp = trust::pem_fingerprint(&pair.cert_pem)?;
+    let _ = std::fs::create_dir_all(data_dir.join("tls"));
+    let _ = std::fs::write(data_dir.join("tls").join("fingerprint"), format!("{fp}\n"));
+    tracing::info!(fingerprint = %fp, "TLS certificate (pin it with `dpsync dp add … --fingerprint`)");
+    Ok(Some(trust::server_config(&pair)?))
+}
+
+/// Writes a file only its owner can read.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(data).and_then(|_| f.sync_all()).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Parses `SITE=KEY` pins.
+pub fn parse_trust(pins: &[String]) -> Result<Vec<(String, String)>> {
+    pins.iter()
+        .map(|p| match p.split_once('=') {
+            Some((site, key)) if site.len() == 3 => Ok((site.to_ascii_uppercase(), key.to_owned())),
+            _ => bail!("--trust takes SITE=KEY, e.g. --trust PS1=<64 hex digits from `dpsync info` on that site>"),
+        })
+        .collect()
 }

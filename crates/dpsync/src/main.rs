@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod config;
 mod logging;
+mod quickstart;
 mod site;
 mod util;
 mod wait;

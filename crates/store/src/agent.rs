@@ -11,7 +11,10 @@ use sqlx::{Row, SqlitePool};
 
 use crate::{Result, StoreError};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../../migrations/agent/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../../migrations/agent/0001_init.sql")),
+    (2, include_str!("../../../migrations/agent/0002_signature.sql")),
+];
 
 /// One installed (or previously installed) package on this DP.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,6 +38,8 @@ pub struct Staged {
     pub content_root: String,
     pub manifest: Vec<u8>,
     pub force: bool,
+    /// The owning site's signature (hex).
+    pub signature: Option<String>,
 }
 
 /// Where a chunk can be read.
@@ -191,9 +196,10 @@ impl AgentDb {
 
     pub async fn stage(&self, s: &Staged) -> Result<()> {
         sqlx::query(
-            "INSERT INTO staged (package, version, content_root, manifest, force, created_at) VALUES ($1, $2, $3, $4, $5, $6)
+            "INSERT INTO staged (package, version, content_root, manifest, force, created_at, signature)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (package, version) DO UPDATE SET content_root = excluded.content_root,
-               manifest = excluded.manifest, force = excluded.force",
+               manifest = excluded.manifest, force = excluded.force, signature = excluded.signature",
         )
         .bind(&s.package)
         .bind(s.version)
@@ -201,23 +207,27 @@ impl AgentDb {
         .bind(&s.manifest)
         .bind(s.force as i64)
         .bind(now_ms())
+        .bind(&s.signature)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     pub async fn staged(&self, package: &str, version: i64) -> Result<Option<Staged>> {
-        let row = sqlx::query("SELECT content_root, manifest, force FROM staged WHERE package = $1 AND version = $2")
-            .bind(package)
-            .bind(version)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT content_root, manifest, force, signature FROM staged WHERE package = $1 AND version = $2",
+        )
+        .bind(package)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| Staged {
             package: package.to_owned(),
             version,
             content_root: r.get(0),
             manifest: r.get(1),
             force: r.get::<i64, _>(2) != 0,
+            signature: r.get(3),
         }))
     }
 

@@ -22,12 +22,20 @@ struct Migration {
     postgres: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sqlite: include_str!("../../../migrations/sqlite/0001_init.sql"),
-    postgres: include_str!("../../../migrations/postgres/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sqlite: include_str!("../../../migrations/sqlite/0001_init.sql"),
+        postgres: include_str!("../../../migrations/postgres/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "trust",
+        sqlite: include_str!("../../../migrations/sqlite/0002_trust.sql"),
+        postgres: include_str!("../../../migrations/postgres/0002_trust.sql"),
+    },
+];
 
 /// Newest schema version this build knows.
 pub(crate) const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;

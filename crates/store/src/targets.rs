@@ -8,7 +8,7 @@ use crate::{NewTarget, Store, Target, now_ms};
 
 macro_rules! target_columns {
     () => {
-        "id, name, kind, url, token, grp, rate_limit, created_at"
+        "id, name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint"
     };
 }
 
@@ -23,6 +23,7 @@ fn target_from_row(row: &AnyRow) -> Result<Target> {
         group: row.try_get("grp")?,
         rate_limit: row.try_get("rate_limit")?,
         created_at: row.try_get("created_at")?,
+        fingerprint: row.try_get("tls_fingerprint")?,
     })
 }
 
@@ -37,8 +38,8 @@ impl Store {
         }
         let now = now_ms();
         let row = sqlx::query(
-            "INSERT INTO targets (name, kind, url, token, grp, rate_limit, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            "INSERT INTO targets (name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
         )
         .bind(&new.name)
         .bind(new.kind.as_str())
@@ -47,6 +48,7 @@ impl Store {
         .bind(&new.group)
         .bind(new.rate_limit)
         .bind(now)
+        .bind(&new.fingerprint)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| {
@@ -65,6 +67,7 @@ impl Store {
             group: new.group,
             rate_limit: new.rate_limit,
             created_at: now,
+            fingerprint: new.fingerprint,
         })
     }
 

@@ -182,6 +182,9 @@ pub struct NewVersion {
     pub stats: VersionStats,
     /// Where the version came from, e.g. `"local"` or the parent site code.
     pub origin: String,
+    /// The owning site's signature (hex) over the package, version and content root.
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 /// A stored source version without its blobs.
@@ -199,6 +202,9 @@ pub struct VersionSummary {
     pub origin: String,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// The owning site's signature (hex) over the package, version and content root.
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 /// A stored source version with its manifest and scan cache.
@@ -227,6 +233,9 @@ pub struct NewTarget {
     pub group: Option<String>,
     /// Bandwidth limit in bytes per second, if any.
     pub rate_limit: Option<i64>,
+    /// SHA-256 of the target's TLS certificate (hex), pinned instead of CA validation.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 /// A distribution point or child site.
@@ -251,6 +260,9 @@ pub struct Target {
     pub rate_limit: Option<i64>,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// SHA-256 of the target's TLS certificate (hex), pinned instead of CA validation.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 const REDACTED: &str = "<redacted>";

@@ -11,7 +11,7 @@ use crate::{NewVersion, Store, VersionRecord, VersionStats, VersionSummary, now_
 macro_rules! summary_columns {
     () => {
         "package_id, version, content_root, files, dirs, symlinks, total_bytes, files_added, \
-         files_changed, files_removed, files_unchanged, bytes_hashed, origin, created_at"
+         files_changed, files_removed, files_unchanged, bytes_hashed, origin, created_at, signature"
     };
 }
 
@@ -33,6 +33,7 @@ fn summary_from_row(row: &AnyRow) -> Result<VersionSummary> {
         },
         origin: row.try_get("origin")?,
         created_at: row.try_get("created_at")?,
+        signature: row.try_get("signature")?,
     })
 }
 
@@ -82,7 +83,7 @@ impl Store {
             "INSERT INTO versions (",
             summary_columns!(),
             ", manifest, scan_cache) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         ))
         .bind(&id)
         .bind(version)
@@ -98,6 +99,7 @@ impl Store {
         .bind(s.bytes_hashed)
         .bind(&new.origin)
         .bind(now)
+        .bind(&new.signature)
         .bind(&new.manifest)
         .bind(&new.scan_cache)
         .execute(&mut *tx)
@@ -124,6 +126,7 @@ impl Store {
                 stats: new.stats,
                 origin: new.origin,
                 created_at: now,
+                signature: new.signature,
             },
             manifest: new.manifest,
             scan_cache: new.scan_cache,

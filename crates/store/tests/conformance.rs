@@ -181,6 +181,7 @@ fn new_version(tag: &str) -> NewVersion {
         content_root: format!("{:0>64}", tag),
         manifest: format!("manifest {tag}").into_bytes(),
         scan_cache: format!("scan cache {tag}").into_bytes(),
+        signature: Some(format!("signature {tag}")),
         stats: VersionStats {
             files: 10,
             dirs: 2,
@@ -204,6 +205,7 @@ async fn target(db: &Db, name: &str) -> i64 {
         token: Some(format!("token-of-{name}")),
         group: None,
         rate_limit: None,
+        fingerprint: None,
     })
     .await
     .expect("add target")
@@ -826,6 +828,7 @@ async fn targets_and_debug_redacts_token(db: &Db) {
         token: Some("s3cr3t-t0ken".into()),
         group: Some("emea".into()),
         rate_limit: Some(1_000_000),
+        fingerprint: None,
     };
     assert!(!format!("{new:?}").contains("s3cr3t"));
     let t = db.add_target(new.clone()).await.unwrap();
@@ -847,6 +850,7 @@ async fn targets_and_debug_redacts_token(db: &Db) {
             token: None,
             group: Some("emea".into()),
             rate_limit: None,
+            fingerprint: None,
         })
         .await
         .unwrap();

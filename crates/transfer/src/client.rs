@@ -53,8 +53,21 @@ pub struct TargetClient {
 
 impl TargetClient {
     /// `base` is the target's URL (`http://host:port` or `https://…`).
-    pub fn new(name: &str, base: &str, token: Option<String>) -> Result<Self, TransferError> {
-        let http = reqwest::Client::builder()
+    /// With `fingerprint`, the target's TLS certificate is pinned by its SHA-256 instead of
+    /// being checked against certificate authorities.
+    pub fn new(
+        name: &str,
+        base: &str,
+        token: Option<String>,
+        fingerprint: Option<&str>,
+    ) -> Result<Self, TransferError> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(fp) = fingerprint {
+            let cfg = crate::trust::pinned_client_config(fp)
+                .map_err(|e| TransferError::Protocol { target: name.into(), message: e.to_string() })?;
+            builder = builder.tls_backend_preconfigured(cfg);
+        }
+        let http = builder
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(300))
             .pool_idle_timeout(Duration::from_secs(30))
@@ -112,6 +125,18 @@ impl TargetClient {
 
     fn net_error(&self, e: reqwest::Error) -> TransferError {
         let message = error_chain(&e);
+        let lower = message.to_ascii_lowercase();
+        if lower.contains("certificate") || lower.contains("fingerprint") {
+            // A TLS identity mismatch does not heal by retrying: it needs an administrator.
+            return TransferError::Rejected {
+                target: self.name.clone(),
+                status: 495,
+                message: format!(
+                    "TLS: {message}; check the target's certificate and the pinned --fingerprint \
+                     (the target's DATA_DIR/tls/fingerprint)"
+                ),
+            };
+        }
         if e.is_timeout() {
             TransferError::Timeout { target: self.name.clone(), message }
         } else {
@@ -145,12 +170,12 @@ impl TargetClient {
         root: &str,
         force: bool,
         name: &str,
-        source_site: &str,
+        signed: &Signed,
     ) -> Result<Vec<ChunkId>, TransferError> {
         let path = format!(
-            "/v1/packages/{pkg}/versions/{version}/manifest?force={force}&name={}&source_site={}",
+            "/v1/packages/{pkg}/versions/{version}/manifest?force={force}&name={}&{}",
             query_escape(name),
-            query_escape(source_site)
+            signed.query()
         );
         let r = self
             .send(
@@ -184,10 +209,15 @@ impl TargetClient {
     }
 
     /// Asks the target to record `version` for the content it already has (`root`).
-    pub async fn relabel(&self, pkg: &str, version: i64, root: &str) -> Result<CommitResponse, TransferError> {
-        let r = self
-            .send(Method::POST, &format!("/v1/packages/{pkg}/versions/{version}/relabel?root={root}"), None, &[])
-            .await?;
+    pub async fn relabel(
+        &self,
+        pkg: &str,
+        version: i64,
+        root: &str,
+        signed: &Signed,
+    ) -> Result<CommitResponse, TransferError> {
+        let path = format!("/v1/packages/{pkg}/versions/{version}/relabel?root={root}&{}", signed.query());
+        let r = self.send(Method::POST, &path, None, &[]).await?;
         self.json(r).await
     }
 
@@ -219,6 +249,27 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The owner's signature of a version, and the owner's public key, as sent with it.
+#[derive(Debug, Clone, Default)]
+pub struct Signed {
+    pub source_site: String,
+    pub signature: Option<String>,
+    pub site_key: Option<String>,
+}
+
+impl Signed {
+    fn query(&self) -> String {
+        let mut q = format!("source_site={}", query_escape(&self.source_site));
+        if let Some(s) = &self.signature {
+            q.push_str(&format!("&signature={}", query_escape(s)));
+        }
+        if let Some(k) = &self.site_key {
+            q.push_str(&format!("&site_key={}", query_escape(k)));
+        }
+        q
+    }
 }
 
 fn query_escape(s: &str) -> String {

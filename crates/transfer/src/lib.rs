@@ -11,5 +11,7 @@
 //! The protocol is documented in `docs/protocol.md`.
 
 pub mod client;
+pub mod listen;
 pub mod service;
+pub mod trust;
 pub mod wire;

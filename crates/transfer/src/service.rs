@@ -74,6 +74,10 @@ pub struct OfferMeta {
     pub name: Option<String>,
     /// The owning site's code.
     pub source_site: Option<String>,
+    /// The owning site's signature over (package, source site, version, content root), hex.
+    pub signature: Option<String>,
+    /// The owning site's public key (hex), pinned by the receiver on first use.
+    pub site_key: Option<String>,
 }
 
 /// What a DP agent or a child site does with verified input.
@@ -104,6 +108,7 @@ pub trait Receiver: Send + Sync + 'static {
         pkg: &str,
         version: i64,
         root: &str,
+        meta: OfferMeta,
     ) -> impl Future<Output = Result<CommitResponse, ReceiveError>> + Send;
     fn remove(&self, pkg: &str) -> impl Future<Output = Result<(), ReceiveError>> + Send;
     fn validate(&self, pkg: &str) -> impl Future<Output = Result<ValidateResponse, ReceiveError>> + Send;
@@ -242,6 +247,8 @@ struct OfferQuery {
     force: bool,
     name: Option<String>,
     source_site: Option<String>,
+    signature: Option<String>,
+    site_key: Option<String>,
 }
 
 async fn offer<R: Receiver>(
@@ -269,7 +276,7 @@ async fn offer<R: Receiver>(
     })
     .await
     .map_err(|e| ReceiveError::Internal(format!("manifest task: {e}")))??;
-    let meta = OfferMeta { name: q.name, source_site: q.source_site };
+    let meta = OfferMeta { name: q.name, source_site: q.source_site, signature: q.signature, site_key: q.site_key };
     let missing = s.receiver.offer(&pkg, version, Arc::new(manifest), q.force, meta).await?;
     Ok(([(header::CONTENT_TYPE, wire::CONTENT_TYPE_CHUNK_IDS)], wire::encode_ids(&missing)).into_response())
 }
@@ -317,6 +324,9 @@ async fn commit<R: Receiver>(
 #[derive(Debug, Deserialize)]
 struct RelabelQuery {
     root: String,
+    source_site: Option<String>,
+    signature: Option<String>,
+    site_key: Option<String>,
 }
 
 async fn relabel<R: Receiver>(
@@ -327,7 +337,8 @@ async fn relabel<R: Receiver>(
     check_pkg(&pkg)?;
     check_version(version)?;
     let root = dpsync_hash::ContentRoot::from_hex(&q.root).map_err(|e| ReceiveError::BadRequest(e.to_string()))?;
-    Ok(Json(s.receiver.relabel(&pkg, version, &root.to_hex()).await?))
+    let meta = OfferMeta { name: None, source_site: q.source_site, signature: q.signature, site_key: q.site_key };
+    Ok(Json(s.receiver.relabel(&pkg, version, &root.to_hex(), meta).await?))
 }
 
 async fn remove<R: Receiver>(

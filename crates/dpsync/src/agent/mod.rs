@@ -52,6 +52,11 @@ pub struct AgentConfig {
     pub listen: String,
     pub token: Option<String>,
     pub disk_reserve: u64,
+    pub tls: crate::config::TlsOptions,
+    /// Source sites' keys pinned by the operator.
+    pub trust: Vec<(String, String)>,
+    /// Refuse versions from source sites not pinned by the operator (no trust on first use).
+    pub strict_trust: bool,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -72,6 +77,9 @@ impl AgentConfig {
         listen: Option<String>,
         token: Option<String>,
         token_file: Option<PathBuf>,
+        tls: crate::config::TlsOptions,
+        trust: Vec<(String, String)>,
+        strict_trust: bool,
     ) -> Result<Self> {
         let file: AgentFile = crate::config::load_toml(config)?;
         let Some(data_dir) = data_dir.or(file.data_dir) else {
@@ -89,6 +97,9 @@ impl AgentConfig {
             listen,
             token,
             disk_reserve: file.disk_reserve_mib.unwrap_or(256) << 20,
+            tls,
+            trust,
+            strict_trust,
         })
     }
 }
@@ -126,6 +137,7 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct Agent {
     mode: Mode,
+    trust: Arc<dpsync_transfer::trust::TrustStore>,
     data_dir: PathBuf,
     db: AgentDb,
     library: Arc<Library>,
@@ -145,7 +157,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl Agent {
-    pub async fn open(data_dir: &Path, disk_reserve: u64, mode: Mode) -> Result<Self> {
+    pub async fn open(
+        data_dir: &Path,
+        disk_reserve: u64,
+        mode: Mode,
+        trust: Arc<dpsync_transfer::trust::TrustStore>,
+    ) -> Result<Self> {
         let (db_file, library) = match &mode {
             Mode::Dp => {
                 let lib_dir = data_dir.join("library");
@@ -156,6 +173,7 @@ impl Agent {
         let db = AgentDb::open(&data_dir.join(db_file)).await.context("receiving database")?;
         let agent = Self {
             mode,
+            trust,
             data_dir: data_dir.to_owned(),
             db,
             library,
@@ -181,6 +199,17 @@ impl Agent {
             }
         }
         Ok(agent)
+    }
+
+    /// Nothing is staged or installed unless its owner signed it (see `transfer::trust`).
+    fn check_signature(&self, pkg: &str, version: i64, root: &str, meta: &OfferMeta) -> Result<(), ReceiveError> {
+        let Some(site) = &meta.source_site else {
+            return Err(ReceiveError::BadRequest("the source site of the version is missing".into()));
+        };
+        self.trust.check(pkg, site, version, root, meta.signature.as_deref(), meta.site_key.as_deref()).map_err(|e| {
+            tracing::warn!(package = pkg, version, "refused: {e}");
+            ReceiveError::Forbidden(e.to_string())
+        })
     }
 
     fn pkg_dir(&self, pkg: &str) -> PathBuf {
@@ -360,11 +389,19 @@ impl Receiver for Agent {
         }
         let m2 = manifest.clone();
         let (root, encoded) = blocking(move || (m2.content_root().to_hex(), m2.encode())).await?;
+        self.check_signature(pkg, version, &root, &meta)?;
         if !force && !p.broken && p.installed_version == Some(version) && p.installed_root.as_deref() == Some(&root) {
             return Ok(vec![]);
         }
         self.db
-            .stage(&Staged { package: pkg.to_owned(), version, content_root: root, manifest: encoded, force })
+            .stage(&Staged {
+                package: pkg.to_owned(),
+                version,
+                content_root: root,
+                manifest: encoded,
+                force,
+                signature: meta.signature.clone(),
+            })
             .await
             .map_err(internal("staging"))?;
         let missing = self.missing_chunks(pkg, manifest, force).await?;
@@ -459,7 +496,8 @@ impl Receiver for Agent {
             Err(e) => return Err(ReceiveError::Internal(e.to_string())),
         };
         if let Mode::Site(site) = &self.mode {
-            site.accept_version(pkg, version, &staged.content_root, staged.manifest.clone()).await?;
+            site.accept_version(pkg, version, &staged.content_root, staged.manifest.clone(), staged.signature.clone())
+                .await?;
         }
         let dir = installed.dir.display().to_string();
         self.db
@@ -532,15 +570,22 @@ impl Receiver for Agent {
         })
     }
 
-    async fn relabel(&self, pkg: &str, version: i64, root: &str) -> Result<CommitResponse, ReceiveError> {
+    async fn relabel(
+        &self,
+        pkg: &str,
+        version: i64,
+        root: &str,
+        meta: OfferMeta,
+    ) -> Result<CommitResponse, ReceiveError> {
         let lock = self.lock(pkg);
         let _g = lock.lock().await;
+        self.check_signature(pkg, version, root, &meta)?;
         let p = self.db.package(pkg).await.map_err(internal("relabel"))?.unwrap_or_default();
         match p.installed_version {
             Some(iv) if !p.broken && p.installed_root.as_deref() == Some(root) && iv <= version => {
                 if iv < version {
                     if let (Mode::Site(site), Some(m)) = (&self.mode, p.installed_manifest.clone()) {
-                        site.accept_version(pkg, version, root, m).await?;
+                        site.accept_version(pkg, version, root, m, meta.signature.clone()).await?;
                     }
                     self.db.relabel(pkg, version).await.map_err(internal("relabel"))?;
                     let live = self.live.read().unwrap().get(pkg).cloned();
@@ -735,7 +780,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .with_context(|| format!("cannot listen on {}; is the port taken or the address wrong?", cfg.listen))?;
     let addr = listener.local_addr()?;
     dpsync_library::write_atomic(&cfg.data_dir.join("listen.addr"), addr.to_string().as_bytes())?;
-    let agent = Arc::new(Agent::open(&cfg.data_dir, cfg.disk_reserve, Mode::Dp).await?);
+    let trust = Arc::new(dpsync_transfer::trust::TrustStore::open(
+        &cfg.data_dir.join("trusted-sites.json"),
+        &cfg.trust,
+        cfg.strict_trust,
+    )?);
+    let tls = crate::config::listener_tls(&cfg.data_dir, &cfg.listen, &cfg.tls)?;
+    let agent = Arc::new(Agent::open(&cfg.data_dir, cfg.disk_reserve, Mode::Dp, trust).await?);
     if cfg.token.is_none() {
         tracing::warn!(
             "no --token: any site that can reach this port can push content (use only on a trusted network)"
@@ -746,8 +797,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let app = dpsync_transfer::service::router(agent.clone(), service);
     let shutdown = CancellationToken::new();
     crate::site::spawn_signal_handler(shutdown.clone());
-    tracing::info!(listen = %addr, data_dir = %cfg.data_dir.display(), "dpsync agent ready");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("serving")?;
+    tracing::info!(
+        listen = %addr,
+        tls = tls.is_some(),
+        data_dir = %cfg.data_dir.display(),
+        "dpsync agent ready"
+    );
+    dpsync_transfer::listen::serve(listener, app, tls, shutdown.cancelled_owned()).await.context("serving")?;
     agent.db.close().await;
     tracing::info!("dpsync agent stopped");
     Ok(())

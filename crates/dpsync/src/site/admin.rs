@@ -60,6 +60,7 @@ async fn site_info(State(site): State<Arc<Site>>) -> ApiResult<SiteInfo> {
         data_dir: site.cfg.data_dir.display().to_string(),
         database: site.store.backend().as_str().into(),
         packages: site.store.packages().await?.len() as u64,
+        site_key: site.site_key.public_hex(),
     }))
 }
 

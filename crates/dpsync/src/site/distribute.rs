@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest};
 use dpsync_store::{Action, Distribution, Outcome, Target};
-use dpsync_transfer::client::{TargetClient, TransferError};
+use dpsync_transfer::client::{Signed, TargetClient, TransferError};
 use dpsync_transfer::wire::{self, WireChunk};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -176,7 +176,7 @@ impl Site {
     }
 
     async fn run_action(&self, job: &Distribution, target: &Target) -> Result<Outcome, PushError> {
-        let client = TargetClient::new(&target.name, &target.url, target.token.clone())?;
+        let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?;
         match job.action {
             Action::Install | Action::Validate => {
                 self.push(job, target, &client, false).await.map(|version| Outcome::Installed { version })
@@ -223,13 +223,20 @@ impl Site {
             PushError::permanent(format!("{pkg} version {version} is no longer stored on this site"))
         })?;
         let root = record.summary.content_root.clone();
+        let package = self
+            .store
+            .package(pkg)
+            .await
+            .map_err(|e| PushError::transient(format!("store: {e}")))?
+            .ok_or_else(|| PushError::permanent(format!("package {pkg} no longer exists")))?;
+        let signed = self.signed(&package, version, &root, record.summary.signature.clone())?;
         let state = client.package_state(pkg).await?;
         if !force && !state.broken && state.installed_root.as_deref() == Some(root.as_str()) {
             match state.installed_version {
                 Some(v) if v == version => return Ok(version),
                 Some(v) if v < version => {
                     self.set_progress(&key, |p| p.phase = "relabel".into());
-                    let r = client.relabel(pkg, version, &root).await?;
+                    let r = client.relabel(pkg, version, &root, &signed).await?;
                     return Ok(r.installed_version);
                 }
                 _ => {}
@@ -237,14 +244,7 @@ impl Site {
         }
         self.set_progress(&key, |p| p.phase = "manifest".into());
         let (manifest, compressed) = self.wire_manifest(pkg, version, record.manifest).await?;
-        let package = self
-            .store
-            .package(pkg)
-            .await
-            .map_err(|e| PushError::transient(format!("store: {e}")))?
-            .ok_or_else(|| PushError::permanent(format!("package {pkg} no longer exists")))?;
-        let mut missing =
-            client.offer(pkg, version, compressed.clone(), &root, force, &package.name, &package.source_site).await?;
+        let mut missing = client.offer(pkg, version, compressed.clone(), &root, force, &package.name, &signed).await?;
         self.count_sent(job, compressed.len() as u64).await;
         for round in 0..4 {
             if !missing.is_empty() {
@@ -264,6 +264,35 @@ impl Site {
             }
         }
         Err(PushError::transient("target kept reporting missing chunks"))
+    }
+
+    /// The owner's signature to send with a version: made here for this site's own
+    /// packages, relayed as received for the others.
+    fn signed(
+        &self,
+        package: &dpsync_store::Package,
+        version: i64,
+        root: &str,
+        stored: Option<String>,
+    ) -> Result<Signed, PushError> {
+        if package.source_site == self.cfg.site_code {
+            return Ok(Signed {
+                source_site: package.source_site.clone(),
+                signature: Some(self.site_key.sign(&package.id, &package.source_site, version, root)),
+                site_key: Some(self.site_key.public_hex()),
+            });
+        }
+        let Some(signature) = stored else {
+            return Err(PushError::permanent(format!(
+                "{} version {version} arrived here without its owner's signature; it cannot be relayed",
+                package.id
+            )));
+        };
+        Ok(Signed {
+            source_site: package.source_site.clone(),
+            signature: Some(signature),
+            site_key: self.trust.key_of(&package.source_site),
+        })
     }
 
     /// The decoded manifest and its compressed wire form, cached per version.

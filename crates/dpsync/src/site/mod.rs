@@ -66,11 +66,21 @@ pub struct Site {
     /// Live progress of running jobs, by (package, target id).
     pub progress: Mutex<HashMap<(String, i64), Progress>>,
     manifest_cache: Mutex<HashMap<(String, i64), (Arc<Manifest>, bytes::Bytes)>>,
+    /// This site's signing key (`DATA/site.key`).
+    pub site_key: dpsync_transfer::trust::SiteKey,
+    /// Pinned keys of the sites whose packages this site receives and relays.
+    pub trust: Arc<dpsync_transfer::trust::TrustStore>,
 }
 
 impl Site {
     pub async fn open(cfg: ServerConfig) -> Result<Self> {
         let dist = cfg.dist.clone();
+        let site_key = dpsync_transfer::trust::SiteKey::load_or_create(&cfg.data_dir.join("site.key"))?;
+        let trust = Arc::new(dpsync_transfer::trust::TrustStore::open(
+            &cfg.data_dir.join("trusted-sites.json"),
+            &cfg.trust,
+            cfg.strict_trust,
+        )?);
         let store = Store::connect(&cfg.database_url)
             .await
             .with_context(|| format!("cannot open the database {}", redact_url(&cfg.database_url)))?;
@@ -95,6 +105,8 @@ impl Site {
             jobs: tokio::sync::Notify::new(),
             progress: Mutex::new(HashMap::new()),
             manifest_cache: Mutex::new(HashMap::new()),
+            site_key,
+            trust,
         })
     }
 
@@ -172,6 +184,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     );
     tokio::spawn(distribute::run_jobs(site.clone(), shutdown.clone()));
     if let Some(listen) = site.cfg.listen.clone() {
+        let tls = crate::config::listener_tls(&site.cfg.data_dir, &listen, &site.cfg.tls)?;
         let tcp = tokio::net::TcpListener::bind(&listen)
             .await
             .with_context(|| format!("cannot listen on {listen}; is the port taken or the address wrong?"))?;
@@ -182,6 +195,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
                 &site.cfg.data_dir,
                 site.cfg.disk_reserve,
                 crate::agent::Mode::Site(site.clone()),
+                site.trust.clone(),
             )
             .await?,
         );
@@ -197,7 +211,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         let app = dpsync_transfer::service::router(receiver, service);
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(tcp, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+            if let Err(e) = dpsync_transfer::listen::serve(tcp, app, tls, stop.cancelled_owned()).await {
                 tracing::error!("receiving service: {e}");
             }
         });

@@ -63,6 +63,7 @@ impl Site {
         version: i64,
         root: &str,
         manifest: Vec<u8>,
+        signature: Option<String>,
     ) -> Result<(), ReceiveError> {
         let p = self
             .store
@@ -114,6 +115,7 @@ impl Site {
                     scan_cache: vec![],
                     stats,
                     origin: format!("site {}", p.source_site),
+                    signature,
                 },
             )
             .await

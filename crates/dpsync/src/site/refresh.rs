@@ -96,6 +96,7 @@ impl Site {
                     scan_cache: cache.encode(),
                     stats,
                     origin: "refresh".into(),
+                    signature: None,
                 },
             )
             .await?;

@@ -19,6 +19,7 @@ pub fn target_info(t: &Target) -> TargetInfo {
         group: t.group.clone(),
         rate_limit: t.rate_limit,
         has_token: t.token.is_some(),
+        fingerprint: t.fingerprint.clone(),
         created_at: t.created_at,
     }
 }
@@ -41,12 +42,29 @@ impl Site {
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
             return Err(SiteError::Invalid(format!("URL {url:?} must be http://HOST:PORT or https://HOST:PORT")));
         }
+        let fingerprint = req
+            .fingerprint
+            .as_deref()
+            .map(dpsync_transfer::trust::normalize_fingerprint)
+            .transpose()
+            .map_err(|e| SiteError::Invalid(e.to_string()))?;
+        if fingerprint.is_some() && parsed.scheme() != "https" {
+            return Err(SiteError::Invalid("--fingerprint pins a TLS certificate: use an https:// URL".into()));
+        }
         if req.rate_limit.is_some_and(|r| r < 1024) {
             return Err(SiteError::Invalid("rate limit must be at least 1024 bytes per second".into()));
         }
         let t = self
             .store
-            .add_target(NewTarget { name, kind, url, token: req.token, group: req.group, rate_limit: req.rate_limit })
+            .add_target(NewTarget {
+                name,
+                kind,
+                url,
+                token: req.token,
+                group: req.group,
+                rate_limit: req.rate_limit,
+                fingerprint,
+            })
             .await?;
         tracing::info!(target = %t.name, kind = %t.kind, url = %t.url, "target added");
         Ok(target_info(&t))
@@ -165,6 +183,7 @@ impl Site {
                     scan_cache: rec.scan_cache,
                     stats,
                     origin: format!("rollback to {}", prev.version),
+                    signature: None,
                 },
             )
             .await?;
@@ -231,7 +250,13 @@ impl Site {
             asks.push((
                 i,
                 tokio::spawn(async move {
-                    let client = TargetClient::new(&target.name, &target.url, target.token.clone()).ok()?;
+                    let client = TargetClient::new(
+                        &target.name,
+                        &target.url,
+                        target.token.clone(),
+                        target.fingerprint.as_deref(),
+                    )
+                    .ok()?;
                     let v = tokio::time::timeout(std::time::Duration::from_secs(3), client.status(&pkg))
                         .await
                         .ok()?
@@ -264,7 +289,7 @@ impl Site {
             let pkg_id = p.id.clone();
             tasks.push(tokio::spawn(async move {
                 let Some(t) = t else { return (d, Err("target no longer exists".to_owned())) };
-                let r = match TargetClient::new(&t.name, &t.url, t.token.clone()) {
+                let r = match TargetClient::new(&t.name, &t.url, t.token.clone(), t.fingerprint.as_deref()) {
                     Ok(c) => c.validate(&pkg_id).await.map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };

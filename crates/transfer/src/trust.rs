@@ -1,0 +1,386 @@
+//! Who may push and what may be installed: the owning site's ed25519 signature over
+//! each version, pinned public keys per source site, and TLS (self-signed certificates
+//! pinned by SHA-256 fingerprint, or certificates the operator provides).
+//!
+//! A version's signature covers `(package id, source site, source version, content
+//! root)`; the content root covers every path, mode, time and byte. A relay (child
+//! site) forwards the owner's signature unchanged and cannot make a valid one, so a DP
+//! that pins the owner's key installs only what the owner published.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+const SIGNATURE_CONTEXT: &[u8] = b"dpsync version signature v1\0";
+
+/// A trust or key-handling failure, in words an administrator can act on.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TrustError(pub String);
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// The bytes a version signature covers.
+pub fn signed_message(package: &str, source_site: &str, version: i64, content_root: &str) -> Vec<u8> {
+    let mut m = SIGNATURE_CONTEXT.to_vec();
+    for part in [package.as_bytes(), b"\0", source_site.as_bytes(), b"\0"] {
+        m.extend_from_slice(part);
+    }
+    m.extend_from_slice(&version.to_le_bytes());
+    m.extend_from_slice(content_root.to_ascii_lowercase().as_bytes());
+    m
+}
+
+/// A site's signing key, kept in a PKCS#8 file readable only by its owner.
+pub struct SiteKey {
+    pair: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for SiteKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SiteKey({})", self.public_hex())
+    }
+}
+
+impl SiteKey {
+    /// Loads the key at `path`, creating it (mode 0600) on first use.
+    pub fn load_or_create(path: &Path) -> Result<Self, TrustError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let err = |what: &str, e: &dyn std::fmt::Display| TrustError(format!("{what} {}: {e}", path.display()));
+        if path.exists() {
+            let md = std::fs::metadata(path).map_err(|e| err("cannot read the site key", &e))?;
+            if md.permissions().mode() & 0o077 != 0 {
+                return Err(TrustError(format!(
+                    "site key {} is readable by others; run `chmod 600 {}`",
+                    path.display(),
+                    path.display()
+                )));
+            }
+            let der = std::fs::read(path).map_err(|e| err("cannot read the site key", &e))?;
+            let pair = Ed25519KeyPair::from_pkcs8(&der).map_err(|e| err("site key is not valid", &e))?;
+            return Ok(Self { pair });
+        }
+        let der =
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|e| err("cannot create a site key", &e))?;
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| err("cannot write the site key", &e))?;
+            f.write_all(der.as_ref()).and_then(|_| f.sync_all()).map_err(|e| err("cannot write the site key", &e))?;
+        }
+        std::fs::rename(&tmp, path).map_err(|e| err("cannot write the site key", &e))?;
+        let pair = Ed25519KeyPair::from_pkcs8(der.as_ref()).map_err(|e| err("site key is not valid", &e))?;
+        Ok(Self { pair })
+    }
+
+    pub fn public_hex(&self) -> String {
+        hex(self.pair.public_key().as_ref())
+    }
+
+    /// Signs a version; returns the signature in hex.
+    pub fn sign(&self, package: &str, source_site: &str, version: i64, content_root: &str) -> String {
+        hex(self.pair.sign(&signed_message(package, source_site, version, content_root)).as_ref())
+    }
+}
+
+/// Checks a version signature against a site's public key (both hex).
+pub fn verify(
+    public_hex: &str,
+    package: &str,
+    source_site: &str,
+    version: i64,
+    content_root: &str,
+    signature_hex: &str,
+) -> bool {
+    let (Some(key), Some(sig)) = (unhex(public_hex), unhex(signature_hex)) else { return false };
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(&signed_message(package, source_site, version, content_root), &sig)
+        .is_ok()
+}
+
+/// Public keys of source sites, by site code: pinned by the operator (`--trust`) or on
+/// first use, persisted in a JSON file. A key never changes silently.
+#[derive(Debug)]
+pub struct TrustStore {
+    path: PathBuf,
+    keys: Mutex<BTreeMap<String, String>>,
+    /// Refuse sites that were not pinned by the operator.
+    strict: bool,
+}
+
+impl TrustStore {
+    pub fn open(path: &Path, pinned: &[(String, String)], strict: bool) -> Result<Self, TrustError> {
+        let mut keys: BTreeMap<String, String> = match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| TrustError(format!("trust file {} is corrupt: {e}", path.display())))?,
+            Err(_) => BTreeMap::new(),
+        };
+        for (site, key) in pinned {
+            let key = key.trim().to_ascii_lowercase();
+            if unhex(&key).is_none_or(|k| k.len() != 32) {
+                return Err(TrustError(format!("the key given for site {site} is not 64 hex digits")));
+            }
+            keys.insert(site.to_ascii_uppercase(), key);
+        }
+        let store = Self { path: path.to_owned(), keys: Mutex::new(keys), strict };
+        store.save()?;
+        Ok(store)
+    }
+
+    fn save(&self) -> Result<(), TrustError> {
+        let json = serde_json::to_vec_pretty(&*self.keys.lock().unwrap()).expect("serializable");
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, json)
+            .and_then(|_| std::fs::rename(&tmp, &self.path))
+            .map_err(|e| TrustError(format!("cannot write {}: {e}", self.path.display())))
+    }
+
+    /// The pinned key of `site`.
+    pub fn key_of(&self, site: &str) -> Option<String> {
+        self.keys.lock().unwrap().get(&site.to_ascii_uppercase()).cloned()
+    }
+
+    /// Verifies a version from `source_site`, pinning `presented_key` on first use
+    /// (unless strict). Errors say what to do.
+    pub fn check(
+        &self,
+        package: &str,
+        source_site: &str,
+        version: i64,
+        content_root: &str,
+        signature: Option<&str>,
+        presented_key: Option<&str>,
+    ) -> Result<(), TrustError> {
+        let Some(signature) = signature else {
+            return Err(TrustError(format!(
+                "{package} version {version} is not signed by its source site {source_site}"
+            )));
+        };
+        let site = source_site.to_ascii_uppercase();
+        let key = match self.key_of(&site) {
+            Some(k) => k,
+            None if self.strict => {
+                return Err(TrustError(format!(
+                    "source site {site} is not trusted here; start with --trust {site}=<its key from `dpsync info`>"
+                )));
+            }
+            None => {
+                let Some(k) = presented_key.map(|k| k.trim().to_ascii_lowercase()) else {
+                    return Err(TrustError(format!("no key for source site {site} was presented or pinned")));
+                };
+                if !verify(&k, package, &site, version, content_root, signature) {
+                    return Err(TrustError(format!("the signature of {package} version {version} does not verify")));
+                }
+                tracing::warn!(site = %site, key = %k, "pinning the key of a source site on first use");
+                self.keys.lock().unwrap().insert(site.clone(), k.clone());
+                self.save()?;
+                k
+            }
+        };
+        if verify(&key, package, &site, version, content_root, signature) {
+            Ok(())
+        } else {
+            Err(TrustError(format!(
+                "the signature of {package} version {version} does not match the pinned key of site {site}: \
+                 content was altered on the way, or the site's key changed (then re-pin it with --trust)"
+            )))
+        }
+    }
+}
+
+/// SHA-256 of a certificate (DER), lowercase hex: what `dp add --fingerprint` pins.
+pub fn fingerprint(cert_der: &[u8]) -> String {
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert_der).as_ref())
+}
+
+/// Accepts `AB:CD:…` or `abcd…`; returns 64 lowercase hex digits.
+pub fn normalize_fingerprint(s: &str) -> Result<String, TrustError> {
+    let f: String = s.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    if f.len() == 64 && f.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(f)
+    } else {
+        Err(TrustError(format!("fingerprint {s:?} is not a SHA-256 (64 hex digits, colons allowed)")))
+    }
+}
+
+/// Accepts exactly the server certificate with the pinned SHA-256; the handshake
+/// signatures are still checked, so the peer must hold the certificate's key.
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if fingerprint(end_entity.as_ref()) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "certificate fingerprint {} is not the pinned {}",
+                fingerprint(end_entity.as_ref()),
+                self.fingerprint
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Installs aws-lc-rs as the process's rustls provider (idempotent).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// A client TLS configuration that pins one certificate fingerprint.
+pub fn pinned_client_config(fingerprint: &str) -> Result<rustls::ClientConfig, TrustError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = PinnedCert { fingerprint: normalize_fingerprint(fingerprint)?, provider: provider.clone() };
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TrustError(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(cfg)
+}
+
+/// A certificate and key in PEM.
+#[derive(Clone)]
+pub struct CertPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertPair(<key redacted>)")
+    }
+}
+
+/// Creates a self-signed certificate for `hosts` (names or IP addresses).
+pub fn self_signed(hosts: &[String]) -> Result<CertPair, TrustError> {
+    let c = rcgen::generate_simple_self_signed(hosts.to_vec()).map_err(|e| TrustError(format!("certificate: {e}")))?;
+    Ok(CertPair { cert_pem: c.cert.pem(), key_pem: c.signing_key.serialize_pem() })
+}
+
+/// The SHA-256 fingerprint of the first certificate in a PEM text.
+pub fn pem_fingerprint(cert_pem: &str) -> Result<String, TrustError> {
+    use rustls_pki_types::pem::PemObject;
+    let der =
+        CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| TrustError(format!("certificate: {e:?}")))?;
+    Ok(fingerprint(der.as_ref()))
+}
+
+/// A server TLS configuration from PEM certificate chain and key.
+pub fn server_config(pair: &CertPair) -> Result<Arc<rustls::ServerConfig>, TrustError> {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TrustError(format!("certificate: {e:?}")))?;
+    if certs.is_empty() {
+        return Err(TrustError("the certificate file holds no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes()).map_err(|e| TrustError(format!("key: {e:?}")))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TrustError(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TrustError(format!("certificate and key do not match: {e}")))?;
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_bind_every_field() {
+        let dir = std::env::temp_dir().join(format!("dpsync-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = SiteKey::load_or_create(&dir.join("site.key")).unwrap();
+        let again = SiteKey::load_or_create(&dir.join("site.key")).unwrap();
+        assert_eq!(key.public_hex(), again.public_hex());
+        let root = "ab".repeat(32);
+        let sig = key.sign("PS100001", "PS1", 3, &root);
+        let pk = key.public_hex();
+        assert!(verify(&pk, "PS100001", "PS1", 3, &root, &sig));
+        assert!(!verify(&pk, "PS100002", "PS1", 3, &root, &sig));
+        assert!(!verify(&pk, "PS100001", "CH1", 3, &root, &sig));
+        assert!(!verify(&pk, "PS100001", "PS1", 4, &root, &sig));
+        assert!(!verify(&pk, "PS100001", "PS1", 3, &"cd".repeat(32), &sig));
+        assert!(!verify(&pk, "PS100001", "PS1", 3, &root, "00"));
+        let trust = TrustStore::open(&dir.join("trust.json"), &[], false).unwrap();
+        trust.check("PS100001", "PS1", 3, &root, Some(&sig), Some(&pk)).unwrap();
+        let other = SiteKey::load_or_create(&dir.join("other.key")).unwrap();
+        let forged = other.sign("PS100001", "PS1", 4, &root);
+        assert!(trust.check("PS100001", "PS1", 4, &root, Some(&forged), Some(&other.public_hex())).is_err());
+        assert!(trust.check("PS100001", "PS1", 3, &root, None, Some(&pk)).is_err());
+        let strict = TrustStore::open(&dir.join("strict.json"), &[], true).unwrap();
+        assert!(strict.check("PS100001", "PS1", 3, &root, Some(&sig), Some(&pk)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fingerprints_normalize() {
+        let f = "AB:".repeat(31) + "AB";
+        assert_eq!(normalize_fingerprint(&f).unwrap(), "ab".repeat(32));
+        assert!(normalize_fingerprint("abc").is_err());
+        let pair = self_signed(&["localhost".into()]).unwrap();
+        assert_eq!(pem_fingerprint(&pair.cert_pem).unwrap().len(), 64);
+        install_crypto_provider();
+        server_config(&pair).unwrap();
+        pinned_client_config(&pem_fingerprint(&pair.cert_pem).unwrap()).unwrap();
+    }
+}
