@@ -2,6 +2,7 @@
 //! the accept loop (so a slow client cannot stall it), a bound on the handshake time,
 //! and a cap on concurrent connections (a permit travels with each connection).
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,17 +18,47 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 pub const MAX_CONNECTIONS: usize = 512;
 /// A TLS handshake that takes longer is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose client sends nothing for this long is closed (slow or idle
+/// clients cannot hold a connection slot forever).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connection holding its slot until dropped.
 #[allow(missing_debug_implementations)]
 pub struct Counted<S> {
     inner: S,
     _permit: OwnedSemaphorePermit,
+    /// Armed while a read waits; reset by every byte received.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, permit: OwnedSemaphorePermit) -> Self {
+        Self { inner, _permit: permit, idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)), waiting: false }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.waiting = false;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    this.idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                }
+                match this.idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "client idle too long")))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
 }
 
@@ -102,7 +133,7 @@ where
             let (conn_tx, prepare) = (tx.clone(), prepare.clone());
             tokio::spawn(async move {
                 if let Some(io) = prepare(stream).await {
-                    let _ = conn_tx.send((Counted { inner: io, _permit: permit }, addr)).await;
+                    let _ = conn_tx.send((Counted::new(io, permit), addr)).await;
                 }
             });
             if tx.is_closed() {
