@@ -162,6 +162,9 @@ struct ServerArgs {
     /// File holding that token (mode 0600).
     #[arg(long, env = "DPSYNC_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// TCP address serving /metrics for Prometheus (the admin socket serves it too).
+    #[arg(long, env = "DPSYNC_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     #[command(flatten)]
     receive: ReceiveArgs,
 }
@@ -321,6 +324,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 tls: a.receive.tls(),
                 trust: crate::config::parse_trust(&a.receive.trust)?,
                 strict_trust: a.receive.strict_trust,
+                metrics_listen: a.metrics_listen,
             })?;
             crate::site::run(cfg).await?;
         }

@@ -22,6 +22,8 @@ pub struct ServerFile {
     pub token_file: Option<PathBuf>,
     /// Free space the receiving side keeps on the data disk, in MiB. Default 256.
     pub disk_reserve_mib: Option<u64>,
+    /// TCP address serving only `/metrics` for Prometheus, e.g. 127.0.0.1:9464.
+    pub metrics_listen: Option<String>,
     /// Default `sqlite://DATA_DIR/dpsync.db`.
     pub database_url: Option<String>,
     /// Source versions kept per package (older ones are pruned; their content is
@@ -50,6 +52,8 @@ pub struct ServerConfig {
     pub tls: TlsOptions,
     pub trust: Vec<(String, String)>,
     pub strict_trust: bool,
+    /// TCP address serving only `/metrics`.
+    pub metrics_listen: Option<String>,
 }
 
 /// What flags and environment gave.
@@ -69,6 +73,7 @@ pub struct ServerOverrides {
     pub tls: TlsOptions,
     pub trust: Vec<(String, String)>,
     pub strict_trust: bool,
+    pub metrics_listen: Option<String>,
 }
 
 pub fn load_toml<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> Result<T> {
@@ -127,6 +132,7 @@ impl ServerConfig {
             tls: o.tls,
             trust: o.trust,
             strict_trust: o.strict_trust,
+            metrics_listen: o.metrics_listen.or(file.metrics_listen),
         })
     }
 }

@@ -20,6 +20,7 @@ use dpsync_store::Action;
 pub fn router(site: Arc<Site>) -> Router {
     Router::new()
         .route("/v1/site", get(site_info))
+        .route("/metrics", get(metrics))
         .route("/v1/packages", get(list_packages).post(add_package))
         .route("/v1/packages/{pkg}", get(show_package))
         .route("/v1/packages/{pkg}/refresh", post(refresh))
@@ -52,6 +53,16 @@ impl IntoResponse for SiteError {
 }
 
 type ApiResult<T> = Result<Json<T>, SiteError>;
+
+/// Only `/metrics`, for `--metrics-listen` (a TCP port Prometheus can scrape).
+pub fn metrics_router(site: Arc<Site>) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(site)
+}
+
+async fn metrics(State(site): State<Arc<Site>>) -> Result<impl IntoResponse, SiteError> {
+    let text = site.metrics_text().await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}
 
 async fn site_info(State(site): State<Arc<Site>>) -> ApiResult<SiteInfo> {
     Ok(Json(SiteInfo {
@@ -144,7 +155,11 @@ async fn refresh(
     body: Option<Json<RefreshRequest>>,
 ) -> ApiResult<RefreshReport> {
     let req = body.map(|Json(r)| r).unwrap_or_default();
-    Ok(Json(site.refresh(&pkg, req).await?))
+    let result = site.refresh(&pkg, req).await;
+    if result.is_err() {
+        site.metrics.refresh_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(Json(result?))
 }
 
 async fn gc(State(site): State<Arc<Site>>) -> ApiResult<GcReport> {

@@ -148,8 +148,12 @@ impl Site {
             Err(e) => Err(PushError::transient(format!("store: {e}"))),
         };
         self.progress.lock().unwrap().remove(&key);
+        use std::sync::atomic::Ordering::Relaxed;
         let outcome = match result {
-            Ok(o) => o,
+            Ok(o) => {
+                self.metrics.jobs_succeeded.fetch_add(1, Relaxed);
+                o
+            }
             Err(e) if e.retryable && job.attempts <= self.dist.retries => {
                 let delay = backoff(&self.dist, job.attempts);
                 tracing::warn!(
@@ -160,10 +164,12 @@ impl Site {
                     "{}",
                     e.message
                 );
+                self.metrics.jobs_retried.fetch_add(1, Relaxed);
                 Outcome::Retry { error: e.message, next_attempt_at: now_ms() + delay.as_millis() as i64 }
             }
             Err(e) => {
                 tracing::error!(package = %job.package_id, target = %job.target_name, attempts = job.attempts, "failed: {}", e.message);
+                self.metrics.jobs_failed.fetch_add(1, Relaxed);
                 Outcome::Failed { error: e.message }
             }
         };
@@ -198,6 +204,7 @@ impl Site {
     }
 
     async fn count_sent(&self, job: &Distribution, bytes: u64) {
+        self.metrics.bytes_sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = self.store.record_progress(&job.package_id, job.target_id, bytes as i64).await {
             tracing::warn!("cannot record bytes sent: {e}");
         }

@@ -105,6 +105,8 @@ impl Site {
         report.content_changed = prev_root.as_deref() != Some(root.as_str());
         report.content_root = Some(root);
         report.targets_queued = self.queued_targets(&id).await?;
+        self.metrics.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.bytes_hashed.fetch_add(report.bytes_hashed, std::sync::atomic::Ordering::Relaxed);
         self.kick_jobs();
         report.duration_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
