@@ -913,3 +913,338 @@ pub fn with_database(url: &str, db: &str) -> String {
         None => format!("{base}/{db}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// DP agents
+
+/// A running `dpsync agent` on `127.0.0.1`, serving plain HTTP (`--insecure-http`), on
+/// port 0 at first start, then the same port again on restart, so the URL registered
+/// with a server stays valid. Its log is the
+/// file `DATA_DIR.agent.log` beside the data directory, appended to by every start.
+#[derive(Debug)]
+pub struct Agent {
+    pub data_dir: PathBuf,
+    pub token: Option<String>,
+    daemon: Option<Daemon>,
+    addr: Option<std::net::SocketAddr>,
+    starts: u32,
+}
+
+impl Agent {
+    /// Starts an agent on `data_dir` (with `--token` if given) and waits until it answers
+    /// `GET /v1/hello`.
+    pub fn start(data_dir: impl AsRef<Path>, token: Option<&str>) -> Self {
+        let mut a = Self {
+            data_dir: data_dir.as_ref().to_owned(),
+            token: token.map(str::to_owned),
+            daemon: None,
+            addr: None,
+            starts: 0,
+        };
+        a.spawn_and_wait();
+        a
+    }
+
+    fn spawn_and_wait(&mut self) {
+        self.starts += 1;
+        fs::create_dir_all(&self.data_dir).expect("create agent data dir");
+        let addr_file = self.data_dir.join("listen.addr");
+        let _ = fs::remove_file(&addr_file);
+        let listen = self.addr.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
+        let mut cmd = dpsync_command();
+        cmd.arg("agent").arg("--data-dir").arg(&self.data_dir).args(["--listen", &listen]);
+        // Plain HTTP: the tests' std HTTP client and the fault-injecting proxy speak it.
+        if agent_has_insecure_http() {
+            cmd.arg("--insecure-http");
+        }
+        if let Some(t) = &self.token {
+            cmd.args(["--token", t]);
+        }
+        let name = format!("agent {} (start {})", self.data_dir.display(), self.starts);
+        self.daemon = Some(Daemon::spawn(&name, cmd, &self.log_path()));
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let d = self.daemon.as_mut().expect("just spawned");
+            if let Some(status) = d.try_wait() {
+                panic!("{name} exited ({status}) before it was ready{}", log_tails(&[d]));
+            }
+            let addr = fs::read_to_string(&addr_file).ok().and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok());
+            if let Some(addr) = addr
+                && try_http_get(addr, "/v1/hello", &[]).is_ok_and(|r| r.status == 200)
+            {
+                self.addr = Some(addr);
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("{name} was not ready within {START_TIMEOUT:?}{}", log_tails(&[self.daemon()]));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `DATA_DIR.agent.log`.
+    pub fn log_path(&self) -> PathBuf {
+        PathBuf::from(format!("{}.agent.log", self.data_dir.display()))
+    }
+
+    /// Everything every start of this agent logged.
+    pub fn log(&self) -> String {
+        fs::read(self.log_path()).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("agent was started")
+    }
+
+    pub fn daemon_mut(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("agent was started")
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr.expect("agent was started")
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// `DATA_DIR/packages/PKG`.
+    pub fn package_dir(&self, pkg: &str) -> PathBuf {
+        self.data_dir.join("packages").join(pkg)
+    }
+
+    /// The live tree `DATA_DIR/packages/PKG/current`.
+    pub fn current(&self, pkg: &str) -> PathBuf {
+        self.package_dir(pkg).join("current")
+    }
+
+    /// `DATA_DIR/staging/PKG` (received chunks awaiting a commit).
+    pub fn staging(&self, pkg: &str) -> PathBuf {
+        self.data_dir.join("staging").join(pkg)
+    }
+
+    /// `DATA_DIR/library`.
+    pub fn library(&self) -> PathBuf {
+        self.data_dir.join("library")
+    }
+
+    /// Stops the agent if it runs (SIGTERM) and starts it again on the same address.
+    pub fn restart(&mut self) {
+        if let Some(d) = self.daemon.as_mut() {
+            d.terminate();
+        }
+        self.spawn_and_wait();
+    }
+
+    /// SIGKILL (and reap); [`Agent::restart`] starts it again.
+    pub fn kill9(&mut self) {
+        self.daemon_mut().kill9();
+    }
+
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.daemon_mut().terminate()
+    }
+
+    /// `GET path` on the agent with extra request headers.
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        http_get(self.addr(), path, headers)
+    }
+
+    /// `GET /v1/packages/PKG/files/REL` (REL is sent as given: encode it yourself).
+    pub fn download(&self, pkg: &str, rel: &str) -> HttpResponse {
+        self.get(&format!("/v1/packages/{pkg}/files/{rel}"), &[])
+    }
+}
+
+/// Whether `dpsync agent` has `--insecure-http` (it serves TLS by default when it does).
+fn agent_has_insecure_http() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let out = run_bounded(dpsync_command().args(["agent", "--help"]), CLI_TIMEOUT);
+        String::from_utf8_lossy(&out.stdout).contains("--insecure-http")
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client (std only): one request per connection.
+
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lower case, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET path` with `Connection: close`; panics on I/O errors or a malformed answer.
+pub fn http_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    try_http_get(addr, path, headers).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// [`http_get`] returning I/O and parse errors.
+pub fn try_http_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<HttpResponse> {
+    use std::io::{Error, ErrorKind};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let bad = |m: &str| {
+        Error::new(ErrorKind::InvalidData, format!("{m}: {:?}", String::from_utf8_lossy(&raw[..raw.len().min(300)])))
+    };
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of head"))?;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 =
+        status_line.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let rest = raw[end + 4..].to_vec();
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let body = if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            let nl = rest[i..].windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("bad chunked body"))?;
+            let size_text = String::from_utf8_lossy(&rest[i..i + nl]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| bad("bad chunk size"))?;
+            i += nl + 2;
+            if size == 0 {
+                break;
+            }
+            if rest.len() < i + size {
+                return Err(bad("truncated chunked body"));
+            }
+            out.extend_from_slice(&rest[i..i + size]);
+            i += size + 2;
+        }
+        out
+    } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if status == 304 || status == 204 {
+            Vec::new()
+        } else {
+            if rest.len() < len {
+                return Err(bad(&format!("body shorter ({}) than its content-length {len}", rest.len())));
+            }
+            rest[..len].to_vec()
+        }
+    } else {
+        rest
+    };
+    Ok(HttpResponse { status, headers, body })
+}
+
+// ---------------------------------------------------------------------------------------
+// Distribution status (`dpsync status PKG --json`)
+
+impl Server {
+    /// `status PKG --json`.
+    pub fn status(&self, pkg: &str) -> Value {
+        self.cli_json(&["status", pkg])
+    }
+
+    /// The entry of target `name` in `status PKG --json`.
+    pub fn target_status(&self, pkg: &str, name: &str) -> Value {
+        target_of(&self.status(pkg), name).clone()
+    }
+
+    /// Polls `status PKG --json` until `pred` holds (at most `timeout`); returns that
+    /// status. On timeout panics naming `what`, with the last status and the logs of the
+    /// server and of `daemons`.
+    pub fn wait_status(
+        &self,
+        pkg: &str,
+        what: &str,
+        timeout: Duration,
+        daemons: &[&Daemon],
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status(pkg);
+            if pred(&s) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                let mut all = vec![self.daemon()];
+                all.extend_from_slice(daemons);
+                panic!("timed out after {timeout:?} waiting for {what}; last status:\n{s:#}{}", log_tails(&all));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until target `name` is `installed` with `version`; returns its status entry.
+    pub fn wait_installed(&self, pkg: &str, name: &str, version: u64, timeout: Duration, daemons: &[&Daemon]) -> Value {
+        let s = self.wait_status(pkg, &format!("{name} to install {pkg} version {version}"), timeout, daemons, |s| {
+            let t = target_of(s, name);
+            t["state"] == "installed" && t["installed_version"].as_u64() == Some(version)
+        });
+        target_of(&s, name).clone()
+    }
+}
+
+/// The entry of target `name` in a `status --json` document; panics if absent.
+pub fn target_of<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["targets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no targets array in {status:#}"))
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no target {name:?} in {status:#}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Tree times
+
+/// Modification times (ns since the epoch) of every file and folder under `root`
+/// (relative path → ns); symlinks are left out.
+pub fn tree_mtimes(root: &Path) -> BTreeMap<String, i128> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).min_depth(1).follow_links(false) {
+        let e = e.unwrap_or_else(|e| panic!("walk {}: {e}", root.display()));
+        if e.file_type().is_symlink() {
+            continue;
+        }
+        let md = e.metadata().expect("metadata");
+        let ns = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
+        let rel = e.path().strip_prefix(root).expect("under root").to_string_lossy().into_owned();
+        out.insert(rel, ns);
+    }
+    out
+}
+
+/// [`assert_same_tree`], and the same modification time on every file and folder.
+pub fn assert_same_tree_and_times(a: &Path, b: &Path) {
+    assert_same_tree(a, b);
+    let (ta, tb) = (tree_mtimes(a), tree_mtimes(b));
+    let diff: Vec<String> = ta
+        .iter()
+        .filter(|(k, v)| tb.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: mtime {v} vs {:?}", tb.get(k)))
+        .collect();
+    assert!(diff.is_empty(), "trees {} and {} differ in times:\n{}", a.display(), b.display(), diff.join("\n"));
+}

@@ -1,6 +1,9 @@
 //! End-to-end tests: real `dpsync` processes on loopback, driven through the CLI.
 
+mod distribute;
 mod harness;
+mod quickstart;
 mod refresh;
+mod sites;
 
 mod proxy;

@@ -41,6 +41,10 @@ fn settled(t: &TargetStatus, version: i64) -> Option<bool> {
     if !done_here {
         return None;
     }
+    if t.kind == "site" && t.targets.is_empty() && t.last_error.is_some() {
+        // The child could not report its own targets: keep waiting.
+        return None;
+    }
     // A child site is settled when its own targets are.
     for child in &t.targets {
         match settled(child, version) {

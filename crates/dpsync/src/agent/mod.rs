@@ -195,6 +195,7 @@ impl Agent {
                     .write()
                     .unwrap()
                     .insert(p.id.clone(), Arc::new(Live { version: v, dir: dir.into(), manifest: Arc::new(manifest) }));
+                agent.restore_current(&p.id, dir);
                 agent.remove_stray_trees(&p.id, &[p.installed_dir.clone(), p.previous_dir.clone()]);
             }
         }
@@ -222,6 +223,30 @@ impl Agent {
 
     fn lock(&self, pkg: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks.lock().unwrap().entry(pkg.to_owned()).or_default().clone()
+    }
+
+    /// Points `current` back at the recorded tree when a crash left it elsewhere: an
+    /// install killed after switching `current` but before recording the install leaves
+    /// it on a tree that [`Agent::remove_stray_trees`] then deletes.
+    fn restore_current(&self, pkg: &str, installed_dir: &str) {
+        let pkg_dir = self.pkg_dir(pkg);
+        let Some(name) = Path::new(installed_dir).file_name() else { return };
+        let rel = Path::new("versions").join(name);
+        if std::fs::read_link(pkg_dir.join("current")).ok().as_deref() == Some(rel.as_path()) {
+            return;
+        }
+        if !pkg_dir.join(&rel).is_dir() {
+            tracing::error!(package = pkg, dir = installed_dir, "the installed version's tree is missing");
+            return;
+        }
+        tracing::warn!(
+            package = pkg,
+            dir = installed_dir,
+            "current did not point at the installed version (an install was interrupted); switching it back"
+        );
+        if let Err(e) = install::switch_current(&pkg_dir, &rel.to_string_lossy()) {
+            tracing::error!(package = pkg, "cannot switch current back: {e}");
+        }
     }
 
     /// Deletes version trees left by an install that died before it was recorded.

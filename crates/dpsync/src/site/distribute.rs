@@ -389,7 +389,14 @@ impl Site {
                     }
                 }
                 let len = body.len() as u64;
-                let resp = client.send_batch(&job.package_id, job.desired_version, body).await?;
+                let resp = match client.send_batch(&job.package_id, job.desired_version, body).await {
+                    Ok(r) => r,
+                    // A batch damaged in transit can break its framing (400): send it again.
+                    Err(TransferError::Rejected { status: 400, message, .. }) => {
+                        return Err(PushError::transient(format!("{} refused a chunk batch: {message}", target.name)));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 sent_on_wire += len;
                 self.count_sent(job, len).await;
                 self.set_progress(&key, |p| p.bytes_done += raw);

@@ -43,6 +43,25 @@ impl Site {
             )));
         }
         self.store.insert_foreign_package(pkg, name, source_site).await.map_err(store_err)?;
+        if let Some(p) = &existing {
+            // The parent removed the package from this site and now sends it again: put
+            // it back on the targets that removal took it off, and only on those (not on
+            // targets this site's administrators had removed it from themselves).
+            let key = parent_removed_key(&p.id);
+            if let Some(ids) = self.store.meta_get(&key).await.map_err(store_err)?.filter(|v| !v.is_empty()) {
+                let mut restored = 0;
+                for id in ids.split(',').filter_map(|s| s.parse::<i64>().ok()) {
+                    match self.store.assign(&p.id, id).await {
+                        Ok(_) => restored += 1,
+                        Err(StoreError::NotFound(_)) => {} // the target was deleted since
+                        Err(e) => return Err(store_err(e)),
+                    }
+                }
+                self.store.meta_set(&key, "").await.map_err(store_err)?;
+                self.kick_jobs();
+                tracing::info!(package = pkg, from = %source_site, targets = restored, "package sent again by the parent site");
+            }
+        }
         if existing.is_none() {
             // A package sent to a site goes to every DP and child site of that site;
             // its administrators may remove it from some of them afterwards.
@@ -132,15 +151,40 @@ impl Site {
         if p.source_site == self.cfg.site_code {
             return Err(ReceiveError::Forbidden(format!("package {pkg} is owned by this site")));
         }
-        for d in self.store.distributions(pkg).await.map_err(store_err)? {
-            if !matches!(d.state, DistState::Removed | DistState::Removing) {
-                self.store
-                    .request_action(pkg, d.target_id, Action::Remove, p.current_version)
-                    .await
-                    .map_err(store_err)?;
-            }
+        let active: Vec<i64> = self
+            .store
+            .distributions(pkg)
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .filter(|d| !matches!(d.state, DistState::Removed | DistState::Removing))
+            .map(|d| d.target_id)
+            .collect();
+        // Remember where the parent's removal takes the package off (added to what an
+        // earlier, repeated removal recorded), so that sending it again restores it there.
+        let key = parent_removed_key(&p.id);
+        let mut ids: std::collections::BTreeSet<i64> = self
+            .store
+            .meta_get(&key)
+            .await
+            .map_err(store_err)?
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        ids.extend(&active);
+        let joined = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        self.store.meta_set(&key, &joined).await.map_err(store_err)?;
+        for id in active {
+            self.store.request_action(pkg, id, Action::Remove, p.current_version).await.map_err(store_err)?;
         }
         self.kick_jobs();
         Ok(())
     }
+}
+
+/// Store meta key: the targets (ids, comma-separated) the parent's removal of `pkg` took
+/// it off.
+fn parent_removed_key(pkg: &str) -> String {
+    format!("parent_removed:{pkg}")
 }

@@ -256,18 +256,26 @@ impl Site {
                         target.token.clone(),
                         target.fingerprint.as_deref(),
                     )
-                    .ok()?;
+                    .map_err(|e| e.to_string())?;
                     let v = tokio::time::timeout(std::time::Duration::from_secs(3), client.status(&pkg))
                         .await
-                        .ok()?
-                        .ok()?;
-                    serde_json::from_value::<StatusReport>(v).ok()
+                        .map_err(|_| "no answer within 3 s".to_owned())?
+                        .map_err(|e| e.to_string())?;
+                    serde_json::from_value::<StatusReport>(v).map_err(|e| format!("unreadable answer: {e}"))
                 }),
             ));
         }
         for (i, task) in asks {
-            if let Ok(Some(child)) = task.await {
-                targets[i].targets = child.targets;
+            let why = match task.await {
+                Ok(Ok(child)) => {
+                    targets[i].targets = child.targets;
+                    continue;
+                }
+                Ok(Err(why)) => why,
+                Err(e) => e.to_string(),
+            };
+            if targets[i].last_error.is_none() {
+                targets[i].last_error = Some(format!("the status of its own targets is unknown: {why}"));
             }
         }
     }
