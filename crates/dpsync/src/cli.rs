@@ -485,7 +485,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             match package {
                 Some(p) => {
                     let s: StatusReport = c.get(&format!("/v1/packages/{}/status", enc(&p))).await?;
-                    emit(json, &s, |s| crate::wait::print_status(s));
+                    emit(json, &s, crate::wait::print_status);
                 }
                 None => {
                     let all: Vec<StatusReport> = c.get("/v1/status").await?;

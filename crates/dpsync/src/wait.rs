@@ -120,10 +120,10 @@ pub async fn wait(c: &AdminClient, pkg: &str, version: i64, timeout: Option<u64>
 fn state_line(t: &TargetStatus) -> String {
     let mut s =
         format!("{:<12} v{}", t.state, t.installed_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()));
-    if t.state == "retrying" || t.state == "failed" {
-        if let Some(e) = &t.last_error {
-            s.push_str(&format!("  ({e})"));
-        }
+    if (t.state == "retrying" || t.state == "failed")
+        && let Some(e) = &t.last_error
+    {
+        s.push_str(&format!("  ({e})"));
     }
     if let Some(p) = &t.progress {
         s.push_str(&format!("  {}", p.phase));

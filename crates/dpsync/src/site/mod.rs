@@ -23,6 +23,9 @@ use crate::config::ServerConfig;
 pub use admin::router;
 pub use distribute::{DistConfig, Progress};
 
+/// A decoded manifest and its compressed wire form.
+type WireManifest = (Arc<Manifest>, bytes::Bytes);
+
 /// A failure the admin API reports; the variant picks the HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
@@ -66,7 +69,7 @@ pub struct Site {
     jobs: tokio::sync::Notify,
     /// Live progress of running jobs, by (package, target id).
     pub progress: Mutex<HashMap<(String, i64), Progress>>,
-    manifest_cache: Mutex<HashMap<(String, i64), (Arc<Manifest>, bytes::Bytes)>>,
+    manifest_cache: Mutex<HashMap<(String, i64), WireManifest>>,
     /// This site's signing key (`DATA/site.key`).
     pub site_key: dpsync_transfer::trust::SiteKey,
     /// Pinned keys of the sites whose packages this site receives and relays.
