@@ -1,8 +1,10 @@
 //! `dpsync quickstart`: the main job on one machine with no set-up.
 //!
 //! In a fresh temporary directory it starts this same executable as a site server and
-//! two DP agents on loopback (each with a random token), writes a sample package, adds
-//! it and the DPs, distributes, refreshes and waits until both DPs hold it; then changes
+//! two DP agents on loopback, set up as in production: TLS with each DP's self-signed
+//! certificate pinned by fingerprint, a random token per DP, and the site's signing key
+//! pinned on the DPs (`--trust`). It writes a sample package, adds it and the DPs,
+//! distributes, refreshes and waits until both DPs hold it; then changes
 //! about 1 % of the source, refreshes again, checks each DP's live tree against the
 //! source byte for byte, refreshes once more with nothing changed, and stops everything.
 //!
@@ -28,6 +30,7 @@ use crate::api::{
 use crate::cli::enc;
 use crate::client::AdminClient;
 use crate::util::human_bytes;
+use dpsync_transfer::client::TargetClient;
 
 /// Longest a daemon may take to answer after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -60,14 +63,16 @@ pub async fn run(keep: bool, json: bool) -> Result<ExitCode> {
     let mut daemons: Vec<Daemon> = Vec::new();
     let mut summary = Summary { dir: work.path.display().to_string(), kept: keep, ..Summary::default() };
     let result = tokio::select! {
-        r = main_job(&work.path, &mut daemons, &mut summary, say) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted (Ctrl-C)")),
+        r = main_job(&work.path, &mut daemons, &mut summary, say) => r.map_err(|e| (e, true)),
+        _ = tokio::signal::ctrl_c() => Err((anyhow!("interrupted (Ctrl-C)"), false)),
     };
-    if let Err(e) = result {
+    if let Err((e, show_logs)) = result {
         for d in &mut daemons {
             d.kill();
-            eprintln!("--- last {LOG_TAIL_LINES} lines of the {} log ({})", d.name, d.log.display());
-            eprintln!("{}", d.log_tail(LOG_TAIL_LINES));
+            if show_logs {
+                eprintln!("--- last {LOG_TAIL_LINES} lines of the {} log ({})", d.name, d.log.display());
+                eprintln!("{}", d.log_tail(LOG_TAIL_LINES));
+            }
         }
         drop(daemons);
         if keep {
@@ -122,7 +127,7 @@ pub async fn run(keep: bool, json: bool) -> Result<ExitCode> {
 async fn main_job(dir: &Path, daemons: &mut Vec<Daemon>, s: &mut Summary, say: Say) -> Result<()> {
     say.line(format!("dpsync quickstart: a site server and two DPs on this machine, in {}", dir.display()));
 
-    // Start the server and both agents at once, then wait for each.
+    // The site server first: the DPs pin its signing key.
     let server_dir = dir.join("server");
     let socket = server_dir.join("admin.sock");
     daemons.push(Daemon::spawn(
@@ -141,6 +146,13 @@ async fn main_job(dir: &Path, daemons: &mut Vec<Daemon>, s: &mut Summary, say: S
         ],
         &dir.join("server.log"),
     )?);
+    let client = AdminClient::new(socket.clone());
+    let info = wait_for_server(&mut daemons[0], &client).await?;
+    say.line(format!("  site server {} is up (admin socket {})", info.site_code, socket.display()));
+    s.site_code = info.site_code.clone();
+
+    // Both DPs at once: TLS with a self-signed certificate, a random token, and the
+    // site's key pinned, so they install only what this site signed.
     let mut tokens = Vec::new();
     for name in DPS {
         let token = format!("{:032x}", rand::random::<u128>());
@@ -154,20 +166,18 @@ async fn main_job(dir: &Path, daemons: &mut Vec<Daemon>, s: &mut Summary, say: S
                 "127.0.0.1:0".into(),
                 "--token".into(),
                 token.clone().into(),
+                "--trust".into(),
+                format!("{}={}", info.site_code, info.site_key).into(),
             ],
             &dir.join(format!("{name}.log")),
         )?);
         tokens.push(token);
     }
-    let client = AdminClient::new(socket.clone());
-    let info = wait_for_server(&mut daemons[0], &client).await?;
-    say.line(format!("  site server {} is up (admin socket {})", info.site_code, socket.display()));
-    s.site_code = info.site_code;
     for (i, name) in DPS.iter().enumerate() {
         let data_dir = dir.join(name);
-        let url = wait_for_agent(&mut daemons[i + 1], &data_dir).await?;
+        let (url, fingerprint) = wait_for_agent(&mut daemons[i + 1], &data_dir, &tokens[i]).await?;
         say.line(format!("  {name} is up at {url} (data directory {})", data_dir.display()));
-        s.dps.push(DpInfo { name: name.to_string(), url, data_dir: data_dir.display().to_string() });
+        s.dps.push(DpInfo { name: name.to_string(), url, fingerprint, data_dir: data_dir.display().to_string() });
     }
 
     // A sample package.
@@ -192,9 +202,11 @@ async fn main_job(dir: &Path, daemons: &mut Vec<Daemon>, s: &mut Summary, say: S
     s.package = p.id.clone();
     for (dp, token) in s.dps.iter().zip(&tokens) {
         // JSON rather than `AddTarget`, so new optional fields keep their defaults.
-        let req = serde_json::json!({ "name": dp.name, "kind": "dp", "url": dp.url, "token": token });
+        let req = serde_json::json!({
+            "name": dp.name, "kind": "dp", "url": dp.url, "token": token, "fingerprint": dp.fingerprint,
+        });
         let _: TargetInfo = call("dp add", client.post("/v1/targets", &req)).await?;
-        say.line(format!("  dp add {} {} --token …", dp.name, dp.url));
+        say.line(format!("  dp add {} {} --token … --fingerprint {}…", dp.name, dp.url, &dp.fingerprint[..16]));
     }
     let req = DistributeRequest { dps: DPS.iter().map(|d| d.to_string()).collect(), ..Default::default() };
     let d: DistributeReport =
@@ -239,13 +251,16 @@ async fn main_job(dir: &Path, daemons: &mut Vec<Daemon>, s: &mut Summary, say: S
     ));
     s.change = change;
     let step = run_step(&client, dir, &p.id, "change", say).await?;
-    let ratio: Vec<String> = step
+    let sent: Vec<String> = step
         .targets
         .iter()
         .zip(&first_sent)
-        .map(|(t, first)| format!("{:.1} %", t.bytes_sent_last as f64 * 100.0 / (*first).max(1) as f64))
+        .map(|(t, first)| {
+            let pct = t.bytes_sent_last as f64 * 100.0 / (*first).max(1) as f64;
+            format!("{} to {} ({pct:.1} % of its first push)", human_bytes(t.bytes_sent_last.max(0) as u64), t.name)
+        })
         .collect();
-    say.line(format!("  sent {} ({} of the first push)", sent_list(&step.targets), ratio.join(", ")));
+    say.line(format!("  sent {}", sent.join(", ")));
     s.steps.push(step);
 
     // Nothing changed.
@@ -304,7 +319,11 @@ async fn run_step(client: &AdminClient, dir: &Path, pkg: &str, name: &'static st
     if installed.count() != DPS.len() {
         bail!("after the wait, not both DPs hold version {}: {}", r.source_version, serde_json::to_string(&targets)?);
     }
-    say.line(format!("  both DPs installed version {} in {:.2} s:", r.source_version, wait_ms as f64 / 1000.0));
+    say.line(format!(
+        "  both DPs installed version {} in {:.2} s; `dpsync status {pkg}`:",
+        r.source_version,
+        wait_ms as f64 / 1000.0
+    ));
     if !say.quiet {
         crate::wait::print_status(&status);
     }
@@ -364,24 +383,29 @@ async fn wait_for_server(d: &mut Daemon, client: &AdminClient) -> Result<SiteInf
     }
 }
 
-/// Waits for `DATA_DIR/listen.addr`, then for the agent to answer `hello`; its URL.
-async fn wait_for_agent(d: &mut Daemon, data_dir: &Path) -> Result<String> {
+/// Waits for `DATA_DIR/listen.addr` and `DATA_DIR/tls/fingerprint`, then for the agent
+/// to answer `hello` over TLS with that certificate pinned; its URL and fingerprint.
+async fn wait_for_agent(d: &mut Daemon, data_dir: &Path, token: &str) -> Result<(String, String)> {
     let deadline = Instant::now() + START_TIMEOUT;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
     let addr_file = data_dir.join("listen.addr");
+    let fp_file = data_dir.join("tls").join("fingerprint");
     loop {
         if let Some(status) = d.exited() {
             bail!("{} exited during start-up ({status}): {}", d.name, d.last_line());
         }
-        if let Ok(addr) = fs::read_to_string(&addr_file)
+        if let (Ok(addr), Ok(fp)) = (fs::read_to_string(&addr_file), fs::read_to_string(&fp_file))
             && !addr.trim().is_empty()
+            && !fp.trim().is_empty()
         {
-            let url = format!("http://{}", addr.trim());
-            if let Ok(hello) = hello(&http, &url).await {
+            let url = format!("https://{}", addr.trim());
+            let fp = fp.trim().to_owned();
+            let client = TargetClient::new(&d.name, &url, Some(token.to_owned()), Some(&fp))
+                .map_err(|e| anyhow!("{}: {e}", d.name))?;
+            if let Ok(Ok(hello)) = tokio::time::timeout(Duration::from_secs(2), client.hello()).await {
                 if hello.role != "dp" {
                     bail!("{} at {url} answered as a {:?}, not a DP", d.name, hello.role);
                 }
-                return Ok(url);
+                return Ok((url, fp));
             }
         }
         if Instant::now() >= deadline {
@@ -389,11 +413,6 @@ async fn wait_for_agent(d: &mut Daemon, data_dir: &Path) -> Result<String> {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-/// `GET /v1/hello` (no token needed).
-async fn hello(http: &reqwest::Client, url: &str) -> Result<dpsync_transfer::wire::Hello> {
-    Ok(http.get(format!("{url}/v1/hello")).send().await?.error_for_status()?.json().await?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -438,6 +457,8 @@ struct Summary {
 struct DpInfo {
     name: String,
     url: String,
+    /// SHA-256 of its TLS certificate, pinned by the site.
+    fingerprint: String,
     data_dir: String,
 }
 
