@@ -322,7 +322,7 @@ impl Site {
         .map_err(|e| PushError::transient(e.to_string()))?
         .map_err(PushError::permanent)?;
         let mut cache = self.manifest_cache.lock().unwrap();
-        if cache.len() >= 16 {
+        if cache.len() >= 4 {
             cache.clear();
         }
         cache.insert(key, built.clone());
@@ -453,7 +453,9 @@ fn read_batches(
         size += c.wire_len();
         raw_total += len as u64;
         batch.push(c);
-        if size >= batch_bytes {
+        // Close the batch on its wire size, or on what the receiver must hold once it
+        // decompressed it (very compressible chunks).
+        if size >= batch_bytes || raw_total >= wire::TARGET_BATCH_RAW_BYTES {
             if tx.blocking_send(Ok((wire::encode_batch(&batch), raw_total))).is_err() {
                 return;
             }
