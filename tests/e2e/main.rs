@@ -2,6 +2,7 @@
 
 mod distribute;
 mod harness;
+mod hostile;
 mod quickstart;
 mod refresh;
 mod sites;

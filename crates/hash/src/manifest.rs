@@ -16,7 +16,7 @@
 //! bytes the encoder produces, so `encode(decode(b)) == b`, and equal trees give equal
 //! bytes and so an equal [`ContentRoot`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::ids::{ChunkId, ContentRoot, FileHash};
 use crate::path::{self, PathError, RelPath};
@@ -141,6 +141,7 @@ impl Manifest {
         for e in &entries {
             v.check(e)?;
         }
+        check_symlink_chains(&entries)?;
         Ok(Self { entries })
     }
 
@@ -267,6 +268,7 @@ impl Manifest {
         if !r.b.is_empty() {
             return Err(DecodeError::TrailingBytes(r.b.len()));
         }
+        check_symlink_chains(&entries)?;
         Ok(Self { entries })
     }
 
@@ -362,6 +364,135 @@ impl Validator {
         self.index += 1;
         Ok(())
     }
+}
+
+/// The package root in [`check_symlink_chains`]' folder tree (other nodes are entry indices).
+const ROOT: usize = usize::MAX;
+
+/// Where the kernel gets to while resolving a symlink target inside the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// A folder of the tree (an entry index or [`ROOT`]).
+    Dir(usize),
+    /// The lookup ends inside the tree: at a file, a missing name, a symlink checked on
+    /// its own, or a loop (which the kernel refuses).
+    Stop,
+    /// A `..` above the package root.
+    Escapes,
+    /// More than [`path::MAX_SYMLINK_NESTING`] symlinks nested.
+    TooDeep,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum LinkState {
+    InProgress,
+    Done(Walk),
+}
+
+/// The folder tree of a validated, sorted entry list: folders and symlinks by (parent,
+/// name), and each entry's parent folder.
+struct Tree<'a> {
+    entries: &'a [Entry],
+    parent: Vec<usize>,
+    children: HashMap<(usize, &'a str), usize>,
+}
+
+impl<'a> Tree<'a> {
+    /// Resolves `target` from folder `start` the way the kernel does: `..` from the real
+    /// folder reached so far, symlinks on the way followed (the last one only with
+    /// `follow_last`).
+    fn walk(
+        &self,
+        start: usize,
+        target: &'a str,
+        follow_last: bool,
+        depth: usize,
+        memo: &mut HashMap<usize, LinkState>,
+    ) -> Walk {
+        let mut cur = start;
+        let mut parts = target.split('/').filter(|c| !c.is_empty() && *c != ".").peekable();
+        while let Some(c) = parts.next() {
+            if c == ".." {
+                if cur == ROOT {
+                    return Walk::Escapes;
+                }
+                cur = self.parent[cur];
+                continue;
+            }
+            let last = parts.peek().is_none();
+            let Some(&j) = self.children.get(&(cur, c)) else { return Walk::Stop };
+            match &self.entries[j].kind {
+                EntryKind::Dir => cur = j,
+                EntryKind::Symlink { .. } if last && !follow_last => return Walk::Stop,
+                EntryKind::Symlink { .. } => match self.link_as_dir(j, depth + 1, memo) {
+                    Walk::Dir(d) => cur = d,
+                    other => return other,
+                },
+                EntryKind::File { .. } => return Walk::Stop,
+            }
+        }
+        Walk::Dir(cur)
+    }
+
+    /// Where the kernel gets to through symlink `j` used as a folder (memoised).
+    fn link_as_dir(&self, j: usize, depth: usize, memo: &mut HashMap<usize, LinkState>) -> Walk {
+        if depth > path::MAX_SYMLINK_NESTING {
+            return Walk::TooDeep;
+        }
+        match memo.get(&j) {
+            Some(LinkState::InProgress) => return Walk::Stop,
+            Some(LinkState::Done(w)) => return *w,
+            None => {}
+        }
+        let EntryKind::Symlink { target } = &self.entries[j].kind else { unreachable!("a symlink entry") };
+        memo.insert(j, LinkState::InProgress);
+        let w = self.walk(self.parent[j], target, true, depth, memo);
+        memo.insert(j, LinkState::Done(w));
+        w
+    }
+}
+
+/// Refuses a symlink whose target, as the kernel resolves it through the other symlinks
+/// of the manifest, climbs above the package root. Each link alone is checked lexically
+/// ([`path::resolve_symlink`]); but after `s -> .`, the kernel reads `t -> s/../x` as the
+/// root's parent, so a DP would install a working link out of its data directory. Runs
+/// in time linear in the manifest (each link is resolved once, lookups by (folder, name)).
+fn check_symlink_chains(entries: &[Entry]) -> Result<(), DecodeError> {
+    if !entries.iter().any(|e| matches!(e.kind, EntryKind::Symlink { .. })) {
+        return Ok(());
+    }
+    let mut dirs: HashMap<&str, usize> = HashMap::new();
+    let mut tree = Tree { entries, parent: Vec::with_capacity(entries.len()), children: HashMap::new() };
+    for (i, e) in entries.iter().enumerate() {
+        let p = e.path.as_str();
+        let (parent, name) = match p.rsplit_once('/') {
+            // Validated: every parent is a folder entry that comes earlier.
+            Some((dir, name)) => (dirs.get(dir).copied().unwrap_or(ROOT), name),
+            None => (ROOT, p),
+        };
+        tree.parent.push(parent);
+        match e.kind {
+            EntryKind::Dir => {
+                dirs.insert(p, i);
+                tree.children.insert((parent, name), i);
+            }
+            EntryKind::Symlink { .. } => {
+                tree.children.insert((parent, name), i);
+            }
+            EntryKind::File { .. } => {}
+        }
+    }
+    let mut memo = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let EntryKind::Symlink { target } = &e.kind else { continue };
+        let source = match tree.walk(tree.parent[i], target, false, 0, &mut memo) {
+            Walk::Dir(_) | Walk::Stop => continue,
+            Walk::Escapes => PathError::SymlinkEscapes { link: e.path.to_string(), target: target.clone() },
+            Walk::TooDeep => PathError::SymlinkChainTooLong { link: e.path.to_string() },
+        };
+        return Err(DecodeError::Path { index: i as u64, source });
+    }
+    Ok(())
 }
 
 struct Reader<'a> {

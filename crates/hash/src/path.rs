@@ -13,6 +13,9 @@ use std::fmt;
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Longest single component accepted, in bytes (the usual `NAME_MAX`).
 pub const MAX_COMPONENT_BYTES: usize = 255;
+/// Deepest nesting of symlinks used as folders inside another symlink's target that a
+/// manifest may hold (Linux gives up after 40 links in one lookup, `MAXSYMLINKS`).
+pub const MAX_SYMLINK_NESTING: usize = 40;
 
 /// Why a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +40,8 @@ pub enum PathError {
     NotUtf8(String),
     #[error("symlink {link:?} points to {target:?}, which is outside the package")]
     SymlinkEscapes { link: String, target: String },
+    #[error("symlink {link:?} resolves through more than {MAX_SYMLINK_NESTING} other symlinks")]
+    SymlinkChainTooLong { link: String },
 }
 
 /// A validated path relative to a package root.
@@ -134,9 +139,13 @@ fn validate(s: &str) -> Result<(), PathError> {
 /// inside the package root. Absolute targets are refused. Returns the resolved path
 /// (`None` when the target is the root itself).
 ///
-/// This is a lexical check. Installers and file servers must still never follow a
-/// symlink while writing or resolving (the manifest decoder guarantees no entry lives
-/// under a symlink), so a chain of individually valid links cannot be used to escape.
+/// This is a lexical check of one link. A `..` that follows another symlink in the
+/// target is resolved by the kernel from that symlink's destination, not lexically, so a
+/// chain of individually valid links can still climb out (`s -> .` and `t -> s/../x`);
+/// the manifest therefore also checks every symlink against the others
+/// (`manifest::check_symlink_chains`). Installers and file servers must still never
+/// follow a symlink while writing or resolving (the manifest decoder guarantees no entry
+/// lives under a symlink).
 pub fn resolve_symlink(link: &RelPath, target: &str) -> Result<Option<RelPath>, PathError> {
     let escapes = || PathError::SymlinkEscapes { link: link.to_string(), target: target.to_owned() };
     if target.is_empty()

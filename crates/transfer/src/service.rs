@@ -30,6 +30,9 @@ pub enum ReceiveError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A body (or what it decompresses to) over a limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// A commit that still lacks chunks, or a version that is not newer.
     #[error("{message}")]
     Conflict { message: String, missing: Vec<ChunkId> },
@@ -47,6 +50,7 @@ impl IntoResponse for ReceiveError {
             ReceiveError::BadRequest(_) => (StatusCode::BAD_REQUEST, vec![]),
             ReceiveError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, vec![]),
             ReceiveError::Forbidden(_) => (StatusCode::FORBIDDEN, vec![]),
+            ReceiveError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, vec![]),
             ReceiveError::Conflict { missing, .. } => (StatusCode::CONFLICT, missing.clone()),
             ReceiveError::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, vec![]),
             ReceiveError::Internal(m) => {
@@ -154,11 +158,15 @@ pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
         .route("/v1/packages/{pkg}", get(state::<R>).delete(remove::<R>))
         .route(
             "/v1/packages/{pkg}/versions/{version}/manifest",
-            put(offer::<R>).layer(DefaultBodyLimit::max(wire::MAX_MANIFEST_BYTES)),
+            put(offer::<R>)
+                .layer(DefaultBodyLimit::max(wire::MAX_MANIFEST_BYTES))
+                .layer(middleware::from_fn_with_state(wire::MAX_MANIFEST_BYTES, refuse_announced_oversize)),
         )
         .route(
             "/v1/packages/{pkg}/versions/{version}/chunks",
-            post(chunks::<R>).layer(DefaultBodyLimit::max(wire::MAX_BATCH_BYTES)),
+            post(chunks::<R>)
+                .layer(DefaultBodyLimit::max(wire::MAX_BATCH_BYTES))
+                .layer(middleware::from_fn_with_state(wire::MAX_BATCH_BYTES, refuse_announced_oversize)),
         )
         .route("/v1/packages/{pkg}/versions/{version}/commit", post(commit::<R>))
         .route("/v1/packages/{pkg}/versions/{version}/relabel", post(relabel::<R>))
@@ -173,6 +181,30 @@ pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
         .layer(DefaultBodyLimit::max(64 << 10))
         .with_state(shared)
         .fallback(|| async { ReceiveError::NotFound("no such endpoint".into()) })
+        .layer(middleware::map_response(json_errors))
+}
+
+/// Gives every error answer the protocol's JSON body ([`WireError`]): axum's own
+/// rejections (a path, query or body that does not parse, a body over its limit, a
+/// method not allowed) are plain text otherwise.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+    {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 16 << 10).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let error = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_ascii_lowercase() } else { text };
+    let mut out = (status, Json(WireError { error, missing: vec![] })).into_response();
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 async fn authenticate<R: Receiver>(State(s): State<Arc<Shared<R>>>, req: Request, next: Next) -> Response {
@@ -189,6 +221,26 @@ async fn authenticate<R: Receiver>(State(s): State<Arc<Shared<R>>>, req: Request
             return ReceiveError::Unauthorized(format!("{why}: this target only accepts its site's token"))
                 .into_response();
         }
+    }
+    next.run(req).await
+}
+
+/// Answers 413 at once to a body whose announced length is over `limit`, before reading
+/// any of it (and before `100 Continue`); a body that does not announce its length is cut
+/// at the limit while it is read.
+async fn refuse_announced_oversize(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(len) = announced
+        && len > limit as u64
+    {
+        return ReceiveError::PayloadTooLarge(format!(
+            "request body of {len} bytes is over the limit of {limit} bytes"
+        ))
+        .into_response();
     }
     next.run(req).await
 }
@@ -289,7 +341,10 @@ async fn chunks<R: Receiver>(
     check_pkg(&pkg)?;
     check_version(version)?;
     let (good, rejected) = tokio::task::spawn_blocking(move || -> Result<_, ReceiveError> {
-        let batch = wire::decode_batch(&body).map_err(|e| ReceiveError::BadRequest(e.to_string()))?;
+        let batch = wire::decode_batch(&body).map_err(|e| match e {
+            wire::BatchError::TooMuchData => ReceiveError::PayloadTooLarge(e.to_string()),
+            e => ReceiveError::BadRequest(e.to_string()),
+        })?;
         let mut good = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for c in batch {

@@ -30,7 +30,8 @@ fn hex(b: &[u8]) -> String {
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if !s.len().is_multiple_of(2) {
+    // Hex digits only: `from_str_radix` alone would also take a sign ("+f").
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -179,6 +180,16 @@ impl TrustStore {
             )));
         };
         let site = source_site.to_ascii_uppercase();
+        // A package id starts with its owner's site code (`PS100012` belongs to PS1). Without
+        // this, a sender could claim another, never-seen site for a pinned site's package,
+        // have that site's key pinned on first use, and replace the package's content.
+        let owner = package.get(..3).unwrap_or(package);
+        if !owner.eq_ignore_ascii_case(&site) {
+            return Err(TrustError(format!(
+                "package {package} belongs to site {}; a version of it cannot come from site {site}",
+                owner.to_ascii_uppercase()
+            )));
+        }
         let key = match self.key_of(&site) {
             Some(k) => k,
             None if self.strict => {
@@ -369,6 +380,25 @@ mod tests {
         assert!(trust.check("PS100001", "PS1", 3, &root, None, Some(&pk)).is_err());
         let strict = TrustStore::open(&dir.join("strict.json"), &[], true).unwrap();
         assert!(strict.check("PS100001", "PS1", 3, &root, Some(&sig), Some(&pk)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Regression: a sender could claim a never-seen site for another site's package and
+    /// have its own key pinned on first use, replacing the package's content.
+    #[test]
+    fn a_package_comes_only_from_the_site_in_its_id() {
+        let dir = std::env::temp_dir().join(format!("dpsync-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let owner = SiteKey::load_or_create(&dir.join("owner.key")).unwrap();
+        let intruder = SiteKey::load_or_create(&dir.join("intruder.key")).unwrap();
+        let root = "ab".repeat(32);
+        let trust = TrustStore::open(&dir.join("trust.json"), &[], false).unwrap();
+        let sig = owner.sign("PS100001", "PS1", 1, &root);
+        trust.check("PS100001", "ps1", 1, &root, Some(&sig), Some(&owner.public_hex())).unwrap();
+        let claim = intruder.sign("PS100001", "EV1", 2, &root);
+        let e = trust.check("PS100001", "EV1", 2, &root, Some(&claim), Some(&intruder.public_hex())).unwrap_err();
+        assert!(e.to_string().contains("belongs to site PS1"), "{e}");
+        assert_eq!(trust.key_of("EV1"), None, "nothing pinned for the claimed site");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -22,6 +22,13 @@ pub const CONTENT_TYPE_CHUNK_IDS: &str = "application/x-dpsync-chunk-ids";
 pub const HEADER_CONTENT_ROOT: &str = "x-dpsync-content-root";
 /// Largest chunk batch body a receiver accepts.
 pub const MAX_BATCH_BYTES: usize = 32 << 20;
+/// Largest sum of the chunks' decompressed sizes in one batch a receiver accepts: it holds
+/// a batch's chunks in memory to verify them, and without this bound a 32 MiB body of
+/// compressed (or repeated) 16 MiB chunks would expand to hundreds of GiB.
+pub const MAX_BATCH_RAW_BYTES: u64 = 64 << 20;
+/// Decompressed bytes after which a sender closes a batch (one chunk may take it over by
+/// at most `MAX_CHUNK_LEN`, which keeps it under [`MAX_BATCH_RAW_BYTES`]).
+pub const TARGET_BATCH_RAW_BYTES: u64 = 32 << 20;
 /// Largest (compressed) manifest body a receiver accepts.
 pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
 /// Largest decompressed manifest.
@@ -119,6 +126,8 @@ pub enum BatchError {
     TrailingBytes(usize),
     #[error("chunk {0} does not decompress to its declared length")]
     BadCompression(ChunkId),
+    #[error("chunk batch decompresses to more than {MAX_BATCH_RAW_BYTES} bytes")]
+    TooMuchData,
 }
 
 /// One chunk as carried in a batch (possibly compressed).
@@ -199,6 +208,7 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
     let count = u32::from_le_bytes(b[6..10].try_into().unwrap()) as usize;
     let mut pos = 10;
     let mut out = Vec::with_capacity(count.min(b.len() / 41));
+    let mut raw_total = 0u64;
     for _ in 0..count {
         if b.len() - pos < 41 {
             return Err(BatchError::Truncated);
@@ -213,6 +223,10 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
         let data_len = u32::from_le_bytes(b[pos + 37..pos + 41].try_into().unwrap()) as usize;
         if raw_len == 0 || raw_len > MAX_CHUNK_LEN {
             return Err(BatchError::ChunkTooLarge(raw_len));
+        }
+        raw_total += u64::from(raw_len);
+        if raw_total > MAX_BATCH_RAW_BYTES {
+            return Err(BatchError::TooMuchData);
         }
         pos += 41;
         if b.len() - pos < data_len {
@@ -250,13 +264,34 @@ pub fn compress_manifest(encoded: &[u8]) -> Vec<u8> {
 }
 
 /// Decompresses a manifest body, refusing more than [`MAX_MANIFEST_DECODED`] bytes.
+///
+/// A frame that declares a larger size is refused before any work; otherwise the output
+/// grows in steps checked against the limit, so the buffer never exceeds it (reading to
+/// the end through `take(limit + 1)` would double a full 1 GiB buffer to 2 GiB).
 pub fn decompress_manifest(body: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
+    use std::io::{Error, ErrorKind, Read};
+    let too_large = || {
+        Error::new(ErrorKind::InvalidData, format!("manifest decompresses to more than {MAX_MANIFEST_DECODED} bytes"))
+    };
+    if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(body)
+        && n > MAX_MANIFEST_DECODED as u64
+    {
+        return Err(too_large());
+    }
+    let mut decoder = zstd::stream::read::Decoder::new(body)?;
     let mut out = Vec::new();
-    let decoder = zstd::stream::read::Decoder::new(body)?;
-    decoder.take(MAX_MANIFEST_DECODED as u64 + 1).read_to_end(&mut out)?;
-    if out.len() > MAX_MANIFEST_DECODED {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "manifest too large"));
+    let mut buf = vec![0u8; 128 << 10];
+    loop {
+        let n = match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if out.len() + n > MAX_MANIFEST_DECODED {
+            return Err(too_large());
+        }
+        out.extend_from_slice(&buf[..n]);
     }
     Ok(out)
 }

@@ -71,6 +71,7 @@ impl std::fmt::Debug for AgentConfig {
 }
 
 impl AgentConfig {
+    #[allow(clippy::too_many_arguments)] // one per flag; called once, from the CLI
     pub fn resolve(
         config: Option<&Path>,
         data_dir: Option<PathBuf>,
@@ -401,7 +402,19 @@ impl Receiver for Agent {
         let lock = self.lock(pkg);
         let _g = lock.lock().await;
         if let Mode::Site(site) = &self.mode {
-            site.accept_package(pkg, &meta).await?;
+            // What a site can refuse without the signature is refused before checking it
+            // (which pins a key on first use).
+            if meta.name.is_none() {
+                return Err(ReceiveError::BadRequest(
+                    "a site needs the package's name and source site with its manifest".into(),
+                ));
+            }
+            if meta.source_site.as_deref().is_some_and(|s| s.eq_ignore_ascii_case(&site.cfg.site_code)) {
+                return Err(ReceiveError::Forbidden(format!(
+                    "package {pkg} names this site ({}) as its owner; a parent cannot push it here",
+                    site.cfg.site_code
+                )));
+            }
         }
         let p = self.db.package(pkg).await.map_err(internal("offer"))?.unwrap_or_default();
         if let Some(iv) = p.installed_version
@@ -415,6 +428,11 @@ impl Receiver for Agent {
         let m2 = manifest.clone();
         let (root, encoded) = blocking(move || (m2.content_root().to_hex(), m2.encode())).await?;
         self.check_signature(pkg, version, &root, &meta)?;
+        // Only a verified version registers the package on a child site (and assigns it
+        // to the site's targets): a refused offer leaves no trace.
+        if let Mode::Site(site) = &self.mode {
+            site.accept_package(pkg, &meta).await?;
+        }
         if !force && !p.broken && p.installed_version == Some(version) && p.installed_root.as_deref() == Some(&root) {
             return Ok(vec![]);
         }
