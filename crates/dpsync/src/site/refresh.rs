@@ -238,7 +238,11 @@ fn build(
             shown.join("; ")
         )));
     }
-    let manifest = Manifest::new(entries).map_err(|e| SiteError::Internal(anyhow::anyhow!("manifest: {e}")))?;
+    let manifest = Manifest::new(entries).map_err(|e| {
+        SiteError::Refused(format!(
+            "the source tree cannot be published, nothing was committed: {e}; fix it, then refresh again"
+        ))
+    })?;
     let mut cache = ScanCache::default();
     for e in manifest.files() {
         if let Some(stat) = current_stat(source, e) {
