@@ -322,6 +322,14 @@ async fn bind_admin_socket(path: &PathBuf) -> Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        let mode = std::fs::metadata(parent).map(|m| m.permissions().mode()).unwrap_or(0);
+        if mode & 0o002 != 0 {
+            bail!(
+                "the admin socket's folder {} is world-writable, so anyone could replace the socket; \
+                 use a folder writable only by the server's user (e.g. the data directory)",
+                parent.display()
+            );
+        }
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
