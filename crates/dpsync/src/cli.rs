@@ -398,16 +398,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let c = client()?;
             let r: RefreshReport = c.post(&format!("/v1/packages/{}/refresh", enc(&package)), &req).await?;
             if wait && !dry_run {
-                if !json {
-                    print_refresh(&r);
-                }
-                let outcome = crate::wait::wait(&c, &r.package, r.source_version, timeout, json).await?;
-                if json {
-                    let mut v = serde_json::to_value(&r)?;
-                    v["status"] = serde_json::to_value(&outcome.status)?;
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                }
-                return Ok(outcome.exit_code());
+                return follow(&c, json, &r, print_refresh, timeout).await;
             }
             emit(json, &r, print_refresh);
         }
@@ -428,23 +419,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let fp = dpsync_transfer::trust::pem_fingerprint(&pem)?;
             emit(json, &serde_json::json!({ "fingerprint": fp }), |_| println!("{fp}"));
         }
-        Command::Dp(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint }) => {
+        Command::Dp(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint })
+        | Command::Site(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint }) => {
             let token = match token_file {
                 Some(p) => Some(crate::config::read_secret(&p)?),
                 None => token,
             };
-            let req = AddTarget { name, kind: "dp".into(), url, token, group, rate_limit, fingerprint };
+            let req = AddTarget { name, kind: command_kind.into(), url, token, group, rate_limit, fingerprint };
             let t: TargetInfo = client()?.post("/v1/targets", &req).await?;
-            emit(json, &t, |t| println!("added DP {} at {}", t.name, t.url));
-        }
-        Command::Site(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint }) => {
-            let token = match token_file {
-                Some(p) => Some(crate::config::read_secret(&p)?),
-                None => token,
-            };
-            let req = AddTarget { name, kind: "site".into(), url, token, group, rate_limit, fingerprint };
-            let t: TargetInfo = client()?.post("/v1/targets", &req).await?;
-            emit(json, &t, |t| println!("added child site {} at {}", t.name, t.url));
+            let what = if command_kind == "dp" { "DP" } else { "child site" };
+            emit(json, &t, |t| println!("added {what} {} at {}", t.name, t.url));
         }
         Command::Dp(TargetCmd::List) | Command::Site(TargetCmd::List) => {
             let kind = if matches!(command_kind, "dp") { "dp" } else { "site" };
@@ -469,16 +453,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let req = DistributeRequest { dps, groups, sites };
             let r: DistributeReport = c.post(&format!("/v1/packages/{}/distribute", enc(&package)), &req).await?;
             if wait {
-                if !json {
-                    println!("{} version {} → {}", r.package, r.source_version, r.targets.join(", "));
-                }
-                let outcome = crate::wait::wait(&c, &r.package, r.source_version, timeout, json).await?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&outcome.status)?);
-                }
-                return Ok(outcome.exit_code());
+                return follow(&c, json, &r, print_distribute, timeout).await;
             }
-            emit(json, &r, |r| println!("{} version {} → {}", r.package, r.source_version, r.targets.join(", ")));
+            emit(json, &r, print_distribute);
         }
         Command::Status { package } => {
             let c = client()?;
@@ -514,16 +491,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 )
             };
             if wait {
-                if !json {
-                    text(&r);
-                }
-                let outcome = crate::wait::wait(&c, &r.package, r.source_version, timeout, json).await?;
-                if json {
-                    let mut v = serde_json::to_value(&r)?;
-                    v["status"] = serde_json::to_value(&outcome.status)?;
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                }
-                return Ok(outcome.exit_code());
+                return follow(&c, json, &r, text, timeout).await;
             }
             emit(json, &r, text);
         }
@@ -590,17 +558,61 @@ async fn action(
         c.post(&format!("/v1/packages/{}/{verb}", enc(package)), &TargetRequest { target: Some(target) }).await?;
     let text = |r: &ActionReport| println!("{} {} queued for {}", r.package, r.action, r.targets.join(", "));
     if wait {
-        if !json {
-            text(&r);
-        }
-        let outcome = crate::wait::wait(c, &r.package, r.source_version, timeout, json).await?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&outcome.status)?);
-        }
-        return Ok(outcome.exit_code());
+        return follow(c, json, &r, text, timeout).await;
     }
     emit(json, &r, text);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Anything `--wait` can follow: a report that names the package and the version.
+trait Followable: Serialize {
+    /// `--json` prints the report with the final `status` in it (true: refresh,
+    /// rollback), or the final status document alone (false: distribute and actions).
+    const NESTS_STATUS: bool;
+    fn package(&self) -> &str;
+    fn version(&self) -> i64;
+}
+
+macro_rules! followable {
+    ($($t:ty => $nests:expr),*) => {$(
+        impl Followable for $t {
+            const NESTS_STATUS: bool = $nests;
+            fn package(&self) -> &str {
+                &self.package
+            }
+            fn version(&self) -> i64 {
+                self.source_version
+            }
+        }
+    )*};
+}
+followable!(RefreshReport => true, RollbackReport => true, DistributeReport => false, ActionReport => false);
+
+/// `--wait`: shows the report, follows the distribution to its end, and prints one JSON
+/// document (the report with the final `status`) with `--json`.
+async fn follow<T: Followable>(
+    c: &AdminClient,
+    json: bool,
+    report: &T,
+    text: impl FnOnce(&T),
+    timeout: Option<u64>,
+) -> Result<ExitCode> {
+    if !json {
+        text(report);
+    }
+    let outcome = crate::wait::wait(c, report.package(), report.version(), timeout, json).await?;
+    if json && T::NESTS_STATUS {
+        let mut v = serde_json::to_value(report)?;
+        v["status"] = serde_json::to_value(&outcome.status)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if json {
+        println!("{}", serde_json::to_string_pretty(&outcome.status)?);
+    }
+    Ok(outcome.exit_code())
+}
+
+fn print_distribute(r: &DistributeReport) {
+    println!("{} version {} → {}", r.package, r.source_version, r.targets.join(", "));
 }
 
 fn print_refresh(r: &RefreshReport) {
@@ -657,13 +669,5 @@ fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T)) {
 
 /// Percent-encodes a path segment.
 pub fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    dpsync_transfer::client::percent_encode(s)
 }

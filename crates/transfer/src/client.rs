@@ -174,7 +174,7 @@ impl TargetClient {
     ) -> Result<Vec<ChunkId>, TransferError> {
         let path = format!(
             "/v1/packages/{pkg}/versions/{version}/manifest?force={force}&name={}&{}",
-            query_escape(name),
+            percent_encode(name),
             signed.query()
         );
         let r = self
@@ -261,18 +261,20 @@ pub struct Signed {
 
 impl Signed {
     fn query(&self) -> String {
-        let mut q = format!("source_site={}", query_escape(&self.source_site));
+        let mut q = format!("source_site={}", percent_encode(&self.source_site));
         if let Some(s) = &self.signature {
-            q.push_str(&format!("&signature={}", query_escape(s)));
+            q.push_str(&format!("&signature={}", percent_encode(s)));
         }
         if let Some(k) = &self.site_key {
-            q.push_str(&format!("&site_key={}", query_escape(k)));
+            q.push_str(&format!("&site_key={}", percent_encode(k)));
         }
         q
     }
 }
 
-fn query_escape(s: &str) -> String {
+/// Percent-encodes everything but unreserved characters (RFC 3986), for a path
+/// segment or a query value.
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
