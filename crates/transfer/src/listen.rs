@@ -2,7 +2,6 @@
 //! the accept loop (so a slow client cannot stall it), a bound on the handshake time,
 //! and a cap on concurrent connections (a permit travels with each connection).
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,47 +17,20 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 pub const MAX_CONNECTIONS: usize = 512;
 /// A TLS handshake that takes longer is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection whose client sends nothing for this long is closed (slow or idle
-/// clients cannot hold a connection slot forever).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client must send a request's headers within this time (slowloris); idle
+/// keep-alive connections are closed after it too.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection holding its slot until dropped.
 #[allow(missing_debug_implementations)]
 pub struct Counted<S> {
     inner: S,
     _permit: OwnedSemaphorePermit,
-    /// Armed while a read waits; reset by every byte received.
-    idle: Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
-}
-
-impl<S> Counted<S> {
-    fn new(inner: S, permit: OwnedSemaphorePermit) -> Self {
-        Self { inner, _permit: permit, idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)), waiting: false }
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                this.waiting = false;
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                if !this.waiting {
-                    this.waiting = true;
-                    this.idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
-                }
-                match this.idle.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "client idle too long")))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -133,7 +105,7 @@ where
             let (conn_tx, prepare) = (tx.clone(), prepare.clone());
             tokio::spawn(async move {
                 if let Some(io) = prepare(stream).await {
-                    let _ = conn_tx.send((Counted::new(io, permit), addr)).await;
+                    let _ = conn_tx.send((Counted { inner: io, _permit: permit }, addr)).await;
                 }
             });
             if tx.is_closed() {
@@ -173,7 +145,8 @@ pub fn tls(
     })
 }
 
-/// Serves `app` on `tcp` (TLS when `tls_cfg` is given) until `shutdown` completes.
+/// Serves `app` on `tcp` (TLS when `tls_cfg` is given) until `shutdown` completes,
+/// then lets requests in flight finish (at most 30 s).
 pub async fn serve(
     tcp: TcpListener,
     app: axum::Router,
@@ -181,7 +154,38 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     match tls_cfg {
-        Some(cfg) => axum::serve(tls(tcp, cfg)?, app).with_graceful_shutdown(shutdown).await,
-        None => axum::serve(plain(tcp)?, app).with_graceful_shutdown(shutdown).await,
+        Some(cfg) => run(tls(tcp, cfg)?, app, shutdown).await,
+        None => run(plain(tcp)?, app, shutdown).await,
     }
+}
+
+async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut listener: BoundedListener<S>,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    use axum::serve::Listener;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            (io, _addr) = listener.accept() => {
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+    }
+    Ok(())
 }

@@ -245,6 +245,15 @@ async fn refuse_announced_oversize(State(limit): State<usize>, req: Request, nex
     next.run(req).await
 }
 
+/// Runs a state-changing receiver call as its own task: if the client goes away, the
+/// call still runs to its end (and keeps its package lock until then) instead of being
+/// cancelled between two steps.
+async fn detached<T: Send + 'static>(
+    call: impl Future<Output = Result<T, ReceiveError>> + Send + 'static,
+) -> Result<T, ReceiveError> {
+    tokio::spawn(call).await.map_err(|e| ReceiveError::Internal(format!("receiver task: {e}")))?
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -329,7 +338,8 @@ async fn offer<R: Receiver>(
     .await
     .map_err(|e| ReceiveError::Internal(format!("manifest task: {e}")))??;
     let meta = OfferMeta { name: q.name, source_site: q.source_site, signature: q.signature, site_key: q.site_key };
-    let missing = s.receiver.offer(&pkg, version, Arc::new(manifest), q.force, meta).await?;
+    let (r, p) = (s.receiver.clone(), pkg.clone());
+    let missing = detached(async move { r.offer(&p, version, Arc::new(manifest), q.force, meta).await }).await?;
     Ok(([(header::CONTENT_TYPE, wire::CONTENT_TYPE_CHUNK_IDS)], wire::encode_ids(&missing)).into_response())
 }
 
@@ -362,7 +372,8 @@ async fn chunks<R: Receiver>(
     }
     let accepted = good.len() as u64;
     if !good.is_empty() {
-        s.receiver.store_chunks(&pkg, version, good).await?;
+        let (r, p) = (s.receiver.clone(), pkg.clone());
+        detached(async move { r.store_chunks(&p, version, good).await }).await?;
     }
     Ok(Json(BatchResponse { accepted, rejected }))
 }
@@ -373,7 +384,8 @@ async fn commit<R: Receiver>(
 ) -> Result<Json<CommitResponse>, ReceiveError> {
     check_pkg(&pkg)?;
     check_version(version)?;
-    Ok(Json(s.receiver.commit(&pkg, version).await?))
+    let r = s.receiver.clone();
+    Ok(Json(detached(async move { r.commit(&pkg, version).await }).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -393,7 +405,8 @@ async fn relabel<R: Receiver>(
     check_version(version)?;
     let root = dpsync_hash::ContentRoot::from_hex(&q.root).map_err(|e| ReceiveError::BadRequest(e.to_string()))?;
     let meta = OfferMeta { name: None, source_site: q.source_site, signature: q.signature, site_key: q.site_key };
-    Ok(Json(s.receiver.relabel(&pkg, version, &root.to_hex(), meta).await?))
+    let r = s.receiver.clone();
+    Ok(Json(detached(async move { r.relabel(&pkg, version, &root.to_hex(), meta).await }).await?))
 }
 
 async fn remove<R: Receiver>(
@@ -401,7 +414,8 @@ async fn remove<R: Receiver>(
     Path(pkg): Path<String>,
 ) -> Result<StatusCode, ReceiveError> {
     check_pkg(&pkg)?;
-    s.receiver.remove(&pkg).await?;
+    let r = s.receiver.clone();
+    detached(async move { r.remove(&pkg).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -418,7 +432,8 @@ async fn validate<R: Receiver>(
     Path(pkg): Path<String>,
 ) -> Result<Json<ValidateResponse>, ReceiveError> {
     check_pkg(&pkg)?;
-    Ok(Json(s.receiver.validate(&pkg).await?))
+    let r = s.receiver.clone();
+    Ok(Json(detached(async move { r.validate(&pkg).await }).await?))
 }
 
 async fn download<R: Receiver>(
