@@ -325,14 +325,21 @@ impl AgentDb {
     /// Indexes every chunk of installed files: `(chunk, file, offset, len)`.
     pub async fn index_chunks(&self, rows: &[(Vec<u8>, Vec<u8>, i64, i64)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for (id, file, offset, len) in rows {
-            sqlx::query("INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES ($1, $2, $3, $4) ON CONFLICT (chunk_id) DO NOTHING")
-                .bind(id)
-                .bind(file)
-                .bind(offset)
-                .bind(len)
-                .execute(&mut *tx)
-                .await?;
+        // 200 rows (800 parameters) per statement: far fewer round trips than one each.
+        for batch in rows.chunks(200) {
+            let values: Vec<String> = (0..batch.len())
+                .map(|i| format!("(${}, ${}, ${}, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))
+                .collect();
+            let sql = format!(
+                "INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES {} ON CONFLICT (chunk_id) DO NOTHING",
+                values.join(",")
+            );
+            // Only generated placeholders are interpolated; values are bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, file, offset, len) in batch {
+                q = q.bind(id).bind(file).bind(offset).bind(len);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

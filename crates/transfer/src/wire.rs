@@ -143,8 +143,24 @@ impl WireChunk {
     /// Wraps raw chunk bytes, compressing them with zstd when that saves at least 1/16.
     pub fn encode(id: ChunkId, raw: &[u8]) -> Self {
         let raw_len = raw.len() as u32;
-        if raw.len() >= 512
-            && let Ok(z) = zstd::bulk::compress(raw, 1)
+        thread_local! {
+            // One compression context per thread: creating one per chunk was a visible
+            // share of a push's CPU time.
+            static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let compressed = (raw.len() >= 512)
+            .then(|| {
+                COMPRESSOR.with(|c| {
+                    let mut c = c.borrow_mut();
+                    if c.is_none() {
+                        *c = zstd::bulk::Compressor::new(1).ok();
+                    }
+                    c.as_mut()?.compress(raw).ok()
+                })
+            })
+            .flatten();
+        if let Some(z) = compressed
             && z.len() < raw.len() - raw.len() / 16
         {
             return Self { id, codec: Codec::Zstd, raw_len, data: Bytes::from(z) };

@@ -321,7 +321,13 @@ impl Agent {
         Ok(candidates.into_iter().filter(|c| !available.contains(c)).collect())
     }
 
-    async fn chunk_sources(&self, pkg: &str, manifest: &Manifest) -> Result<HashMap<ChunkId, Source>, ReceiveError> {
+    /// Where to read every chunk of the files the library lacks (all files with `force`).
+    async fn chunk_sources(
+        &self,
+        pkg: &str,
+        manifest: &Arc<Manifest>,
+        force: bool,
+    ) -> Result<HashMap<ChunkId, Source>, ReceiveError> {
         let mut sources = HashMap::new();
         let staging = self.staging_dir(pkg);
         for (id, pack, offset, len) in self.db.staged_chunks(pkg).await.map_err(internal("staged chunks"))? {
@@ -329,15 +335,18 @@ impl Agent {
                 sources.insert(id, Source::Pack { path: staging.join(pack), offset: offset as u64, len: len as u32 });
             }
         }
-        let wanted: Vec<Vec<u8>> = {
+        let known: HashSet<ChunkId> = sources.keys().copied().collect();
+        let (lib, m) = (self.library.clone(), manifest.clone());
+        let wanted: Vec<Vec<u8>> = blocking(move || {
             let mut seen = HashSet::new();
-            manifest
-                .files()
+            m.files()
+                .filter(|e| force || !lib.contains(&e.file_hash().expect("file")))
                 .flat_map(|e| e.chunks())
-                .filter(|c| !sources.contains_key(&c.id) && seen.insert(c.id))
+                .filter(|c| !known.contains(&c.id) && seen.insert(c.id))
                 .map(|c| c.id.as_bytes().to_vec())
                 .collect()
-        };
+        })
+        .await?;
         for (id, file, offset, len) in self.db.indexed_chunks(&wanted).await.map_err(internal("chunk index"))? {
             if let (Some(id), Some(hash)) = (ChunkId::from_slice(&id), FileHash::from_slice(&file)) {
                 sources.insert(id, Source::Object { hash, offset: offset as u64, len: len as u32 });
@@ -502,7 +511,7 @@ impl Receiver for Agent {
             Manifest::decode(&staged.manifest, &DecodeLimits::default())
                 .map_err(|e| ReceiveError::Internal(format!("staged manifest: {e}")))?,
         );
-        let sources = self.chunk_sources(pkg, &manifest).await?;
+        let sources = self.chunk_sources(pkg, &manifest, staged.force).await?;
         let (lib, pkg_dir, m2, force) = (self.library.clone(), self.pkg_dir(pkg), manifest.clone(), staged.force);
         let site_mode = matches!(self.mode, Mode::Site(_));
         let result = blocking(move || {
