@@ -199,15 +199,20 @@ fn build(
 
     let bytes_read = AtomicU64::new(0);
     let bytes_stored = AtomicU64::new(0);
-    let results: Vec<Result<Entry, String>> = plan
+    // Each file comes back with the stat that describes the bytes its hash covers (the
+    // scan's for a reused file, the pre-read fstat for a read one): the scan cache is
+    // built from these, without touching the source again.
+    let results: Vec<Result<(Entry, Option<FileStat>), String>> = plan
         .items
         .into_par_iter()
-        .map(|(entry, decision)| -> Result<Entry, String> {
+        .map(|(entry, decision)| -> Result<(Entry, Option<FileStat>), String> {
             Ok(match (&entry.kind, decision) {
-                (ScanKind::Dir, _) => entry_of(&entry, EntryKind::Dir),
-                (ScanKind::Symlink { target }, _) => entry_of(&entry, EntryKind::Symlink { target: target.clone() }),
+                (ScanKind::Dir, _) => (entry_of(&entry, EntryKind::Dir), None),
+                (ScanKind::Symlink { target }, _) => {
+                    (entry_of(&entry, EntryKind::Symlink { target: target.clone() }), None)
+                }
                 (ScanKind::File, Some(FilePlan::Reuse { hash, size, chunks })) => {
-                    entry_of(&entry, EntryKind::File { size, hash, chunks })
+                    (entry_of(&entry, EntryKind::File { size, hash, chunks }), Some(entry.stat))
                 }
                 (ScanKind::File, _) => {
                     let (digest, stat, mode, stored_new) = import_file(library, params, source, &entry)?;
@@ -216,16 +221,22 @@ fn build(
                         bytes_stored.fetch_add(digest.size, Ordering::Relaxed);
                     }
                     let kind = EntryKind::File { size: digest.size, hash: digest.hash, chunks: digest.chunks };
-                    Entry { path: entry.path.clone(), mode, mtime_ns: stat.mtime_ns, kind }
+                    (Entry { path: entry.path.clone(), mode, mtime_ns: stat.mtime_ns, kind }, Some(stat))
                 }
             })
         })
         .collect();
     let mut entries = Vec::with_capacity(results.len());
+    let mut cache = ScanCache::default();
     let mut failures = Vec::new();
     for r in results {
         match r {
-            Ok(e) => entries.push(e),
+            Ok((e, stat)) => {
+                if let Some(stat) = stat {
+                    cache.record(e.path.as_str(), stat, scan_started);
+                }
+                entries.push(e);
+            }
             Err(msg) => failures.push(msg),
         }
     }
@@ -243,12 +254,6 @@ fn build(
             "the source tree cannot be published, nothing was committed: {e}; fix it, then refresh again"
         ))
     })?;
-    let mut cache = ScanCache::default();
-    for e in manifest.files() {
-        if let Some(stat) = current_stat(source, e) {
-            cache.record(e.path.as_str(), stat, scan_started);
-        }
-    }
     for e in manifest.entries() {
         match e.kind {
             EntryKind::Dir => report.dirs += 1,
@@ -300,14 +305,6 @@ fn count_kind(report: &mut RefreshReport, e: &ScanEntry) {
 
 fn entry_of(e: &ScanEntry, kind: EntryKind) -> Entry {
     Entry { path: e.path.clone(), mode: e.mode, mtime_ns: e.stat.mtime_ns, kind }
-}
-
-/// The stat a file had when it was read, for the scan cache: what the manifest says,
-/// confirmed by the file on disk (it must not have moved since).
-fn current_stat(source: &Path, e: &Entry) -> Option<FileStat> {
-    let md = std::fs::symlink_metadata(source.join(e.path.as_str())).ok()?;
-    let stat = FileStat::of(&md);
-    (stat.mtime_ns == e.mtime_ns && stat.size == e.size()).then_some(stat)
 }
 
 /// Reads one source file into the library. The file is opened without following a
