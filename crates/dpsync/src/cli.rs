@@ -271,6 +271,9 @@ enum PackageCmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Server(_) | Command::Agent(_) | Command::Quickstart { .. }) {
+        crate::util::tune_allocator();
+    }
     dpsync_transfer::trust::install_crypto_provider();
     let json = cli.json;
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -24,8 +24,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::SystemTime;
 
 use dpsync_hash::{ChunkParams, FileDigest, FileHash, digest_stream};
@@ -85,6 +85,98 @@ pub struct Library {
     tmp: PathBuf,
     dirty_dirs: Mutex<HashSet<PathBuf>>,
     tmp_counter: AtomicU64,
+    finisher: Finisher,
+}
+
+/// An object written by an [`ImportBatch`], waiting to be made durable and named.
+struct Pending {
+    file: File,
+    tmp: PathBuf,
+    hash: FileHash,
+    batch: Arc<BatchState>,
+}
+
+/// A batch's objects not yet finished, and the first error among them.
+#[derive(Debug, Default)]
+struct BatchState {
+    counts: Mutex<(usize, Option<LibraryError>)>,
+    changed: Condvar,
+}
+
+/// Threads that fsync and rename the objects of import batches, so the threads that
+/// hash never wait for the disk. Started on first use; they stop with the library.
+#[derive(Debug, Default)]
+struct Finisher {
+    queue: Mutex<Option<mpsc::Sender<Pending>>>,
+}
+
+impl Finisher {
+    const THREADS: usize = 4;
+}
+
+/// Imports whose fsync and rename run on the library's finisher threads while the
+/// caller goes on reading and hashing. Nothing is named in `objects/` before it is
+/// whole and fsync'd, as with [`Library::import`]; the batch's objects are all there,
+/// durably, once [`ImportBatch::finish`] returns `Ok`.
+#[derive(Debug)]
+pub struct ImportBatch {
+    lib: Arc<Library>,
+    state: Arc<BatchState>,
+}
+
+impl ImportBatch {
+    /// Objects a batch lets wait at once (each holds a file descriptor).
+    const MAX_PENDING: usize = 64;
+
+    /// Reads `reader` once: hashes it, chunks it, and writes a copy whose fsync and
+    /// rename into the library happen later. `stored_new` is false only when the content
+    /// was already stored when the import started.
+    pub fn import<R: Read>(&self, reader: R, params: &ChunkParams) -> Result<Imported> {
+        let tmp = self.lib.temp_path();
+        let written = create_new(&tmp).and_then(|mut file| {
+            let digest = digest_stream(reader, &mut file, params).at(&tmp)?;
+            Ok((file, digest))
+        });
+        let (file, digest) = match written {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let stored_new = !self.lib.object_path(&digest.hash).is_file();
+        {
+            let counts = self.state.counts.lock().unwrap();
+            let mut counts = self.state.changed.wait_while(counts, |c| c.0 >= Self::MAX_PENDING).unwrap();
+            counts.0 += 1;
+        }
+        self.lib
+            .finisher_queue()
+            .send(Pending { file, tmp, hash: digest.hash, batch: self.state.clone() })
+            .expect("finisher threads run while the library exists");
+        Ok(Imported { digest, stored_new })
+    }
+
+    /// Waits for every object of the batch, then makes the renames durable
+    /// ([`Library::sync`]). Returns the first error of any object.
+    pub fn finish(self) -> Result<()> {
+        let counts = self.state.counts.lock().unwrap();
+        let mut counts = self.state.changed.wait_while(counts, |c| c.0 > 0).unwrap();
+        if let Some(e) = counts.1.take() {
+            return Err(e);
+        }
+        drop(counts);
+        self.lib.sync()
+    }
+}
+
+impl Drop for ImportBatch {
+    /// A batch dropped unfinished (a failed refresh) still waits for its objects, so no
+    /// write of it outlives the caller's error.
+    fn drop(&mut self) {
+        let counts = self.state.counts.lock().unwrap();
+        drop(self.state.changed.wait_while(counts, |c| c.0 > 0));
+    }
 }
 
 impl Library {
@@ -103,6 +195,7 @@ impl Library {
             tmp,
             dirty_dirs: Mutex::new(HashSet::new()),
             tmp_counter: AtomicU64::new(0),
+            finisher: Finisher::default(),
         })
     }
 
@@ -139,6 +232,50 @@ impl Library {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Starts a batch of imports whose fsyncs and renames overlap the hashing.
+    pub fn import_batch(self: &Arc<Self>) -> ImportBatch {
+        ImportBatch { lib: self.clone(), state: Arc::default() }
+    }
+
+    fn finisher_queue(self: &Arc<Self>) -> mpsc::Sender<Pending> {
+        let mut queue = self.finisher.queue.lock().unwrap();
+        queue
+            .get_or_insert_with(|| {
+                let (tx, rx) = mpsc::channel::<Pending>();
+                let rx = Arc::new(Mutex::new(rx));
+                for _ in 0..Finisher::THREADS {
+                    // Held weakly: dropping the library drops the queue, and the threads end.
+                    let (rx, lib) = (rx.clone(), Arc::downgrade(self));
+                    std::thread::Builder::new()
+                        .name("library-fsync".into())
+                        .spawn(move || {
+                            loop {
+                                let Ok(job) = rx.lock().unwrap().recv() else { return };
+                                let result = match lib.upgrade() {
+                                    Some(lib) => lib.adopt_file(job.file, &job.tmp, &job.hash).map(|_| ()),
+                                    None => Err(LibraryError::Io {
+                                        path: job.tmp.clone(),
+                                        source: io::Error::other("the library was closed"),
+                                    }),
+                                };
+                                if result.is_err() {
+                                    let _ = fs::remove_file(&job.tmp);
+                                }
+                                let mut counts = job.batch.counts.lock().unwrap();
+                                counts.0 -= 1;
+                                if let Err(e) = result {
+                                    counts.1.get_or_insert(e);
+                                }
+                                job.batch.changed.notify_all();
+                            }
+                        })
+                        .expect("spawning a library thread");
+                }
+                tx
+            })
+            .clone()
     }
 
     /// Moves a complete file that the caller wrote at `tmp` (from [`Library::temp_path`])

@@ -89,3 +89,38 @@ fn sweep_keeps_live_and_recent_content() {
     assert_eq!(stats.bytes_removed, 4);
     assert!(lib.contains(&live) && lib.contains(&fresh) && !lib.contains(&dead));
 }
+
+#[test]
+fn an_import_batch_names_every_object_once_finished() {
+    let t = tempfile::tempdir().unwrap();
+    let lib = std::sync::Arc::new(Library::open(t.path()).unwrap());
+    let batch = lib.import_batch();
+    // More objects than the batch lets wait at once, so the importer is held back too.
+    let inputs: Vec<Vec<u8>> = (0..150).map(|i| data(1000 + i * 37, i as u8)).collect();
+    let hashes: Vec<FileHash> =
+        inputs.iter().map(|b| batch.import(&b[..], &ChunkParams::default()).unwrap().digest.hash).collect();
+    batch.finish().unwrap();
+    for (h, b) in hashes.iter().zip(&inputs) {
+        assert_eq!(*h, FileHash::from(blake3::hash(b)));
+        lib.verify(h).unwrap();
+        let mode = std::fs::metadata(lib.object_path(h)).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o444);
+    }
+    assert_eq!(lib.list().unwrap().len(), inputs.len());
+    assert_eq!(std::fs::read_dir(t.path().join("tmp")).unwrap().count(), 0, "no temp left behind");
+}
+
+#[test]
+fn an_import_batch_reports_an_object_it_could_not_store() {
+    let t = tempfile::tempdir().unwrap();
+    let lib = std::sync::Arc::new(Library::open(t.path()).unwrap());
+    let bytes = data(4096, 9);
+    let hash = FileHash::from(blake3::hash(&bytes));
+    // A directory where the object's fan-out folder must go makes the rename fail.
+    let hex = hash.to_hex();
+    std::fs::write(t.path().join("objects").join(&hex[..2]), b"not a folder").unwrap();
+    let batch = lib.import_batch();
+    batch.import(&bytes[..], &ChunkParams::default()).unwrap();
+    assert!(batch.finish().is_err(), "the deferred failure reaches finish");
+    assert!(!lib.contains(&hash));
+}

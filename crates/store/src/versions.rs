@@ -149,6 +149,27 @@ impl Store {
         .transpose()
     }
 
+    /// One version without its blobs, or `None` (also if pruned).
+    pub async fn version_summary(&self, package_id: &str, version: i64) -> Result<Option<VersionSummary>> {
+        sqlx::query(concat!("SELECT ", summary_columns!(), " FROM versions WHERE package_id = $1 AND version = $2"))
+            .bind(normalize_id(package_id))
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(summary_from_row)
+            .transpose()
+    }
+
+    /// The manifest blob of one version, or `None` (also if pruned).
+    pub async fn version_manifest(&self, package_id: &str, version: i64) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT manifest FROM versions WHERE package_id = $1 AND version = $2")
+            .bind(normalize_id(package_id))
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     /// The retained versions of a package, ascending, without blobs. Empty if the package
     /// has no versions or does not exist.
     pub async fn versions(&self, package_id: &str) -> Result<Vec<VersionSummary>> {

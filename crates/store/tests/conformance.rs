@@ -346,6 +346,10 @@ async fn commit_numbers_versions_1_2_3(db: &Db) {
     assert_eq!(v2.manifest, b"manifest b".to_vec());
     assert_eq!(v2.scan_cache, b"scan cache b".to_vec());
     assert!(db.version(&p.id, 4).await.unwrap().is_none());
+    assert_eq!(db.version_summary(&p.id, 2).await.unwrap().unwrap(), list[1]);
+    assert_eq!(db.version_manifest(&p.id, 2).await.unwrap().unwrap(), b"manifest b".to_vec());
+    assert!(db.version_summary(&p.id, 4).await.unwrap().is_none());
+    assert!(db.version_manifest(&p.id, 4).await.unwrap().is_none());
 
     let latest = db.latest_version(&p.id).await.unwrap().unwrap();
     assert_eq!(latest.summary.version, 3);

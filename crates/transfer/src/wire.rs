@@ -168,6 +168,17 @@ impl WireChunk {
         Self { id, codec: Codec::Raw, raw_len, data: Bytes::copy_from_slice(raw) }
     }
 
+    /// Wraps raw chunk bytes as they are, without trying to compress them (for data
+    /// already known not to compress, such as the rest of a file whose first chunk did not).
+    pub fn stored(id: ChunkId, raw: &[u8]) -> Self {
+        Self { id, codec: Codec::Raw, raw_len: raw.len() as u32, data: Bytes::copy_from_slice(raw) }
+    }
+
+    /// True when the chunk travels compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.codec != Codec::Raw
+    }
+
     /// The raw bytes (decompressing, bounded by the declared length).
     pub fn decode(&self) -> Result<Bytes, BatchError> {
         match self.codec {
@@ -192,19 +203,83 @@ impl WireChunk {
 
 /// Encodes a batch.
 pub fn encode_batch(chunks: &[WireChunk]) -> Bytes {
-    let len = 10 + chunks.iter().map(WireChunk::wire_len).sum::<usize>();
-    let mut out = BytesMut::with_capacity(len);
-    out.put_slice(BATCH_MAGIC);
-    out.put_u16_le(BATCH_FORMAT);
-    out.put_u32_le(chunks.len() as u32);
+    let mut b = BatchBuilder::with_capacity(chunks.iter().map(WireChunk::wire_len).sum());
     for c in chunks {
-        out.put_slice(c.id.as_bytes());
-        out.put_u8(c.codec as u8);
-        out.put_u32_le(c.raw_len);
-        out.put_u32_le(c.data.len() as u32);
-        out.put_slice(&c.data);
+        b.push(c);
     }
-    out.freeze()
+    b.finish()
+}
+
+/// Builds a batch body in one buffer, chunk by chunk, so a sender holds each batch once.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    out: BytesMut,
+    count: u32,
+    raw: u64,
+}
+
+impl BatchBuilder {
+    /// A builder with room for `chunk_bytes` of chunk entries.
+    pub fn with_capacity(chunk_bytes: usize) -> Self {
+        let mut out = BytesMut::with_capacity(10 + chunk_bytes);
+        out.put_slice(BATCH_MAGIC);
+        out.put_u16_le(BATCH_FORMAT);
+        out.put_u32_le(0);
+        Self { out, count: 0, raw: 0 }
+    }
+
+    pub fn push(&mut self, c: &WireChunk) {
+        self.out.put_slice(c.id.as_bytes());
+        self.out.put_u8(c.codec as u8);
+        self.out.put_u32_le(c.raw_len);
+        self.out.put_u32_le(c.data.len() as u32);
+        self.out.put_slice(&c.data);
+        self.count += 1;
+        self.raw += u64::from(c.raw_len);
+    }
+
+    /// Appends a chunk stored as is, whose `len` raw bytes `fill` writes in place (one
+    /// copy from wherever they come from). When `fill` fails, the batch is unchanged.
+    pub fn push_stored_with<E>(
+        &mut self,
+        id: &ChunkId,
+        len: u32,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let start = self.out.len();
+        self.out.resize(start + 41 + len as usize, 0);
+        if let Err(e) = fill(&mut self.out[start + 41..]) {
+            self.out.truncate(start);
+            return Err(e);
+        }
+        let mut header = &mut self.out[start..start + 41];
+        header.put_slice(id.as_bytes());
+        header.put_u8(Codec::Raw as u8);
+        header.put_u32_le(len);
+        header.put_u32_le(len);
+        self.count += 1;
+        self.raw += u64::from(len);
+        Ok(())
+    }
+
+    /// Bytes of the body so far.
+    pub fn wire_len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Raw (decompressed) bytes of the chunks so far.
+    pub fn raw_len(&self) -> u64 {
+        self.raw
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn finish(mut self) -> Bytes {
+        self.out[6..10].copy_from_slice(&self.count.to_le_bytes());
+        self.out.freeze()
+    }
 }
 
 /// Decodes a batch without copying chunk data. Lengths are checked against the body,
@@ -330,6 +405,32 @@ mod tests {
         assert_eq!(back, chunks);
         assert_eq!(&back[0].decode().unwrap()[..], &a[..]);
         assert_eq!(&back[1].decode().unwrap()[..], &b[..]);
+    }
+
+    #[test]
+    fn builder_writes_stored_chunks_in_place_and_undoes_failed_ones() {
+        let a: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761u32) >> 24) as u8).collect();
+        let b = vec![3u8; 9000];
+        let (ida, idb) = (ChunkId::from(blake3::hash(&a)), ChunkId::from(blake3::hash(&b)));
+        let mut builder = BatchBuilder::with_capacity(16);
+        builder
+            .push_stored_with(&ida, a.len() as u32, |dst| {
+                dst.copy_from_slice(&a);
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+        let before = builder.wire_len();
+        assert_eq!(builder.push_stored_with(&idb, 77, |_| Err("unreadable")), Err("unreadable"));
+        assert_eq!(builder.wire_len(), before, "a failed fill leaves nothing behind");
+        builder.push(&WireChunk::encode(idb, &b));
+        assert_eq!(builder.raw_len(), (a.len() + b.len()) as u64);
+        let body = builder.finish();
+        let back = decode_batch(&body).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0], WireChunk::stored(ida, &a));
+        assert_eq!(&back[0].decode().unwrap()[..], &a[..]);
+        assert_eq!(&back[1].decode().unwrap()[..], &b[..]);
+        assert!(back[1].is_compressed());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest};
 use dpsync_store::{Action, Distribution, Outcome, Target};
 use dpsync_transfer::client::{Signed, TargetClient, TransferError};
-use dpsync_transfer::wire::{self, WireChunk};
+use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -221,22 +221,21 @@ impl Site {
         let pkg = &job.package_id;
         let version = job.desired_version;
         let key = (pkg.clone(), job.target_id);
-        let record = self
+        let gone = || PushError::permanent(format!("{pkg} version {version} is no longer stored on this site"));
+        let summary = self
             .store
-            .version(pkg, version)
+            .version_summary(pkg, version)
             .await
             .map_err(|e| PushError::transient(format!("store: {e}")))?
-            .ok_or_else(|| {
-            PushError::permanent(format!("{pkg} version {version} is no longer stored on this site"))
-        })?;
-        let root = record.summary.content_root.clone();
+            .ok_or_else(gone)?;
+        let root = summary.content_root.clone();
         let package = self
             .store
             .package(pkg)
             .await
             .map_err(|e| PushError::transient(format!("store: {e}")))?
             .ok_or_else(|| PushError::permanent(format!("package {pkg} no longer exists")))?;
-        let signed = self.signed(&package, version, &root, record.summary.signature.clone())?;
+        let signed = self.signed(&package, version, &root, summary.signature.clone())?;
         let state = client.package_state(pkg).await?;
         if !force && !state.broken && state.installed_root.as_deref() == Some(root.as_str()) {
             match state.installed_version {
@@ -250,7 +249,7 @@ impl Site {
             }
         }
         self.set_progress(&key, |p| p.phase = "manifest".into());
-        let (manifest, compressed) = self.wire_manifest(pkg, version, record.manifest).await?;
+        let (manifest, compressed) = self.wire_manifest(pkg, version).await?.ok_or_else(gone)?;
         let mut missing = client.offer(pkg, version, compressed.clone(), &root, force, &package.name, &signed).await?;
         self.count_sent(job, compressed.len() as u64).await;
         for round in 0..4 {
@@ -302,17 +301,18 @@ impl Site {
         })
     }
 
-    /// The decoded manifest and its compressed wire form, cached per version.
-    async fn wire_manifest(
-        &self,
-        pkg: &str,
-        version: i64,
-        encoded: Vec<u8>,
-    ) -> Result<(Arc<Manifest>, Bytes), PushError> {
+    /// The decoded manifest and its compressed wire form, cached per version (a relabel
+    /// never loads it). `None` when the version is no longer stored.
+    async fn wire_manifest(&self, pkg: &str, version: i64) -> Result<Option<(Arc<Manifest>, Bytes)>, PushError> {
         let key = (pkg.to_owned(), version);
         if let Some(hit) = self.manifest_cache.lock().unwrap().get(&key).cloned() {
-            return Ok(hit);
+            return Ok(Some(hit));
         }
+        let Some(encoded) =
+            self.store.version_manifest(pkg, version).await.map_err(|e| PushError::transient(format!("store: {e}")))?
+        else {
+            return Ok(None);
+        };
         let built = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let m =
                 Manifest::decode(&encoded, &DecodeLimits::default()).map_err(|e| format!("stored manifest: {e}"))?;
@@ -326,7 +326,7 @@ impl Site {
             cache.clear();
         }
         cache.insert(key, built.clone());
-        Ok(built)
+        Ok(Some(built))
     }
 
     /// Reads, compresses and sends `missing` in batches; resends chunks the target
@@ -423,10 +423,13 @@ fn read_batches(
     tx: tokio::sync::mpsc::Sender<Result<(Bytes, u64), String>>,
 ) {
     use std::os::unix::fs::FileExt;
+    let new_batch = || BatchBuilder::with_capacity(batch_bytes + (256 << 10));
     let mut open: Option<(FileHash, std::fs::File)> = None;
-    let mut batch: Vec<WireChunk> = Vec::new();
-    let (mut size, mut raw_total) = (0usize, 0u64);
+    let mut batch = new_batch();
     let mut buf = Vec::new();
+    // Most package content is already compressed (installers, archives, media): once a
+    // chunk of a file did not compress, the file's other chunks are sent as they are.
+    let mut incompressible: Option<FileHash> = None;
     for (id, hash, offset, len) in items {
         if open.as_ref().map(|(h, _)| *h) != Some(hash) {
             match lib.open_object(&hash) {
@@ -437,34 +440,40 @@ fn read_batches(
                 }
             }
         }
-        buf.resize(len as usize, 0);
         let f = &open.as_ref().expect("opened").1;
-        if let Err(e) = f.read_exact_at(&mut buf, offset) {
-            let _ = tx.blocking_send(Err(format!("site content library object {hash}: {e}")));
+        let damaged =
+            || format!("site content library object {hash} is damaged; run `dpsync refresh --verify` on its package");
+        let read = |dst: &mut [u8]| -> Result<(), String> {
+            f.read_exact_at(dst, offset).map_err(|e| format!("site content library object {hash}: {e}"))?;
+            if ChunkId::from(blake3::hash(dst)) != id { Err(damaged()) } else { Ok(()) }
+        };
+        let added = if incompressible == Some(hash) {
+            batch.push_stored_with(&id, len, read)
+        } else {
+            buf.resize(len as usize, 0);
+            read(&mut buf).map(|()| {
+                let c = WireChunk::encode(id, &buf);
+                if len >= 4096 && !c.is_compressed() {
+                    incompressible = Some(hash);
+                }
+                batch.push(&c);
+            })
+        };
+        if let Err(e) = added {
+            let _ = tx.blocking_send(Err(e));
             return;
         }
-        if ChunkId::from(blake3::hash(&buf)) != id {
-            let _ = tx.blocking_send(Err(format!(
-                "site content library object {hash} is damaged; run `dpsync refresh --verify` on its package"
-            )));
-            return;
-        }
-        let c = WireChunk::encode(id, &buf);
-        size += c.wire_len();
-        raw_total += len as u64;
-        batch.push(c);
         // Close the batch on its wire size, or on what the receiver must hold once it
         // decompressed it (very compressible chunks).
-        if size >= batch_bytes || raw_total >= wire::TARGET_BATCH_RAW_BYTES {
-            if tx.blocking_send(Ok((wire::encode_batch(&batch), raw_total))).is_err() {
+        if batch.wire_len() >= batch_bytes || batch.raw_len() >= wire::TARGET_BATCH_RAW_BYTES {
+            let raw = batch.raw_len();
+            if tx.blocking_send(Ok((std::mem::replace(&mut batch, new_batch()).finish(), raw))).is_err() {
                 return;
             }
-            batch.clear();
-            size = 0;
-            raw_total = 0;
         }
     }
     if !batch.is_empty() {
-        let _ = tx.blocking_send(Ok((wire::encode_batch(&batch), raw_total)));
+        let raw = batch.raw_len();
+        let _ = tx.blocking_send(Ok((batch.finish(), raw)));
     }
 }

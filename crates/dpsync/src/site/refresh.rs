@@ -4,12 +4,13 @@
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
 use dpsync_hash::{ChunkParams, DecodeLimits, Entry, EntryKind, FileDigest, Manifest};
-use dpsync_library::Library;
+use dpsync_library::{ImportBatch, Library};
 use dpsync_scan::{FilePlan, FileStat, ScanCache, ScanEntry, ScanError, ScanKind};
 use dpsync_store::{NewVersion, VersionStats};
 use rayon::prelude::*;
@@ -72,8 +73,6 @@ impl Site {
         }
         let (manifest, cache) = built.version.expect("built unless dry run");
         let root = manifest.content_root().to_hex();
-        let library = self.library.clone();
-        tokio::task::spawn_blocking(move || library.sync()).await.context("sync task")?.context("content library")?;
         let stats = VersionStats {
             files: report.files as i64,
             dirs: report.dirs as i64,
@@ -136,7 +135,7 @@ struct Built {
 }
 
 fn build(
-    library: &Library,
+    library: &Arc<Library>,
     params: &ChunkParams,
     source: &Path,
     previous: Option<&Manifest>,
@@ -199,6 +198,7 @@ fn build(
 
     let bytes_read = AtomicU64::new(0);
     let bytes_stored = AtomicU64::new(0);
+    let batch = library.import_batch();
     // Each file comes back with the stat that describes the bytes its hash covers (the
     // scan's for a reused file, the pre-read fstat for a read one): the scan cache is
     // built from these, without touching the source again.
@@ -215,7 +215,7 @@ fn build(
                     (entry_of(&entry, EntryKind::File { size, hash, chunks }), Some(entry.stat))
                 }
                 (ScanKind::File, _) => {
-                    let (digest, stat, mode, stored_new) = import_file(library, params, source, &entry)?;
+                    let (digest, stat, mode, stored_new) = import_file(&batch, params, source, &entry)?;
                     bytes_read.fetch_add(digest.size, Ordering::Relaxed);
                     if stored_new {
                         bytes_stored.fetch_add(digest.size, Ordering::Relaxed);
@@ -249,6 +249,13 @@ fn build(
             shown.join("; ")
         )));
     }
+    batch.finish().map_err(|e| {
+        SiteError::Refused(if e.is_disk_full() {
+            format!("the content library's disk is full ({e}); free space, then refresh again")
+        } else {
+            format!("the content library cannot store the content, nothing was committed: {e}")
+        })
+    })?;
     let manifest = Manifest::new(entries).map_err(|e| {
         SiteError::Refused(format!(
             "the source tree cannot be published, nothing was committed: {e}; fix it, then refresh again"
@@ -311,7 +318,7 @@ fn entry_of(e: &ScanEntry, kind: EntryKind) -> Entry {
 /// symlink (it was a regular file when scanned) and re-read when its size or times move
 /// while it is read.
 fn import_file(
-    library: &Library,
+    batch: &ImportBatch,
     params: &ChunkParams,
     root: &Path,
     entry: &ScanEntry,
@@ -327,7 +334,7 @@ fn import_file(
         if !before.is_file() {
             return Err(format!("{}: is no longer a regular file", entry.path));
         }
-        let imported = library.import(&file, params).map_err(|e| {
+        let imported = batch.import(&file, params).map_err(|e| {
             if e.is_disk_full() {
                 format!("{}: the content library's disk is full ({e}); free space, then refresh again", entry.path)
             } else {
