@@ -28,10 +28,11 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dpsync_hash::{ChunkParams, Entry, EntryKind, Manifest, digest_stream};
-use dpsync_library::Library;
+use dpsync_library::{ImportBatch, Library};
 use dpsync_scan::{FilePlan, ScanCache, ScanEntry, ScanKind};
 use rayon::prelude::*;
 
@@ -234,7 +235,8 @@ fn human(b: u64) -> String {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CopyTo {
-    /// `Library::import`: the real thing (fsync per object, directory fsyncs).
+    /// An `ImportBatch`, as a refresh uses: the real thing (fsync per object off the
+    /// hashing threads, directory fsyncs).
     Library,
     /// A bench-only replica of `Library::import` with no fsync at all.
     LibraryNoFsync,
@@ -244,7 +246,8 @@ enum CopyTo {
 
 /// Scan, plan, then hash + chunk + copy every file in parallel, as a refresh does.
 /// Returns the bytes read.
-fn dpsync_pass(src: &Path, library: Option<&Library>, params: &ChunkParams, copy: CopyTo) -> Res<u64> {
+fn dpsync_pass(src: &Path, library: Option<&Arc<Library>>, params: &ChunkParams, copy: CopyTo) -> Res<u64> {
+    let batch = library.filter(|_| copy == CopyTo::Library).map(|l| l.import_batch());
     let scan = dpsync_scan::scan(src).map_err(|e| e.to_string())?;
     if let Some(p) = scan.problems.first() {
         return Err(format!("scan refused {} entries, first: {p}", scan.problems.len()));
@@ -260,15 +263,15 @@ fn dpsync_pass(src: &Path, library: Option<&Library>, params: &ChunkParams, copy
                 (ScanKind::File, Some(FilePlan::Reuse { hash, size, chunks })) => {
                     EntryKind::File { size, hash, chunks }
                 }
-                (ScanKind::File, _) => import_one(src, &entry, library, params, copy)?,
+                (ScanKind::File, _) => import_one(src, &entry, batch.as_ref(), library, params, copy)?,
             };
             Ok(Entry { path: entry.path.clone(), mode: entry.mode, mtime_ns: entry.stat.mtime_ns, kind })
         })
         .collect();
     let entries = results.into_iter().collect::<Res<Vec<Entry>>>()?;
     let manifest = Manifest::new(entries).map_err(|e| format!("manifest: {e}"))?;
-    if copy == CopyTo::Library {
-        library.expect("a library").sync().map_err(|e| e.to_string())?;
+    if let Some(batch) = batch {
+        batch.finish().map_err(|e| e.to_string())?;
     }
     Ok(manifest.total_bytes())
 }
@@ -276,7 +279,8 @@ fn dpsync_pass(src: &Path, library: Option<&Library>, params: &ChunkParams, copy
 fn import_one(
     root: &Path,
     entry: &ScanEntry,
-    library: Option<&Library>,
+    batch: Option<&ImportBatch>,
+    library: Option<&Arc<Library>>,
     params: &ChunkParams,
     copy: CopyTo,
 ) -> Res<EntryKind> {
@@ -288,7 +292,7 @@ fn import_one(
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let ctx = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     let digest = match copy {
-        CopyTo::Library => library.expect("a library").import(&file, params).map_err(|e| ctx(&e))?.digest,
+        CopyTo::Library => batch.expect("an import batch").import(&file, params).map_err(|e| ctx(&e))?.digest,
         CopyTo::LibraryNoFsync => {
             import_without_fsync(library.expect("a library"), &file, params).map_err(|e| ctx(&e))?
         }
@@ -481,7 +485,7 @@ fn run() -> Res<()> {
     let with_library = |copy: CopyTo| -> Res<(Duration, u64)> {
         let dir = base.join(format!("lib-{}", lib_dirs.borrow().len()));
         lib_dirs.borrow_mut().push(dir.clone());
-        let library = Library::open(&dir).map_err(|e| e.to_string())?;
+        let library = Arc::new(Library::open(&dir).map_err(|e| e.to_string())?);
         timed(|| dpsync_pass(&src, Some(&library), &params, copy))
     };
     let b3 = b3sum_version();
