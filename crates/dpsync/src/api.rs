@@ -58,6 +58,9 @@ pub struct RefreshReport {
     /// Targets the new version was queued for.
     pub targets_queued: u64,
     pub duration_ms: u64,
+    /// Where `duration_ms` went.
+    #[serde(default)]
+    pub phases: RefreshPhases,
     /// Dry run: paths (at most 1000 of each).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub added: Vec<String>,
@@ -65,6 +68,19 @@ pub struct RefreshReport {
     pub changed: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<String>,
+}
+
+/// Milliseconds a refresh spent in each phase.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RefreshPhases {
+    /// Loading the previous version's manifest and scan cache.
+    pub load_ms: u64,
+    /// Walking the source folder.
+    pub scan_ms: u64,
+    /// Reading, hashing and storing what changed, and building the manifest.
+    pub read_ms: u64,
+    /// Committing the version to the store.
+    pub commit_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

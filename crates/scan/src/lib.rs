@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use dpsync_hash::path::resolve_symlink;
 use dpsync_hash::{Chunk, Entry, EntryKind, FileHash, Manifest, RelPath};
+use rayon::prelude::*;
 
 pub use cache::{CacheDecodeError, ScanCache};
 
@@ -98,6 +99,7 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
     let mut out = Scan::default();
     let walker = walkdir::WalkDir::new(root).follow_links(false).min_depth(1).sort_by_file_name();
     let mut it = walker.into_iter();
+    let mut found = Vec::new();
     while let Some(item) = it.next() {
         let dent = match item {
             Ok(d) => d,
@@ -118,38 +120,44 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
                 continue;
             }
         };
-        let md = match dent.metadata() {
-            Ok(md) => md,
-            Err(e) => {
-                out.problems.push(ScanProblem { path: path.to_string(), reason: format!("cannot be read: {e}") });
-                continue;
-            }
-        };
-        let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            ScanKind::Dir
-        } else if ft.is_file() {
-            ScanKind::File
-        } else if ft.is_symlink() {
-            match check_symlink(&canonical_root, dent.path(), &path) {
-                Ok(target) => ScanKind::Symlink { target },
-                Err(reason) => {
-                    out.problems.push(ScanProblem { path: path.to_string(), reason });
-                    continue;
-                }
-            }
-        } else {
-            out.problems.push(ScanProblem {
-                path: path.to_string(),
-                reason: "is a special file (device, FIFO or socket); only files, folders and symlinks are allowed"
-                    .into(),
-            });
-            continue;
-        };
-        out.entries.push(ScanEntry { path, kind, mode: md.mode() & 0o7777, stat: FileStat::of(&md) });
+        found.push((path, dent));
+    }
+    // Stats (and symlink checks) are the bulk of a scan that reads nothing: they run on
+    // all cores, after the walk fixed the set of entries.
+    let classified: Vec<Result<ScanEntry, ScanProblem>> =
+        found.into_par_iter().map(|(path, dent)| classify(&canonical_root, path, &dent)).collect();
+    for c in classified {
+        match c {
+            Ok(e) => out.entries.push(e),
+            Err(p) => out.problems.push(p),
+        }
     }
     out.entries.sort_by(|a, b| a.path.as_str().as_bytes().cmp(b.path.as_str().as_bytes()));
+    out.problems.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
+}
+
+/// Stats one walked entry and decides what it is.
+fn classify(canonical_root: &Path, path: RelPath, dent: &walkdir::DirEntry) -> Result<ScanEntry, ScanProblem> {
+    let md =
+        dent.metadata().map_err(|e| ScanProblem { path: path.to_string(), reason: format!("cannot be read: {e}") })?;
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        ScanKind::Dir
+    } else if ft.is_file() {
+        ScanKind::File
+    } else if ft.is_symlink() {
+        match check_symlink(canonical_root, dent.path(), &path) {
+            Ok(target) => ScanKind::Symlink { target },
+            Err(reason) => return Err(ScanProblem { path: path.to_string(), reason }),
+        }
+    } else {
+        return Err(ScanProblem {
+            path: path.to_string(),
+            reason: "is a special file (device, FIFO or socket); only files, folders and symlinks are allowed".into(),
+        });
+    };
+    Ok(ScanEntry { path, kind, mode: md.mode() & 0o7777, stat: FileStat::of(&md) })
 }
 
 fn display_rel(root: &Path, p: &Path) -> String {

@@ -54,6 +54,7 @@ impl Site {
             ),
             None => (None, ScanCache::default(), None),
         };
+        let load_ms = started.elapsed().as_millis() as u64;
         let library = self.library.clone();
         let params = self.params;
         let id = package.id.clone();
@@ -64,6 +65,7 @@ impl Site {
         .context("refresh task")??;
 
         let mut report = built.report;
+        report.phases.load_ms = load_ms;
         report.package = id.clone();
         report.previous_content_root = prev_root.clone();
         if req.dry_run {
@@ -71,6 +73,7 @@ impl Site {
             report.duration_ms = started.elapsed().as_millis() as u64;
             return Ok(report);
         }
+        let commit_started = Instant::now();
         let (manifest, cache) = built.version.expect("built unless dry run");
         let root = manifest.content_root().to_hex();
         let stats = VersionStats {
@@ -107,6 +110,7 @@ impl Site {
         self.metrics.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.bytes_hashed.fetch_add(report.bytes_hashed, std::sync::atomic::Ordering::Relaxed);
         self.kick_jobs();
+        report.phases.commit_ms = commit_started.elapsed().as_millis() as u64;
         report.duration_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             package = %id,
@@ -143,6 +147,7 @@ fn build(
     req: &RefreshRequest,
 ) -> Result<Built, SiteError> {
     let scan_started = now_ns();
+    let clock = Instant::now();
     let scan = dpsync_scan::scan(source).map_err(|e| match e {
         ScanError::Missing(_) | ScanError::NotADirectory(_) => {
             SiteError::Refused(format!("{e}; fix the source path or the folder, then refresh again"))
@@ -161,6 +166,7 @@ fn build(
     }
     let plan = dpsync_scan::plan(scan.entries, previous, prev_cache, req.verify);
     let mut report = RefreshReport { dry_run: req.dry_run, ..Default::default() };
+    report.phases.scan_ms = clock.elapsed().as_millis() as u64;
 
     if req.dry_run {
         let prev = previous.map(|m| m.entries()).unwrap_or_default();
@@ -290,6 +296,7 @@ fn build(
     report.files_read = plan.files_to_read;
     report.bytes_hashed = bytes_read.into_inner();
     report.bytes_stored = bytes_stored.into_inner();
+    report.phases.read_ms = clock.elapsed().as_millis() as u64 - report.phases.scan_ms;
     Ok(Built { report, version: Some((manifest, cache)) })
 }
 
