@@ -1051,3 +1051,27 @@ fn gen_first_file(root: &Path) -> String {
     files.sort();
     files[0].to_string_lossy().into_owned()
 }
+
+#[test]
+fn a_chunk_whose_base_the_dp_lost_is_sent_again_without_it() {
+    let site = Site::with_dps(1, &[]);
+    let src = &site.src;
+    gen_tree(src, 30, 909, 0..8 * KIB);
+    let big = src.join("big/data.bin");
+    write_random_file(&big, 3 * MIB, 91);
+    set_old_mtimes(src);
+    site.distribute_all();
+    site.refresh_wait();
+
+    // The DP's library loses the big file's object (its tree keeps its own link), so the
+    // chunk the site encodes against the old bytes cannot be decoded there.
+    let object = library_object(&site.agents[0].library(), &blake3_hex(&fs::read(&big).unwrap()));
+    fs::remove_file(&object).expect("the DP holds the file in its library");
+    overwrite(&big, MIB + 5000, 4 * KIB as usize, 92);
+    set_old_mtimes(src);
+    let sent = refresh_and_costs(&site, 2);
+    let log = site.server.log();
+    assert!(log.contains("their base missing there"), "the chunk was rejected and sent again{}", site.tails());
+    // Every chunk of the file went (the DP lacks them all), the edited one twice at most.
+    assert!(sent[0] > 3 * MIB && sent[0] < 3 * MIB + 512 * KIB, "sent {}", sent[0]);
+}

@@ -478,11 +478,11 @@ impl Site {
             if rejected_all.is_empty() {
                 return Ok(());
             }
-            tracing::warn!(package = %job.package_id, target = %target.name, chunks = rejected_all.len(), "target rejected damaged chunks; sending them again");
+            tracing::warn!(package = %job.package_id, target = %target.name, chunks = rejected_all.len(), "target rejected chunks (damaged in transit, or their base missing there); sending them again without a base");
             let rejected: HashSet<ChunkId> = rejected_all.into_iter().collect();
             todo = rejected.iter().filter_map(|id| locations.get(id).copied()).collect();
         }
-        Err(PushError::transient(format!("{} kept rejecting chunks as damaged", target.name)))
+        Err(PushError::transient(format!("{} kept rejecting chunks", target.name)))
     }
 }
 
