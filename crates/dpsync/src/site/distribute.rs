@@ -618,3 +618,56 @@ fn read_batches(
 fn base_len_of(base: Option<(ChunkId, FileHash, u64, u32)>) -> u64 {
     base.map_or(0, |b| b.3 as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use dpsync_hash::{Chunk, Entry, EntryKind, RelPath};
+
+    use super::*;
+
+    fn chunk(n: u8, len: u32) -> Chunk {
+        Chunk { id: ChunkId::from_bytes([n; 32]), len }
+    }
+
+    fn manifest(files: &[(&str, u8, Vec<Chunk>)]) -> Manifest {
+        Manifest::new(
+            files
+                .iter()
+                .map(|(p, h, chunks)| Entry {
+                    path: RelPath::new(*p).unwrap(),
+                    mode: 0o644,
+                    mtime_ns: 0,
+                    kind: EntryKind::File {
+                        size: chunks.iter().map(|c| u64::from(c.len)).sum(),
+                        hash: FileHash::from_bytes([*h; 32]),
+                        chunks: chunks.clone(),
+                    },
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_new_chunk_is_paired_with_the_old_chunk_at_its_offset() {
+        let base =
+            manifest(&[("a", 1, vec![chunk(1, 100), chunk(2, 100), chunk(3, 50)]), ("b", 2, vec![chunk(9, 10)])]);
+        let new = manifest(&[
+            // The first chunk grew (an insert at the start), the last one too (an append).
+            ("a", 3, vec![chunk(11, 120), chunk(2, 100), chunk(13, 60), chunk(14, 40)]),
+            ("b", 2, vec![chunk(9, 10)]),
+            ("c", 4, vec![chunk(21, 10)]),
+        ]);
+        let ids = |v: &[u8]| v.iter().map(|n| ChunkId::from_bytes([*n; 32])).collect::<Vec<_>>();
+        let items = plan_reads(&new, Some(&base), &ids(&[11, 13, 14, 21])).unwrap();
+        let bases: Vec<Option<(u8, u64)>> =
+            items.iter().map(|i| i.base.map(|(id, _, off, _)| (id.as_bytes()[0], off))).collect();
+        // 11 at 0 → old 1 at 0; 13 at 220 → old 3 at 200; 14 at 280 (past the old end) →
+        // the old last chunk; a new file has no base.
+        assert_eq!(bases, vec![Some((1, 0)), Some((3, 200)), Some((3, 200)), None]);
+        assert_eq!(items.iter().map(|i| i.offset).collect::<Vec<_>>(), vec![0, 220, 280, 0]);
+        // Without a base manifest, no chunk has a base; an unknown chunk is refused.
+        assert!(plan_reads(&new, None, &ids(&[11, 13])).unwrap().iter().all(|i| i.base.is_none()));
+        assert_eq!(plan_reads(&new, Some(&base), &ids(&[77])).unwrap_err(), ChunkId::from_bytes([77; 32]));
+    }
+}
