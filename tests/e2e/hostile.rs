@@ -269,6 +269,17 @@ impl Target {
         self.offer_raw(pkg, &version.to_string(), &offer_query(key, site, pkg, version, &root), Some(&root), &v.body())
     }
 
+    /// Offers a (compressed) manifest delta for `version`, claiming content root `root`.
+    fn offer_delta_raw(&self, key: &SiteKey, version: i64, root: Option<&str>, body: &[u8]) -> HttpResponse {
+        let auth = self.auth();
+        let mut headers = vec![("Authorization", auth.as_str()), ("Content-Type", wire::CONTENT_TYPE_MANIFEST_DELTA)];
+        if let Some(r) = root {
+            headers.push((wire::HEADER_CONTENT_ROOT, r));
+        }
+        let query = offer_query(key, SITE, PKG, version, root.unwrap_or(&"0".repeat(64)));
+        request(self.addr, "PUT", &format!("/v1/packages/{PKG}/versions/{version}/manifest?{query}"), &headers, body)
+    }
+
     fn chunks(&self, pkg: &str, version: i64, body: &[u8]) -> HttpResponse {
         let auth = self.auth();
         request(
@@ -1002,10 +1013,10 @@ fn chunks_that_do_not_verify_are_never_installed() {
     assert_eq!(missing.len(), 1, "only the new file's chunk is needed");
     let id = missing[0];
     let forged = vec![
-        WireChunk { id, codec: Codec::Raw, raw_len: marker.len() as u32, data: marker.clone().into() },
+        WireChunk { id, codec: Codec::Raw, raw_len: marker.len() as u32, base: None, data: marker.clone().into() },
         WireChunk::encode(id, &marker),
-        WireChunk { id, codec: Codec::Zstd, raw_len: 3000, data: b"not zstd".to_vec().into() },
-        WireChunk { id, codec: Codec::Raw, raw_len: 3001, data: v2.chunks[&id].clone().into() },
+        WireChunk { id, codec: Codec::Zstd, raw_len: 3000, base: None, data: b"not zstd".to_vec().into() },
+        WireChunk { id, codec: Codec::Raw, raw_len: 3001, base: None, data: v2.chunks[&id].clone().into() },
     ];
     for c in forged {
         let r = dp.chunks(PKG, 2, &wire::encode_batch(&[c]));
@@ -1052,6 +1063,130 @@ fn chunks_that_do_not_verify_are_never_installed() {
 }
 
 #[test]
+fn hostile_manifest_and_chunk_deltas_are_refused() {
+    use dpsync_hash::{ContentRoot, ManifestDelta};
+    let mut f = Fixture::new();
+    let g = f.guard();
+    let dp = f.dp.clone();
+    // v2: the multi-chunk file edited in its middle, and one new file.
+    let mut tool = f.v1.files["bin/tool.bin"].clone();
+    tool[200_000..200_100].fill(0x5A);
+    let v2 = Version::build(
+        &["bin"],
+        &[
+            ("readme.txt", f.v1.files["readme.txt"].clone()),
+            ("bin/tool.bin", tool.clone()),
+            ("empty.dat", Vec::new()),
+            ("new.bin", random_bytes(3000, 51)),
+        ],
+        &[("link", "readme.txt")],
+    );
+    let delta = ManifestDelta::between(&f.v1.manifest, &v2.manifest);
+    let body = wire::compress_manifest(&delta.encode());
+    let root = v2.root();
+
+    // 1. Malformed deltas: not zstd, zstd of garbage, a truncated delta, no content root.
+    let mut truncated = delta.encode();
+    truncated.truncate(truncated.len() - 3);
+    for (case, b, needle) in [
+        ("not zstd", b"garbage".to_vec(), "not valid zstd"),
+        ("garbage delta", wire::compress_manifest(b"DPSD\x01\x00garbage"), "manifest delta refused"),
+        ("a full manifest as a delta", f.v1.body(), "bad magic"),
+        ("truncated delta", wire::compress_manifest(&truncated), "truncated"),
+    ] {
+        assert_refused(&dp.offer_delta_raw(&f.key, 2, Some(&root), &b), 400, needle, case);
+    }
+    assert_refused(&dp.offer_delta_raw(&f.key, 2, None, &body), 400, "x-dpsync-content-root", "no content root");
+    f.assert_untouched(&g, "malformed deltas");
+
+    // 2. A delta against content the DP does not hold: 409 with the code the sender
+    //    recognizes (it then sends the full manifest).
+    let mut unknown = delta.clone();
+    unknown.base = ContentRoot::from_bytes([0x42; 32]);
+    let r = dp.offer_delta_raw(&f.key, 2, Some(&root), &wire::compress_manifest(&unknown.encode()));
+    assert_refused(&r, 409, "send the full manifest", "unknown base");
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["code"], wire::ERROR_BASE_UNKNOWN, "{v}");
+    f.assert_untouched(&g, "unknown base");
+
+    // 3. A delta whose result is not the content the signature covers: the owner signed v3,
+    //    the delta gives v2.
+    let v3 = v2_with("other.bin", random_bytes(2000, 52));
+    let r = dp.offer_delta_raw(&f.key, 2, Some(&v3.root()), &body);
+    assert_refused(&r, 400, "does not give the claimed content root", "result does not match the root");
+    // A delta that copies chunks the base entry does not have.
+    let mut bad = delta.clone();
+    for u in &mut bad.upserts {
+        if let dpsync_hash::DeltaKind::File { ops, .. } = &mut u.kind {
+            ops.insert(0, dpsync_hash::ChunkOp::Copy { start: 1000, count: 5 });
+        }
+    }
+    let r = dp.offer_delta_raw(&f.key, 2, Some(&root), &wire::compress_manifest(&bad.encode()));
+    assert_refused(&r, 400, "does not have", "copy out of range");
+    f.assert_untouched(&g, "deltas that do not give the signed content");
+
+    // 4. The good delta is staged and answers the chunks v2 needs.
+    let r = dp.offer_delta_raw(&f.key, 2, Some(&root), &body);
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let missing = wire::decode_ids(&r.body).unwrap();
+    assert!(!missing.is_empty());
+
+    // 5. Chunk deltas: against a base id the DP does not hold, or a base whose bytes are
+    //    not the ones it was encoded against: rejected, nothing kept.
+    let old_tool = &f.v1.files["bin/tool.bin"];
+    let base_of = |id: &ChunkId| -> (ChunkId, Vec<u8>) {
+        // The v1 chunk of tool.bin covering the same offset.
+        let e = v2.manifest.get("bin/tool.bin").unwrap();
+        let mut off = 0u64;
+        for c in e.chunks() {
+            if c.id == *id {
+                break;
+            }
+            off += c.len as u64;
+        }
+        let mut boff = 0u64;
+        for c in f.v1.manifest.get("bin/tool.bin").unwrap().chunks() {
+            if off < boff + c.len as u64 {
+                return (c.id, old_tool[boff as usize..(boff + c.len as u64) as usize].to_vec());
+            }
+            boff += c.len as u64;
+        }
+        unreachable!()
+    };
+    let tool_ids: Vec<ChunkId> = v2.manifest.get("bin/tool.bin").unwrap().chunks().iter().map(|c| c.id).collect();
+    let edited = *missing.iter().find(|id| tool_ids.contains(id)).expect("the edited chunk is missing");
+    let (base_id, base_bytes) = base_of(&edited);
+    let good = WireChunk::encode_against(edited, &v2.chunks[&edited], base_id, &base_bytes);
+    assert_eq!(good.codec, Codec::ZstdDelta, "a 100-byte edit compresses well against its base");
+    let bogus_base = ChunkId::from_bytes([0x99; 32]);
+    let mut wrong_base = good.clone();
+    wrong_base.base = Some(bogus_base);
+    let other_base = f.v1.manifest.get("bin/tool.bin").unwrap().chunks().iter().map(|c| c.id).find(|c| *c != base_id);
+    let mut mismatched = good.clone();
+    mismatched.base = other_base;
+    for (case, c) in [("bogus base id", wrong_base), ("another held chunk as base", mismatched)] {
+        let r = dp.chunks(PKG, 2, &wire::encode_batch(&[c]));
+        assert_eq!(r.status, 200, "{case}: {}", r.body_text());
+        let resp: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(resp["accepted"], 0, "{case}: {resp}");
+        assert_eq!(resp["rejected"], serde_json::json!([edited.to_hex()]), "{case}: {resp}");
+    }
+    let r = dp.commit(PKG, 2);
+    assert_refused(&r, 409, "missing", "commit without the rejected chunk");
+    f.assert_untouched(&g, "chunk deltas with bad bases");
+
+    // 6. The good chunk delta and the rest, plainly: v2 installs, byte for byte.
+    let mut batch = vec![good];
+    batch.extend(missing.iter().filter(|id| **id != edited).map(|id| WireChunk::encode(*id, &v2.chunks[id])));
+    let r = dp.chunks(PKG, 2, &wire::encode_batch(&batch));
+    let resp: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(resp["rejected"], serde_json::json!([]), "{resp}");
+    let r = dp.commit(PKG, 2);
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert!(f.agent.download(PKG, "bin/tool.bin").body == tool, "the delta-encoded chunk was assembled wrongly");
+}
+
+#[test]
 fn hostile_chunk_batches_are_refused() {
     let mut f = Fixture::new();
     let g = f.guard();
@@ -1067,7 +1202,7 @@ fn hostile_chunk_batches_are_refused() {
     let mut bad_codec = good.clone();
     bad_codec[10 + 32] = 7;
     let mut bad_format = good.clone();
-    bad_format[4] = 2;
+    bad_format[4] = 3;
     let mut zero_len = good.clone();
     zero_len[10 + 33..10 + 37].copy_from_slice(&0u32.to_le_bytes());
     let mut huge_count = good.clone();
@@ -1079,7 +1214,7 @@ fn hostile_chunk_batches_are_refused() {
         ("bad magic", b"XXXX\x01\x00\x00\x00\x00\x00".to_vec(), 400, "bad magic"),
         ("trailing bytes", trailing, 400, "trailing bytes"),
         ("unknown codec", bad_codec, 400, "unknown codec"),
-        ("unknown format", bad_format, 400, "format 2"),
+        ("unknown format", bad_format, 400, "format 3"),
         ("zero-length chunk", zero_len, 400, "exceeds the limit"),
         ("2^32-1 chunks claimed", huge_count, 400, "truncated"),
     ];

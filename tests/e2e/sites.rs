@@ -596,3 +596,35 @@ fn wait_does_not_succeed_while_a_child_site_cannot_report_its_own_targets() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_small_change_relays_as_deltas_on_every_link() {
+    let t = Topology::new(13, 800, Opts::default());
+    t.refresh_wait();
+    let full = {
+        let status = t.ps1.status(&t.pkg);
+        bytes_sent_last(target_of(&status, "dp1"))
+    };
+    let want = t.change(1301, 100, 0);
+    let r = t.refresh_wait();
+    assert_eq!(num(&r, "source_version"), 2);
+    t.assert_dps_hold(&DP_NAMES, &want, "the changed source");
+    let status = t.ps1.status(&t.pkg);
+    t.assert_status_installed(&status, &DP_NAMES, 2);
+    let ch1_entry = target_of(&status, "CH1");
+    let gc1_entry = target_of(ch1_entry, "GC1");
+    let links = [
+        ("PS1→dp1", bytes_sent_last(target_of(&status, "dp1"))),
+        ("PS1→CH1", bytes_sent_last(ch1_entry)),
+        ("CH1→dp2", bytes_sent_last(target_of(ch1_entry, "dp2"))),
+        ("CH1→dp3", bytes_sent_last(target_of(ch1_entry, "dp3"))),
+        ("CH1→GC1", bytes_sent_last(gc1_entry)),
+        ("GC1→dp4", bytes_sent_last(target_of(gc1_entry, "dp4"))),
+    ];
+    eprintln!("bytes sent for a 100-byte append (first install of dp1: {full}): {links:?}");
+    // A manifest delta and one chunk encoded against the one it replaces, on every link
+    // (the full manifest of 800 files alone is about 100 KB).
+    for (link, sent) in links {
+        assert!(sent < 4 * KIB, "{link} carried {sent} bytes for a 100-byte append:\n{status:#}");
+    }
+}

@@ -1,7 +1,8 @@
 //! Fuzzing of the untrusted-input surface of `dpsync-hash`, on stable Rust, with proptest:
 //! the path rules (`RelPath::new`, `RelPath::from_bytes`), symlink resolution
 //! (`resolve_symlink`, and whole manifests checked against the real kernel), and the
-//! manifest decoder (`Manifest::decode`) on arbitrary, structure-aware and mutated input.
+//! manifest decoder (`Manifest::decode`) on arbitrary, structure-aware and mutated input,
+//! and the manifest delta decoder (`ManifestDelta::decode`, `apply`).
 //!
 //! Each property is bounded to a few seconds in the default test profile. To fuzz longer
 //! (failures are saved to `fuzz.proptest-regressions` beside this file and replayed
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use dpsync_hash::manifest::{FORMAT_VERSION, MAX_CHUNK_LEN};
 use dpsync_hash::path::{MAX_COMPONENT_BYTES, MAX_PATH_BYTES, resolve_symlink};
 use dpsync_hash::{
-    Chunk, ChunkId, DecodeError, DecodeLimits, Entry, EntryKind, FileHash, Manifest, PathError, RelPath,
+    Chunk, ChunkId, DecodeError, DecodeLimits, Entry, EntryKind, FileHash, Manifest, ManifestDelta, PathError, RelPath,
 };
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -822,4 +823,97 @@ fn error_messages_escape_hostile_paths() {
     let bytes = encode_raw(&[RawEntry::Dir { path: b"a\nFAKE LOG LINE".to_vec(), mode: 0o755 }], None);
     let msg = Manifest::decode(&bytes, &DecodeLimits::default()).unwrap_err().to_string();
     assert!(!msg.contains('\n'), "{msg}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Manifest deltas: arbitrary bytes, and declarations that promise more than the input.
+// ---------------------------------------------------------------------------------------
+
+fn delta_header(removed: u64) -> Vec<u8> {
+    let mut b = b"DPSD".to_vec();
+    b.extend_from_slice(&dpsync_hash::delta::DELTA_FORMAT_VERSION.to_le_bytes());
+    b.extend_from_slice(&[7; 32]);
+    b.extend_from_slice(&removed.to_le_bytes());
+    b
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    #[test]
+    fn delta_decode_survives_arbitrary_bytes(
+        with_header in any::<bool>(),
+        tail in prop::collection::vec(any::<u8>(), 0..400),
+    ) {
+        let mut bytes = if with_header { delta_header(0) } else { Vec::new() };
+        bytes.extend_from_slice(&tail);
+        let (r, peak) = heap::peak_during(|| ManifestDelta::decode(&bytes, &DecodeLimits::default()));
+        prop_assert!(peak < 64 * bytes.len() + (4 << 10), "{} bytes of input held {} bytes", bytes.len(), peak);
+        if let Ok(d) = r {
+            prop_assert!(d.encode() == bytes);
+            let base = Manifest::default();
+            // Applying to an empty base must not panic either.
+            let _ = d.apply(&base);
+        }
+    }
+}
+
+#[test]
+fn huge_delta_declarations_do_not_allocate() {
+    let mut file_ops = delta_header(0);
+    file_ops.extend_from_slice(&1u64.to_le_bytes());
+    file_ops.extend_from_slice(&1u16.to_le_bytes());
+    file_ops.push(b'f');
+    file_ops.push(1);
+    file_ops.extend_from_slice(&0o644u32.to_le_bytes());
+    file_ops.extend_from_slice(&0i64.to_le_bytes());
+    file_ops.extend_from_slice(&u64::MAX.to_le_bytes());
+    file_ops.extend_from_slice(&[1; 32]);
+    file_ops.extend_from_slice(&u32::MAX.to_le_bytes());
+    let mut literal = file_ops.clone();
+    let n = literal.len();
+    literal[n - 4..].copy_from_slice(&1u32.to_le_bytes());
+    literal.push(1);
+    literal.extend_from_slice(&u32::MAX.to_le_bytes());
+    let cases = vec![delta_header(u64::MAX), delta_header(4_999_999), file_ops, literal];
+    for bytes in cases {
+        let (r, peak) = heap::peak_during(|| ManifestDelta::decode(&bytes, &DecodeLimits { max_entries: u64::MAX }));
+        assert!(r.is_err());
+        assert!(peak < 64 << 10, "{} bytes of input held {peak} bytes", bytes.len());
+    }
+}
+
+/// Copy ops repeating a base range cannot make a small delta expand without bound.
+#[test]
+fn repeated_copies_are_bounded() {
+    let chunks: Vec<Chunk> =
+        (0..1000u32).map(|i| Chunk { id: ChunkId::from(blake3::hash(&i.to_le_bytes())), len: 1 }).collect();
+    let base = Manifest::new(vec![Entry {
+        path: RelPath::new("f").unwrap(),
+        mode: 0o644,
+        mtime_ns: 0,
+        kind: EntryKind::File { size: 1000, hash: FileHash::from_bytes([1; 32]), chunks },
+    }])
+    .unwrap();
+    let d = dpsync_hash::ManifestDelta {
+        base: base.content_root(),
+        removed: vec![],
+        upserts: vec![dpsync_hash::DeltaEntry {
+            path: RelPath::new("f").unwrap(),
+            mode: 0o644,
+            mtime_ns: 0,
+            kind: dpsync_hash::DeltaKind::File {
+                size: u64::MAX,
+                hash: FileHash::from_bytes([1; 32]),
+                ops: vec![dpsync_hash::ChunkOp::Copy { start: 0, count: 1000 }; 40_000],
+            },
+        }],
+    };
+    let bytes = d.encode();
+    assert!(bytes.len() < 400_000);
+    let decoded = ManifestDelta::decode(&bytes, &DecodeLimits::default()).unwrap();
+    let (r, peak) = heap::peak_during(|| decoded.apply(&base));
+    assert_eq!(r, Err(dpsync_hash::DeltaError::TooManyChunks));
+    // Refused from the op counts, before a single chunk is copied.
+    assert!(peak < 1 << 20, "{peak}");
 }

@@ -1,5 +1,5 @@
 //! Property and behaviour tests for `dpsync-hash`: chunking, manifest encoding and
-//! validation, the decoder on hostile input, `diff`, and the hex ids.
+//! validation, the decoder on hostile input, `diff`, manifest deltas, and the hex ids.
 //!
 //! Data sizes are kept modest because this crate is compiled at opt-level 0 in the dev
 //! profile (its dependencies, which do the heavy lifting, at opt-level 2).
@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use dpsync_hash::manifest::{FORMAT_VERSION, MAX_CHUNK_LEN};
 use dpsync_hash::path::{MAX_PATH_BYTES, resolve_symlink};
 use dpsync_hash::{
-    Chunk, ChunkId, ChunkParams, ContentRoot, DecodeError, DecodeLimits, Entry, EntryKind, FileDigest, FileHash,
-    Manifest, PathError, RelPath, digest_stream,
+    Chunk, ChunkId, ChunkOp, ChunkParams, ContentRoot, DecodeError, DecodeLimits, DeltaEntry, DeltaError, DeltaKind,
+    Entry, EntryKind, FileDigest, FileHash, Manifest, ManifestDelta, PathError, RelPath, digest_stream,
 };
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -1382,4 +1382,163 @@ fn serde_of_known_values() {
     for bad in ["../x", "/x", "a\\b", ""] {
         assert!(from_str_de::<RelPath>(bad).is_err(), "{bad:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Manifest deltas.
+// ---------------------------------------------------------------------------------------
+
+/// Edits a file's chunk list the way content edits do: replace, insert or drop chunks
+/// at `at`, or append.
+fn edit_chunks(m: &Manifest, pick: usize, at: usize, how: u8, seed: u8) -> Option<Vec<Entry>> {
+    let mut entries = m.entries().to_vec();
+    let files: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].is_file()).collect();
+    let e = &mut entries[*files.get(pick % files.len().max(1))?];
+    let EntryKind::File { size, chunks, hash } = &mut e.kind else { unreachable!() };
+    let fresh = Chunk { id: ChunkId::from_bytes([seed; 32]), len: 1 + u32::from(seed) * 7 };
+    let at = at % (chunks.len() + 1);
+    match how % 4 {
+        0 if at < chunks.len() => chunks[at] = fresh,
+        1 => chunks.insert(at, fresh),
+        2 if at < chunks.len() => {
+            chunks.remove(at);
+        }
+        _ => chunks.push(fresh),
+    }
+    *size = chunks.iter().map(|c| u64::from(c.len)).sum();
+    *hash = FileHash::from_bytes([seed.wrapping_add(1); 32]);
+    Some(entries)
+}
+
+proptest! {
+    #![proptest_config(config(128))]
+
+    #[test]
+    fn delta_applies_to_random_pairs(base in manifest_strategy(16), new in manifest_strategy(16)) {
+        let d = ManifestDelta::between(&base, &new);
+        prop_assert_eq!(d.base, base.content_root());
+        prop_assert_eq!(d.apply(&base).unwrap(), new.clone());
+        let bytes = d.encode();
+        let back = ManifestDelta::decode(&bytes, &DecodeLimits::default()).unwrap();
+        prop_assert_eq!(&back, &d);
+        prop_assert_eq!(back.encode(), bytes);
+    }
+
+    #[test]
+    fn delta_applies_to_edits(
+        base in manifest_strategy(16),
+        edits in prop::collection::vec((0u8..10, any::<usize>(), any::<usize>(), any::<u8>()), 1..5),
+    ) {
+        let mut new = base.clone();
+        for (which, pick, aux, seed) in edits {
+            let entries = if which == 9 {
+                edit_chunks(&new, pick, aux, seed, seed)
+            } else {
+                mutate_one(&new, which, pick, aux)
+            };
+            if let Some(entries) = entries {
+                new = Manifest::new(entries).expect("edits keep the manifest valid");
+            }
+        }
+        let d = ManifestDelta::between(&base, &new);
+        prop_assert_eq!(d.apply(&base).unwrap(), new.clone());
+        let back = ManifestDelta::decode(&d.encode(), &DecodeLimits::default()).unwrap();
+        prop_assert_eq!(back.apply(&base).unwrap().content_root(), new.content_root());
+        // A delta is never much larger than the new manifest itself.
+        prop_assert!(d.encode().len() <= new.encode().len() + 64 + base.entries().len() * 4100);
+        if base == new {
+            prop_assert!(d.removed.is_empty() && d.upserts.is_empty());
+        }
+    }
+
+    #[test]
+    fn delta_decoder_survives_mutations(
+        base in manifest_strategy(12),
+        new in manifest_strategy(12),
+        muts in prop::collection::vec(mutation_strategy(), 1..4),
+    ) {
+        let mut bytes = ManifestDelta::between(&base, &new).encode();
+        for mu in &muts {
+            apply(&mut bytes, mu);
+        }
+        if let Ok(d) = ManifestDelta::decode(&bytes, &DecodeLimits::default()) {
+            prop_assert!(d.encode() == bytes, "accepted bytes that are not the canonical encoding");
+            // Applying may fail, but what it gives is a valid manifest.
+            if let Ok(m) = d.apply(&base) {
+                prop_assert_eq!(decode(&m.encode()).unwrap(), m);
+            }
+        }
+    }
+}
+
+/// A 100-byte insert at the start of a 26,000-chunk file costs about 100 bytes of delta,
+/// not the 0.9 MB of the file's chunk list.
+#[test]
+fn delta_of_an_insert_at_the_start_of_a_big_file_is_small() {
+    let chunks: Vec<Chunk> =
+        (0..26_000u32).map(|i| Chunk { id: ChunkId::from(blake3::hash(&i.to_le_bytes())), len: 80_000 }).collect();
+    let file = |chunks: Vec<Chunk>, seed: u8| Entry {
+        path: RelPath::new("big.bin").unwrap(),
+        mode: 0o644,
+        mtime_ns: i64::from(seed),
+        kind: EntryKind::File {
+            size: chunks.iter().map(|c| u64::from(c.len)).sum(),
+            hash: FileHash::from_bytes([seed; 32]),
+            chunks,
+        },
+    };
+    let base = Manifest::new(vec![file(chunks.clone(), 1)]).unwrap();
+    let mut edited = chunks;
+    edited[0] = Chunk { id: ChunkId::from_bytes([9; 32]), len: 80_100 };
+    let new = Manifest::new(vec![file(edited, 2)]).unwrap();
+    let d = ManifestDelta::between(&base, &new);
+    let bytes = d.encode();
+    assert!(bytes.len() < 200, "{} bytes", bytes.len());
+    assert!(new.encode().len() > 900_000);
+    assert_eq!(ManifestDelta::decode(&bytes, &DecodeLimits::default()).unwrap().apply(&base).unwrap(), new);
+}
+
+#[test]
+fn delta_application_refuses_what_the_base_lacks() {
+    let base = Manifest::new(vec![Entry {
+        path: RelPath::new("a").unwrap(),
+        mode: 0o644,
+        mtime_ns: 0,
+        kind: EntryKind::File {
+            size: 5,
+            hash: FileHash::from_bytes([1; 32]),
+            chunks: vec![Chunk { id: ChunkId::from_bytes([2; 32]), len: 5 }],
+        },
+    }])
+    .unwrap();
+    let upsert = |path: &str, ops| DeltaEntry {
+        path: RelPath::new(path).unwrap(),
+        mode: 0o644,
+        mtime_ns: 1,
+        kind: DeltaKind::File { size: 10, hash: FileHash::from_bytes([3; 32]), ops },
+    };
+    let root = base.content_root();
+    let delta = |removed: Vec<&str>, upserts| ManifestDelta {
+        base: root,
+        removed: removed.into_iter().map(|p| RelPath::new(p).unwrap()).collect(),
+        upserts,
+    };
+    assert_eq!(delta(vec!["b"], vec![]).apply(&base), Err(DeltaError::RemovedMissing { path: "b".into() }));
+    assert_eq!(
+        delta(vec![], vec![upsert("a", vec![ChunkOp::Copy { start: 0, count: 2 }])]).apply(&base),
+        Err(DeltaError::CopyOutOfRange { path: "a".into() })
+    );
+    assert_eq!(
+        delta(vec![], vec![upsert("n", vec![ChunkOp::Copy { start: 0, count: 1 }])]).apply(&base),
+        Err(DeltaError::CopyOutOfRange { path: "n".into() })
+    );
+    // Chunks that do not add up to the size: the result is refused as a manifest.
+    assert!(matches!(
+        delta(vec![], vec![upsert("a", vec![ChunkOp::Copy { start: 0, count: 1 }])]).apply(&base),
+        Err(DeltaError::Result(DecodeError::ChunkSizeMismatch { .. }))
+    ));
+    // A copy repeated past the chunk ceiling is refused before it is built.
+    let many = vec![ChunkOp::Copy { start: 0, count: 1 }; 10];
+    let ok = delta(vec![], vec![upsert("a", many)]).apply(&base);
+    assert!(matches!(ok, Err(DeltaError::Result(DecodeError::ChunkSizeMismatch { .. }))));
 }

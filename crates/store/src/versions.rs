@@ -170,6 +170,20 @@ impl Store {
             .await?)
     }
 
+    /// The newest retained version of a package whose content root is `root`, if any: the
+    /// base a manifest delta for a target holding that content can be computed from.
+    pub async fn version_with_root(&self, package_id: &str, root: &str) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT version FROM versions WHERE package_id = $1 AND content_root = $2 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(normalize_id(package_id))
+        .bind(root.to_ascii_lowercase())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok(r.try_get("version")?)).transpose()
+    }
+
     /// The retained versions of a package, ascending, without blobs. Empty if the package
     /// has no versions or does not exist.
     pub async fn versions(&self, package_id: &str) -> Result<Vec<VersionSummary>> {

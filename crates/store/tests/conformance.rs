@@ -156,6 +156,7 @@ conformance!(
     reset_in_progress_requeues_claimed_rows,
     record_progress_accumulates_bytes,
     prune_versions_keeps_current_and_wanted,
+    version_with_root_finds_the_newest,
     migrations_are_idempotent,
     newer_schema_is_refused,
     meta_get_set,
@@ -773,6 +774,26 @@ async fn prune_versions_keeps_current_and_wanted(db: &Db) {
     assert_eq!(live, want);
     assert_eq!(db.versions(&other).await.unwrap().len(), 1, "other packages untouched");
     assert!(db.prune_versions("PS1FFFFF", 1).await.unwrap_err().is_not_found());
+}
+
+async fn version_with_root_finds_the_newest(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    for tag in ["a", "b", "a", "c"] {
+        db.commit_version(&p.id, new_version(tag)).await.unwrap();
+    }
+    let other = db.create_package("PS1", "Other", "/src2").await.unwrap();
+    db.commit_version(&other.id, new_version("d")).await.unwrap();
+    let root = |t: &str| format!("{:0>64}", t);
+    assert_eq!(db.version_with_root(&p.id, &root("a")).await.unwrap(), Some(3));
+    assert_eq!(db.version_with_root(&p.id, &root("b")).await.unwrap(), Some(2));
+    assert_eq!(db.version_with_root(&p.id.to_lowercase(), &root("c")).await.unwrap(), Some(4));
+    assert_eq!(db.version_with_root(&p.id, &root("d")).await.unwrap(), None, "another package's root");
+    assert_eq!(db.version_with_root(&p.id, &root("e")).await.unwrap(), None);
+    assert_eq!(db.version_with_root("PS1FFFFF", &root("a")).await.unwrap(), None);
+    // Pruned versions are no longer a base.
+    db.prune_versions(&p.id, 1).await.unwrap();
+    assert_eq!(db.version_with_root(&p.id, &root("a")).await.unwrap(), None);
+    assert_eq!(db.version_with_root(&p.id, &root("c")).await.unwrap(), Some(4));
 }
 
 async fn migrations_are_idempotent(db: &Db) {

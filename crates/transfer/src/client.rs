@@ -25,6 +25,9 @@ pub enum TransferError {
     Server { target: String, status: u16, message: String },
     #[error("{target} still lacks {} chunks", missing.len())]
     MissingChunks { target: String, missing: Vec<ChunkId> },
+    /// The target does not hold the base of a manifest delta: offer the full manifest.
+    #[error("{target} does not hold the base of the manifest delta: {message}")]
+    BaseUnknown { target: String, message: String },
     #[error("{target} answered something this site does not understand: {message}")]
     Protocol { target: String, message: String },
 }
@@ -35,7 +38,7 @@ impl TransferError {
     pub fn is_retryable(&self) -> bool {
         match self {
             TransferError::Unreachable { .. } | TransferError::Timeout { .. } | TransferError::Server { .. } => true,
-            TransferError::MissingChunks { .. } => true,
+            TransferError::MissingChunks { .. } | TransferError::BaseUnknown { .. } => true,
             TransferError::Rejected { status, .. } => matches!(*status, 408 | 409 | 429),
             TransferError::Protocol { .. } => false,
         }
@@ -115,6 +118,11 @@ impl TargetClient {
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned());
         let target = self.name.clone();
         Err(match status {
+            StatusCode::CONFLICT
+                if body.as_ref().is_some_and(|b| b.code.as_deref() == Some(wire::ERROR_BASE_UNKNOWN)) =>
+            {
+                TransferError::BaseUnknown { target, message }
+            }
             StatusCode::CONFLICT if body.as_ref().is_some_and(|b| !b.missing.is_empty()) => {
                 TransferError::MissingChunks { target, missing: body.map(|b| b.missing).unwrap_or_default() }
             }
@@ -172,18 +180,43 @@ impl TargetClient {
         name: &str,
         signed: &Signed,
     ) -> Result<Vec<ChunkId>, TransferError> {
+        self.offer_body(pkg, version, compressed, wire::CONTENT_TYPE_MANIFEST, root, force, name, signed).await
+    }
+
+    /// Sends a version as a manifest delta (already compressed) against content the target
+    /// holds; [`TransferError::BaseUnknown`] when it does not hold it any more.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn offer_delta(
+        &self,
+        pkg: &str,
+        version: i64,
+        compressed: Bytes,
+        root: &str,
+        name: &str,
+        signed: &Signed,
+    ) -> Result<Vec<ChunkId>, TransferError> {
+        self.offer_body(pkg, version, compressed, wire::CONTENT_TYPE_MANIFEST_DELTA, root, false, name, signed).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn offer_body(
+        &self,
+        pkg: &str,
+        version: i64,
+        compressed: Bytes,
+        content_type: &'static str,
+        root: &str,
+        force: bool,
+        name: &str,
+        signed: &Signed,
+    ) -> Result<Vec<ChunkId>, TransferError> {
         let path = format!(
             "/v1/packages/{pkg}/versions/{version}/manifest?force={force}&name={}&{}",
             percent_encode(name),
             signed.query()
         );
         let r = self
-            .send(
-                Method::PUT,
-                &path,
-                Some((compressed, wire::CONTENT_TYPE_MANIFEST)),
-                &[(wire::HEADER_CONTENT_ROOT, root.to_owned())],
-            )
+            .send(Method::PUT, &path, Some((compressed, content_type)), &[(wire::HEADER_CONTENT_ROOT, root.to_owned())])
             .await?;
         let bytes = r.bytes().await.map_err(|e| self.net_error(e))?;
         wire::decode_ids(&bytes)

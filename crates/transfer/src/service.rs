@@ -1,6 +1,7 @@
 //! The receiving side of the protocol (axum), shared by DP agents and child sites.
 //! It authenticates, bounds and verifies every request, then calls a [`Receiver`].
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::SeekFrom;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest, RelPath};
+use dpsync_hash::{ChunkId, ContentRoot, DecodeLimits, FileHash, Manifest, ManifestDelta, RelPath};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -39,6 +40,10 @@ pub enum ReceiveError {
     /// The receiver refuses to fill its disk.
     #[error("{0}")]
     InsufficientStorage(String),
+    /// A manifest delta against content the receiver does not hold (409, code
+    /// [`wire::ERROR_BASE_UNKNOWN`]): the sender offers the full manifest instead.
+    #[error("{0}")]
+    BaseUnknown(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -53,12 +58,14 @@ impl IntoResponse for ReceiveError {
             ReceiveError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, vec![]),
             ReceiveError::Conflict { missing, .. } => (StatusCode::CONFLICT, missing.clone()),
             ReceiveError::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, vec![]),
+            ReceiveError::BaseUnknown(_) => (StatusCode::CONFLICT, vec![]),
             ReceiveError::Internal(m) => {
                 tracing::error!("{m}");
                 (StatusCode::INTERNAL_SERVER_ERROR, vec![])
             }
         };
-        (status, Json(WireError { error: self.to_string(), missing })).into_response()
+        let code = matches!(self, ReceiveError::BaseUnknown(_)).then(|| wire::ERROR_BASE_UNKNOWN.to_owned());
+        (status, Json(WireError { error: self.to_string(), missing, code })).into_response()
     }
 }
 
@@ -122,6 +129,28 @@ pub trait Receiver: Send + Sync + 'static {
     fn status(&self, pkg: &str) -> impl Future<Output = Result<serde_json::Value, ReceiveError>> + Send;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
+    /// The manifest with content root `root` of `pkg`, if the receiver holds that content
+    /// (a version it has installed): the base a manifest delta is applied to. The
+    /// default holds none, so every delta is answered "send the full manifest".
+    fn base_manifest(
+        &self,
+        _pkg: &str,
+        _root: &ContentRoot,
+    ) -> impl Future<Output = Result<Option<Arc<Manifest>>, ReceiveError>> + Send {
+        async { Ok(None) }
+    }
+    /// The bytes of those of `ids` the receiver holds in installed content (the bases of
+    /// chunks encoded against them), at most `max_bytes` in all. The service checks each
+    /// against its id before use; a chunk whose base is missing is rejected, and the
+    /// sender sends it again without a base.
+    fn read_chunks(
+        &self,
+        _pkg: &str,
+        _ids: Vec<ChunkId>,
+        _max_bytes: u64,
+    ) -> impl Future<Output = Result<HashMap<ChunkId, Bytes>, ReceiveError>> + Send {
+        async { Ok(HashMap::new()) }
+    }
 }
 
 /// Settings of the service.
@@ -198,7 +227,7 @@ async fn json_errors(resp: Response) -> Response {
     let text = axum::body::to_bytes(body, 16 << 10).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&text).trim().to_owned();
     let error = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_ascii_lowercase() } else { text };
-    let mut out = (status, Json(WireError { error, missing: vec![] })).into_response();
+    let mut out = (status, Json(WireError { error, missing: vec![], code: None })).into_response();
     for (k, v) in &parts.headers {
         if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
             out.headers_mut().insert(k.clone(), v.clone());
@@ -322,25 +351,91 @@ async fn offer<R: Receiver>(
     check_pkg(&pkg)?;
     check_version(version)?;
     let claimed_root = headers.get(wire::HEADER_CONTENT_ROOT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let is_delta = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(wire::CONTENT_TYPE_MANIFEST_DELTA.as_bytes()));
     let limits = s.cfg.decode_limits;
-    let manifest = tokio::task::spawn_blocking(move || -> Result<Manifest, ReceiveError> {
-        let raw = wire::decompress_manifest(&body)
-            .map_err(|e| ReceiveError::BadRequest(format!("manifest body is not valid zstd: {e}")))?;
-        let m =
-            Manifest::decode(&raw, &limits).map_err(|e| ReceiveError::BadRequest(format!("manifest refused: {e}")))?;
-        if let Some(claimed) = claimed_root
-            && m.content_root().to_hex() != claimed.to_ascii_lowercase()
-        {
-            return Err(ReceiveError::BadRequest("manifest does not match its content root".into()));
-        }
-        Ok(m)
-    })
-    .await
-    .map_err(|e| ReceiveError::Internal(format!("manifest task: {e}")))??;
+    let manifest = if is_delta {
+        manifest_from_delta(&s, &pkg, body, claimed_root, limits).await?
+    } else {
+        tokio::task::spawn_blocking(move || -> Result<Manifest, ReceiveError> {
+            let raw = wire::decompress_manifest(&body)
+                .map_err(|e| ReceiveError::BadRequest(format!("manifest body is not valid zstd: {e}")))?;
+            let m = Manifest::decode(&raw, &limits)
+                .map_err(|e| ReceiveError::BadRequest(format!("manifest refused: {e}")))?;
+            if let Some(claimed) = claimed_root
+                && m.content_root().to_hex() != claimed.to_ascii_lowercase()
+            {
+                return Err(ReceiveError::BadRequest("manifest does not match its content root".into()));
+            }
+            Ok(m)
+        })
+        .await
+        .map_err(|e| ReceiveError::Internal(format!("manifest task: {e}")))??
+    };
     let meta = OfferMeta { name: q.name, source_site: q.source_site, signature: q.signature, site_key: q.site_key };
     let (r, p) = (s.receiver.clone(), pkg.clone());
     let missing = detached(async move { r.offer(&p, version, Arc::new(manifest), q.force, meta).await }).await?;
     Ok(([(header::CONTENT_TYPE, wire::CONTENT_TYPE_CHUNK_IDS)], wire::encode_ids(&missing)).into_response())
+}
+
+/// Decodes a manifest delta, applies it to the base the receiver holds, and requires the
+/// result to have the content root the sender claims (which the owner's signature covers,
+/// checked by the receiver's `offer`).
+async fn manifest_from_delta<R: Receiver>(
+    s: &Shared<R>,
+    pkg: &str,
+    body: Bytes,
+    claimed_root: Option<String>,
+    limits: DecodeLimits,
+) -> Result<Manifest, ReceiveError> {
+    let Some(claimed) = claimed_root else {
+        return Err(ReceiveError::BadRequest(format!(
+            "a manifest delta needs the {} header",
+            wire::HEADER_CONTENT_ROOT
+        )));
+    };
+    let claimed = ContentRoot::from_hex(&claimed).map_err(|e| ReceiveError::BadRequest(e.to_string()))?;
+    let delta = tokio::task::spawn_blocking(move || -> Result<ManifestDelta, ReceiveError> {
+        let raw = wire::decompress_manifest(&body)
+            .map_err(|e| ReceiveError::BadRequest(format!("manifest delta body is not valid zstd: {e}")))?;
+        ManifestDelta::decode(&raw, &limits)
+            .map_err(|e| ReceiveError::BadRequest(format!("manifest delta refused: {e}")))
+    })
+    .await
+    .map_err(|e| ReceiveError::Internal(format!("manifest task: {e}")))??;
+    let pkg_name = pkg.to_owned();
+    let Some(base) = s.receiver.base_manifest(pkg, &delta.base).await? else {
+        return Err(ReceiveError::BaseUnknown(format!(
+            "{pkg}: this target does not hold content {}; send the full manifest",
+            delta.base
+        )));
+    };
+    tokio::task::spawn_blocking(move || -> Result<Manifest, ReceiveError> {
+        // A refusal is the delta's fault only if the receiver's base really has the root
+        // the delta names (checked only then: it costs a pass over the base); otherwise
+        // the receiver's record is stale and the full manifest is the way forward.
+        let refuse = |why: String| {
+            if base.content_root() == delta.base {
+                ReceiveError::BadRequest(why)
+            } else {
+                ReceiveError::BaseUnknown(format!(
+                    "{pkg_name}: the content this target holds is not {}; send the full manifest",
+                    delta.base
+                ))
+            }
+        };
+        let m = delta.apply(&base).map_err(|e| refuse(format!("manifest delta refused: {e}")))?;
+        if m.encode().len() > wire::MAX_MANIFEST_DECODED {
+            return Err(ReceiveError::PayloadTooLarge("manifest delta expands to too large a manifest".into()));
+        }
+        if m.content_root() != claimed {
+            return Err(refuse("manifest delta applied to its base does not give the claimed content root".into()));
+        }
+        Ok(m)
+    })
+    .await
+    .map_err(|e| ReceiveError::Internal(format!("manifest task: {e}")))?
 }
 
 async fn chunks<R: Receiver>(
@@ -350,23 +445,40 @@ async fn chunks<R: Receiver>(
 ) -> Result<Json<BatchResponse>, ReceiveError> {
     check_pkg(&pkg)?;
     check_version(version)?;
-    let (good, rejected) = tokio::task::spawn_blocking(move || -> Result<_, ReceiveError> {
-        let batch = wire::decode_batch(&body).map_err(|e| match e {
+    let batch = tokio::task::spawn_blocking(move || {
+        wire::decode_batch(&body).map_err(|e| match e {
             wire::BatchError::TooMuchData => ReceiveError::PayloadTooLarge(e.to_string()),
             e => ReceiveError::BadRequest(e.to_string()),
-        })?;
+        })
+    })
+    .await
+    .map_err(|e| ReceiveError::Internal(format!("batch task: {e}")))??;
+    // Chunks encoded against a base chunk: the receiver reads the bases from what it
+    // holds, and each is checked against its id here before it is used.
+    let base_ids: HashSet<ChunkId> = batch.iter().filter_map(|c| c.base).collect();
+    let bases = if base_ids.is_empty() {
+        HashMap::new()
+    } else {
+        let (r, p) = (s.receiver.clone(), pkg.clone());
+        let ids = base_ids.into_iter().collect();
+        detached(async move { r.read_chunks(&p, ids, wire::MAX_BATCH_RAW_BYTES).await }).await?
+    };
+    let (good, rejected) = tokio::task::spawn_blocking(move || {
+        let bases: HashMap<ChunkId, Bytes> =
+            bases.into_iter().filter(|(id, b)| ChunkId::from(blake3::hash(b)) == *id).collect();
         let mut good = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for c in batch {
-            match c.decode() {
+            let base = c.base.and_then(|b| bases.get(&b)).map(|b| &b[..]);
+            match c.decode_with_base(base) {
                 Ok(raw) if ChunkId::from(blake3::hash(&raw)) == c.id => good.push((c.id, raw)),
                 _ => rejected.push(c.id),
             }
         }
-        Ok((good, rejected))
+        (good, rejected)
     })
     .await
-    .map_err(|e| ReceiveError::Internal(format!("batch task: {e}")))??;
+    .map_err(|e| ReceiveError::Internal(format!("batch task: {e}")))?;
     if !rejected.is_empty() {
         tracing::warn!(package = %pkg, version, rejected = rejected.len(), "chunks failed verification; asking for them again");
     }

@@ -4,9 +4,14 @@
 //! Chunk batch (`application/x-dpsync-chunks`), all integers little-endian:
 //!
 //! ```text
-//! "DPSB" u16 format=1 u32 count
-//! count × ( [32] chunk BLAKE3, u8 codec (0 raw, 1 zstd), u32 raw_len, u32 data_len, data )
+//! "DPSB" u16 format=2 u32 count
+//! count × ( [32] chunk BLAKE3, u8 codec (0 raw, 1 zstd, 2 zstd against a base chunk),
+//!           u32 raw_len, u32 data_len, codec 2 only: [32] base chunk BLAKE3, data )
 //! ```
+//!
+//! Codec 2 is zstd with the bytes of a chunk the receiver already holds (the base chunk)
+//! as a raw-content prefix: a chunk that differs from the chunk it replaces by a small
+//! edit costs about the size of the edit.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use dpsync_hash::ChunkId;
@@ -16,6 +21,11 @@ use serde::{Deserialize, Serialize};
 /// Protocol version; the URL prefix is `/v1`.
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const CONTENT_TYPE_MANIFEST: &str = "application/x-dpsync-manifest";
+/// A manifest delta (`dpsync_hash::ManifestDelta` encoding, zstd-compressed).
+pub const CONTENT_TYPE_MANIFEST_DELTA: &str = "application/x-dpsync-manifest-delta";
+/// `WireError::code` of the `409` answering a delta whose base the receiver does not hold:
+/// the sender offers the full manifest instead.
+pub const ERROR_BASE_UNKNOWN: &str = "base_unknown";
 pub const CONTENT_TYPE_CHUNKS: &str = "application/x-dpsync-chunks";
 pub const CONTENT_TYPE_CHUNK_IDS: &str = "application/x-dpsync-chunk-ids";
 /// Header carrying the content root the sender computed for an offered manifest.
@@ -37,7 +47,7 @@ pub const MAX_MANIFEST_DECODED: usize = 1 << 30;
 pub const TARGET_BATCH_BYTES: usize = 8 << 20;
 
 const BATCH_MAGIC: &[u8; 4] = b"DPSB";
-const BATCH_FORMAT: u16 = 1;
+const BATCH_FORMAT: u16 = 2;
 
 /// `GET /v1/hello`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -100,6 +110,9 @@ pub struct WireError {
     /// Chunks a commit still lacks (409).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<ChunkId>,
+    /// A machine-readable reason where the sender acts on it ([`ERROR_BASE_UNKNOWN`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 /// Codec of one chunk in a batch.
@@ -107,6 +120,8 @@ pub struct WireError {
 pub enum Codec {
     Raw = 0,
     Zstd = 1,
+    /// zstd with a base chunk's bytes as prefix ([`WireChunk::base`]).
+    ZstdDelta = 2,
 }
 
 /// Why a batch body was refused.
@@ -128,6 +143,8 @@ pub enum BatchError {
     BadCompression(ChunkId),
     #[error("chunk batch decompresses to more than {MAX_BATCH_RAW_BYTES} bytes")]
     TooMuchData,
+    #[error("chunk {0} is encoded against a base chunk the receiver does not hold")]
+    BaseUnavailable(ChunkId),
 }
 
 /// One chunk as carried in a batch (possibly compressed).
@@ -136,6 +153,8 @@ pub struct WireChunk {
     pub id: ChunkId,
     pub codec: Codec,
     pub raw_len: u32,
+    /// The chunk whose bytes are the zstd prefix (codec [`Codec::ZstdDelta`] only).
+    pub base: Option<ChunkId>,
     pub data: Bytes,
 }
 
@@ -163,15 +182,15 @@ impl WireChunk {
         if let Some(z) = compressed
             && z.len() < raw.len() - raw.len() / 16
         {
-            return Self { id, codec: Codec::Zstd, raw_len, data: Bytes::from(z) };
+            return Self { id, codec: Codec::Zstd, raw_len, base: None, data: Bytes::from(z) };
         }
-        Self { id, codec: Codec::Raw, raw_len, data: Bytes::copy_from_slice(raw) }
+        Self { id, codec: Codec::Raw, raw_len, base: None, data: Bytes::copy_from_slice(raw) }
     }
 
     /// Wraps raw chunk bytes as they are, without trying to compress them (for data
     /// already known not to compress, such as the rest of a file whose first chunk did not).
     pub fn stored(id: ChunkId, raw: &[u8]) -> Self {
-        Self { id, codec: Codec::Raw, raw_len: raw.len() as u32, data: Bytes::copy_from_slice(raw) }
+        Self { id, codec: Codec::Raw, raw_len: raw.len() as u32, base: None, data: Bytes::copy_from_slice(raw) }
     }
 
     /// True when the chunk travels compressed.
@@ -179,9 +198,53 @@ impl WireChunk {
         self.codec != Codec::Raw
     }
 
-    /// The raw bytes (decompressing, bounded by the declared length).
+    /// Encodes `raw` as zstd against `base_raw` (the bytes of chunk `base`, which the
+    /// receiver holds) when that is smaller than [`WireChunk::encode`]; otherwise the plain
+    /// encoding.
+    pub fn encode_against(id: ChunkId, raw: &[u8], base: ChunkId, base_raw: &[u8]) -> Self {
+        let plain = Self::encode(id, raw);
+        let delta = (|| {
+            let mut cctx = zstd::zstd_safe::CCtx::create();
+            cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(3)).ok()?;
+            // The window must reach back over the whole base.
+            let window = (raw.len() + base_raw.len()).next_power_of_two().trailing_zeros().clamp(10, 27);
+            cctx.set_parameter(zstd::zstd_safe::CParameter::WindowLog(window)).ok()?;
+            cctx.ref_prefix(base_raw).ok()?;
+            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
+            cctx.compress2(&mut out, raw).ok()?;
+            Some(out)
+        })();
+        match delta {
+            Some(z) if z.len() + 32 < plain.data.len() => {
+                Self { id, codec: Codec::ZstdDelta, raw_len: raw.len() as u32, base: Some(base), data: Bytes::from(z) }
+            }
+            _ => plain,
+        }
+    }
+
+    /// The raw bytes (decompressing, bounded by the declared length). A chunk encoded
+    /// against a base needs [`WireChunk::decode_with_base`].
     pub fn decode(&self) -> Result<Bytes, BatchError> {
+        self.decode_with_base(None)
+    }
+
+    /// The raw bytes; `base_raw` is the base chunk's (verified) bytes for
+    /// [`Codec::ZstdDelta`]. Output is bounded by the declared length.
+    pub fn decode_with_base(&self, base_raw: Option<&[u8]>) -> Result<Bytes, BatchError> {
         match self.codec {
+            Codec::ZstdDelta => {
+                let base_raw = base_raw.ok_or(BatchError::BaseUnavailable(self.id))?;
+                let bad = || BatchError::BadCompression(self.id);
+                let mut dctx = zstd::zstd_safe::DCtx::create();
+                dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(27)).map_err(|_| bad())?;
+                dctx.ref_prefix(base_raw).map_err(|_| bad())?;
+                let mut out = Vec::with_capacity(self.raw_len as usize);
+                dctx.decompress(&mut out, &self.data).map_err(|_| bad())?;
+                if out.len() != self.raw_len as usize {
+                    return Err(bad());
+                }
+                Ok(Bytes::from(out))
+            }
             Codec::Raw if self.data.len() == self.raw_len as usize => Ok(self.data.clone()),
             Codec::Raw => Err(BatchError::BadCompression(self.id)),
             Codec::Zstd => {
@@ -197,7 +260,7 @@ impl WireChunk {
 
     /// Bytes this chunk takes in a batch.
     pub fn wire_len(&self) -> usize {
-        41 + self.data.len()
+        41 + if self.base.is_some() { 32 } else { 0 } + self.data.len()
     }
 }
 
@@ -233,6 +296,9 @@ impl BatchBuilder {
         self.out.put_u8(c.codec as u8);
         self.out.put_u32_le(c.raw_len);
         self.out.put_u32_le(c.data.len() as u32);
+        if let Some(base) = &c.base {
+            self.out.put_slice(base.as_bytes());
+        }
         self.out.put_slice(&c.data);
         self.count += 1;
         self.raw += u64::from(c.raw_len);
@@ -308,6 +374,7 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
         let codec = match b[pos + 32] {
             0 => Codec::Raw,
             1 => Codec::Zstd,
+            2 => Codec::ZstdDelta,
             c => return Err(BatchError::UnknownCodec(c)),
         };
         let raw_len = u32::from_le_bytes(b[pos + 33..pos + 37].try_into().unwrap());
@@ -320,10 +387,19 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
             return Err(BatchError::TooMuchData);
         }
         pos += 41;
+        let base = if codec == Codec::ZstdDelta {
+            if b.len() - pos < 32 {
+                return Err(BatchError::Truncated);
+            }
+            pos += 32;
+            Some(ChunkId::from_slice(&b[pos - 32..pos]).expect("32 bytes"))
+        } else {
+            None
+        };
         if b.len() - pos < data_len {
             return Err(BatchError::Truncated);
         }
-        out.push(WireChunk { id, codec, raw_len, data: body.slice(pos..pos + data_len) });
+        out.push(WireChunk { id, codec, raw_len, base, data: body.slice(pos..pos + data_len) });
         pos += data_len;
     }
     if pos != b.len() {
@@ -434,15 +510,44 @@ mod tests {
     }
 
     #[test]
+    fn a_small_edit_costs_little_against_its_base() {
+        let mut base = vec![0u8; 65_536];
+        blake3::Hasher::new().update(b"base").finalize_xof().fill(&mut base);
+        let mut edited = base.clone();
+        edited[30_000..30_100].fill(0xAA);
+        edited.extend_from_slice(b"appended");
+        let (id, base_id) = (ChunkId::from(blake3::hash(&edited)), ChunkId::from(blake3::hash(&base)));
+        let c = WireChunk::encode_against(id, &edited, base_id, &base);
+        assert_eq!(c.codec, Codec::ZstdDelta);
+        assert!(c.data.len() < 400, "{} bytes", c.data.len());
+        let back = decode_batch(&encode_batch(std::slice::from_ref(&c))).unwrap();
+        assert_eq!(back, vec![c.clone()]);
+        assert_eq!(&back[0].decode_with_base(Some(&base)).unwrap()[..], &edited[..]);
+        // Without its base, or with another base, it does not decode to its bytes.
+        assert_eq!(back[0].decode(), Err(BatchError::BaseUnavailable(id)));
+        let wrong = vec![0u8; 65_536];
+        assert!(back[0].decode_with_base(Some(&wrong)).map(|b| b[..] != edited[..]).unwrap_or(true));
+        // Unrelated content is sent plainly.
+        let other: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(40503) >> 7) as u8).collect();
+        let plain = WireChunk::encode_against(ChunkId::from(blake3::hash(&other)), &other, base_id, &base);
+        assert_ne!(plain.codec, Codec::ZstdDelta);
+        // A declared length smaller than the output is refused, not overrun.
+        let mut short = c.clone();
+        short.raw_len = 1000;
+        assert!(short.decode_with_base(Some(&base)).is_err());
+    }
+
+    #[test]
     fn hostile_batches_are_refused() {
         assert_eq!(decode_batch(&Bytes::from_static(b"DPSB")), Err(BatchError::Truncated));
         assert_eq!(decode_batch(&Bytes::from_static(b"XXXX\x01\x00\x00\x00\x00\x00")), Err(BatchError::BadMagic));
         // Claims 2^32-1 chunks with no data.
-        assert_eq!(decode_batch(&Bytes::from_static(b"DPSB\x01\x00\xff\xff\xff\xff")), Err(BatchError::Truncated));
+        assert_eq!(decode_batch(&Bytes::from_static(b"DPSB\x02\x00\xff\xff\xff\xff")), Err(BatchError::Truncated));
         let c = WireChunk {
             id: ChunkId::from_bytes([1; 32]),
             codec: Codec::Zstd,
             raw_len: 100,
+            base: None,
             data: Bytes::from_static(b"junk"),
         };
         let body = encode_batch(std::slice::from_ref(&c));

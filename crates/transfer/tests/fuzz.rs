@@ -233,7 +233,7 @@ proptest! {
         let mut input = Vec::new();
         if let Some(count) = header {
             input.extend_from_slice(b"DPSB");
-            input.extend_from_slice(&1u16.to_le_bytes());
+            input.extend_from_slice(&2u16.to_le_bytes());
             input.extend_from_slice(&count.to_le_bytes());
         }
         input.extend_from_slice(&tail);
@@ -259,7 +259,8 @@ proptest! {
     /// panics and returns exactly the declared length or an error.
     #[test]
     fn wire_chunk_decode_survives_anything(
-        codec in prop_oneof![Just(Codec::Raw), Just(Codec::Zstd)],
+        codec in prop_oneof![Just(Codec::Raw), Just(Codec::Zstd), Just(Codec::ZstdDelta)],
+        base in prop::option::of(chunk_data()),
         raw_len in prop_oneof![1u32..5000, Just(MAX_CHUNK_LEN), 1u32..=MAX_CHUNK_LEN],
         data in prop_oneof![
             2 => prop::collection::vec(any::<u8>(), 0..200),
@@ -270,21 +271,49 @@ proptest! {
             }),
         ],
     ) {
-        let c = WireChunk { id: ChunkId::from_bytes([7; 32]), codec, raw_len, data: Bytes::from(data) };
-        let (r, peak) = heap::peak_during(|| c.decode());
-        prop_assert!(peak <= raw_len as usize + c.data.len() + (64 << 10), "held {}", peak);
+        let base_id = (codec == Codec::ZstdDelta).then(|| ChunkId::from_bytes([8; 32]));
+        let c = WireChunk { id: ChunkId::from_bytes([7; 32]), codec, raw_len, base: base_id, data: Bytes::from(data) };
+        // zstd's own decompression context (about 100 KiB, plus a window for a prefix)
+        // is allowed on top of the declared length.
+        let (r, peak) = heap::peak_during(|| c.decode_with_base(base.as_deref()));
+        prop_assert!(peak <= raw_len as usize + c.data.len() + (256 << 10), "held {}", peak);
         if let Ok(raw) = r {
             prop_assert_eq!(raw.len(), raw_len as usize);
         }
     }
 }
 
+/// Batches with chunks encoded against a base: round trip, and a base id cut short.
+#[test]
+fn delta_chunks_in_batches() {
+    let base: Vec<u8> = (0..50_000u32).map(|i| (i.wrapping_mul(2654435761) >> 20) as u8).collect();
+    let mut edited = base.clone();
+    edited[1000..1010].fill(1);
+    let c = WireChunk::encode_against(
+        ChunkId::from(blake3::hash(&edited)),
+        &edited,
+        ChunkId::from(blake3::hash(&base)),
+        &base,
+    );
+    assert_eq!(c.codec, Codec::ZstdDelta);
+    let body = encode_batch(std::slice::from_ref(&c));
+    assert_eq!(decode_batch(&body).unwrap(), vec![c.clone()]);
+    // Cut inside the base id: truncated, not misread.
+    for cut in [10 + 41, 10 + 41 + 31] {
+        assert_eq!(decode_batch(&body.slice(..cut)), Err(BatchError::Truncated));
+    }
+    // Format 1 is refused.
+    let mut v1 = body.to_vec();
+    v1[4] = 1;
+    assert_eq!(decode_batch(&Bytes::from(v1)), Err(BatchError::UnsupportedFormat(1)));
+}
+
 /// A batch that claims 2^32-1 chunks, or chunks longer than the body, allocates nothing
 /// from the claim.
 #[test]
 fn batch_claims_do_not_allocate() {
-    let mut claims: Vec<Vec<u8>> = vec![b"DPSB\x01\x00\xff\xff\xff\xff".to_vec()];
-    let mut one = b"DPSB\x01\x00\x01\x00\x00\x00".to_vec();
+    let mut claims: Vec<Vec<u8>> = vec![b"DPSB\x02\x00\xff\xff\xff\xff".to_vec()];
+    let mut one = b"DPSB\x02\x00\x01\x00\x00\x00".to_vec();
     one.extend_from_slice(&[9; 32]);
     one.push(1);
     one.extend_from_slice(&MAX_CHUNK_LEN.to_le_bytes());

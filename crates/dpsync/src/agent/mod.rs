@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use dpsync_hash::path::resolve_symlink;
-use dpsync_hash::{ChunkId, DecodeLimits, EntryKind, FileHash, Manifest, RelPath};
+use dpsync_hash::{ChunkId, ContentRoot, DecodeLimits, EntryKind, FileHash, Manifest, RelPath};
 use dpsync_library::Library;
 use dpsync_store::agent::{AgentDb, Staged};
 use dpsync_transfer::service::{OfferMeta, ReceiveError, Receiver, ServedFile, ServiceConfig};
@@ -387,6 +387,56 @@ fn manifest_hashes(blob: Option<&Vec<u8>>) -> Vec<FileHash> {
 }
 
 impl Receiver for Agent {
+    async fn base_manifest(&self, pkg: &str, root: &ContentRoot) -> Result<Option<Arc<Manifest>>, ReceiveError> {
+        let p = self.db.package(pkg).await.map_err(internal("base manifest"))?.unwrap_or_default();
+        let hex = root.to_hex();
+        if p.installed_root.as_deref() == Some(hex.as_str()) {
+            let live = self.live.read().unwrap().get(pkg).cloned();
+            if let Some(live) = live.filter(|l| Some(l.version) == p.installed_version) {
+                return Ok(Some(live.manifest.clone()));
+            }
+            let Some(blob) = p.installed_manifest else { return Ok(None) };
+            return blocking(move || Manifest::decode(&blob, &DecodeLimits::default()).ok().map(Arc::new)).await;
+        }
+        // The previous version: its root is not recorded, so it is computed.
+        let Some(blob) = p.previous_manifest else { return Ok(None) };
+        let root = *root;
+        blocking(move || {
+            Manifest::decode(&blob, &DecodeLimits::default()).ok().filter(|m| m.content_root() == root).map(Arc::new)
+        })
+        .await
+    }
+
+    async fn read_chunks(
+        &self,
+        _pkg: &str,
+        ids: Vec<ChunkId>,
+        max_bytes: u64,
+    ) -> Result<HashMap<ChunkId, Bytes>, ReceiveError> {
+        let wanted: Vec<Vec<u8>> = ids.iter().map(|c| c.as_bytes().to_vec()).collect();
+        let rows = self.db.indexed_chunks(&wanted).await.map_err(internal("chunk index"))?;
+        let lib = self.library.clone();
+        blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut out = HashMap::new();
+            let mut total = 0u64;
+            for (id, file, offset, len) in rows {
+                let (Some(id), Some(hash)) = (ChunkId::from_slice(&id), FileHash::from_slice(&file)) else { continue };
+                total += len as u64;
+                if total > max_bytes {
+                    break;
+                }
+                let Ok(f) = lib.open_object(&hash) else { continue };
+                let mut buf = vec![0u8; len as usize];
+                if f.read_exact_at(&mut buf, offset as u64).is_ok() && ChunkId::from(blake3::hash(&buf)) == id {
+                    out.insert(id, Bytes::from(buf));
+                }
+            }
+            out
+        })
+        .await
+    }
+
     async fn package_state(&self, pkg: &str) -> Result<PackageState, ReceiveError> {
         let p = self.db.package(pkg).await.map_err(internal("state"))?.unwrap_or_default();
         let staged = self.db.latest_staged_version(pkg).await.map_err(internal("state"))?;

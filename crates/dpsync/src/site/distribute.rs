@@ -250,11 +250,51 @@ impl Site {
         }
         self.set_progress(&key, |p| p.phase = "manifest".into());
         let (manifest, compressed) = self.wire_manifest(pkg, version).await?.ok_or_else(gone)?;
-        let mut missing = client.offer(pkg, version, compressed.clone(), &root, force, &package.name, &signed).await?;
-        self.count_sent(job, compressed.len() as u64).await;
+        // The content the target holds, when this site still has it: the manifest goes as
+        // a delta against it, and changed chunks as deltas against its chunks.
+        let mut base = None;
+        let mut offered = None;
+        if let Some(installed) = state.installed_root.as_deref().filter(|r| !force && !state.broken && *r != root)
+            && let Some(base_version) = self
+                .store
+                .version_with_root(pkg, installed)
+                .await
+                .map_err(|e| PushError::transient(format!("store: {e}")))?
+        {
+            let (base_manifest, delta) = self.wire_delta(pkg, base_version, version, &manifest).await?;
+            match client.offer_delta(pkg, version, delta.clone(), &root, &package.name, &signed).await {
+                Ok(m) => {
+                    offered = Some(m);
+                    base = Some(base_manifest);
+                }
+                Err(TransferError::BaseUnknown { message, .. }) => {
+                    tracing::info!(package = %pkg, target = %target.name, "{message}; sending the full manifest");
+                }
+                // A delta the target could not use must not wedge the package there: the
+                // full manifest says for itself what is wrong, if anything.
+                Err(TransferError::Rejected { status: 400, message, .. }) => {
+                    tracing::warn!(package = %pkg, target = %target.name, "manifest delta refused ({message}); sending the full manifest");
+                }
+                Err(e) => {
+                    self.count_sent(job, delta.len() as u64).await;
+                    return Err(e.into());
+                }
+            }
+            self.count_sent(job, delta.len() as u64).await;
+        }
+        let mut missing = match offered {
+            Some(m) => m,
+            None => {
+                let m = client.offer(pkg, version, compressed.clone(), &root, force, &package.name, &signed).await?;
+                self.count_sent(job, compressed.len() as u64).await;
+                m
+            }
+        };
         for round in 0..4 {
             if !missing.is_empty() {
-                self.send_chunks(job, target, client, &manifest, missing).await?;
+                // Chunks resent after a refused commit go without a base.
+                let against = if round == 0 { base.as_ref() } else { None };
+                self.send_chunks(job, target, client, &manifest, against, missing).await?;
             }
             self.set_progress(&key, |p| p.phase = "committing".into());
             match client.commit(pkg, version).await {
@@ -329,40 +369,67 @@ impl Site {
         Ok(Some(built))
     }
 
+    /// The decoded manifest of a stored version (cached).
+    async fn manifest_of(&self, pkg: &str, version: i64) -> Result<Arc<Manifest>, PushError> {
+        Ok(self
+            .wire_manifest(pkg, version)
+            .await?
+            .ok_or_else(|| PushError::transient(format!("{pkg} version {version} is no longer stored")))?
+            .0)
+    }
+
+    /// The decoded manifest of `base_version` and the compressed delta from it to
+    /// `manifest` (version `version`), cached per (package, base, version).
+    async fn wire_delta(
+        &self,
+        pkg: &str,
+        base_version: i64,
+        version: i64,
+        manifest: &Arc<Manifest>,
+    ) -> Result<(Arc<Manifest>, Bytes), PushError> {
+        let key = (pkg.to_owned(), base_version, version);
+        if let Some(hit) = self.delta_cache.lock().unwrap().get(&key).cloned() {
+            return Ok(hit);
+        }
+        let base = self.manifest_of(pkg, base_version).await?;
+        let (b, m) = (base.clone(), manifest.clone());
+        let delta = tokio::task::spawn_blocking(move || {
+            Bytes::from(wire::compress_manifest(&dpsync_hash::ManifestDelta::between(&b, &m).encode()))
+        })
+        .await
+        .map_err(|e| PushError::transient(e.to_string()))?;
+        let mut cache = self.delta_cache.lock().unwrap();
+        if cache.len() >= 8 {
+            cache.clear();
+        }
+        cache.insert(key, (base.clone(), delta.clone()));
+        Ok((base, delta))
+    }
+
     /// Reads, compresses and sends `missing` in batches; resends chunks the target
-    /// rejected (damaged in transit) up to three times.
+    /// rejected (damaged in transit, or their base missing there) up to three times,
+    /// without a base. With `base` (the manifest of the content the target holds), a
+    /// chunk that replaces a chunk of the same file there is sent as a delta against it.
     async fn send_chunks(
         &self,
         job: &Distribution,
         target: &Target,
         client: &TargetClient,
         manifest: &Arc<Manifest>,
+        base: Option<&Arc<Manifest>>,
         missing: Vec<ChunkId>,
     ) -> Result<(), PushError> {
         let key = (job.package_id.clone(), job.target_id);
-        let wanted: HashSet<ChunkId> = missing.iter().copied().collect();
-        let mut locations: HashMap<ChunkId, (FileHash, u64, u32)> = HashMap::with_capacity(wanted.len());
-        for e in manifest.files() {
-            let h = e.file_hash().expect("file");
-            let mut off = 0u64;
-            for c in e.chunks() {
-                if wanted.contains(&c.id) {
-                    locations.entry(c.id).or_insert((h, off, c.len));
-                }
-                off += c.len as u64;
-            }
-        }
-        let mut todo: Vec<(ChunkId, FileHash, u64, u32)> = Vec::with_capacity(missing.len());
-        for id in &missing {
-            let Some(&(h, off, len)) = locations.get(id) else {
-                return Err(PushError::permanent(format!(
-                    "{} asked for a chunk that is not in the manifest",
-                    target.name
-                )));
-            };
-            todo.push((*id, h, off, len));
-        }
-        let planned: u64 = todo.iter().map(|t| t.3 as u64).sum();
+        let (m, b) = (manifest.clone(), base.cloned());
+        let planned_items = tokio::task::spawn_blocking(move || plan_reads(&m, b.as_deref(), &missing))
+            .await
+            .map_err(|e| PushError::transient(e.to_string()))?;
+        let Ok(mut todo) = planned_items else {
+            return Err(PushError::permanent(format!("{} asked for a chunk that is not in the manifest", target.name)));
+        };
+        let locations: HashMap<ChunkId, ReadItem> =
+            todo.iter().map(|t| (t.id, ReadItem { base: None, ..*t })).collect();
+        let planned: u64 = todo.iter().map(|t| t.len as u64).sum();
         self.set_progress(&key, |p| {
             p.phase = "sending".into();
             p.bytes_planned += planned;
@@ -406,31 +473,87 @@ impl Site {
             if rejected_all.is_empty() {
                 return Ok(());
             }
-            tracing::warn!(package = %job.package_id, target = %target.name, chunks = rejected_all.len(), "target rejected damaged chunks; sending them again");
+            tracing::warn!(package = %job.package_id, target = %target.name, chunks = rejected_all.len(), "target rejected chunks (damaged in transit, or their base missing there); sending them again without a base");
             let rejected: HashSet<ChunkId> = rejected_all.into_iter().collect();
-            todo = rejected.iter().filter_map(|id| locations.get(id).map(|&(h, o, l)| (*id, h, o, l))).collect();
+            todo = rejected.iter().filter_map(|id| locations.get(id).copied()).collect();
         }
-        Err(PushError::transient(format!("{} kept rejecting chunks as damaged", target.name)))
+        Err(PushError::transient(format!("{} kept rejecting chunks", target.name)))
     }
 }
 
+/// One chunk to read from the library and send: where it is, and the chunk it replaces
+/// in the content the target holds (its id, file, offset and length), if any.
+#[derive(Debug, Clone, Copy)]
+struct ReadItem {
+    id: ChunkId,
+    file: FileHash,
+    offset: u64,
+    len: u32,
+    base: Option<(ChunkId, FileHash, u64, u32)>,
+}
+
+/// Where to read each of `missing` (the first place it occurs in `manifest`), and, with
+/// `base`, the chunk of the base entry at the same path that covers the same offset (for an
+/// append past the old end: the old last chunk). `Err` when a chunk is not in `manifest`.
+fn plan_reads(manifest: &Manifest, base: Option<&Manifest>, missing: &[ChunkId]) -> Result<Vec<ReadItem>, ChunkId> {
+    let wanted: HashSet<ChunkId> = missing.iter().copied().collect();
+    let mut found: HashMap<ChunkId, ReadItem> = HashMap::with_capacity(wanted.len());
+    for e in manifest.files() {
+        let h = e.file_hash().expect("file");
+        let mut off = 0u64;
+        // The base entry's chunks with their offsets, built only if this file needs it.
+        let mut old: Option<Vec<(u64, dpsync_hash::Chunk, FileHash)>> = None;
+        for c in e.chunks() {
+            if wanted.contains(&c.id) && !found.contains_key(&c.id) {
+                let old = old.get_or_insert_with(|| {
+                    let Some(b) = base.and_then(|b| b.get(e.path.as_str())) else { return vec![] };
+                    let Some(bh) = b.file_hash() else { return vec![] };
+                    let mut o = 0u64;
+                    b.chunks()
+                        .iter()
+                        .map(|bc| {
+                            let at = o;
+                            o += bc.len as u64;
+                            (at, *bc, bh)
+                        })
+                        .collect()
+                });
+                let covering = match old.partition_point(|(at, _, _)| *at <= off) {
+                    0 => None,
+                    i => old.get(i - 1),
+                };
+                let base = covering.filter(|(_, bc, _)| bc.id != c.id).map(|&(at, bc, bh)| (bc.id, bh, at, bc.len));
+                found.insert(c.id, ReadItem { id: c.id, file: h, offset: off, len: c.len, base });
+            }
+            off += c.len as u64;
+        }
+    }
+    missing.iter().map(|id| found.get(id).copied().ok_or(*id)).collect()
+}
+
 /// Blocking: reads chunks from the library in order, checks each against its id,
-/// compresses and packs them into batches, and hands each batch to the sender.
+/// compresses and packs them into batches, and hands each batch to the sender. A chunk
+/// with a base is compressed against the base's bytes when they read back intact and that
+/// is smaller.
 fn read_batches(
     lib: &dpsync_library::Library,
-    items: Vec<(ChunkId, FileHash, u64, u32)>,
+    items: Vec<ReadItem>,
     batch_bytes: usize,
     tx: tokio::sync::mpsc::Sender<Result<(Bytes, u64), String>>,
 ) {
     use std::os::unix::fs::FileExt;
     let new_batch = || BatchBuilder::with_capacity(batch_bytes + (256 << 10));
     let mut open: Option<(FileHash, std::fs::File)> = None;
+    let mut open_base: Option<(FileHash, std::fs::File)> = None;
     let mut batch = new_batch();
-    let mut buf = Vec::new();
+    // Raw bytes the receiver holds in memory for this batch: chunks and their bases.
+    let mut held = 0u64;
+    let (mut buf, mut base_buf) = (Vec::new(), Vec::new());
     // Most package content is already compressed (installers, archives, media): once a
-    // chunk of a file did not compress, the file's other chunks are sent as they are.
+    // chunk of a file did not compress, the file's other chunks are sent as they are
+    // (unless they can go as a delta against a chunk the target holds).
     let mut incompressible: Option<FileHash> = None;
-    for (id, hash, offset, len) in items {
+    for ReadItem { id, file: hash, offset, len, base } in items {
         if open.as_ref().map(|(h, _)| *h) != Some(hash) {
             match lib.open_object(&hash) {
                 Ok(f) => open = Some((hash, f)),
@@ -447,13 +570,29 @@ fn read_batches(
             f.read_exact_at(dst, offset).map_err(|e| format!("site content library object {hash}: {e}"))?;
             if ChunkId::from(blake3::hash(dst)) != id { Err(damaged()) } else { Ok(()) }
         };
-        let added = if incompressible == Some(hash) {
+        let added = if base.is_none() && incompressible == Some(hash) {
             batch.push_stored_with(&id, len, read)
         } else {
             buf.resize(len as usize, 0);
             read(&mut buf).map(|()| {
-                let c = WireChunk::encode(id, &buf);
-                if len >= 4096 && !c.is_compressed() {
+                let mut c = None;
+                if let Some((base_id, base_file, base_offset, base_len)) = base {
+                    if open_base.as_ref().map(|(h, _)| *h) != Some(base_file) {
+                        open_base = lib.open_object(&base_file).ok().map(|f| (base_file, f));
+                    }
+                    if let Some((_, bf)) = &open_base {
+                        base_buf.resize(base_len as usize, 0);
+                        if bf.read_exact_at(&mut base_buf, base_offset).is_ok()
+                            && ChunkId::from(blake3::hash(&base_buf)) == base_id
+                        {
+                            c = Some(WireChunk::encode_against(id, &buf, base_id, &base_buf));
+                        }
+                    }
+                }
+                let c = c.unwrap_or_else(|| WireChunk::encode(id, &buf));
+                if c.base.is_some() {
+                    held += base_len_of(base);
+                } else if len >= 4096 && !c.is_compressed() {
                     incompressible = Some(hash);
                 }
                 batch.push(&c);
@@ -463,17 +602,76 @@ fn read_batches(
             let _ = tx.blocking_send(Err(e));
             return;
         }
+        held += u64::from(len);
         // Close the batch on its wire size, or on what the receiver must hold once it
-        // decompressed it (very compressible chunks).
-        if batch.wire_len() >= batch_bytes || batch.raw_len() >= wire::TARGET_BATCH_RAW_BYTES {
+        // decompressed it (very compressible chunks, or chunks sent against bases).
+        if batch.wire_len() >= batch_bytes || held >= wire::TARGET_BATCH_RAW_BYTES {
             let raw = batch.raw_len();
             if tx.blocking_send(Ok((std::mem::replace(&mut batch, new_batch()).finish(), raw))).is_err() {
                 return;
             }
+            held = 0;
         }
     }
     if !batch.is_empty() {
         let raw = batch.raw_len();
         let _ = tx.blocking_send(Ok((batch.finish(), raw)));
+    }
+}
+
+fn base_len_of(base: Option<(ChunkId, FileHash, u64, u32)>) -> u64 {
+    base.map_or(0, |b| b.3 as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use dpsync_hash::{Chunk, Entry, EntryKind, RelPath};
+
+    use super::*;
+
+    fn chunk(n: u8, len: u32) -> Chunk {
+        Chunk { id: ChunkId::from_bytes([n; 32]), len }
+    }
+
+    fn manifest(files: &[(&str, u8, Vec<Chunk>)]) -> Manifest {
+        Manifest::new(
+            files
+                .iter()
+                .map(|(p, h, chunks)| Entry {
+                    path: RelPath::new(*p).unwrap(),
+                    mode: 0o644,
+                    mtime_ns: 0,
+                    kind: EntryKind::File {
+                        size: chunks.iter().map(|c| u64::from(c.len)).sum(),
+                        hash: FileHash::from_bytes([*h; 32]),
+                        chunks: chunks.clone(),
+                    },
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_new_chunk_is_paired_with_the_old_chunk_at_its_offset() {
+        let base =
+            manifest(&[("a", 1, vec![chunk(1, 100), chunk(2, 100), chunk(3, 50)]), ("b", 2, vec![chunk(9, 10)])]);
+        let new = manifest(&[
+            // The first chunk grew (an insert at the start), the last one too (an append).
+            ("a", 3, vec![chunk(11, 120), chunk(2, 100), chunk(13, 60), chunk(14, 40)]),
+            ("b", 2, vec![chunk(9, 10)]),
+            ("c", 4, vec![chunk(21, 10)]),
+        ]);
+        let ids = |v: &[u8]| v.iter().map(|n| ChunkId::from_bytes([*n; 32])).collect::<Vec<_>>();
+        let items = plan_reads(&new, Some(&base), &ids(&[11, 13, 14, 21])).unwrap();
+        let bases: Vec<Option<(u8, u64)>> =
+            items.iter().map(|i| i.base.map(|(id, _, off, _)| (id.as_bytes()[0], off))).collect();
+        // 11 at 0 → old 1 at 0; 13 at 220 → old 3 at 200; 14 at 280 (past the old end) →
+        // the old last chunk; a new file has no base.
+        assert_eq!(bases, vec![Some((1, 0)), Some((3, 200)), Some((3, 200)), None]);
+        assert_eq!(items.iter().map(|i| i.offset).collect::<Vec<_>>(), vec![0, 220, 280, 0]);
+        // Without a base manifest, no chunk has a base; an unknown chunk is refused.
+        assert!(plan_reads(&new, None, &ids(&[11, 13])).unwrap().iter().all(|i| i.base.is_none()));
+        assert_eq!(plan_reads(&new, Some(&base), &ids(&[77])).unwrap_err(), ChunkId::from_bytes([77; 32]));
     }
 }

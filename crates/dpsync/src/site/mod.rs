@@ -70,6 +70,9 @@ pub struct Site {
     /// Live progress of running jobs, by (package, target id).
     pub progress: Mutex<HashMap<(String, i64), Progress>>,
     manifest_cache: Mutex<HashMap<(String, i64), WireManifest>>,
+    /// Compressed manifest deltas, by (package, base version, version), with the decoded
+    /// base (bounded like `manifest_cache`).
+    delta_cache: Mutex<HashMap<(String, i64, i64), WireManifest>>,
     /// This site's signing key (`DATA/site.key`).
     pub site_key: dpsync_transfer::trust::SiteKey,
     /// Pinned keys of the sites whose packages this site receives and relays.
@@ -110,6 +113,7 @@ impl Site {
             jobs: tokio::sync::Notify::new(),
             progress: Mutex::new(HashMap::new()),
             manifest_cache: Mutex::new(HashMap::new()),
+            delta_cache: Mutex::new(HashMap::new()),
             site_key,
             trust,
         })
