@@ -1,0 +1,253 @@
+//! Files written as their chunks arrive (blocking code, run on worker threads).
+//!
+//! The site sends the chunks a receiver lacks in manifest file order, so on a first
+//! install most files can be written straight from the incoming batches: each byte is
+//! written once, and the only hashing left here is the whole file's BLAKE3 (the service
+//! already checked every chunk against its id). A file is planned this way when every
+//! one of its chunks was asked for and no other file being built needs one of them
+//! ([`Plan::new`]).
+//!
+//! A file being written is itself a staging pack (`staging/P/*.pack`): after each batch
+//! it is fsync'd and its chunks are recorded in `staged_chunks` with their offsets, so a
+//! receiver killed mid-file keeps what it received and is not sent it again. Once
+//! whole, its BLAKE3 is checked against the manifest and it is adopted into the library
+//! (fsync, rename); the caller then indexes its chunks and forgets its staged rows, and
+//! commit finds the file in the library. A planned file whose chunk arrives out of order
+//! is abandoned: what it holds stays an ordinary pack, the chunk goes to a pack, and
+//! commit assembles the file from packs as for any other file (re-checking every chunk
+//! as it reads it).
+//!
+//! **Architecture Invariant:** nothing is adopted that does not hash to the manifest's
+//! BLAKE3 of the file; a pack's rows are recorded only after its bytes are fsync'd.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dpsync_hash::{ChunkId, FileHash, Manifest};
+use dpsync_library::Library;
+
+/// A chunk written to a pack: `(chunk, offset, len)`.
+pub type PackRow = (ChunkId, u64, u32);
+
+/// The files of one staged version that are written as their chunks arrive.
+#[derive(Debug)]
+pub struct Plan {
+    version: i64,
+    manifest: Arc<Manifest>,
+    staging: PathBuf,
+    /// Unique prefix of this plan's pack names.
+    prefix: String,
+    /// Every chunk of a planned file: (file slot, index of the chunk in the file).
+    by_chunk: HashMap<ChunkId, (u32, u32)>,
+    files: Vec<Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// Index of the file in `manifest.entries()`.
+    entry: u32,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    Waiting,
+    Writing(Box<Partial>),
+    Done,
+    Abandoned,
+}
+
+#[derive(Debug)]
+struct Partial {
+    pack: String,
+    file: File,
+    hasher: blake3::Hasher,
+    /// Index of the next chunk the file needs.
+    next: u32,
+    len: u64,
+    /// Rows written by the current batch, not yet fsync'd.
+    unsynced: Vec<PackRow>,
+}
+
+/// A file adopted into the library during a batch.
+#[derive(Debug)]
+pub struct Adopted {
+    /// The pack it was written as: its staged rows are to be forgotten.
+    pub pack: String,
+    pub hash: FileHash,
+    /// Chunk index rows of the file: `(chunk, offset, len)`.
+    pub chunks: Vec<PackRow>,
+}
+
+/// What one batch did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Chunks appended to files still being written (or abandoned), durable now: per pack.
+    pub staged: Vec<(String, Vec<PackRow>)>,
+    pub adopted: Vec<Adopted>,
+    /// Chunks that are not the next chunk of a planned file: for an ordinary pack.
+    pub rest: Vec<(ChunkId, Bytes)>,
+}
+
+impl Plan {
+    /// Plans the files of `manifest` the library lacks whose chunks are all in `missing`
+    /// (the chunks the sender was asked for) and used by no other file being built.
+    pub fn new(
+        version: i64,
+        manifest: Arc<Manifest>,
+        missing: &[ChunkId],
+        lib: &Library,
+        staging: PathBuf,
+        prefix: String,
+    ) -> Self {
+        let missing: HashSet<ChunkId> = missing.iter().copied().collect();
+        let mut uses: HashMap<ChunkId, u32> = HashMap::new();
+        let mut candidates = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, e) in manifest.entries().iter().enumerate() {
+            let Some(h) = e.file_hash() else { continue };
+            if !seen.insert(h) || lib.contains(&h) {
+                continue;
+            }
+            for c in e.chunks() {
+                *uses.entry(c.id).or_default() += 1;
+            }
+            if !e.chunks().is_empty() && e.chunks().iter().all(|c| missing.contains(&c.id)) {
+                candidates.push(i);
+            }
+        }
+        let mut by_chunk = HashMap::new();
+        let mut files = Vec::new();
+        for i in candidates {
+            let chunks = manifest.entries()[i].chunks();
+            if chunks.iter().all(|c| uses[&c.id] == 1) {
+                let slot = files.len() as u32;
+                for (k, c) in chunks.iter().enumerate() {
+                    by_chunk.insert(c.id, (slot, k as u32));
+                }
+                files.push(Slot { entry: i as u32, state: State::Waiting });
+            }
+        }
+        by_chunk.shrink_to_fit();
+        Self { version, manifest, staging, prefix, by_chunk, files }
+    }
+
+    /// How many files are planned.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Writes each chunk that is the next chunk of a planned file to that file, adopts
+    /// the files completed, fsyncs the others, and hands back the chunks that fit none.
+    pub fn accept(&mut self, lib: &Library, version: i64, chunks: Vec<(ChunkId, Bytes)>) -> std::io::Result<Outcome> {
+        let mut out = Outcome::default();
+        if version != self.version {
+            out.rest = chunks;
+            return Ok(out);
+        }
+        let mut touched: Vec<u32> = Vec::new();
+        let mut created = false;
+        for (id, data) in chunks {
+            let Some(&(slot, k)) = self.by_chunk.get(&id) else {
+                out.rest.push((id, data));
+                continue;
+            };
+            let entry = &self.manifest.entries()[self.files[slot as usize].entry as usize];
+            let n = entry.chunks().len() as u32;
+            let len_ok = data.len() == entry.chunks()[k as usize].len as usize;
+            let s = &mut self.files[slot as usize];
+            match &mut s.state {
+                // Already in the library, or already written and recorded (a resent batch).
+                State::Done => continue,
+                State::Writing(p) if k < p.next && len_ok => continue,
+                State::Waiting if k == 0 && len_ok => {
+                    fs::create_dir_all(&self.staging)?;
+                    let pack = format!("{}-{slot}.pack", self.prefix);
+                    let file = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(self.staging.join(&pack))?;
+                    created = true;
+                    s.state = State::Writing(Box::new(Partial {
+                        pack,
+                        file,
+                        hasher: blake3::Hasher::new(),
+                        next: 0,
+                        len: 0,
+                        unsynced: Vec::new(),
+                    }));
+                }
+                State::Writing(p) if k == p.next && len_ok => {}
+                _ => {
+                    // Out of order: the file is built at commit from packs instead.
+                    if let State::Writing(p) = std::mem::replace(&mut s.state, State::Abandoned) {
+                        p.file.sync_data()?;
+                        if !p.unsynced.is_empty() {
+                            out.staged.push((p.pack, p.unsynced));
+                        }
+                    } else {
+                        s.state = State::Abandoned;
+                    }
+                    out.rest.push((id, data));
+                    continue;
+                }
+            }
+            let State::Writing(p) = &mut s.state else { unreachable!("set above") };
+            p.file.write_all(&data)?;
+            p.hasher.update(&data);
+            p.unsynced.push((id, p.len, data.len() as u32));
+            p.len += data.len() as u64;
+            p.next += 1;
+            if p.next < n {
+                if p.unsynced.len() == 1 {
+                    touched.push(slot);
+                }
+                continue;
+            }
+            // Whole: adopt it when it hashes to the manifest's BLAKE3.
+            let hash = entry.file_hash().expect("planned entries are files");
+            let State::Writing(p) = std::mem::replace(&mut s.state, State::Done) else { unreachable!() };
+            let Partial { pack, file, hasher, unsynced, .. } = *p;
+            if FileHash::from(hasher.finalize()) != hash {
+                // A manifest whose chunks do not make its file: commit reports it.
+                file.sync_data()?;
+                s.state = State::Abandoned;
+                out.staged.push((pack, unsynced));
+                continue;
+            }
+            drop(file);
+            lib.adopt(&self.staging.join(&pack), &hash).map_err(std::io::Error::other)?;
+            let mut offset = 0u64;
+            let chunks = entry
+                .chunks()
+                .iter()
+                .map(|c| {
+                    offset += c.len as u64;
+                    (c.id, offset - c.len as u64, c.len)
+                })
+                .collect();
+            out.adopted.push(Adopted { pack, hash, chunks });
+        }
+        for slot in touched {
+            if let State::Writing(p) = &mut self.files[slot as usize].state
+                && !p.unsynced.is_empty()
+            {
+                p.file.sync_data()?;
+                out.staged.push((p.pack.clone(), std::mem::take(&mut p.unsynced)));
+            }
+        }
+        if created {
+            File::open(&self.staging)?.sync_all()?;
+        }
+        if !out.adopted.is_empty() {
+            lib.sync().map_err(std::io::Error::other)?;
+        }
+        Ok(out)
+    }
+}
