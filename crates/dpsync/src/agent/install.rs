@@ -1,6 +1,7 @@
 //! Building a version on a DP (blocking code, run on worker threads): assemble the
-//! files the library lacks from verified chunks, build the version tree from the
-//! library, and switch `current` to it atomically.
+//! files the library still lacks at commit (those not written as their chunks arrived,
+//! see `arrival`) from verified chunks, build the version tree from the library, and
+//! switch `current` to it atomically.
 //!
 //! **Architecture Invariant:** nothing reaches a version tree that was not checked
 //! against its BLAKE3: every chunk is re-hashed as it is read, every assembled file as

@@ -12,6 +12,11 @@
 //!                               some are files being written as their chunks arrive
 //! listen.addr                   the address actually bound (useful with port 0)
 //! ```
+//!
+//! A commit answers once `current` is switched and the install recorded. The tree of
+//! the version that fell out of (current, previous) and the library objects only it
+//! used are removed afterwards by a task that still holds the package's lock, so the
+//! next offer, commit or removal of the package waits for it.
 
 mod arrival;
 mod install;
