@@ -151,6 +151,7 @@ impl Plan {
             return Ok(out);
         }
         let mut touched: Vec<u32> = Vec::new();
+        let mut completed: Vec<(File, Adopted)> = Vec::new();
         let mut created = false;
         for (id, data) in chunks {
             let Some(&(slot, k)) = self.by_chunk.get(&id) else {
@@ -221,8 +222,6 @@ impl Plan {
                 out.staged.push((pack, unsynced));
                 continue;
             }
-            drop(file);
-            lib.adopt(&self.staging.join(&pack), &hash).map_err(std::io::Error::other)?;
             let mut offset = 0u64;
             let chunks = entry
                 .chunks()
@@ -232,7 +231,13 @@ impl Plan {
                     (c.id, offset - c.len as u64, c.len)
                 })
                 .collect();
-            out.adopted.push(Adopted { pack, hash, chunks });
+            completed.push((file, Adopted { pack, hash, chunks }));
+        }
+        // Every file's data is flushed only after the whole batch was written: on a
+        // journalling filesystem the first flush commits the others' blocks with it, so
+        // a batch of small files costs a few journal commits instead of one per file.
+        for (file, _) in &completed {
+            file.sync_data()?;
         }
         for slot in touched {
             if let State::Writing(p) = &mut self.files[slot as usize].state
@@ -244,6 +249,11 @@ impl Plan {
         }
         if created {
             File::open(&self.staging)?.sync_all()?;
+        }
+        for (file, adopted) in completed {
+            drop(file);
+            lib.adopt(&self.staging.join(&adopted.pack), &adopted.hash).map_err(std::io::Error::other)?;
+            out.adopted.push(adopted);
         }
         if !out.adopted.is_empty() {
             lib.sync().map_err(std::io::Error::other)?;
