@@ -751,12 +751,16 @@ impl Receiver for Agent {
         let lock = self.lock(pkg);
         let _g = lock.lock().await;
         self.check_signature(pkg, version, root, &meta)?;
-        let p = self.db.package(pkg).await.map_err(internal("relabel"))?.unwrap_or_default();
+        let p = self.db.package_summary(pkg).await.map_err(internal("relabel"))?.unwrap_or_default();
         match p.installed_version {
             Some(iv) if !p.broken && p.installed_root.as_deref() == Some(root) && iv <= version => {
                 if iv < version {
-                    if let (Mode::Site(site), Some(m)) = (&self.mode, p.installed_manifest.clone()) {
-                        site.accept_version(pkg, version, root, m, meta.signature.clone()).await?;
+                    if let Mode::Site(site) = &self.mode {
+                        // Only a site needs the manifest: it records the version with it.
+                        let full = self.db.package(pkg).await.map_err(internal("relabel"))?;
+                        if let Some(m) = full.and_then(|p| p.installed_manifest) {
+                            site.accept_version(pkg, version, root, m, meta.signature.clone()).await?;
+                        }
                     }
                     self.db.relabel(pkg, version).await.map_err(internal("relabel"))?;
                     let live = self.live.read().unwrap().get(pkg).cloned();
