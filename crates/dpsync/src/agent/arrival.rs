@@ -261,3 +261,121 @@ impl Plan {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dpsync_hash::{ChunkParams, Entry, EntryKind, RelPath, digest_stream};
+
+    fn bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 32);
+        let mut n = 0u64;
+        while out.len() < len {
+            out.extend_from_slice(blake3::hash(&[seed.to_le_bytes(), n.to_le_bytes()].concat()).as_bytes());
+            n += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// A manifest of `files`, and every chunk's bytes.
+    fn version(files: &[(&str, &[u8])]) -> (Arc<Manifest>, HashMap<ChunkId, Bytes>) {
+        let mut entries = Vec::new();
+        let mut chunks = HashMap::new();
+        for (path, data) in files {
+            let d = digest_stream(*data, &mut std::io::sink(), &ChunkParams::default()).unwrap();
+            let mut off = 0;
+            for c in &d.chunks {
+                chunks.insert(c.id, Bytes::copy_from_slice(&data[off..off + c.len as usize]));
+                off += c.len as usize;
+            }
+            entries.push(Entry {
+                path: RelPath::new(*path).unwrap(),
+                mode: 0o644,
+                mtime_ns: 0,
+                kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks },
+            });
+        }
+        (Arc::new(Manifest::new(entries).unwrap()), chunks)
+    }
+
+    fn ids(m: &Manifest, path: &str) -> Vec<ChunkId> {
+        m.get(path).unwrap().chunks().iter().map(|c| c.id).collect()
+    }
+
+    #[test]
+    fn in_order_files_are_adopted_and_the_others_go_to_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::open(&dir.path().join("library")).unwrap();
+        let a = bytes(1 << 20, 1);
+        let mut b = a[..512 << 10].to_vec(); // shares its first chunks with `a`
+        b.extend(bytes(512 << 10, 2));
+        let c = bytes(1 << 20, 3);
+        let d = bytes(1 << 20, 4);
+        let (m, chunks) = version(&[("a", &a), ("b", &b), ("c", &c), ("d", &d)]);
+        assert!(ids(&m, "c").len() >= 3);
+        let mut missing: Vec<ChunkId> = Vec::new();
+        for p in ["a", "b", "c", "d"] {
+            for id in ids(&m, p) {
+                if !missing.contains(&id) {
+                    missing.push(id);
+                }
+            }
+        }
+        let staging = dir.path().join("staging");
+        let mut plan = Plan::new(7, m.clone(), &missing, &lib, staging.clone(), "t".into());
+        assert_eq!(plan.len(), 2, "a and b share chunks; c and d are planned");
+
+        // d in order; c with its first two chunks swapped.
+        let mut order = ids(&m, "d");
+        let mut c_ids = ids(&m, "c");
+        c_ids.swap(0, 1);
+        order.extend(&c_ids);
+        let batch = |ids: &[ChunkId]| ids.iter().map(|id| (*id, chunks[id].clone())).collect::<Vec<_>>();
+        let half = order.len() / 2;
+        let first = plan.accept(&lib, 7, batch(&order[..half])).unwrap();
+        let second = plan.accept(&lib, 7, batch(&order[half..])).unwrap();
+        let adopted: Vec<FileHash> = first.adopted.iter().chain(&second.adopted).map(|a| a.hash).collect();
+        let d_hash = m.get("d").unwrap().file_hash().unwrap();
+        assert_eq!(adopted, vec![d_hash]);
+        assert!(lib.contains(&d_hash));
+        assert_eq!(std::fs::read(lib.object_path(&d_hash)).unwrap(), d);
+        // Every chunk of c reached a pack: none is written, none is lost.
+        let rest: usize = first.rest.len() + second.rest.len();
+        assert_eq!(rest, c_ids.len());
+        // A batch for another version writes nothing.
+        let other = plan.accept(&lib, 8, batch(&ids(&m, "a"))).unwrap();
+        assert!(other.adopted.is_empty() && other.staged.is_empty());
+        assert_eq!(other.rest.len(), ids(&m, "a").len());
+    }
+
+    #[test]
+    fn a_file_spanning_batches_is_staged_until_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::open(&dir.path().join("library")).unwrap();
+        let data = bytes(2 << 20, 9);
+        let (m, chunks) = version(&[("big", &data)]);
+        let all = ids(&m, "big");
+        assert!(all.len() >= 4);
+        let staging = dir.path().join("staging");
+        let mut plan = Plan::new(1, m.clone(), &all, &lib, staging.clone(), "t".into());
+        let batch = |ids: &[ChunkId]| ids.iter().map(|id| (*id, chunks[id].clone())).collect::<Vec<_>>();
+        let first = plan.accept(&lib, 1, batch(&all[..2])).unwrap();
+        assert!(first.adopted.is_empty() && first.rest.is_empty());
+        assert_eq!(first.staged.len(), 1);
+        let (pack, rows) = &first.staged[0];
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), all[..2].to_vec());
+        assert_eq!(rows[1].1, rows[0].2 as u64, "offsets follow the file");
+        let on_disk = std::fs::read(staging.join(pack)).unwrap();
+        assert!(data.starts_with(&on_disk) && !on_disk.is_empty());
+        // A resent chunk already written is ignored.
+        let again = plan.accept(&lib, 1, batch(&all[..1])).unwrap();
+        assert!(again.staged.is_empty() && again.rest.is_empty());
+        let last = plan.accept(&lib, 1, batch(&all[2..])).unwrap();
+        assert_eq!(last.adopted.len(), 1);
+        assert_eq!(&last.adopted[0].pack, pack);
+        assert!(last.staged.is_empty(), "rows of an adopted file are not recorded");
+        assert!(!staging.join(pack).exists());
+        assert_eq!(std::fs::read(lib.object_path(&last.adopted[0].hash)).unwrap(), data);
+    }
+}
