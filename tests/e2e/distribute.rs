@@ -254,6 +254,34 @@ fn refresh_wait_installs_identical_trees_on_three_dps() {
     }
 }
 
+/// Bytes a process handed to `write`-like calls so far (`wchar` in `/proc/PID/io`).
+fn bytes_written_by(pid: u32) -> u64 {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("wchar: ")).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn a_first_install_writes_each_received_byte_once() {
+    let site = Site::with_dps(1, &[]);
+    let mut tree = gen_tree(&site.src, 60, 111, 0..256 * KIB);
+    tree.add_file(&site.src, "big/a.bin", 12 * MIB, 112);
+    tree.add_file(&site.src, "big/b.bin", 5 * MIB, 113);
+    set_old_mtimes(&site.src);
+    site.distribute_all();
+    let pid = site.agents[0].daemon().pid();
+    let before = bytes_written_by(pid);
+    site.refresh_wait();
+    site.assert_all_match_source();
+    let written = bytes_written_by(pid) - before;
+    let total = tree.total_bytes();
+    eprintln!("the agent wrote {written} bytes for {total} bytes of content");
+    // Content once, plus its database (manifest twice, chunk rows) and its log.
+    assert!(written >= total, "wrote {written} bytes for {total} bytes of content");
+    assert!(written < total + total / 10 + 2 * MIB, "wrote {written} bytes for {total} bytes of content");
+    let staging = site.agents[0].staging(&site.id);
+    assert!(!staging.exists() || count_entries(&staging) == 0, "staging is empty after the install");
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. A 1 % change
 

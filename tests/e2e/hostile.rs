@@ -1764,3 +1764,117 @@ fn a_tampered_child_library_never_reaches_the_dp() {
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert!(tree_digest(&fresh.current(&c.pkg)).diff(&tree_digest(&c.src)).is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// Chunks in an unusual order, chunks shared by files, a damaged partial file
+
+/// The agent's `dpsync_agent_files_written_on_arrival_total` counter.
+fn written_on_arrival(agent: &Agent) -> u64 {
+    let r = agent.get("/metrics", &[]);
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let text = r.body_text();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("dpsync_agent_files_written_on_arrival_total "))
+        .unwrap_or_else(|| panic!("no written-on-arrival counter in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// A file's chunk ids, in file order.
+fn chunk_ids(v: &Version, path: &str) -> Vec<ChunkId> {
+    v.manifest.get(path).unwrap().chunks().iter().map(|c| c.id).collect()
+}
+
+#[test]
+fn files_whose_chunks_arrive_out_of_order_or_are_shared_still_install() {
+    let f = Fixture::new();
+    let written_v1 = written_on_arrival(&f.agent);
+    let shared = random_bytes(2 << 20, 71);
+    let mut with_shared_start = shared[..1 << 20].to_vec();
+    with_shared_start.extend(random_bytes(1 << 20, 72));
+    let base = v1();
+    let mut files: Vec<(&str, Vec<u8>)> = base.files.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    files.push(("in-order.bin", random_bytes(2 << 20, 73)));
+    files.push(("reversed.bin", random_bytes(2 << 20, 74)));
+    files.push(("shared-a.bin", shared));
+    files.push(("shared-b.bin", with_shared_start));
+    let v2 = Version::build(&["bin"], &files, &[("link", "readme.txt")]);
+    for p in ["in-order.bin", "reversed.bin", "shared-a.bin"] {
+        assert!(chunk_ids(&v2, p).len() >= 4, "{p} needs several chunks for this test");
+    }
+    let first = chunk_ids(&v2, "shared-a.bin")[0];
+    assert!(chunk_ids(&v2, "shared-b.bin").contains(&first), "the two files must share chunks");
+
+    let r = f.dp.offer(&f.key, SITE, PKG, 2, &v2);
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let missing = wire::decode_ids(&r.body).unwrap();
+    // Everything in file order, except `reversed.bin`, whose chunks come last to first.
+    let reversed: Vec<ChunkId> = chunk_ids(&v2, "reversed.bin").into_iter().rev().collect();
+    let mut order: Vec<ChunkId> = missing.iter().copied().filter(|id| !reversed.contains(id)).collect();
+    order.extend(&reversed);
+    assert_eq!(order.len(), missing.len());
+    for part in order.chunks(order.len() / 3 + 1) {
+        let r = f.dp.chunks(PKG, 2, &v2.batch(part));
+        assert_eq!(r.status, 200, "{}", r.body_text());
+    }
+    let r = f.dp.commit(PKG, 2);
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    for (p, data) in &v2.files {
+        let r = f.agent.download(PKG, p);
+        assert_eq!(r.status, 200, "{p}: {}", r.body_text());
+        assert!(r.body == *data, "{p}: wrong bytes");
+    }
+    // Only `in-order.bin` could be written as it arrived; the others were assembled.
+    assert_eq!(written_on_arrival(&f.agent) - written_v1, 1);
+    assert!(!f.agent.staging(PKG).exists() || count_entries(&f.agent.staging(PKG)) == 0);
+}
+
+#[test]
+fn a_damaged_partial_file_is_detected_and_its_chunk_asked_for_again() {
+    let mut f = Fixture::new();
+    let big = random_bytes(4 << 20, 81);
+    let v2 = v2_with("big.bin", big.clone());
+    let ids = chunk_ids(&v2, "big.bin");
+    assert!(ids.len() >= 8, "big.bin needs several chunks for this test");
+    let r = f.dp.offer(&f.key, SITE, PKG, 2, &v2);
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let missing = wire::decode_ids(&r.body).unwrap();
+    assert_eq!(missing, ids, "a new file's chunks are asked for in file order");
+    // Half of the file arrives, is written to its partial file, then the agent dies.
+    let half = ids.len() / 2;
+    let r = f.dp.chunks(PKG, 2, &v2.batch(&ids[..half]));
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    f.agent.kill9();
+    let staging = f.agent.staging(PKG);
+    let packs: Vec<PathBuf> = fs::read_dir(&staging).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(packs.len(), 1, "one partial file: {packs:?}");
+    let held = fs::read(&packs[0]).unwrap();
+    let first_len = v2.manifest.get("big.bin").unwrap().chunks()[0].len as usize;
+    assert!(held.len() >= first_len && big.starts_with(&held), "the partial file holds the file's first bytes");
+    // Damage one byte of the second chunk on disk.
+    let at = first_len + 10;
+    let file = fs::OpenOptions::new().write(true).open(&packs[0]).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[held[at] ^ 0xff], at as u64).unwrap();
+    drop(file);
+
+    f.agent.restart();
+    f.assert_serves_v1();
+    let r = f.dp.offer(&f.key, SITE, PKG, 2, &v2);
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let missing = wire::decode_ids(&r.body).unwrap();
+    assert_eq!(missing, ids[half..].to_vec(), "what arrived before the kill is not asked for again");
+    let r = f.dp.chunks(PKG, 2, &v2.batch(&missing));
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    // The damaged chunk is found when the file is assembled, and asked for again.
+    let r = f.dp.commit(PKG, 2);
+    assert_refused(&r, 409, "missing", "commit with a damaged staged chunk");
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["missing"], serde_json::json!([ids[1].to_hex()]), "{v}");
+    f.assert_serves_v1();
+    let r = f.dp.chunks(PKG, 2, &v2.batch(&ids[1..2]));
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let r = f.dp.commit(PKG, 2);
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let r = f.agent.download(PKG, "big.bin");
+    assert!(r.status == 200 && r.body == big, "big.bin: status {}, wrong bytes", r.status);
+}

@@ -51,6 +51,9 @@ pub enum ChunkSource {
     Object { file_hash: Vec<u8>, offset: i64, len: i64 },
 }
 
+/// Chunks written to one pack: `(pack, [(chunk, offset, len)])`.
+pub type PackRows = (String, Vec<(Vec<u8>, i64, i64)>);
+
 /// Handle to the agent database.
 #[derive(Debug, Clone)]
 pub struct AgentDb {
@@ -112,6 +115,38 @@ impl AgentDb {
             previous_manifest: r.get(7),
             broken: r.get::<i64, _>(8) != 0,
         }))
+    }
+
+    /// Like [`AgentDb::package`] without the two manifest blobs (several MB each for
+    /// large trees): what most calls need.
+    pub async fn package_summary(&self, id: &str) -> Result<Option<InstalledPackage>> {
+        let row = sqlx::query(
+            "SELECT id, installed_version, installed_root, installed_dir, previous_version, previous_dir, broken
+             FROM packages WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| InstalledPackage {
+            id: r.get(0),
+            installed_version: r.get(1),
+            installed_root: r.get(2),
+            installed_dir: r.get(3),
+            installed_manifest: None,
+            previous_version: r.get(4),
+            previous_dir: r.get(5),
+            previous_manifest: None,
+            broken: r.get::<i64, _>(6) != 0,
+        }))
+    }
+
+    /// The manifest blob of the previous version, if any.
+    pub async fn previous_manifest(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT previous_manifest FROM packages WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten())
     }
 
     /// Every package with an installed version.
@@ -241,19 +276,34 @@ impl AgentDb {
     /// Records chunks written to `pack` (after the pack is durable).
     pub async fn add_staged_chunks(&self, package: &str, pack: &str, chunks: &[(Vec<u8>, i64, i64)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for (id, offset, len) in chunks {
-            sqlx::query(
-                "INSERT INTO staged_chunks (package, chunk_id, pack, offset, len) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (package, chunk_id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset, len = excluded.len",
-            )
-            .bind(package)
-            .bind(id)
-            .bind(pack)
-            .bind(offset)
-            .bind(len)
-            .execute(&mut *tx)
-            .await?;
+        insert_staged(&mut tx, package, pack, chunks).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records one batch that was partly written into files as it arrived, in one
+    /// transaction: chunks appended to packs (durable already), the packs of files
+    /// adopted into the library (whose staged rows are forgotten), and the chunk index
+    /// rows of those files.
+    pub async fn record_arrivals(
+        &self,
+        package: &str,
+        staged: &[PackRows],
+        adopted_packs: &[String],
+        index: &[(Vec<u8>, Vec<u8>, i64, i64)],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (pack, rows) in staged {
+            insert_staged(&mut tx, package, pack, rows).await?;
         }
+        for pack in adopted_packs {
+            sqlx::query("DELETE FROM staged_chunks WHERE package = $1 AND pack = $2")
+                .bind(package)
+                .bind(pack)
+                .execute(&mut *tx)
+                .await?;
+        }
+        insert_index(&mut tx, index).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -325,22 +375,7 @@ impl AgentDb {
     /// Indexes every chunk of installed files: `(chunk, file, offset, len)`.
     pub async fn index_chunks(&self, rows: &[(Vec<u8>, Vec<u8>, i64, i64)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        // 200 rows (800 parameters) per statement: far fewer round trips than one each.
-        for batch in rows.chunks(200) {
-            let values: Vec<String> = (0..batch.len())
-                .map(|i| format!("(${}, ${}, ${}, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))
-                .collect();
-            let sql = format!(
-                "INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES {} ON CONFLICT (chunk_id) DO NOTHING",
-                values.join(",")
-            );
-            // Only generated placeholders are interpolated; values are bound.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (id, file, offset, len) in batch {
-                q = q.bind(id).bind(file).bind(offset).bind(len);
-            }
-            q.execute(&mut *tx).await?;
-        }
+        insert_index(&mut tx, rows).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -350,4 +385,52 @@ impl AgentDb {
         sqlx::query("DELETE FROM chunk_index WHERE file_hash = $1").bind(file_hash).execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// 150 rows (750 parameters) per statement: far fewer round trips than one each.
+async fn insert_staged(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    package: &str,
+    pack: &str,
+    rows: &[(Vec<u8>, i64, i64)],
+) -> Result<()> {
+    for batch in rows.chunks(150) {
+        let values: Vec<String> =
+            (0..batch.len()).map(|i| format!("($1, $2, ${}, ${}, ${})", 3 * i + 3, 3 * i + 4, 3 * i + 5)).collect();
+        let sql = format!(
+            "INSERT INTO staged_chunks (package, pack, chunk_id, offset, len) VALUES {}
+             ON CONFLICT (package, chunk_id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset, len = excluded.len",
+            values.join(",")
+        );
+        // Only generated placeholders are interpolated; values are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(package).bind(pack);
+        for (id, offset, len) in batch {
+            q = q.bind(id).bind(offset).bind(len);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// 200 rows (800 parameters) per statement.
+async fn insert_index(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    rows: &[(Vec<u8>, Vec<u8>, i64, i64)],
+) -> Result<()> {
+    for batch in rows.chunks(200) {
+        let values: Vec<String> = (0..batch.len())
+            .map(|i| format!("(${}, ${}, ${}, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))
+            .collect();
+        let sql = format!(
+            "INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES {} ON CONFLICT (chunk_id) DO NOTHING",
+            values.join(",")
+        );
+        // Only generated placeholders are interpolated; values are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (id, file, offset, len) in batch {
+            q = q.bind(id).bind(file).bind(offset).bind(len);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Building a version on a DP (blocking code, run on worker threads): assemble the
-//! files the library lacks from verified chunks, build the version tree from the
-//! library, and switch `current` to it atomically.
+//! files the library still lacks at commit (those not written as their chunks arrived,
+//! see `arrival`) from verified chunks, build the version tree from the library, and
+//! switch `current` to it atomically.
 //!
 //! **Architecture Invariant:** nothing reaches a version tree that was not checked
 //! against its BLAKE3: every chunk is re-hashed as it is read, every assembled file as
@@ -53,6 +54,8 @@ pub struct Installed {
     pub files_built: u64,
     pub files_linked: u64,
     pub bytes_built: u64,
+    /// The files assembled (their chunks are to be indexed).
+    pub built: Vec<FileHash>,
 }
 
 /// Assembles every file of `manifest` that the library lacks (all of them with
@@ -109,6 +112,7 @@ pub fn assemble_missing(
             Ok(n) => {
                 out.files_built += 1;
                 out.bytes_built += n;
+                out.built.push(e.file_hash().expect("files have hashes"));
             }
             Err(mut ids) => bad.append(&mut ids),
         }
@@ -224,14 +228,28 @@ fn build_tree(lib: &Library, dir: &Path, manifest: &Manifest) -> Result<u64, Ins
             }
         }
     }
-    // Modes and times of directories last (deepest first), then make them durable.
+    // Modes and times of directories last (deepest first), then make them durable. The
+    // metadata changes of up to 256 folders come before their fsyncs: on a journalling
+    // filesystem the first fsync commits them all and the others find nothing left to
+    // write. (Folders are opened before their mode may forbid it, as before.)
+    let mut opened: Vec<(&Path, File)> = Vec::with_capacity(256);
+    let sync = |opened: &mut Vec<(&Path, File)>| -> Result<(), InstallError> {
+        for (d, f) in opened.drain(..) {
+            f.sync_all().map_err(io(format!("syncing {}", d.display())))?;
+        }
+        Ok(())
+    };
     for (d, e) in dirs.iter().rev() {
         let f = File::open(d).map_err(io(format!("opening {}", d.display())))?;
-        f.sync_all().map_err(io(format!("syncing {}", d.display())))?;
-        fs::set_permissions(d, fs::Permissions::from_mode(e.mode)).map_err(io(format!("chmod {}", d.display())))?;
+        f.set_permissions(fs::Permissions::from_mode(e.mode)).map_err(io(format!("chmod {}", d.display())))?;
         f.set_modified(system_time(e.mtime_ns)).map_err(io(format!("setting the time of {}", d.display())))?;
+        opened.push((d, f));
+        if opened.len() == 256 {
+            sync(&mut opened)?;
+        }
     }
-    File::open(dir).and_then(|f| f.sync_all()).map_err(io(format!("syncing {}", dir.display())))?;
+    opened.push((dir, File::open(dir).map_err(io(format!("opening {}", dir.display())))?));
+    sync(&mut opened)?;
     Ok(linked)
 }
 
@@ -300,20 +318,19 @@ pub fn collect_unlinked(lib: &Library, candidates: impl IntoIterator<Item = File
 }
 
 /// Appends verified chunks to a new pack file, durably. Returns `(id, offset, len)`.
+/// Chunks are written from the received buffers as they are (no intermediate copy).
 pub fn write_pack(path: &Path, chunks: &[(ChunkId, bytes::Bytes)]) -> std::io::Result<Vec<(ChunkId, u64, u32)>> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
     }
-    let file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     let mut offset = 0u64;
     let mut out = Vec::with_capacity(chunks.len());
     for (id, data) in chunks {
-        w.write_all(data)?;
+        file.write_all(data)?;
         out.push((*id, offset, data.len() as u32));
         offset += data.len() as u64;
     }
-    let file = w.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     if let Some(parent) = path.parent() {
         File::open(parent)?.sync_all()?;

@@ -8,10 +8,17 @@
 //! library/objects/…             verified files by BLAKE3, hard-linked into trees
 //! packages/P/current -> versions/vN-…   the live tree: always one whole version
 //! packages/P/versions/…         the current and the previous version
-//! staging/P/*.pack              verified chunks received for P, kept across restarts
+//! staging/P/*.pack              verified chunks received for P, kept across restarts;
+//!                               some are files being written as their chunks arrive
 //! listen.addr                   the address actually bound (useful with port 0)
 //! ```
+//!
+//! A commit answers once `current` is switched and the install recorded. The tree of
+//! the version that fell out of (current, previous) and the library objects only it
+//! used are removed afterwards by a task that still holds the package's lock, so the
+//! next offer, commit or removal of the package waits for it.
 
+mod arrival;
 mod install;
 
 use std::collections::{HashMap, HashSet};
@@ -112,6 +119,7 @@ struct Metrics {
     chunk_bytes_received: AtomicU64,
     installs: AtomicU64,
     files_built: AtomicU64,
+    files_written_on_arrival: AtomicU64,
     files_served: AtomicU64,
     bytes_served: AtomicU64,
 }
@@ -122,6 +130,16 @@ struct Live {
     version: i64,
     dir: PathBuf,
     manifest: Arc<Manifest>,
+}
+
+/// Files of a package written as their chunks arrived, since its last commit.
+#[derive(Debug, Default)]
+struct Arrivals {
+    /// The staged version's planned files (`None`: every chunk goes to a pack).
+    plan: Option<arrival::Plan>,
+    /// Files adopted into the library since the last commit. Those the committed version
+    /// does not use (its version was replaced mid-transfer) are collected after it.
+    adopted: Vec<FileHash>,
 }
 
 /// What the receiving side does with a verified version.
@@ -147,6 +165,12 @@ pub struct Agent {
     metrics: Metrics,
     disk_reserve: u64,
     pack_counter: AtomicU64,
+    /// Per package, the files written as their chunks arrive (see `arrival`). Its lock
+    /// also orders concurrent `store_chunks` calls.
+    arrivals: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Arrivals>>>>,
+    /// Whether the staging area and the library share a filesystem (a file written in
+    /// staging can be renamed into the library).
+    write_on_arrival: bool,
 }
 
 fn internal(context: &str) -> impl FnOnce(dpsync_store::StoreError) -> ReceiveError + '_ {
@@ -172,6 +196,15 @@ impl Agent {
             Mode::Site(site) => ("receive.db", site.library.clone()),
         };
         let db = AgentDb::open(&data_dir.join(db_file)).await.context("receiving database")?;
+        let write_on_arrival = {
+            use std::os::unix::fs::MetadataExt;
+            let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+            let same = dev(data_dir).is_some() && dev(data_dir) == dev(library.root());
+            if !same {
+                tracing::info!("the library is on another filesystem: files are assembled at commit");
+            }
+            same
+        };
         let agent = Self {
             mode,
             trust,
@@ -183,6 +216,8 @@ impl Agent {
             metrics: Metrics::default(),
             disk_reserve,
             pack_counter: AtomicU64::new(0),
+            arrivals: Mutex::new(HashMap::new()),
+            write_on_arrival,
         };
         for p in agent.db.packages().await? {
             if matches!(agent.mode, Mode::Site(_)) {
@@ -224,6 +259,16 @@ impl Agent {
 
     fn lock(&self, pkg: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks.lock().unwrap().entry(pkg.to_owned()).or_default().clone()
+    }
+
+    fn arrivals(&self, pkg: &str) -> Arc<tokio::sync::Mutex<Arrivals>> {
+        self.arrivals.lock().unwrap().entry(pkg.to_owned()).or_default().clone()
+    }
+
+    /// A unique name prefix for a pack in a staging folder.
+    fn pack_name(&self) -> String {
+        let n = self.pack_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{}-{n}", crate::util::now_ms(), std::process::id())
     }
 
     /// Points `current` back at the recorded tree when a crash left it elsewhere: an
@@ -355,11 +400,15 @@ impl Agent {
         Ok(sources)
     }
 
-    fn chunk_index_rows(manifest: &Manifest) -> Vec<(Vec<u8>, Vec<u8>, i64, i64)> {
+    /// Chunk index rows of the files of `manifest` in `files`.
+    fn chunk_index_rows(manifest: &Manifest, files: &HashSet<FileHash>) -> Vec<(Vec<u8>, Vec<u8>, i64, i64)> {
         let mut rows = Vec::new();
         let mut seen = HashSet::new();
         for e in manifest.files() {
             let h = e.file_hash().expect("file");
+            if !files.contains(&h) {
+                continue;
+            }
             let mut offset = 0i64;
             for c in e.chunks() {
                 if seen.insert(c.id) {
@@ -372,10 +421,15 @@ impl Agent {
     }
 
     async fn forget_objects(&self, removed: Vec<FileHash>) {
-        for h in removed {
-            if let Err(e) = self.db.unindex_file(h.as_bytes()).await {
-                tracing::warn!("chunk index: {e}");
-            }
+        forget_objects(&self.db, removed).await
+    }
+}
+
+/// Drops the chunk index entries of library objects just removed.
+async fn forget_objects(db: &AgentDb, removed: Vec<FileHash>) {
+    for h in removed {
+        if let Err(e) = db.unindex_file(h.as_bytes()).await {
+            tracing::warn!("chunk index: {e}");
         }
     }
 }
@@ -438,7 +492,7 @@ impl Receiver for Agent {
     }
 
     async fn package_state(&self, pkg: &str) -> Result<PackageState, ReceiveError> {
-        let p = self.db.package(pkg).await.map_err(internal("state"))?.unwrap_or_default();
+        let p = self.db.package_summary(pkg).await.map_err(internal("state"))?.unwrap_or_default();
         let staged = self.db.latest_staged_version(pkg).await.map_err(internal("state"))?;
         Ok(PackageState {
             package: pkg.to_owned(),
@@ -475,7 +529,7 @@ impl Receiver for Agent {
                 )));
             }
         }
-        let p = self.db.package(pkg).await.map_err(internal("offer"))?.unwrap_or_default();
+        let p = self.db.package_summary(pkg).await.map_err(internal("offer"))?.unwrap_or_default();
         if let Some(iv) = p.installed_version
             && version < iv
         {
@@ -506,12 +560,30 @@ impl Receiver for Agent {
             })
             .await
             .map_err(internal("staging"))?;
-        let missing = self.missing_chunks(pkg, manifest, force).await?;
+        let arrivals = self.arrivals(pkg);
+        let mut arrivals = arrivals.lock().await;
+        arrivals.plan = None;
+        let missing = self.missing_chunks(pkg, manifest.clone(), force).await?;
+        if self.write_on_arrival && !force && !missing.is_empty() {
+            let (lib, staging, prefix) = (self.library.clone(), self.staging_dir(pkg), self.pack_name());
+            let (m, ids) = (manifest, missing);
+            let (new, ids) =
+                blocking(move || (arrival::Plan::new(version, m, &ids, &lib, staging, prefix), ids)).await?;
+            tracing::info!(
+                package = pkg,
+                version,
+                missing = ids.len(),
+                written_on_arrival = new.len(),
+                "manifest staged"
+            );
+            arrivals.plan = Some(new);
+            return Ok(ids);
+        }
         tracing::info!(package = pkg, version, missing = missing.len(), force, "manifest staged");
         Ok(missing)
     }
 
-    async fn store_chunks(&self, pkg: &str, _version: i64, chunks: Vec<(ChunkId, Bytes)>) -> Result<(), ReceiveError> {
+    async fn store_chunks(&self, pkg: &str, version: i64, chunks: Vec<(ChunkId, Bytes)>) -> Result<(), ReceiveError> {
         if self.db.latest_staged_version(pkg).await.map_err(internal("chunks"))?.is_none() {
             return Err(ReceiveError::Conflict {
                 message: format!("no manifest of {pkg} was offered; send the manifest first"),
@@ -520,29 +592,68 @@ impl Receiver for Agent {
         }
         let bytes: u64 = chunks.iter().map(|(_, d)| d.len() as u64).sum();
         self.check_disk(bytes)?;
-        let n = self.pack_counter.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}-{}-{n}.pack", crate::util::now_ms(), std::process::id());
-        let path = self.staging_dir(pkg).join(&name);
         let count = chunks.len() as u64;
-        let written = blocking(move || install::write_pack(&path, &chunks)).await?.map_err(|e| {
+        // Held until the batch is recorded: batches of one package are written and
+        // recorded one at a time.
+        let cell = self.arrivals(pkg);
+        let mut arrivals = cell.lock().await;
+        let name = format!("{}.pack", self.pack_name());
+        let (lib, path, taken) = (self.library.clone(), self.staging_dir(pkg).join(&name), arrivals.plan.take());
+        let (taken, result) = blocking(move || {
+            let mut taken = taken;
+            let outcome = match taken.as_mut() {
+                Some(p) => p.accept(&lib, version, chunks),
+                None => Ok(arrival::Outcome { rest: chunks, ..Default::default() }),
+            };
+            let result = outcome.and_then(|mut o| {
+                let packed = if o.rest.is_empty() { vec![] } else { install::write_pack(&path, &o.rest)? };
+                o.rest = vec![];
+                Ok((o, packed))
+            });
+            // After a failed write the plan's files are not trusted further: what they
+            // recorded stays as packs, the rest goes to packs.
+            (if result.is_ok() { taken } else { None }, result)
+        })
+        .await?;
+        arrivals.plan = taken;
+        let (outcome, packed) = result.map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 ReceiveError::InsufficientStorage(format!("the DP's disk is full: {e}"))
             } else {
                 ReceiveError::Internal(format!("writing chunks: {e}"))
             }
         })?;
-        let rows: Vec<(Vec<u8>, i64, i64)> =
-            written.into_iter().map(|(id, off, len)| (id.as_bytes().to_vec(), off as i64, len as i64)).collect();
-        self.db.add_staged_chunks(pkg, &name, &rows).await.map_err(internal("recording chunks"))?;
+        let rows = |r: Vec<arrival::PackRow>| -> Vec<(Vec<u8>, i64, i64)> {
+            r.into_iter().map(|(id, off, len)| (id.as_bytes().to_vec(), off as i64, len as i64)).collect()
+        };
+        let mut staged: Vec<dpsync_store::agent::PackRows> =
+            outcome.staged.into_iter().map(|(pack, r)| (pack, rows(r))).collect();
+        if !packed.is_empty() {
+            staged.push((name, rows(packed)));
+        }
+        let adopted_packs: Vec<String> = outcome.adopted.iter().map(|a| a.pack.clone()).collect();
+        let index: Vec<(Vec<u8>, Vec<u8>, i64, i64)> = outcome
+            .adopted
+            .iter()
+            .flat_map(|a| {
+                a.chunks.iter().map(|(id, off, len)| {
+                    (id.as_bytes().to_vec(), a.hash.as_bytes().to_vec(), *off as i64, *len as i64)
+                })
+            })
+            .collect();
+        self.db.record_arrivals(pkg, &staged, &adopted_packs, &index).await.map_err(internal("recording chunks"))?;
+        arrivals.adopted.extend(outcome.adopted.iter().map(|a| a.hash));
+        drop(arrivals);
         self.metrics.chunks_received.fetch_add(count, Ordering::Relaxed);
         self.metrics.chunk_bytes_received.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics.files_written_on_arrival.fetch_add(adopted_packs.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     async fn commit(&self, pkg: &str, version: i64) -> Result<CommitResponse, ReceiveError> {
-        let lock = self.lock(pkg);
-        let _g = lock.lock().await;
-        let p = self.db.package(pkg).await.map_err(internal("commit"))?.unwrap_or_default();
+        // Owned: the clean-up after an install keeps holding it in the background.
+        let guard = self.lock(pkg).lock_owned().await;
+        let p = self.db.package_summary(pkg).await.map_err(internal("commit"))?.unwrap_or_default();
         let Some(staged) = self.db.staged(pkg, version).await.map_err(internal("commit"))? else {
             if p.installed_version == Some(version) && !p.broken {
                 return Ok(CommitResponse {
@@ -557,6 +668,9 @@ impl Receiver for Agent {
                 missing: vec![],
             });
         };
+        // Files written on arrival are in the library now; planned files that are not
+        // whole are assembled below from their packs, like any other file.
+        self.arrivals(pkg).lock().await.plan = None;
         let manifest = Arc::new(
             Manifest::decode(&staged.manifest, &DecodeLimits::default())
                 .map_err(|e| ReceiveError::Internal(format!("staged manifest: {e}")))?,
@@ -565,7 +679,7 @@ impl Receiver for Agent {
         let (lib, pkg_dir, m2, force) = (self.library.clone(), self.pkg_dir(pkg), manifest.clone(), staged.force);
         let site_mode = matches!(self.mode, Mode::Site(_));
         let result = blocking(move || {
-            if site_mode {
+            let installed = if site_mode {
                 install::assemble_missing(&lib, &m2, &sources, force)
             } else {
                 std::fs::create_dir_all(&pkg_dir).map_err(|source| InstallError::Io {
@@ -573,10 +687,12 @@ impl Receiver for Agent {
                     source,
                 })?;
                 install::install(&lib, &pkg_dir, version, &m2, &sources, force)
-            }
+            }?;
+            let built: HashSet<FileHash> = installed.built.iter().copied().collect();
+            Ok::<_, InstallError>((Self::chunk_index_rows(&m2, &built), installed))
         })
         .await?;
-        let installed = match result {
+        let (index, installed) = match result {
             Ok(i) => i,
             Err(InstallError::Missing(missing)) => {
                 for id in &missing {
@@ -597,28 +713,34 @@ impl Receiver for Agent {
             }
             Err(e) => return Err(ReceiveError::Internal(e.to_string())),
         };
+        let arrived = std::mem::take(&mut self.arrivals(pkg).lock().await.adopted);
+        let written = arrived.len() as u64;
+        let files_built = installed.files_built + written;
         if let Mode::Site(site) = &self.mode {
             site.accept_version(pkg, version, &staged.content_root, staged.manifest.clone(), staged.signature.clone())
                 .await?;
         }
+        // The version that falls out of (current, previous): its tree and the content
+        // only it used go after the answer. Its manifest is read before the install
+        // record replaces it.
         let dir = installed.dir.display().to_string();
+        let dropped =
+            p.previous_dir.as_ref().is_some_and(|d| !site_mode && Some(d) != p.installed_dir.as_ref() && *d != dir);
+        let dropped_manifest =
+            if dropped { self.db.previous_manifest(pkg).await.map_err(internal("commit"))? } else { None };
         self.db
             .record_install(pkg, version, &staged.content_root, &dir, &staged.manifest)
             .await
             .map_err(internal("recording the install"))?;
-        self.db.index_chunks(&Self::chunk_index_rows(&manifest)).await.map_err(internal("chunk index"))?;
+        self.db.index_chunks(&index).await.map_err(internal("chunk index"))?;
+        let _ = tokio::fs::remove_dir_all(self.staging_dir(pkg)).await;
+        self.metrics.files_built.fetch_add(files_built, Ordering::Relaxed);
         if site_mode {
-            let _ = tokio::fs::remove_dir_all(self.staging_dir(pkg)).await;
-            tracing::info!(
-                package = pkg,
-                version,
-                built = installed.files_built,
-                "version received from the parent site"
-            );
+            tracing::info!(package = pkg, version, built = files_built, "version received from the parent site");
             return Ok(CommitResponse {
                 installed_version: version,
                 content_root: staged.content_root,
-                files_built: installed.files_built,
+                files_built,
                 files_linked: 0,
             });
         }
@@ -626,48 +748,45 @@ impl Receiver for Agent {
             .write()
             .unwrap()
             .insert(pkg.to_owned(), Arc::new(Live { version, dir: installed.dir.clone(), manifest }));
-        // Drop the version that fell out of (current, previous), its unlinked content,
-        // and the staging area.
-        let now = self.db.package(pkg).await.map_err(internal("commit"))?.unwrap_or_default();
-        let dropped =
-            if p.previous_dir.is_some() && p.previous_dir != now.previous_dir && p.previous_dir != now.installed_dir {
-                manifest_hashes(p.previous_manifest.as_ref())
-            } else {
-                vec![]
-            };
-        let (lib, keep, pkg_dir, staging) = (
-            self.library.clone(),
-            [now.installed_dir.clone(), now.previous_dir.clone()],
-            self.pkg_dir(pkg),
-            self.staging_dir(pkg),
-        );
-        let removed = blocking(move || {
-            if let Ok(rd) = std::fs::read_dir(pkg_dir.join("versions")) {
-                for e in rd.flatten() {
-                    if !keep.iter().flatten().any(|k| Path::new(k) == e.path()) {
-                        let _ = install::remove_tree(&e.path());
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir_all(&staging);
-            install::collect_unlinked(&lib, dropped)
-        })
-        .await?;
-        self.forget_objects(removed).await;
         self.metrics.installs.fetch_add(1, Ordering::Relaxed);
-        self.metrics.files_built.fetch_add(installed.files_built, Ordering::Relaxed);
         tracing::info!(
             package = pkg,
             version,
             built = installed.files_built,
+            written_on_arrival = written,
             linked = installed.files_linked,
             bytes_built = installed.bytes_built,
             "version installed"
         );
+        let (db, lib, pkg_dir) = (self.db.clone(), self.library.clone(), self.pkg_dir(pkg));
+        let keep = [Some(dir), p.installed_dir.clone()];
+        let package = pkg.to_owned();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let removed = tokio::task::spawn_blocking(move || {
+                if let Ok(rd) = std::fs::read_dir(pkg_dir.join("versions")) {
+                    for e in rd.flatten() {
+                        if !keep.iter().flatten().any(|k| Path::new(k) == e.path()) {
+                            let _ = install::remove_tree(&e.path());
+                        }
+                    }
+                }
+                // Every object the new tree uses has a second link now: of the files
+                // written on arrival, only those of a replaced version have none.
+                let mut candidates = manifest_hashes(dropped_manifest.as_ref());
+                candidates.extend(arrived);
+                install::collect_unlinked(&lib, candidates)
+            })
+            .await;
+            match removed {
+                Ok(removed) => forget_objects(&db, removed).await,
+                Err(e) => tracing::warn!(package, "cleaning up after the install: {e}"),
+            }
+        });
         Ok(CommitResponse {
             installed_version: version,
             content_root: staged.content_root,
-            files_built: installed.files_built,
+            files_built,
             files_linked: installed.files_linked,
         })
     }
@@ -682,12 +801,16 @@ impl Receiver for Agent {
         let lock = self.lock(pkg);
         let _g = lock.lock().await;
         self.check_signature(pkg, version, root, &meta)?;
-        let p = self.db.package(pkg).await.map_err(internal("relabel"))?.unwrap_or_default();
+        let p = self.db.package_summary(pkg).await.map_err(internal("relabel"))?.unwrap_or_default();
         match p.installed_version {
             Some(iv) if !p.broken && p.installed_root.as_deref() == Some(root) && iv <= version => {
                 if iv < version {
-                    if let (Mode::Site(site), Some(m)) = (&self.mode, p.installed_manifest.clone()) {
-                        site.accept_version(pkg, version, root, m, meta.signature.clone()).await?;
+                    if let Mode::Site(site) = &self.mode {
+                        // Only a site needs the manifest: it records the version with it.
+                        let full = self.db.package(pkg).await.map_err(internal("relabel"))?;
+                        if let Some(m) = full.and_then(|p| p.installed_manifest) {
+                            site.accept_version(pkg, version, root, m, meta.signature.clone()).await?;
+                        }
                     }
                     self.db.relabel(pkg, version).await.map_err(internal("relabel"))?;
                     let live = self.live.read().unwrap().get(pkg).cloned();
@@ -714,6 +837,7 @@ impl Receiver for Agent {
     async fn remove(&self, pkg: &str) -> Result<(), ReceiveError> {
         let lock = self.lock(pkg);
         let _g = lock.lock().await;
+        let arrived = std::mem::take(&mut *self.arrivals(pkg).lock().await).adopted;
         if let Mode::Site(site) = &self.mode {
             site.remove_everywhere(pkg).await?;
             self.db.delete_package(pkg).await.map_err(internal("remove"))?;
@@ -724,6 +848,7 @@ impl Receiver for Agent {
         self.live.write().unwrap().remove(pkg);
         let mut candidates = manifest_hashes(p.installed_manifest.as_ref());
         candidates.extend(manifest_hashes(p.previous_manifest.as_ref()));
+        candidates.extend(arrived);
         let (lib, pkg_dir, staging) = (self.library.clone(), self.pkg_dir(pkg), self.staging_dir(pkg));
         let removed = blocking(move || -> std::io::Result<Vec<FileHash>> {
             let _ = std::fs::remove_file(pkg_dir.join("current"));
@@ -857,6 +982,11 @@ impl Receiver for Agent {
             "dpsync_agent_files_built_total",
             "Files assembled from chunks.",
             m.files_built.load(Ordering::Relaxed),
+        );
+        counter(
+            "dpsync_agent_files_written_on_arrival_total",
+            "Files written whole from arriving chunks (not assembled at commit).",
+            m.files_written_on_arrival.load(Ordering::Relaxed),
         );
         counter("dpsync_agent_files_served_total", "Client downloads started.", m.files_served.load(Ordering::Relaxed));
         counter(
