@@ -101,6 +101,9 @@ struct Pending {
 struct BatchState {
     counts: Mutex<(usize, Option<LibraryError>)>,
     changed: Condvar,
+    /// Small objects written but not yet synced: made durable together by one `syncfs`
+    /// at [`ImportBatch::finish`], then named.
+    small: Mutex<Vec<(PathBuf, FileHash)>>,
 }
 
 /// Threads that fsync and rename the objects of import batches, so the threads that
@@ -115,7 +118,8 @@ impl Finisher {
 }
 
 /// Imports whose fsync and rename run on the library's finisher threads while the
-/// caller goes on reading and hashing. Nothing is named in `objects/` before it is
+/// caller goes on reading and hashing; objects under 1 MiB are made durable together by
+/// one `syncfs` at the end instead. Nothing is named in `objects/` before it is
 /// whole and fsync'd, as with [`Library::import`]; the batch's objects are all there,
 /// durably, once [`ImportBatch::finish`] returns `Ok`.
 #[derive(Debug)]
@@ -127,6 +131,8 @@ pub struct ImportBatch {
 impl ImportBatch {
     /// Objects a batch lets wait at once (each holds a file descriptor).
     const MAX_PENDING: usize = 64;
+    /// Objects smaller than this are synced together at the end rather than one by one.
+    const SMALL: u64 = 1 << 20;
 
     /// Reads `reader` once: hashes it, chunks it, and writes a copy whose fsync and
     /// rename into the library happen later. `stored_new` is false only when the content
@@ -145,6 +151,11 @@ impl ImportBatch {
             }
         };
         let stored_new = !self.lib.object_path(&digest.hash).is_file();
+        if digest.size < Self::SMALL {
+            drop(file);
+            self.state.small.lock().unwrap().push((tmp, digest.hash));
+            return Ok(Imported { digest, stored_new });
+        }
         {
             let counts = self.state.counts.lock().unwrap();
             let mut counts = self.state.changed.wait_while(counts, |c| c.0 >= Self::MAX_PENDING).unwrap();
@@ -166,6 +177,13 @@ impl ImportBatch {
             return Err(e);
         }
         drop(counts);
+        let small = std::mem::take(&mut *self.state.small.lock().unwrap());
+        if !small.is_empty() {
+            self.lib.sync_filesystem()?;
+            for (tmp, hash) in small {
+                self.lib.adopt_durable(&tmp, &hash)?;
+            }
+        }
         self.lib.sync()
     }
 }
@@ -286,13 +304,33 @@ impl Library {
         self.adopt_file(file, tmp, hash)
     }
 
+    /// Like [`Library::adopt`], for a file whose bytes the caller has already made
+    /// durable (e.g. by [`Library::sync_filesystem`] after writing it): no fsync of its own.
+    pub fn adopt_durable(&self, tmp: &Path, hash: &FileHash) -> Result<bool> {
+        let file = File::open(tmp).at(tmp)?;
+        self.adopt_file_synced(file, tmp, hash, true)
+    }
+
+    /// Makes everything written on the library's filesystem durable with one `syncfs`:
+    /// for many small files, one flush instead of one per file.
+    pub fn sync_filesystem(&self) -> Result<()> {
+        let root = File::open(&self.root).at(&self.root)?;
+        rustix::fs::syncfs(&root).map_err(io::Error::from).at(&self.root)
+    }
+
     fn adopt_file(&self, file: File, tmp: &Path, hash: &FileHash) -> Result<bool> {
+        self.adopt_file_synced(file, tmp, hash, false)
+    }
+
+    fn adopt_file_synced(&self, file: File, tmp: &Path, hash: &FileHash, synced: bool) -> Result<bool> {
         let dest = self.object_path(hash);
         if dest.is_file() {
             fs::remove_file(tmp).at(tmp)?;
             return Ok(false);
         }
-        file.sync_all().at(tmp)?;
+        if !synced {
+            file.sync_all().at(tmp)?;
+        }
         fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).at(tmp)?;
         let dir = dest.parent().expect("object paths have a parent");
         if !dir.is_dir() {
@@ -331,6 +369,9 @@ impl Library {
     /// Makes every rename since the last call durable (fsyncs the directories touched).
     pub fn sync(&self) -> Result<()> {
         let dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap().drain().collect();
+        if dirs.len() > 8 {
+            return self.sync_filesystem();
+        }
         for d in dirs {
             File::open(&d).and_then(|f| f.sync_all()).at(&d)?;
         }

@@ -95,8 +95,12 @@ fn an_import_batch_names_every_object_once_finished() {
     let t = tempfile::tempdir().unwrap();
     let lib = std::sync::Arc::new(Library::open(t.path()).unwrap());
     let batch = lib.import_batch();
-    // More objects than the batch lets wait at once, so the importer is held back too.
-    let inputs: Vec<Vec<u8>> = (0..150).map(|i| data(1000 + i * 37, i as u8)).collect();
+    // Small objects (synced together at the end) and more large ones than the batch lets
+    // wait at once (fsync'd one by one on the finisher threads; the importer is held back).
+    let inputs: Vec<Vec<u8>> = (0..150)
+        .map(|i| data(1000 + i * 37, i as u8))
+        .chain((0..70).map(|i| data((1 << 20) + i * 4096, i as u8)))
+        .collect();
     let hashes: Vec<FileHash> =
         inputs.iter().map(|b| batch.import(&b[..], &ChunkParams::default()).unwrap().digest.hash).collect();
     batch.finish().unwrap();

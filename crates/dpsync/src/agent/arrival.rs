@@ -8,17 +8,18 @@
 //! ([`Plan::new`]).
 //!
 //! A file being written is itself a staging pack (`staging/P/*.pack`): after each batch
-//! it is fsync'd and its chunks are recorded in `staged_chunks` with their offsets, so a
+//! it is made durable (one `syncfs` for the whole batch: the staging folder shares the
+//! library's filesystem) and its chunks are recorded in `staged_chunks` with their offsets, so a
 //! receiver killed mid-file keeps what it received and is not sent it again. Once
 //! whole, its BLAKE3 is checked against the manifest and it is adopted into the library
-//! (fsync, rename); the caller then indexes its chunks and forgets its staged rows, and
+//! (already durable: a rename); the caller then indexes its chunks and forgets its staged rows, and
 //! commit finds the file in the library. A planned file whose chunk arrives out of order
 //! is abandoned: what it holds stays an ordinary pack, the chunk goes to a pack, and
 //! commit assembles the file from packs as for any other file (re-checking every chunk
 //! as it reads it).
 //!
 //! **Architecture Invariant:** nothing is adopted that does not hash to the manifest's
-//! BLAKE3 of the file; a pack's rows are recorded only after its bytes are fsync'd.
+//! BLAKE3 of the file; a pack's rows are recorded only after its bytes are durable.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -233,26 +234,24 @@ impl Plan {
                 .collect();
             completed.push((file, Adopted { pack, hash, chunks }));
         }
-        // Every file's data is flushed only after the whole batch was written: on a
-        // journalling filesystem the first flush commits the others' blocks with it, so
-        // a batch of small files costs a few journal commits instead of one per file.
-        for (file, _) in &completed {
-            file.sync_data()?;
+        // The batch's files (whole and partial) and the staging folder are made durable
+        // together, with one `syncfs` of the filesystem they share with the library: one
+        // flush for a batch of many small files instead of one per file.
+        let partial: Vec<u32> = touched
+            .into_iter()
+            .filter(|slot| matches!(&self.files[*slot as usize].state, State::Writing(p) if !p.unsynced.is_empty()))
+            .collect();
+        if !completed.is_empty() || !partial.is_empty() || created {
+            lib.sync_filesystem().map_err(std::io::Error::other)?;
         }
-        for slot in touched {
-            if let State::Writing(p) = &mut self.files[slot as usize].state
-                && !p.unsynced.is_empty()
-            {
-                p.file.sync_data()?;
+        for slot in partial {
+            if let State::Writing(p) = &mut self.files[slot as usize].state {
                 out.staged.push((p.pack.clone(), std::mem::take(&mut p.unsynced)));
             }
         }
-        if created {
-            File::open(&self.staging)?.sync_all()?;
-        }
         for (file, adopted) in completed {
             drop(file);
-            lib.adopt(&self.staging.join(&adopted.pack), &adopted.hash).map_err(std::io::Error::other)?;
+            lib.adopt_durable(&self.staging.join(&adopted.pack), &adopted.hash).map_err(std::io::Error::other)?;
             out.adopted.push(adopted);
         }
         if !out.adopted.is_empty() {
