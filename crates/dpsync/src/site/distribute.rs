@@ -38,6 +38,9 @@ pub struct DistConfig {
     pub retry_max: Duration,
     /// Chunk bytes per batch request.
     pub batch_bytes: usize,
+    /// Bytes of batches (being read, queued, in flight) all pushes may hold at once: the
+    /// server's memory stays bounded whatever the number of targets.
+    pub batch_memory: usize,
 }
 
 impl Default for DistConfig {
@@ -48,6 +51,7 @@ impl Default for DistConfig {
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
             batch_bytes: 4 << 20,
+            batch_memory: 40 << 20,
         }
     }
 }
@@ -427,9 +431,7 @@ impl Site {
         let Ok(mut todo) = planned_items else {
             return Err(PushError::permanent(format!("{} asked for a chunk that is not in the manifest", target.name)));
         };
-        let locations: HashMap<ChunkId, ReadItem> =
-            todo.iter().map(|t| (t.id, ReadItem { base: None, ..*t })).collect();
-        let planned: u64 = todo.iter().map(|t| t.len as u64).sum();
+        let planned: u64 = todo.items.iter().map(|t| t.len as u64).sum();
         self.set_progress(&key, |p| {
             p.phase = "sending".into();
             p.bytes_planned += planned;
@@ -442,17 +444,20 @@ impl Site {
         let started = Instant::now();
         let mut sent_on_wire = 0u64;
         for round in 0..4 {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Bytes, u64), String>>(1);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, String>>(1);
             let lib = self.library.clone();
+            let budget = self.batch_memory.clone();
             let items = std::mem::take(&mut todo);
             // The target checks every chunk against its id, so the first round does not
             // hash what it reads; chunks sent again are checked here first, so a damaged
             // library object fails the job naming it instead of being sent again.
             let verify = round > 0;
-            let reader = tokio::task::spawn_blocking(move || read_batches(&lib, items, batch_bytes, verify, tx));
+            let reader =
+                tokio::task::spawn_blocking(move || read_batches(&lib, items, batch_bytes, verify, &budget, tx));
             let mut rejected_all = Vec::new();
             while let Some(batch) = rx.recv().await {
-                let (body, raw) = batch.map_err(PushError::permanent)?;
+                // The batch's memory permit is held until the target has answered.
+                let (body, raw, _permit) = batch.map_err(PushError::permanent)?;
                 if let Some(r) = rate {
                     let due = Duration::from_secs_f64((sent_on_wire + body.len() as u64) as f64 / r as f64);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -478,37 +483,61 @@ impl Site {
                 return Ok(());
             }
             tracing::warn!(package = %job.package_id, target = %target.name, chunks = rejected_all.len(), "target rejected chunks (damaged in transit, or their base missing there); sending them again without a base");
-            let rejected: HashSet<ChunkId> = rejected_all.into_iter().collect();
-            todo = rejected.iter().filter_map(|id| locations.get(id).copied()).collect();
+            let rejected: Vec<ChunkId> = rejected_all.into_iter().collect::<HashSet<_>>().into_iter().collect();
+            let m = manifest.clone();
+            todo = tokio::task::spawn_blocking(move || plan_reads(&m, None, &rejected).unwrap_or_default())
+                .await
+                .map_err(|e| PushError::transient(e.to_string()))?;
         }
         Err(PushError::transient(format!("{} kept rejecting chunks", target.name)))
     }
 }
 
-/// One chunk to read from the library and send: where it is, and the chunk it replaces
-/// in the content the target holds (its id, file, offset and length), if any.
+/// One chunk to read: where in the library, and the chunk of the target's version it
+/// may be sent against. Kept small: a push holds one per chunk the target lacks.
 #[derive(Debug, Clone, Copy)]
 struct ReadItem {
     id: ChunkId,
-    file: FileHash,
+    /// Index in [`ReadPlan::files`].
+    file: u32,
     offset: u64,
     len: u32,
-    base: Option<(ChunkId, FileHash, u64, u32)>,
+    /// Index in [`ReadPlan::bases`].
+    base: Option<u32>,
+}
+
+/// What a push reads, in the order the target asked for it.
+#[derive(Debug, Default)]
+struct ReadPlan {
+    items: Vec<ReadItem>,
+    files: Vec<FileHash>,
+    /// (chunk, its file, offset, length) of base chunks.
+    bases: Vec<(ChunkId, FileHash, u64, u32)>,
+}
+
+impl ReadPlan {
+    fn base_of(&self, item: &ReadItem) -> Option<(ChunkId, FileHash, u64, u32)> {
+        item.base.map(|b| self.bases[b as usize])
+    }
 }
 
 /// Where to read each of `missing` (the first place it occurs in `manifest`), and, with
 /// `base`, the chunk of the base entry at the same path that covers the same offset (for an
 /// append past the old end: the old last chunk). `Err` when a chunk is not in `manifest`.
-fn plan_reads(manifest: &Manifest, base: Option<&Manifest>, missing: &[ChunkId]) -> Result<Vec<ReadItem>, ChunkId> {
-    let wanted: HashSet<ChunkId> = missing.iter().copied().collect();
-    let mut found: HashMap<ChunkId, ReadItem> = HashMap::with_capacity(wanted.len());
+fn plan_reads(manifest: &Manifest, base: Option<&Manifest>, missing: &[ChunkId]) -> Result<ReadPlan, ChunkId> {
+    let position: HashMap<ChunkId, u32> = missing.iter().enumerate().map(|(i, id)| (*id, i as u32)).collect();
+    let mut slots: Vec<Option<ReadItem>> = vec![None; missing.len()];
+    let mut plan = ReadPlan::default();
     for e in manifest.files() {
         let h = e.file_hash().expect("file");
         let mut off = 0u64;
+        let mut file_index: Option<u32> = None;
         // The base entry's chunks with their offsets, built only if this file needs it.
         let mut old: Option<Vec<(u64, dpsync_hash::Chunk, FileHash)>> = None;
         for c in e.chunks() {
-            if wanted.contains(&c.id) && !found.contains_key(&c.id) {
+            if let Some(&pos) = position.get(&c.id)
+                && slots[pos as usize].is_none()
+            {
                 let old = old.get_or_insert_with(|| {
                     let Some(b) = base.and_then(|b| b.get(e.path.as_str())) else { return vec![] };
                     let Some(bh) = b.file_hash() else { return vec![] };
@@ -526,31 +555,71 @@ fn plan_reads(manifest: &Manifest, base: Option<&Manifest>, missing: &[ChunkId])
                     0 => None,
                     i => old.get(i - 1),
                 };
-                let base = covering.filter(|(_, bc, _)| bc.id != c.id).map(|&(at, bc, bh)| (bc.id, bh, at, bc.len));
-                found.insert(c.id, ReadItem { id: c.id, file: h, offset: off, len: c.len, base });
+                let base = covering.filter(|(_, bc, _)| bc.id != c.id).map(|&(at, bc, bh)| {
+                    plan.bases.push((bc.id, bh, at, bc.len));
+                    (plan.bases.len() - 1) as u32
+                });
+                let file = *file_index.get_or_insert_with(|| {
+                    plan.files.push(h);
+                    (plan.files.len() - 1) as u32
+                });
+                slots[pos as usize] = Some(ReadItem { id: c.id, file, offset: off, len: c.len, base });
             }
             off += c.len as u64;
         }
     }
-    missing.iter().map(|id| found.get(id).copied().ok_or(*id)).collect()
+    // An id asked for twice is read twice.
+    for (i, id) in missing.iter().enumerate() {
+        if slots[i].is_none()
+            && let Some(&p) = position.get(id)
+        {
+            slots[i] = slots[p as usize];
+        }
+    }
+    plan.items = slots.into_iter().zip(missing).map(|(s, id)| s.ok_or(*id)).collect::<Result<_, _>>()?;
+    Ok(plan)
 }
 
 /// Blocking: reads chunks from the library in order (with `verify`, checking each
 /// against its id), compresses and packs them into batches, and hands each batch to the
 /// sender. A chunk with a base is compressed against the base's bytes when they read back
 /// intact and that is smaller.
+/// A batch body, its raw chunk bytes, and its share of the push memory budget.
+type Batch = (Bytes, u64, tokio::sync::OwnedSemaphorePermit);
+
+/// The memory all pushes' batches may hold at once, in KiB permits.
+#[derive(Debug, Clone)]
+pub(super) struct Budget {
+    pub permits: Arc<tokio::sync::Semaphore>,
+    pub kib: u32,
+}
+
+impl Budget {
+    pub fn new(bytes: usize) -> Self {
+        let kib = ((bytes >> 10) as u32).max(1);
+        Self { permits: Arc::new(tokio::sync::Semaphore::new(kib as usize)), kib }
+    }
+}
+
 fn read_batches(
     lib: &dpsync_library::Library,
-    items: Vec<ReadItem>,
+    plan: ReadPlan,
     batch_bytes: usize,
     verify: bool,
-    tx: tokio::sync::mpsc::Sender<Result<(Bytes, u64), String>>,
+    budget: &Budget,
+    tx: tokio::sync::mpsc::Sender<Result<Batch, String>>,
 ) {
     use std::os::unix::fs::FileExt;
-    let new_batch = || BatchBuilder::with_capacity(batch_bytes + (256 << 10));
+    let capacity = batch_bytes + (256 << 10);
+    // The permit covers the batch's capacity (it may outgrow it by one chunk and its
+    // base), capped at the whole budget so that one batch can always start.
+    let kib = ((capacity >> 10) as u32).clamp(1, budget.kib);
+    let handle = tokio::runtime::Handle::current();
+    let Ok(permit) = handle.block_on(budget.permits.clone().acquire_many_owned(kib)) else { return };
+    let mut batch = BatchBuilder::with_capacity(capacity);
+    let mut permit = permit;
     let mut open: Option<(FileHash, std::fs::File)> = None;
     let mut open_base: Option<(FileHash, std::fs::File)> = None;
-    let mut batch = new_batch();
     // Raw bytes the receiver holds in memory for this batch: chunks and their bases.
     let mut held = 0u64;
     let (mut buf, mut base_buf) = (Vec::new(), Vec::new());
@@ -559,7 +628,10 @@ fn read_batches(
     // did not compress, only every 16th chunk is tried (until one compresses again);
     // chunks that can go as a delta against a chunk the target holds are always tried.
     let mut misses = 0u32;
-    for ReadItem { id, file: hash, offset, len, base } in items {
+    for item in &plan.items {
+        let ReadItem { id, offset, len, .. } = *item;
+        let hash = plan.files[item.file as usize];
+        let base = plan.base_of(item);
         if open.as_ref().map(|(h, _)| *h) != Some(hash) {
             match lib.open_object(&hash) {
                 Ok(f) => open = Some((hash, f)),
@@ -616,16 +688,22 @@ fn read_batches(
         // Close the batch on its wire size, or on what the receiver must hold once it
         // decompressed it (very compressible chunks, or chunks sent against bases).
         if batch.wire_len() >= batch_bytes || held >= wire::TARGET_BATCH_RAW_BYTES {
+            // The next batch's memory is taken only once this one is handed over: a
+            // reader waiting for memory holds none that the sender cannot free, so
+            // pushes share the budget without deadlock whatever their number.
             let raw = batch.raw_len();
-            if tx.blocking_send(Ok((std::mem::replace(&mut batch, new_batch()).finish(), raw))).is_err() {
+            let full = std::mem::replace(&mut batch, BatchBuilder::with_capacity(0));
+            if tx.blocking_send(Ok((full.finish(), raw, permit))).is_err() {
                 return;
             }
+            let Ok(next) = handle.block_on(budget.permits.clone().acquire_many_owned(kib)) else { return };
+            (batch, permit) = (BatchBuilder::with_capacity(capacity), next);
             held = 0;
         }
     }
     if !batch.is_empty() {
         let raw = batch.raw_len();
-        let _ = tx.blocking_send(Ok((batch.finish(), raw)));
+        let _ = tx.blocking_send(Ok((batch.finish(), raw, permit)));
     }
 }
 
@@ -673,15 +751,20 @@ mod tests {
             ("c", 4, vec![chunk(21, 10)]),
         ]);
         let ids = |v: &[u8]| v.iter().map(|n| ChunkId::from_bytes([*n; 32])).collect::<Vec<_>>();
-        let items = plan_reads(&new, Some(&base), &ids(&[11, 13, 14, 21])).unwrap();
+        let plan = plan_reads(&new, Some(&base), &ids(&[11, 13, 14, 21])).unwrap();
+        let items = &plan.items;
         let bases: Vec<Option<(u8, u64)>> =
-            items.iter().map(|i| i.base.map(|(id, _, off, _)| (id.as_bytes()[0], off))).collect();
+            items.iter().map(|i| plan.base_of(i).map(|(id, _, off, _)| (id.as_bytes()[0], off))).collect();
         // 11 at 0 → old 1 at 0; 13 at 220 → old 3 at 200; 14 at 280 (past the old end) →
         // the old last chunk; a new file has no base.
         assert_eq!(bases, vec![Some((1, 0)), Some((3, 200)), Some((3, 200)), None]);
         assert_eq!(items.iter().map(|i| i.offset).collect::<Vec<_>>(), vec![0, 220, 280, 0]);
         // Without a base manifest, no chunk has a base; an unknown chunk is refused.
-        assert!(plan_reads(&new, None, &ids(&[11, 13])).unwrap().iter().all(|i| i.base.is_none()));
+        assert!(plan_reads(&new, None, &ids(&[11, 13])).unwrap().items.iter().all(|i| i.base.is_none()));
         assert_eq!(plan_reads(&new, Some(&base), &ids(&[77])).unwrap_err(), ChunkId::from_bytes([77; 32]));
+        // An id asked for twice is planned twice, from the same place.
+        let twice = plan_reads(&new, None, &ids(&[21, 11, 21])).unwrap();
+        assert_eq!(twice.items.iter().map(|i| i.id.as_bytes()[0]).collect::<Vec<_>>(), vec![21, 11, 21]);
+        assert_eq!(twice.files[twice.items[0].file as usize], twice.files[twice.items[2].file as usize]);
     }
 }

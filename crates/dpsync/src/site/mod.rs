@@ -73,6 +73,8 @@ pub struct Site {
     /// Compressed manifest deltas, by (package, base version, version), with the decoded
     /// base (bounded like `manifest_cache`).
     delta_cache: Mutex<HashMap<(String, i64, i64), WireManifest>>,
+    /// Chunk batches held in memory by all pushes together, in KiB (see `DistConfig`).
+    batch_memory: distribute::Budget,
     /// This site's signing key (`DATA/site.key`).
     pub site_key: dpsync_transfer::trust::SiteKey,
     /// Pinned keys of the sites whose packages this site receives and relays.
@@ -109,6 +111,7 @@ impl Site {
             params: ChunkParams::default(),
             package_locks: Mutex::new(HashMap::new()),
             gc_lock: tokio::sync::RwLock::new(()),
+            batch_memory: distribute::Budget::new(dist.batch_memory),
             dist,
             jobs: tokio::sync::Notify::new(),
             progress: Mutex::new(HashMap::new()),
