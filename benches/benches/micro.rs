@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use dpsync_hash::{
-    Chunk, ChunkId, ChunkParams, DecodeLimits, Entry, EntryKind, FileHash, Manifest, RelPath, digest_stream,
+    Chunk, ChunkId, ChunkParams, DecodeLimits, Entry, EntryKind, FileHash, Manifest, ManifestDelta, RelPath,
+    digest_stream,
 };
+use dpsync_store::{NewTarget, NewVersion, Store, TargetKind, VersionStats};
 
 const MIB: usize = 1024 * 1024;
 
@@ -95,6 +97,85 @@ fn manifest(c: &mut Criterion) {
     g.finish();
 }
 
+/// A delta for 1 % of the files changed (one chunk replaced in each) of the 20k manifest.
+fn delta(c: &mut Criterion) {
+    let base = manifest_20k();
+    let mut entries = base.entries().to_vec();
+    for (i, e) in entries.iter_mut().enumerate().filter(|(i, _)| i % 100 == 1) {
+        if let EntryKind::File { chunks, hash, .. } = &mut e.kind {
+            chunks[0].id = ChunkId::from_bytes([(i % 251) as u8; 32]);
+            *hash = FileHash::from_bytes([(i % 241) as u8; 32]);
+        }
+    }
+    let new = Manifest::new(entries).unwrap();
+    let d = ManifestDelta::between(&base, &new);
+    let bytes = d.encode();
+    let mut g = c.benchmark_group("manifest_delta_20k_1pct");
+    g.throughput(Throughput::Elements(new.entries().len() as u64));
+    g.bench_function("between", |b| b.iter(|| ManifestDelta::between(black_box(&base), black_box(&new))));
+    g.bench_function("decode + apply", |b| {
+        b.iter(|| ManifestDelta::decode(black_box(&bytes), &DecodeLimits::default()).unwrap().apply(&base).unwrap())
+    });
+    g.finish();
+}
+
+/// The store's hot queries on SQLite (a temp file): what the job runner and a refresh do
+/// per job and per version. The 20k-entry manifest's encoding stands in for the blob.
+fn store(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("site.db").display());
+    let db = rt.block_on(Store::connect(&url)).unwrap();
+    let blob = manifest_20k().encode();
+    let new_version = |n: u64| NewVersion {
+        version: None,
+        content_root: format!("{n:064x}"),
+        manifest: blob.clone(),
+        scan_cache: vec![0; 1 << 20],
+        signature: None,
+        stats: VersionStats::default(),
+        origin: "refresh".into(),
+    };
+    let (pkg, targets) = rt.block_on(async {
+        let p = db.create_package("PS1", "bench", "/src").await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..8 {
+            let t = db
+                .add_target(NewTarget {
+                    name: format!("dp{i}"),
+                    kind: TargetKind::Dp,
+                    url: format!("https://dp{i}:8443"),
+                    token: None,
+                    group: None,
+                    rate_limit: None,
+                    fingerprint: None,
+                })
+                .await
+                .unwrap();
+            db.assign(&p.id, t.id).await.unwrap();
+            ids.push(t.id);
+        }
+        db.commit_version(&p.id, new_version(0)).await.unwrap();
+        (p.id, ids)
+    });
+    let mut n = 1;
+    let mut g = c.benchmark_group("store_sqlite");
+    g.bench_function("commit_version (3.8 MB manifest + 1 MiB scan cache, 8 targets re-queued)", |b| {
+        b.iter(|| {
+            n += 1;
+            rt.block_on(db.commit_version(&pkg, new_version(n))).unwrap()
+        })
+    });
+    g.bench_function("claim_due (8 jobs)", |b| b.iter(|| rt.block_on(db.claim_due(i64::MAX, 8)).unwrap()));
+    g.bench_function("record_progress", |b| {
+        b.iter(|| rt.block_on(db.record_progress(&pkg, targets[0], 4 << 20)).unwrap())
+    });
+    g.bench_function("version_summary", |b| b.iter(|| rt.block_on(db.version_summary(&pkg, 1)).unwrap()));
+    g.bench_function("version_manifest (3.8 MB)", |b| b.iter(|| rt.block_on(db.version_manifest(&pkg, 1)).unwrap()));
+    g.finish();
+    rt.block_on(db.close());
+}
+
 fn relpath(c: &mut Criterion) {
     let paths: Vec<String> = (0..10_000)
         .map(|i| format!("usr/share/pkg{:02}/lib{:03}/module_{i:05}/file-{i}.so.1", i % 50, i % 300))
@@ -118,5 +199,5 @@ fn quick() -> Criterion {
         .measurement_time(Duration::from_secs(1))
 }
 
-criterion_group! { name = benches; config = quick(); targets = hashing, manifest, relpath }
+criterion_group! { name = benches; config = quick(); targets = hashing, manifest, delta, relpath, store }
 criterion_main!(benches);
