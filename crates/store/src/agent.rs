@@ -96,47 +96,35 @@ impl AgentDb {
     }
 
     pub async fn package(&self, id: &str) -> Result<Option<InstalledPackage>> {
-        let row = sqlx::query(
-            "SELECT id, installed_version, installed_root, installed_dir, installed_manifest,
-                    previous_version, previous_dir, previous_manifest, broken
-             FROM packages WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| InstalledPackage {
-            id: r.get(0),
-            installed_version: r.get(1),
-            installed_root: r.get(2),
-            installed_dir: r.get(3),
-            installed_manifest: r.get(4),
-            previous_version: r.get(5),
-            previous_dir: r.get(6),
-            previous_manifest: r.get(7),
-            broken: r.get::<i64, _>(8) != 0,
-        }))
+        self.package_row(id, true).await
     }
 
     /// Like [`AgentDb::package`] without the two manifest blobs (several MB each for
     /// large trees): what most calls need.
     pub async fn package_summary(&self, id: &str) -> Result<Option<InstalledPackage>> {
-        let row = sqlx::query(
+        self.package_row(id, false).await
+    }
+
+    async fn package_row(&self, id: &str, manifests: bool) -> Result<Option<InstalledPackage>> {
+        let sql = if manifests {
+            "SELECT id, installed_version, installed_root, installed_dir, previous_version, previous_dir, broken,
+                    installed_manifest, previous_manifest
+             FROM packages WHERE id = $1"
+        } else {
             "SELECT id, installed_version, installed_root, installed_dir, previous_version, previous_dir, broken
-             FROM packages WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+             FROM packages WHERE id = $1"
+        };
+        let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await?;
         Ok(row.map(|r| InstalledPackage {
             id: r.get(0),
             installed_version: r.get(1),
             installed_root: r.get(2),
             installed_dir: r.get(3),
-            installed_manifest: None,
             previous_version: r.get(4),
             previous_dir: r.get(5),
-            previous_manifest: None,
             broken: r.get::<i64, _>(6) != 0,
+            installed_manifest: if manifests { r.get(7) } else { None },
+            previous_manifest: if manifests { r.get(8) } else { None },
         }))
     }
 
