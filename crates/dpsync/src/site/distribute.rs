@@ -767,4 +767,59 @@ mod tests {
         assert_eq!(twice.items.iter().map(|i| i.id.as_bytes()[0]).collect::<Vec<_>>(), vec![21, 11, 21]);
         assert_eq!(twice.files[twice.items[0].file as usize], twice.files[twice.items[2].file as usize]);
     }
+
+    /// Four pushes whose batches each need the whole budget: they take turns, none
+    /// deadlocks, every byte is read, and the budget is whole again at the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pushes_share_the_batch_memory_budget_without_deadlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Arc::new(dpsync_library::Library::open(dir.path()).unwrap());
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let data: Vec<u8> = (0..3 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let d = lib.import(&data[..], &dpsync_hash::ChunkParams::default()).unwrap().digest;
+        let m = Arc::new(
+            Manifest::new(vec![Entry {
+                path: RelPath::new("f").unwrap(),
+                mode: 0o644,
+                mtime_ns: 0,
+                kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.clone() },
+            }])
+            .unwrap(),
+        );
+        let missing: Vec<ChunkId> = d.chunks.iter().map(|c| c.id).collect();
+        let budget = Budget::new(300 << 10);
+        let mut pushes = Vec::new();
+        for _ in 0..4 {
+            let (lib, m, missing, budget) = (lib.clone(), m.clone(), missing.clone(), budget.clone());
+            pushes.push(tokio::spawn(async move {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, String>>(1);
+                let plan = plan_reads(&m, None, &missing).unwrap();
+                let b2 = budget.clone();
+                let reader = tokio::task::spawn_blocking(move || read_batches(&lib, plan, 64 << 10, true, &b2, tx));
+                let mut raw = 0;
+                while let Some(batch) = rx.recv().await {
+                    let (_body, n, _permit) = batch.unwrap();
+                    assert_eq!(budget.permits.available_permits(), 0, "a batch holds the whole budget");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    raw += n;
+                }
+                reader.await.unwrap();
+                raw
+            }));
+        }
+        let all = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(pushes))
+            .await
+            .expect("pushes sharing the budget finished");
+        for r in all {
+            assert_eq!(r.unwrap(), data.len() as u64);
+        }
+        assert_eq!(budget.permits.available_permits(), budget.kib as usize);
+    }
 }
