@@ -307,8 +307,7 @@ impl Library {
     /// Like [`Library::adopt`], for a file whose bytes the caller has already made
     /// durable (e.g. by [`Library::sync_filesystem`] after writing it): no fsync of its own.
     pub fn adopt_durable(&self, tmp: &Path, hash: &FileHash) -> Result<bool> {
-        let file = File::open(tmp).at(tmp)?;
-        self.adopt_file_synced(file, tmp, hash, true)
+        self.adopt_file_synced(None, tmp, hash)
     }
 
     /// Makes everything written on the library's filesystem durable with one `syncfs`:
@@ -319,16 +318,18 @@ impl Library {
     }
 
     fn adopt_file(&self, file: File, tmp: &Path, hash: &FileHash) -> Result<bool> {
-        self.adopt_file_synced(file, tmp, hash, false)
+        self.adopt_file_synced(Some(file), tmp, hash)
     }
 
-    fn adopt_file_synced(&self, file: File, tmp: &Path, hash: &FileHash, synced: bool) -> Result<bool> {
+    /// Names `tmp` as the object `hash`, after fsyncing `file` (`None`: the caller made
+    /// the bytes durable already).
+    fn adopt_file_synced(&self, file: Option<File>, tmp: &Path, hash: &FileHash) -> Result<bool> {
         let dest = self.object_path(hash);
         if dest.is_file() {
             fs::remove_file(tmp).at(tmp)?;
             return Ok(false);
         }
-        if !synced {
+        if let Some(file) = file {
             file.sync_all().at(tmp)?;
         }
         fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).at(tmp)?;
