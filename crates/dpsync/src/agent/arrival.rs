@@ -138,6 +138,11 @@ impl Plan {
         Self { version, manifest, staging, prefix, by_chunk, files }
     }
 
+    /// The manifest of `version`, if this plan was made for it.
+    pub fn manifest_of(&self, version: i64) -> Option<Arc<Manifest>> {
+        (self.version == version).then(|| self.manifest.clone())
+    }
+
     /// How many files are planned.
     pub fn len(&self) -> usize {
         self.files.len()

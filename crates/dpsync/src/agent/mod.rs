@@ -442,13 +442,17 @@ fn manifest_hashes(blob: Option<&Vec<u8>>) -> Vec<FileHash> {
 
 impl Receiver for Agent {
     async fn base_manifest(&self, pkg: &str, root: &ContentRoot) -> Result<Option<Arc<Manifest>>, ReceiveError> {
-        let p = self.db.package(pkg).await.map_err(internal("base manifest"))?.unwrap_or_default();
         let hex = root.to_hex();
-        if p.installed_root.as_deref() == Some(hex.as_str()) {
+        let summary = self.db.package_summary(pkg).await.map_err(internal("base manifest"))?.unwrap_or_default();
+        if summary.installed_root.as_deref() == Some(hex.as_str()) {
             let live = self.live.read().unwrap().get(pkg).cloned();
-            if let Some(live) = live.filter(|l| Some(l.version) == p.installed_version) {
+            if let Some(live) = live.filter(|l| Some(l.version) == summary.installed_version) {
                 return Ok(Some(live.manifest.clone()));
             }
+        }
+        // Not in memory: the stored manifests (several MB each for large trees).
+        let p = self.db.package(pkg).await.map_err(internal("base manifest"))?.unwrap_or_default();
+        if p.installed_root.as_deref() == Some(hex.as_str()) {
             let Some(blob) = p.installed_manifest else { return Ok(None) };
             return blocking(move || Manifest::decode(&blob, &DecodeLimits::default()).ok().map(Arc::new)).await;
         }
@@ -654,7 +658,7 @@ impl Receiver for Agent {
         // Owned: the clean-up after an install keeps holding it in the background.
         let guard = self.lock(pkg).lock_owned().await;
         let p = self.db.package_summary(pkg).await.map_err(internal("commit"))?.unwrap_or_default();
-        let Some(staged) = self.db.staged(pkg, version).await.map_err(internal("commit"))? else {
+        let Some(mut staged) = self.db.staged(pkg, version).await.map_err(internal("commit"))? else {
             if p.installed_version == Some(version) && !p.broken {
                 return Ok(CommitResponse {
                     installed_version: version,
@@ -670,11 +674,22 @@ impl Receiver for Agent {
         };
         // Files written on arrival are in the library now; planned files that are not
         // whole are assembled below from their packs, like any other file.
-        self.arrivals(pkg).lock().await.plan = None;
-        let manifest = Arc::new(
-            Manifest::decode(&staged.manifest, &DecodeLimits::default())
-                .map_err(|e| ReceiveError::Internal(format!("staged manifest: {e}")))?,
-        );
+        let offered = self.arrivals(pkg).lock().await.plan.take().and_then(|p| p.manifest_of(version));
+        // The manifest decoded at `offer` when it is the staged one; else the staged blob.
+        let staged_blob = std::mem::take(&mut staged.manifest);
+        let staged_root = staged.content_root.clone();
+        let (manifest, blob) = blocking(move || {
+            let m = match offered.filter(|m| m.content_root().to_hex() == staged_root) {
+                Some(m) => Ok(m),
+                None => Manifest::decode(&staged_blob, &DecodeLimits::default())
+                    .map(Arc::new)
+                    .map_err(|e| ReceiveError::Internal(format!("staged manifest: {e}"))),
+            };
+            (m, staged_blob)
+        })
+        .await?;
+        staged.manifest = blob;
+        let manifest = manifest?;
         let sources = self.chunk_sources(pkg, &manifest, staged.force).await?;
         let (lib, pkg_dir, m2, force) = (self.library.clone(), self.pkg_dir(pkg), manifest.clone(), staged.force);
         let site_mode = matches!(self.mode, Mode::Site(_));
