@@ -71,6 +71,10 @@ pub async fn wait(c: &AdminClient, pkg: &str, version: i64, timeout: Option<u64>
     let tty = !json && std::io::stderr().is_terminal();
     let mut last_states: HashMap<String, String> = HashMap::new();
     let mut drawn = 0usize;
+    // Small changes and relabels settle in milliseconds: ask again soon at first, then
+    // every 200 ms (terminal) or 300 ms.
+    let slowest = Duration::from_millis(if tty { 200 } else { 300 });
+    let mut pause = Duration::from_millis(25);
     loop {
         let status: StatusReport = c.get(&format!("/v1/packages/{}/status", enc(pkg))).await?;
         let results: Vec<Option<bool>> = status.targets.iter().map(|t| settled(t, version)).collect();
@@ -113,7 +117,8 @@ pub async fn wait(c: &AdminClient, pkg: &str, version: i64, timeout: Option<u64>
             }
             return Ok(WaitOutcome { status, failed, timed_out: timed_out && !done });
         }
-        tokio::time::sleep(Duration::from_millis(if tty { 200 } else { 300 })).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(slowest);
     }
 }
 
