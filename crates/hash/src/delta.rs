@@ -25,7 +25,7 @@
 //! delta cannot produce a manifest that passes for the signed one.
 
 use crate::ids::{ChunkId, ContentRoot, FileHash};
-use crate::manifest::{Chunk, DecodeError, DecodeLimits, Entry, EntryKind, MAX_CHUNK_LEN, Manifest};
+use crate::manifest::{Chunk, DecodeError, DecodeLimits, Entry, EntryKind, MAX_CHUNK_LEN, Manifest, Reader, Truncated};
 use crate::path::{PathError, RelPath};
 
 const MAGIC: &[u8; 4] = b"DPSD";
@@ -262,7 +262,7 @@ impl ManifestDelta {
         // A removed path takes at least 3 bytes, an entry at least 15.
         let mut removed: Vec<RelPath> = Vec::with_capacity((removed_count as usize).min(r.b.len() / 3));
         for _ in 0..removed_count {
-            let p = r.path(index)?;
+            let p = read_path(&mut r, index)?;
             index += 1;
             if removed.last().is_some_and(|prev| prev.as_str().as_bytes() >= p.as_str().as_bytes()) {
                 return Err(DeltaError::NotSorted { path: p.to_string() });
@@ -275,7 +275,7 @@ impl ManifestDelta {
         }
         let mut upserts: Vec<DeltaEntry> = Vec::with_capacity((upsert_count as usize).min(r.b.len() / 15));
         for _ in 0..upsert_count {
-            let path = r.path(index)?;
+            let path = read_path(&mut r, index)?;
             index += 1;
             if upserts.last().is_some_and(|prev| prev.path.as_str().as_bytes() >= path.as_str().as_bytes())
                 || removed.binary_search_by(|x| x.as_str().as_bytes().cmp(path.as_str().as_bytes())).is_ok()
@@ -428,41 +428,15 @@ fn put_str16(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
+impl From<Truncated> for DeltaError {
+    fn from(_: Truncated) -> Self {
+        DeltaError::Truncated
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DeltaError> {
-        if self.b.len() < n {
-            return Err(DeltaError::Truncated);
-        }
-        let (head, tail) = self.b.split_at(n);
-        self.b = tail;
-        Ok(head)
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DeltaError> {
-        Ok(self.take(N)?.try_into().expect("length checked"))
-    }
-    fn u8(&mut self) -> Result<u8, DeltaError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, DeltaError> {
-        self.array().map(u16::from_le_bytes)
-    }
-    fn u32(&mut self) -> Result<u32, DeltaError> {
-        self.array().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Result<u64, DeltaError> {
-        self.array().map(u64::from_le_bytes)
-    }
-    fn i64(&mut self) -> Result<i64, DeltaError> {
-        self.array().map(i64::from_le_bytes)
-    }
-    fn path(&mut self, index: u64) -> Result<RelPath, DeltaError> {
-        let len = self.u16()? as usize;
-        RelPath::from_bytes(self.take(len)?).map_err(|source| DeltaError::Path { index, source })
-    }
+fn read_path(r: &mut Reader<'_>, index: u64) -> Result<RelPath, DeltaError> {
+    let len = r.u16()? as usize;
+    RelPath::from_bytes(r.take(len)?).map_err(|source| DeltaError::Path { index, source })
 }
 
 #[cfg(test)]

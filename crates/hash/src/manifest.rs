@@ -274,8 +274,21 @@ impl Manifest {
 
     /// BLAKE3 in derive-key mode over the canonical encoding: equal content, equal root.
     pub fn content_root(&self) -> ContentRoot {
+        Self::root_of_encoding(&self.encode())
+    }
+
+    /// The encoding and its content root, encoding once.
+    pub fn encode_with_root(&self) -> (Vec<u8>, ContentRoot) {
+        let encoded = self.encode();
+        let root = Self::root_of_encoding(&encoded);
+        (encoded, root)
+    }
+
+    /// The content root of an encoded manifest. The encoding is canonical, so for bytes
+    /// that [`Manifest::decode`] accepts this is the decoded manifest's root.
+    pub fn root_of_encoding(encoded: &[u8]) -> ContentRoot {
         let mut h = blake3::Hasher::new_derive_key(ROOT_CONTEXT);
-        h.update(&self.encode());
+        h.update(encoded);
         ContentRoot::from(h.finalize())
     }
 
@@ -495,35 +508,46 @@ fn check_symlink_chains(entries: &[Entry]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
+/// Input ran out before a field was complete (shared by the manifest and delta decoders).
+#[derive(Debug)]
+pub(crate) struct Truncated;
+
+impl From<Truncated> for DecodeError {
+    fn from(_: Truncated) -> Self {
+        DecodeError::Truncated
+    }
+}
+
+/// Little-endian fields read off a byte slice, every length checked first.
+pub(crate) struct Reader<'a> {
+    pub(crate) b: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], Truncated> {
         if self.b.len() < n {
-            return Err(DecodeError::Truncated);
+            return Err(Truncated);
         }
         let (head, tail) = self.b.split_at(n);
         self.b = tail;
         Ok(head)
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], Truncated> {
         Ok(self.take(N)?.try_into().expect("length checked"))
     }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, Truncated> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, Truncated> {
         self.array().map(u16::from_le_bytes)
     }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, Truncated> {
         self.array().map(u32::from_le_bytes)
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, Truncated> {
         self.array().map(u64::from_le_bytes)
     }
-    fn i64(&mut self) -> Result<i64, DecodeError> {
+    pub(crate) fn i64(&mut self) -> Result<i64, Truncated> {
         self.array().map(i64::from_le_bytes)
     }
 }

@@ -460,7 +460,9 @@ impl Receiver for Agent {
         let Some(blob) = p.previous_manifest else { return Ok(None) };
         let root = *root;
         blocking(move || {
-            Manifest::decode(&blob, &DecodeLimits::default()).ok().filter(|m| m.content_root() == root).map(Arc::new)
+            (Manifest::root_of_encoding(&blob) == root)
+                .then(|| Manifest::decode(&blob, &DecodeLimits::default()).ok().map(Arc::new))
+                .flatten()
         })
         .await
     }
@@ -543,7 +545,8 @@ impl Receiver for Agent {
             });
         }
         let m2 = manifest.clone();
-        let (root, encoded) = blocking(move || (m2.content_root().to_hex(), m2.encode())).await?;
+        let (encoded, root) = blocking(move || m2.encode_with_root()).await?;
+        let root = root.to_hex();
         self.check_signature(pkg, version, &root, &meta)?;
         // Only a verified version registers the package on a child site (and assigns it
         // to the site's targets): a refused offer leaves no trace.

@@ -615,9 +615,8 @@ fn read_batches(
     // base), capped at the whole budget so that one batch can always start.
     let kib = ((capacity >> 10) as u32).clamp(1, budget.kib);
     let handle = tokio::runtime::Handle::current();
-    let Ok(permit) = handle.block_on(budget.permits.clone().acquire_many_owned(kib)) else { return };
+    let Ok(mut permit) = handle.block_on(budget.permits.clone().acquire_many_owned(kib)) else { return };
     let mut batch = BatchBuilder::with_capacity(capacity);
-    let mut permit = permit;
     let mut open: Option<(FileHash, std::fs::File)> = None;
     let mut open_base: Option<(FileHash, std::fs::File)> = None;
     // Raw bytes the receiver holds in memory for this batch: chunks and their bases.

@@ -75,7 +75,13 @@ impl Site {
         }
         let commit_started = Instant::now();
         let (manifest, cache) = built.version.expect("built unless dry run");
-        let root = manifest.content_root().to_hex();
+        // Encoding and hashing several MB: off the executor, and the manifest once.
+        let (encoded, root, scan_cache) = tokio::task::spawn_blocking(move || {
+            let (encoded, root) = manifest.encode_with_root();
+            (encoded, root.to_hex(), cache.encode())
+        })
+        .await
+        .context("encoding task")?;
         let stats = VersionStats {
             files: report.files as i64,
             dirs: report.dirs as i64,
@@ -94,8 +100,8 @@ impl Site {
                 NewVersion {
                     version: None,
                     content_root: root.clone(),
-                    manifest: manifest.encode(),
-                    scan_cache: cache.encode(),
+                    manifest: encoded,
+                    scan_cache,
                     stats,
                     origin: "refresh".into(),
                     signature: None,
