@@ -48,6 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use dpsync_bench::Rng;
 use rayon::prelude::*;
 use serde_json::{Value, json};
 
@@ -186,36 +187,6 @@ fn main() {
 // ---------------------------------------------------------------------------------------
 // Trees
 
-/// SplitMix64.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for w in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            w.copy_from_slice(&v[..w.len()]);
-        }
-    }
-}
-
 /// Log-normal sizes (σ = 2.3) clamped to `[min, max]`, scaled to add up to `total`.
 fn lognormal_sizes(n: usize, total: u64, min: u64, max: u64, rng: &mut Rng) -> Vec<u64> {
     let raw: Vec<f64> = (0..n).map(|_| (2.3 * rng.normal()).exp()).collect();
@@ -253,7 +224,7 @@ impl Tree {
 
 fn content_rng(seed: u64, generation: u64, idx: u64) -> Rng {
     let mut r = Rng(seed ^ generation.wrapping_mul(0xA24B_AED4_963E_E407) ^ idx.wrapping_mul(0x9FB2_1C65_1E98_DF25));
-    r.next();
+    r.next_u64();
     r
 }
 

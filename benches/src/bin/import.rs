@@ -31,6 +31,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dpsync_bench::Rng;
 use dpsync_hash::{ChunkParams, Entry, EntryKind, Manifest, digest_stream};
 use dpsync_library::{ImportBatch, Library};
 use dpsync_scan::{FilePlan, ScanCache, ScanEntry, ScanKind};
@@ -117,29 +118,6 @@ fn main() {
 // ---------------------------------------------------------------------------------------
 // The tree
 
-/// SplitMix64: deterministic, fast, good enough for sizes and filler bytes.
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
-
 /// File sizes: log-normal (σ = 2.3: median ≈ 50 KiB, a long tail of big files), clamped to 1 KiB … 64 MiB,
 /// scaled so that they add up to `total` (as nearly as the clamps allow).
 fn file_sizes(n: usize, total: u64, rng: &mut Rng) -> Vec<u64> {
@@ -187,10 +165,10 @@ fn write_tree(tree: &Tree, seed: u64) -> Res<()> {
     let pool_len = (MAX_SIZE + MIB) as usize;
     let mut pool = vec![0u8; pool_len];
     for w in pool.chunks_exact_mut(8) {
-        w.copy_from_slice(&rng.next().to_le_bytes());
+        w.copy_from_slice(&rng.next_u64().to_le_bytes());
     }
     let offsets: Vec<usize> =
-        tree.files.iter().map(|(_, size)| (rng.next() % (pool_len as u64 - size)) as usize).collect();
+        tree.files.iter().map(|(_, size)| (rng.next_u64() % (pool_len as u64 - size)) as usize).collect();
     for (p, _) in &tree.files {
         let d = p.parent().expect("files are in folders");
         fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
