@@ -8,13 +8,14 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::api::{
+use crate::util::human_bytes;
+use dpsync_agent::daemon::{TlsOptions, parse_trust, read_secret, write_private};
+use dpsync_api::AdminClient;
+use dpsync_api::{
     ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, GcReport, PackageDetail, PackageInfo,
     RefreshReport, RefreshRequest, RollbackReport, StatusReport, TargetInfo, TargetRequest, ValidateReport,
 };
-use crate::client::AdminClient;
-use crate::config::{ServerConfig, ServerOverrides};
-use crate::util::human_bytes;
+use dpsync_site::{ServerConfig, ServerOverrides};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -222,12 +223,8 @@ struct ReceiveArgs {
 }
 
 impl ReceiveArgs {
-    fn tls(&self) -> crate::config::TlsOptions {
-        crate::config::TlsOptions {
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-            insecure_http: self.insecure_http,
-        }
+    fn tls(&self) -> TlsOptions {
+        TlsOptions { cert: self.tls_cert.clone(), key: self.tls_key.clone(), insecure_http: self.insecure_http }
     }
 }
 
@@ -325,25 +322,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 token: a.token,
                 token_file: a.token_file,
                 tls: a.receive.tls(),
-                trust: crate::config::parse_trust(&a.receive.trust)?,
+                trust: parse_trust(&a.receive.trust)?,
                 strict_trust: a.receive.strict_trust,
                 metrics_listen: a.metrics_listen,
             })?;
-            crate::site::run(cfg).await?;
+            crate::daemon::server(cfg).await?;
         }
         Command::Agent(a) => {
             crate::logging::init();
-            let cfg = crate::agent::AgentConfig::resolve(
+            let cfg = dpsync_agent::AgentConfig::resolve(
                 config.as_deref(),
                 data_dir,
                 a.listen,
                 a.token,
                 a.token_file,
                 a.receive.tls(),
-                crate::config::parse_trust(&a.receive.trust)?,
+                parse_trust(&a.receive.trust)?,
                 a.receive.strict_trust,
             )?;
-            crate::agent::run(cfg).await?;
+            crate::daemon::agent(cfg).await?;
         }
         Command::Package(PackageCmd::Add { name, source_dir }) => {
             let source = std::path::absolute(&source_dir).context("invalid source path")?;
@@ -408,7 +405,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cert(CertCmd::Create { out, hosts }) => {
             std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
             let pair = dpsync_transfer::trust::self_signed(&hosts)?;
-            crate::config::write_private(&out.join("key.pem"), pair.key_pem.as_bytes())?;
+            write_private(&out.join("key.pem"), pair.key_pem.as_bytes())?;
             std::fs::write(out.join("cert.pem"), &pair.cert_pem)?;
             let fp = dpsync_transfer::trust::pem_fingerprint(&pair.cert_pem)?;
             let v = serde_json::json!({"cert": out.join("cert.pem"), "key": out.join("key.pem"), "fingerprint": fp});
@@ -425,7 +422,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Dp(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint })
         | Command::Site(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint }) => {
             let token = match token_file {
-                Some(p) => Some(crate::config::read_secret(&p)?),
+                Some(p) => Some(read_secret(&p)?),
                 None => token,
             };
             let req = AddTarget { name, kind: command_kind.into(), url, token, group, rate_limit, fingerprint };
@@ -536,7 +533,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Quickstart { keep } => return crate::quickstart::run(keep, json).await,
         Command::Info => {
-            let r: crate::api::SiteInfo = client()?.get("/v1/site").await?;
+            let r: dpsync_api::SiteInfo = client()?.get("/v1/site").await?;
             emit(json, &r, |r| {
                 println!(
                     "site {} (dpsync {}), {} packages, {} at {}",

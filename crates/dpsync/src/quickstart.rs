@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
-use crate::api::{
+use crate::cli::enc;
+use crate::util::human_bytes;
+use dpsync_api::AdminClient;
+use dpsync_api::{
     DistributeReport, DistributeRequest, PackageInfo, RefreshReport, RefreshRequest, SiteInfo, StatusReport, TargetInfo,
 };
-use crate::cli::enc;
-use crate::client::AdminClient;
-use crate::util::human_bytes;
 use dpsync_transfer::client::TargetClient;
 
 /// Longest a daemon may take to answer after it was started.
@@ -354,7 +354,10 @@ fn sent_list(targets: &[TargetSummary]) -> String {
 }
 
 /// An admin call with a bound and a name in its error.
-async fn call<T>(what: &str, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+async fn call<T, E>(what: &str, fut: impl std::future::Future<Output = Result<T, E>>) -> Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
         Ok(r) => r.with_context(|| format!("`{what}`")),
         Err(_) => bail!("`{what}`: the site server did not answer within {} s", CALL_TIMEOUT.as_secs()),
@@ -490,8 +493,8 @@ struct TargetSummary {
     bytes_sent_total: i64,
 }
 
-impl From<&crate::api::TargetStatus> for TargetSummary {
-    fn from(t: &crate::api::TargetStatus) -> Self {
+impl From<&dpsync_api::TargetStatus> for TargetSummary {
+    fn from(t: &dpsync_api::TargetStatus) -> Self {
         Self {
             name: t.name.clone(),
             state: t.state.clone(),

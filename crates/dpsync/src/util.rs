@@ -1,7 +1,5 @@
 //! Small helpers shared by the daemons and the CLI.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 /// Keeps the daemons' memory close to what they use at any moment.
 ///
 /// glibc's allocator gives each thread that allocates under contention an arena of its
@@ -23,16 +21,6 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
-}
-
-/// Unix milliseconds now.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-/// Unix nanoseconds now.
-pub fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 /// `1.5 MiB`-style sizes for people.

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::api::{StatusReport, TargetStatus};
 use crate::cli::enc;
-use crate::client::AdminClient;
 use crate::util::human_bytes;
+use dpsync_api::AdminClient;
+use dpsync_api::{StatusReport, TargetStatus};
 
 /// How a wait ended.
 #[derive(Debug)]
@@ -148,7 +148,7 @@ fn redraw(status: &StatusReport, version: i64, started: Instant, previous: usize
             && p.bytes_planned > 0
         {
             let pct = p.bytes_done as f64 * 100.0 / p.bytes_planned as f64;
-            let elapsed = (crate::util::now_ms() - p.started_ms).max(1) as f64 / 1000.0;
+            let elapsed = (dpsync_store::now_ms() - p.started_ms).max(1) as f64 / 1000.0;
             let rate = p.bytes_done as f64 / elapsed;
             let eta = if rate > 0.0 { (p.bytes_planned - p.bytes_done) as f64 / rate } else { 0.0 };
             line.push_str(&format!(

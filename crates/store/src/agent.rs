@@ -60,9 +60,7 @@ pub struct AgentDb {
     pool: SqlitePool,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+use crate::now_ms;
 
 impl AgentDb {
     /// Opens (creating) the database file and applies migrations.

@@ -122,8 +122,14 @@ impl Store {
 }
 
 /// Current time in unix milliseconds.
-pub(crate) fn now_ms() -> i64 {
+/// Unix milliseconds now: the unit of every timestamp dpsync stores.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Unix nanoseconds now (scan caches compare file times at this precision).
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 fn backend_of(url: &str) -> Result<Backend> {

@@ -307,6 +307,32 @@ impl Signed {
 
 /// Percent-encodes everything but unreserved characters (RFC 3986), for a path
 /// segment or a query value.
+/// Checks a target's base URL as an administrator typed it and returns it normalized
+/// (no trailing `/`): `http(s)://HOST:PORT`, with a host a site can connect to (not
+/// `0.0.0.0` or `[::]`) and a port other than 0; `https` when a certificate is pinned.
+pub fn check_target_url(url: &str, pinned: bool) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/').to_owned();
+    let parsed = reqwest::Url::parse(&url).map_err(|e| format!("URL {url:?} is invalid: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err(format!("URL {url:?} must be https://HOST:PORT (or http:// for a DP run with --insecure-http)"));
+    }
+    let unspecified = parsed
+        .host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_unspecified());
+    if unspecified {
+        return Err(format!("URL {url:?} names no host a site can connect to; use the target's own address or name"));
+    }
+    if parsed.port_or_known_default() == Some(0) {
+        return Err(format!("URL {url:?} has port 0; use the port the target listens on"));
+    }
+    if pinned && parsed.scheme() != "https" {
+        return Err("--fingerprint pins a TLS certificate: use an https:// URL".into());
+    }
+    Ok(url)
+}
+
 pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

@@ -16,8 +16,8 @@ use dpsync_store::{NewVersion, VersionStats};
 use rayon::prelude::*;
 
 use super::{Site, SiteError};
-use crate::api::{RefreshReport, RefreshRequest};
-use crate::util::now_ns;
+use dpsync_api::{RefreshReport, RefreshRequest};
+use dpsync_store::now_ns;
 
 /// How often a file that keeps changing under the reader is read before giving up.
 const READ_ATTEMPTS: u32 = 3;

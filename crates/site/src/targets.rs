@@ -6,7 +6,7 @@ use dpsync_store::{Action, DistState, NewTarget, NewVersion, Target, TargetKind}
 use dpsync_transfer::client::TargetClient;
 
 use super::{Site, SiteError};
-use crate::api::{
+use dpsync_api::{
     ActionReport, AddTarget, DistributeReport, DistributeRequest, RollbackReport, StatusReport, TargetInfo,
     TargetStatus, TargetValidation, ValidateReport,
 };
@@ -36,21 +36,14 @@ impl Site {
         {
             return Err(SiteError::Invalid(format!("target name {name:?}: use letters, digits, '-', '_' and '.'")));
         }
-        let url = req.url.trim().trim_end_matches('/').to_owned();
-        let parsed =
-            reqwest::Url::parse(&url).map_err(|e| SiteError::Invalid(format!("URL {url:?} is invalid: {e}")))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-            return Err(SiteError::Invalid(format!("URL {url:?} must be http://HOST:PORT or https://HOST:PORT")));
-        }
         let fingerprint = req
             .fingerprint
             .as_deref()
             .map(dpsync_transfer::trust::normalize_fingerprint)
             .transpose()
             .map_err(|e| SiteError::Invalid(e.to_string()))?;
-        if fingerprint.is_some() && parsed.scheme() != "https" {
-            return Err(SiteError::Invalid("--fingerprint pins a TLS certificate: use an https:// URL".into()));
-        }
+        let url =
+            dpsync_transfer::client::check_target_url(&req.url, fingerprint.is_some()).map_err(SiteError::Invalid)?;
         if req.rate_limit.is_some_and(|r| r < 1024) {
             return Err(SiteError::Invalid("rate limit must be at least 1024 bytes per second".into()));
         }

@@ -1,15 +1,124 @@
-//! A site as a target of its parent: what the receiving side (shared with the DP
-//! agent, see `crate::agent`) calls once a version from the parent is verified.
+//! A site as a target of its parent: the [`VersionSink`] of the receiving core shared
+//! with the DP agent (`dpsync_agent`), called once a version from the parent is verified.
 //!
 //! The child keeps the parent's package id, name, source site and source version, so
 //! versions mean the same thing at every tier; it never lets a parent overwrite a
 //! package it owns, and it never lets its own administrators refresh one it does not.
 
-use dpsync_hash::{DecodeLimits, Manifest};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dpsync_agent::{Arrived, Core, InstallError, Installed, Source, VersionSink};
+use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest, RelPath};
+use dpsync_library::Library;
 use dpsync_store::{Action, DistState, NewVersion, StoreError, VersionStats};
-use dpsync_transfer::service::{OfferMeta, ReceiveError};
+use dpsync_transfer::service::{OfferMeta, ReceiveError, ServedFile};
+use dpsync_transfer::wire::ValidateResponse;
 
 use super::Site;
+
+/// A child site's sink: a verified version from the parent is committed to this site's
+/// store (same package id and source version) and fanned out by its own jobs.
+#[derive(Debug)]
+pub struct ChildSite {
+    site: Arc<Site>,
+}
+
+impl ChildSite {
+    pub fn new(site: Arc<Site>) -> Self {
+        Self { site }
+    }
+}
+
+impl VersionSink for ChildSite {
+    fn role(&self) -> &'static str {
+        "site"
+    }
+
+    fn check_offer(&self, pkg: &str, meta: &OfferMeta) -> Result<(), ReceiveError> {
+        if meta.name.is_none() {
+            return Err(ReceiveError::BadRequest(
+                "a site needs the package's name and source site with its manifest".into(),
+            ));
+        }
+        let own = &self.site.cfg.site_code;
+        if meta.source_site.as_deref().is_some_and(|s| s.eq_ignore_ascii_case(own)) {
+            return Err(ReceiveError::Forbidden(format!(
+                "package {pkg} names this site ({own}) as its owner; a parent cannot push it here"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn accept_package(&self, pkg: &str, meta: &OfferMeta) -> Result<(), ReceiveError> {
+        self.site.accept_package(pkg, meta).await
+    }
+
+    fn build(
+        &self,
+        lib: &Library,
+        _pkg: &str,
+        _version: i64,
+        manifest: &Manifest,
+        sources: &HashMap<ChunkId, Source>,
+        force: bool,
+    ) -> Result<Installed, InstallError> {
+        dpsync_agent::assemble_missing(lib, manifest, sources, force)
+    }
+
+    async fn commit(&self, core: &Core, arrived: Arrived) -> Result<(), ReceiveError> {
+        let (pkg, version) = (arrived.package.as_str(), arrived.version);
+        self.site
+            .accept_version(pkg, version, &arrived.content_root, arrived.encoded.clone(), arrived.signature.clone())
+            .await?;
+        core.record_install(&arrived, "").await?;
+        tracing::info!(
+            package = pkg,
+            version,
+            built = arrived.installed.files_built,
+            "version received from the parent site"
+        );
+        Ok(())
+    }
+
+    async fn relabel(
+        &self,
+        core: &Core,
+        pkg: &str,
+        version: i64,
+        root: &str,
+        meta: &OfferMeta,
+    ) -> Result<(), ReceiveError> {
+        // A site records the version with its manifest, which the relabel does not carry.
+        let p = core.db().package(pkg).await.map_err(|e| ReceiveError::Internal(format!("relabel: {e}")))?;
+        let Some(manifest) = p.and_then(|p| p.installed_manifest) else {
+            return Err(ReceiveError::Conflict {
+                message: format!("{pkg}: this site holds no manifest of {root}; send the manifest"),
+                missing: vec![],
+            });
+        };
+        self.site.accept_version(pkg, version, root, manifest, meta.signature.clone()).await
+    }
+
+    async fn remove(&self, _core: &Core, pkg: &str, _written: Vec<FileHash>) -> Result<Vec<FileHash>, ReceiveError> {
+        // The library is the site's own: its content goes with `gc`, not here.
+        self.site.remove_everywhere(pkg).await?;
+        Ok(vec![])
+    }
+
+    async fn status(&self, _core: &Core, pkg: &str) -> Result<serde_json::Value, ReceiveError> {
+        let report = self.site.status(pkg).await.map_err(|e| ReceiveError::NotFound(e.to_string()))?;
+        serde_json::to_value(report).map_err(|e| ReceiveError::Internal(e.to_string()))
+    }
+
+    async fn validate(&self, _core: &Core, _pkg: &str) -> Result<ValidateResponse, ReceiveError> {
+        Err(ReceiveError::BadRequest("a site holds no installed tree to validate; validate its DPs".into()))
+    }
+
+    fn open_file(&self, pkg: &str, _path: &RelPath) -> Result<ServedFile, ReceiveError> {
+        Err(ReceiveError::NotFound(format!("a site serves no files of {pkg}; download them from its DPs")))
+    }
+}
 
 fn store_err(e: StoreError) -> ReceiveError {
     match e {

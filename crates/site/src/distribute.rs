@@ -20,11 +20,11 @@ use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest};
 use dpsync_store::{Action, Distribution, Outcome, Target};
 use dpsync_transfer::client::{Signed, TargetClient, TransferError};
 use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::Site;
-use crate::util::now_ms;
+use dpsync_api::Progress;
+use dpsync_store::now_ms;
 
 /// Distribution settings.
 #[derive(Debug, Clone)]
@@ -54,17 +54,6 @@ impl Default for DistConfig {
             batch_memory: 40 << 20,
         }
     }
-}
-
-/// Live progress of a running job (not persisted).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Progress {
-    pub phase: String,
-    /// Chunk bytes the target lacks (before compression).
-    pub bytes_planned: u64,
-    /// Of those, sent so far.
-    pub bytes_done: u64,
-    pub started_ms: i64,
 }
 
 /// Why a push failed, and whether to try again.

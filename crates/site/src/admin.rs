@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::{Site, SiteError};
-use crate::api::{
+use dpsync_api::{
     ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, ErrorBody, GcReport, PackageDetail,
     PackageInfo, RefreshReport, RefreshRequest, RollbackReport, SiteInfo, StatusReport, TargetInfo, TargetRequest,
     ValidateReport, VersionInfo,

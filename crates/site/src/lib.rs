@@ -1,7 +1,14 @@
-//! The site server: owns the store and the content library, runs refreshes and garbage
-//! collection, and answers the admin API.
+//! The site server (`dpsync server`): owns the store and the content library, runs
+//! refreshes, the durable job runner that pushes versions to targets, garbage
+//! collection, and answers the admin API. A site started with a receiving listener is
+//! also a child site: it receives like a DP (the agent crate's core) and commits what
+//! it receives to its own store ([`ChildSite`]).
+//!
+//! **API Boundary:** [`run`] serves already-bound [`Listeners`] until a shutdown future
+//! completes; the binary parses flags, binds, and handles signals.
 
 mod admin;
+mod config;
 mod distribute;
 mod receive;
 mod refresh;
@@ -17,11 +24,12 @@ use dpsync_library::Library;
 use dpsync_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::GcReport;
-use crate::config::ServerConfig;
+use dpsync_api::{GcReport, Progress};
 
 pub use admin::router;
-pub use distribute::{DistConfig, Progress};
+pub use config::{ServerConfig, ServerFile, ServerOverrides};
+pub use distribute::DistConfig;
+pub use receive::ChildSite;
 
 /// A decoded manifest and its compressed wire form.
 type WireManifest = (Arc<Manifest>, bytes::Bytes);
@@ -239,90 +247,137 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Runs `dpsync server` until SIGINT/SIGTERM.
-pub async fn run(cfg: ServerConfig) -> Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
-    let _lock = lock_data_dir(&cfg.data_dir)?;
-    let socket = cfg.socket.clone();
+/// The sockets a server serves, bound before it starts (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The admin API (the CLI's socket).
+    pub admin: tokio::net::UnixListener,
+    /// Where the admin socket lives; removed at shutdown.
+    pub admin_path: PathBuf,
+    /// The receiving side, for a parent site (child sites only).
+    pub receive: Option<tokio::net::TcpListener>,
+    /// `/metrics` for Prometheus.
+    pub metrics: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what `cfg` asks for: the admin socket (refusing a world-writable folder or
+    /// a socket another server answers on), and the receiving and metrics listeners.
+    pub async fn bind(cfg: &ServerConfig) -> Result<Self> {
+        let admin = bind_admin_socket(&cfg.socket).await?;
+        let receive = match &cfg.listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}; is the port taken or the address wrong?"))?,
+            ),
+            None => None,
+        };
+        let metrics = match &cfg.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(Self { admin, admin_path: cfg.socket.clone(), receive, metrics })
+    }
+}
+
+/// Runs a site server on `listeners` until `shutdown` completes. The caller holds the
+/// data directory's lock ([`dpsync_agent::daemon::lock_data_dir`]).
+pub async fn run(
+    listeners: Listeners,
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let socket = listeners.admin_path.clone();
+    let result = serve(listeners, cfg, shutdown).await;
+    if let Err(e) = std::fs::remove_file(&socket)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(socket = %socket.display(), "cannot remove the admin socket: {e}");
+    }
+    result
+}
+
+async fn serve(
+    listeners: Listeners,
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let site = Arc::new(Site::open(cfg).await?);
-    let listener = bind_admin_socket(&socket).await?;
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
     tracing::info!(
         site = %site.cfg.site_code,
         data_dir = %site.cfg.data_dir.display(),
-        socket = %socket.display(),
+        socket = %listeners.admin_path.display(),
         database = %redact_url(&site.cfg.database_url),
         "dpsync server ready"
     );
-    tokio::spawn(distribute::run_jobs(site.clone(), shutdown.clone()));
-    if let Some(listen) = site.cfg.listen.clone() {
-        let tls = crate::config::listener_tls(&site.cfg.data_dir, &listen, &site.cfg.tls)?;
-        let tcp = tokio::net::TcpListener::bind(&listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}; is the port taken or the address wrong?"))?;
-        let addr = tcp.local_addr()?;
-        dpsync_library::write_atomic(&site.cfg.data_dir.join("listen.addr"), addr.to_string().as_bytes())?;
-        let receiver = Arc::new(
-            crate::agent::Agent::open(
-                &site.cfg.data_dir,
-                site.cfg.disk_reserve,
-                crate::agent::Mode::Site(site.clone()),
-                site.trust.clone(),
-            )
-            .await?,
-        );
-        if site.cfg.listen_token.is_none() {
-            tracing::warn!("no --token for --listen: any site that can reach {addr} can push content here");
-        }
-        let service = dpsync_transfer::service::ServiceConfig {
-            token: site.cfg.listen_token.clone(),
-            role: "site",
-            site_code: Some(site.cfg.site_code.clone()),
-            decode_limits: DecodeLimits::default(),
-        };
-        let app = dpsync_transfer::service::router(receiver, service);
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = dpsync_transfer::listen::serve(tcp, app, tls, stop.cancelled_owned()).await {
-                tracing::error!("receiving service: {e}");
-            }
-        });
-        tracing::info!(listen = %addr, "receiving content from a parent site");
+    tokio::spawn(distribute::run_jobs(site.clone(), stop.clone()));
+    if let Some(tcp) = listeners.receive {
+        serve_receiving(&site, tcp, stop.clone()).await?;
     }
-    if let Some(addr) = site.cfg.metrics_listen.clone() {
-        let tcp = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    if let Some(tcp) = listeners.metrics {
+        let addr = tcp.local_addr()?;
         let app = admin::metrics_router(site.clone());
-        let stop = shutdown.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(tcp, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+            if let Err(e) = axum::serve(tcp, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                tracing::error!("metrics listener: {e}");
+            }
         });
         tracing::info!(listen = %addr, "serving /metrics");
     }
     let app = router(site.clone());
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
-    let _ = std::fs::remove_file(&socket);
+    let served = axum::serve(listeners.admin, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await;
+    stop.cancel();
     site.store.close().await;
     tracing::info!("dpsync server stopped");
     served.context("admin socket")
 }
 
-/// Holds an exclusive lock on `DIR/dpsync.lock` for the life of the process.
-pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
-    let path = dir.join("dpsync.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}: is the data directory writable?", path.display()))?;
-    if f.try_lock().is_err() {
-        bail!("another dpsync process is using the data directory {}; stop it first", dir.display());
+/// Starts the receiving side of a child site on `tcp`.
+async fn serve_receiving(site: &Arc<Site>, tcp: tokio::net::TcpListener, stop: CancellationToken) -> Result<()> {
+    let addr = tcp.local_addr()?;
+    let data_dir = &site.cfg.data_dir;
+    let tls = dpsync_agent::daemon::listener_tls(data_dir, &addr.to_string(), &site.cfg.tls)?;
+    dpsync_library::write_atomic(&data_dir.join("listen.addr"), addr.to_string().as_bytes())
+        .with_context(|| format!("cannot write {}", data_dir.join("listen.addr").display()))?;
+    let core = dpsync_agent::Core::open(dpsync_agent::CoreConfig {
+        data_dir: data_dir.clone(),
+        db_file: data_dir.join("receive.db"),
+        library: site.library.clone(),
+        trust: site.trust.clone(),
+        disk_reserve: site.cfg.disk_reserve,
+    })
+    .await?;
+    let receiver = Arc::new(dpsync_agent::Agent::new(core, ChildSite::new(site.clone())));
+    if site.cfg.listen_token.is_none() {
+        tracing::warn!("no --token for --listen: any site that can reach {addr} can push content here");
     }
-    Ok(f)
+    let service = dpsync_transfer::service::ServiceConfig {
+        token: site.cfg.listen_token.clone(),
+        role: "site",
+        site_code: Some(site.cfg.site_code.clone()),
+        decode_limits: DecodeLimits::default(),
+    };
+    let app = dpsync_transfer::service::router(receiver.clone(), service);
+    tokio::spawn(async move {
+        if let Err(e) = dpsync_transfer::listen::serve(tcp, app, tls, stop.cancelled_owned()).await {
+            tracing::error!("receiving service: {e}");
+        }
+        receiver.close().await;
+    });
+    tracing::info!(listen = %addr, "receiving content from a parent site");
+    Ok(())
 }
 
 async fn bind_admin_socket(path: &PathBuf) -> Result<tokio::net::UnixListener> {
@@ -350,18 +405,4 @@ async fn bind_admin_socket(path: &PathBuf) -> Result<tokio::net::UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set the mode of {}", path.display()))?;
     Ok(listener)
-}
-
-pub fn spawn_signal_handler(token: CancellationToken) {
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        token.cancel();
-    });
 }

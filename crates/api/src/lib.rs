@@ -6,6 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod client;
+
+pub use client::{AdminClient, CallError};
+
 /// An error answer: `{"error": "...", "hint": "..."}` with a 4xx/5xx status.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -235,7 +239,7 @@ pub struct TargetStatus {
     pub next_attempt_at: i64,
     pub updated_at: i64,
     /// Live progress while the target's job runs.
-    pub progress: Option<crate::site::Progress>,
+    pub progress: Option<Progress>,
     /// For a child site: its own targets (when it could be asked).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetStatus>,
@@ -258,4 +262,15 @@ pub struct ValidateReport {
     pub package: String,
     pub source_version: i64,
     pub targets: Vec<TargetValidation>,
+}
+
+/// Live progress of a running job (not persisted).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub phase: String,
+    /// Chunk bytes the target lacks (before compression).
+    pub bytes_planned: u64,
+    /// Of those, sent so far.
+    pub bytes_done: u64,
+    pub started_ms: i64,
 }

@@ -1,0 +1,341 @@
+//! A distribution point's sink: verified versions become trees that clients read.
+//!
+//! A version is built in a fresh folder under `packages/P/versions/` (files hard-linked
+//! from the library where the object's inode can carry the entry's metadata), and made
+//! live by one rename of the `current` symlink: readers see the old version whole or
+//! the new one whole. A commit answers once `current` is switched and the install
+//! recorded; the tree that fell out of (current, previous) and the library objects only
+//! it used are removed afterwards by a task that still holds the package's lock, so the
+//! package's next offer, commit or removal waits for it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use anyhow::{Context, Result};
+use dpsync_hash::path::resolve_symlink;
+use dpsync_hash::{ChunkId, DecodeLimits, EntryKind, FileHash, Manifest, RelPath};
+use dpsync_library::Library;
+use dpsync_transfer::service::{OfferMeta, ReceiveError, ServedFile};
+use dpsync_transfer::wire::ValidateResponse;
+
+use crate::install::{self, InstallError, Installed, Source};
+use crate::sink::{Arrived, VersionSink};
+use crate::{Core, blocking, forget_objects, internal, manifest_hashes};
+
+/// A package as served to clients.
+#[derive(Debug)]
+struct Live {
+    version: i64,
+    dir: PathBuf,
+    manifest: Arc<Manifest>,
+}
+
+/// The DP's installed trees and what clients read from them.
+#[derive(Debug)]
+pub struct DpTrees {
+    data_dir: PathBuf,
+    live: RwLock<HashMap<String, Arc<Live>>>,
+    files_served: AtomicU64,
+    bytes_served: AtomicU64,
+}
+
+impl DpTrees {
+    /// Loads the installed versions recorded in `core`'s database, putting `current`
+    /// back where an interrupted install left it elsewhere and removing stray trees.
+    pub async fn load(core: &Core) -> Result<Self> {
+        let trees = Self {
+            data_dir: core.data_dir().to_owned(),
+            live: RwLock::new(HashMap::new()),
+            files_served: AtomicU64::new(0),
+            bytes_served: AtomicU64::new(0),
+        };
+        for p in core.db().packages().await? {
+            if let (Some(v), Some(dir), Some(m)) = (p.installed_version, &p.installed_dir, &p.installed_manifest) {
+                let manifest = Manifest::decode(m, &DecodeLimits::default())
+                    .with_context(|| format!("stored manifest of {} is corrupt", p.id))?;
+                trees.set_live(&p.id, Live { version: v, dir: dir.into(), manifest: Arc::new(manifest) });
+                trees.restore_current(&p.id, dir);
+                trees.remove_stray_trees(&p.id, &[p.installed_dir.clone(), p.previous_dir.clone()]);
+            }
+        }
+        Ok(trees)
+    }
+
+    fn pkg_dir(&self, pkg: &str) -> PathBuf {
+        self.data_dir.join("packages").join(pkg)
+    }
+
+    fn get_live(&self, pkg: &str) -> Option<Arc<Live>> {
+        self.live.read().unwrap().get(pkg).cloned()
+    }
+
+    fn set_live(&self, pkg: &str, live: Live) {
+        self.live.write().unwrap().insert(pkg.to_owned(), Arc::new(live));
+    }
+
+    /// Points `current` back at the recorded tree when a crash left it elsewhere: an
+    /// install killed after switching `current` but before recording the install leaves
+    /// it on a tree that [`DpTrees::remove_stray_trees`] then deletes.
+    fn restore_current(&self, pkg: &str, installed_dir: &str) {
+        let pkg_dir = self.pkg_dir(pkg);
+        let Some(name) = Path::new(installed_dir).file_name() else { return };
+        let rel = Path::new("versions").join(name);
+        if std::fs::read_link(pkg_dir.join("current")).ok().as_deref() == Some(rel.as_path()) {
+            return;
+        }
+        if !pkg_dir.join(&rel).is_dir() {
+            tracing::error!(package = pkg, dir = installed_dir, "the installed version's tree is missing");
+            return;
+        }
+        tracing::warn!(
+            package = pkg,
+            dir = installed_dir,
+            "current did not point at the installed version (an install was interrupted); switching it back"
+        );
+        if let Err(e) = install::switch_current(&pkg_dir, &rel.to_string_lossy()) {
+            tracing::error!(package = pkg, "cannot switch current back: {e}");
+        }
+    }
+
+    /// Deletes version trees left by an install that died before it was recorded.
+    fn remove_stray_trees(&self, pkg: &str, keep: &[Option<String>]) {
+        let versions = self.pkg_dir(pkg).join("versions");
+        let Ok(rd) = std::fs::read_dir(&versions) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !keep.iter().flatten().any(|k| Path::new(k) == p) {
+                tracing::info!(package = pkg, dir = %p.display(), "removing an unused version tree");
+                if let Err(err) = install::remove_tree(&p) {
+                    tracing::warn!(package = pkg, dir = %p.display(), "cannot remove an unused version tree: {err}");
+                }
+            }
+        }
+    }
+}
+
+impl VersionSink for DpTrees {
+    fn role(&self) -> &'static str {
+        "DP"
+    }
+
+    fn build(
+        &self,
+        lib: &Library,
+        pkg: &str,
+        version: i64,
+        manifest: &Manifest,
+        sources: &HashMap<ChunkId, Source>,
+        force: bool,
+    ) -> Result<Installed, InstallError> {
+        let pkg_dir = self.pkg_dir(pkg);
+        std::fs::create_dir_all(&pkg_dir)
+            .map_err(|source| InstallError::Io { context: format!("creating {}", pkg_dir.display()), source })?;
+        install::install(lib, &pkg_dir, version, manifest, sources, force)
+    }
+
+    async fn commit(&self, core: &Core, arrived: Arrived) -> Result<(), ReceiveError> {
+        let pkg = arrived.package.clone();
+        let p = core.db().package_summary(&pkg).await.map_err(internal("commit"))?.unwrap_or_default();
+        // The version that falls out of (current, previous): its tree and the content
+        // only it used go after the answer. Its manifest is read before the install
+        // record replaces it.
+        let dir = arrived.installed.dir.display().to_string();
+        let dropped = p.previous_dir.as_ref().is_some_and(|d| Some(d) != p.installed_dir.as_ref() && *d != dir);
+        let dropped_manifest =
+            if dropped { core.db().previous_manifest(&pkg).await.map_err(internal("commit"))? } else { None };
+        core.record_install(&arrived, &dir).await?;
+        let Arrived { version, manifest, installed, written_on_arrival, guard, .. } = arrived;
+        self.set_live(&pkg, Live { version, dir: installed.dir.clone(), manifest });
+        tracing::info!(
+            package = pkg,
+            version,
+            built = installed.files_built,
+            written_on_arrival = written_on_arrival.len(),
+            linked = installed.files_linked,
+            bytes_built = installed.bytes_built,
+            "version installed"
+        );
+        let (db, lib, pkg_dir) = (core.db().clone(), core.library().clone(), self.pkg_dir(&pkg));
+        let keep = [Some(dir), p.installed_dir.clone()];
+        tokio::spawn(async move {
+            let _guard = guard;
+            let removed = tokio::task::spawn_blocking(move || {
+                if let Ok(rd) = std::fs::read_dir(pkg_dir.join("versions")) {
+                    for e in rd.flatten() {
+                        if !keep.iter().flatten().any(|k| Path::new(k) == e.path())
+                            && let Err(err) = install::remove_tree(&e.path())
+                        {
+                            tracing::warn!(dir = %e.path().display(), "cannot remove an old version tree: {err}");
+                        }
+                    }
+                }
+                // Every object the new tree uses has a second link now: of the files
+                // written on arrival, only those of a replaced version have none.
+                let mut candidates = manifest_hashes(dropped_manifest.as_ref());
+                candidates.extend(written_on_arrival);
+                install::collect_unlinked(&lib, candidates)
+            })
+            .await;
+            match removed {
+                Ok(removed) => forget_objects(&db, removed).await,
+                Err(e) => tracing::warn!(package = pkg, "cleaning up after the install: {e}"),
+            }
+        });
+        Ok(())
+    }
+
+    async fn relabel(
+        &self,
+        _core: &Core,
+        pkg: &str,
+        version: i64,
+        _root: &str,
+        _meta: &OfferMeta,
+    ) -> Result<(), ReceiveError> {
+        if let Some(live) = self.get_live(pkg) {
+            self.set_live(pkg, Live { version, dir: live.dir.clone(), manifest: live.manifest.clone() });
+        }
+        Ok(())
+    }
+
+    async fn remove(
+        &self,
+        core: &Core,
+        pkg: &str,
+        written_on_arrival: Vec<FileHash>,
+    ) -> Result<Vec<FileHash>, ReceiveError> {
+        let p = core.db().package(pkg).await.map_err(internal("remove"))?.unwrap_or_default();
+        self.live.write().unwrap().remove(pkg);
+        let mut candidates = manifest_hashes(p.installed_manifest.as_ref());
+        candidates.extend(manifest_hashes(p.previous_manifest.as_ref()));
+        candidates.extend(written_on_arrival);
+        let (lib, pkg_dir) = (core.library().clone(), self.pkg_dir(pkg));
+        blocking(move || -> std::io::Result<Vec<FileHash>> {
+            match std::fs::remove_file(pkg_dir.join("current")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            install::remove_tree(&pkg_dir)?;
+            Ok(install::collect_unlinked(&lib, candidates))
+        })
+        .await?
+        .map_err(|e| ReceiveError::Internal(format!("removing {pkg}: {e}")))
+    }
+
+    async fn status(&self, core: &Core, pkg: &str) -> Result<serde_json::Value, ReceiveError> {
+        let state = core.package_state(pkg).await?;
+        serde_json::to_value(state).map_err(|e| ReceiveError::Internal(e.to_string()))
+    }
+
+    async fn validate(&self, core: &Core, pkg: &str) -> Result<ValidateResponse, ReceiveError> {
+        let Some(live) = self.get_live(pkg) else {
+            return Ok(ValidateResponse { package: pkg.to_owned(), ..Default::default() });
+        };
+        let lib = core.library().clone();
+        let l2 = live.clone();
+        let (checked, broken) = blocking(move || check_tree(&lib, &l2.dir, &l2.manifest)).await??;
+        if !broken.is_empty() {
+            core.db().set_broken(pkg, true).await.map_err(internal("validate"))?;
+            for (_, h) in &broken {
+                if !core.library().contains(h) {
+                    core.db().unindex_file(h.as_bytes()).await.map_err(internal("validate"))?;
+                }
+            }
+            tracing::warn!(package = pkg, broken = broken.len(), "validation found damaged files");
+        }
+        Ok(ValidateResponse {
+            package: pkg.to_owned(),
+            installed_version: Some(live.version),
+            files_checked: checked,
+            broken: broken.into_iter().map(|(p, _)| p).collect(),
+        })
+    }
+
+    fn open_file(&self, pkg: &str, path: &RelPath) -> Result<ServedFile, ReceiveError> {
+        let not_found = || ReceiveError::NotFound(format!("{pkg} has no file {path}"));
+        let Some(live) = self.get_live(pkg) else {
+            return Err(ReceiveError::NotFound(format!("package {pkg} is not installed on this DP")));
+        };
+        let mut current = path.clone();
+        for _ in 0..16 {
+            let entry = live.manifest.get(current.as_str()).ok_or_else(not_found)?;
+            match &entry.kind {
+                EntryKind::File { size, hash, .. } => {
+                    let full = live.dir.join(current.as_str());
+                    let file = install::open_nofollow(&full).map_err(|_| not_found())?;
+                    let modified = file.metadata().ok().and_then(|m| m.modified().ok());
+                    self.files_served.fetch_add(1, Ordering::Relaxed);
+                    self.bytes_served.fetch_add(*size, Ordering::Relaxed);
+                    return Ok(ServedFile { file, len: *size, hash: *hash, modified });
+                }
+                EntryKind::Symlink { target } => {
+                    current = resolve_symlink(&current, target).ok().flatten().ok_or_else(not_found)?;
+                }
+                EntryKind::Dir => return Err(not_found()),
+            }
+        }
+        Err(not_found())
+    }
+
+    fn live_manifest(&self, pkg: &str, version: i64) -> Option<Arc<Manifest>> {
+        self.get_live(pkg).filter(|l| l.version == version).map(|l| l.manifest.clone())
+    }
+
+    fn metrics(&self, out: &mut String) {
+        for (name, help, v) in [
+            ("dpsync_agent_files_served_total", "Client downloads started.", &self.files_served),
+            ("dpsync_agent_bytes_served_total", "Bytes of files opened for clients.", &self.bytes_served),
+        ] {
+            let v = v.load(Ordering::Relaxed);
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+        }
+        out.push_str(
+            "# HELP dpsync_agent_package_version Installed source version per package.\n\
+             # TYPE dpsync_agent_package_version gauge\n",
+        );
+        for (id, l) in self.live.read().unwrap().iter() {
+            out.push_str(&format!("dpsync_agent_package_version{{package=\"{id}\"}} {}\n", l.version));
+        }
+    }
+}
+
+/// Checks every file of a tree against its manifest: returns the number checked and the
+/// damaged ones. A damaged file whose inode is the library's object (a hard link) takes
+/// the object with it, so a repair cannot link the damaged bytes again; failing to
+/// remove it fails the validation.
+fn check_tree(lib: &Library, dir: &Path, manifest: &Manifest) -> Result<(u64, Vec<(String, FileHash)>), ReceiveError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut checked = 0u64;
+    let mut broken = Vec::new();
+    let mut dropped = HashSet::new();
+    for e in manifest.files() {
+        checked += 1;
+        let path = dir.join(e.path.as_str());
+        let expected = e.file_hash().expect("file");
+        let ok = install::open_nofollow(&path).ok().and_then(|f| {
+            let md = f.metadata().ok()?;
+            let mut h = blake3::Hasher::new();
+            h.update_reader(&f).ok()?;
+            Some((FileHash::from(h.finalize()) == expected && md.len() == e.size(), md.ino()))
+        });
+        if ok.is_some_and(|(good, _)| good) {
+            continue;
+        }
+        // Drop the library's copy if it is the same damaged inode.
+        let obj_ino = std::fs::metadata(lib.object_path(&expected)).ok().map(|m| m.ino());
+        if (ok.is_none() || obj_ino == ok.map(|(_, ino)| ino)) && obj_ino.is_some() && dropped.insert(expected) {
+            lib.remove(&expected).map_err(|err| {
+                ReceiveError::Internal(format!(
+                    "{} is damaged, and its library copy {} cannot be removed ({err}); \
+                     fix the DP's data directory permissions and validate again",
+                    e.path,
+                    lib.object_path(&expected).display()
+                ))
+            })?;
+        }
+        broken.push((e.path.to_string(), expected));
+    }
+    Ok((checked, broken))
+}
