@@ -857,6 +857,70 @@ fn validate_finds_a_damaged_file_and_the_repair_sends_only_it() {
     assert!(again["targets"].as_array().unwrap().iter().all(|t| t["ok"] == true), "{again:#}");
 }
 
+/// Removes the immutable attribute it set, even when the test fails.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    /// Makes `dir` immutable (no entry can be removed from it, even by root); `None` where
+    /// the filesystem or the process cannot (the caller says why it skips).
+    fn set(dir: &Path) -> Option<Self> {
+        let ok = std::process::Command::new("chattr").arg("+i").arg(dir).status().is_ok_and(|s| s.success());
+        ok.then(|| Self(dir.to_owned()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn validate_fails_loudly_when_a_damaged_library_copy_cannot_be_removed() {
+    let site = Site::with_dps(1, &[]);
+    let src = &site.src;
+    gen_tree(src, 5, 1214, 1..16 * KIB);
+    let mut tree = gen_tree(src, 1, 1215, 1..2);
+    tree.add_file(src, "big/one.bin", MIB, 1216);
+    set_old_mtimes(src);
+    site.distribute_all();
+    site.refresh_wait();
+
+    // Damage the DP's copy in place: it is a hard link to the library's object, so the
+    // object is damaged too and must go before a repair can link it again.
+    let agent = &site.agents[0];
+    let victim = agent.current(&site.id).join("big/one.bin");
+    let mode = fs::metadata(&victim).unwrap().permissions().mode();
+    chmod(&victim, mode | 0o200);
+    overwrite(&victim, 1000, 100, 1217);
+    chmod(&victim, mode);
+    let hash = blake3::hash(&fs::read(src.join("big/one.bin")).unwrap()).to_hex().to_string();
+    let object = library_object(&agent.library(), &hash);
+    assert!(object.is_file(), "the library holds {}", object.display());
+    let shard = object.parent().unwrap().to_owned();
+    let Some(_immutable) = Immutable::set(&shard) else {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "chattr +i {} failed: this test needs an ext4/xfs filesystem and CAP_LINUX_IMMUTABLE",
+                shard.display()
+            );
+        }
+        eprintln!("skipped: chattr +i is not available here (needs ext4/xfs and CAP_LINUX_IMMUTABLE)");
+        return;
+    };
+
+    let out = site.server.cli(&["validate", &site.id, "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "validate must fail; stderr: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("validate --json prints JSON");
+    let t = target_of(&v, "dp1");
+    assert_eq!(t["ok"], false, "{v:#}");
+    let error = t["error"].as_str().unwrap_or_default();
+    assert!(error.contains("big/one.bin") && error.contains("cannot be removed"), "the error names the file: {v:#}");
+    assert_eq!(t["repair_queued"], false, "no repair may link the damaged object again: {v:#}");
+    assert!(object.is_file(), "the object is still there");
+}
+
 // ---------------------------------------------------------------------------------------
 // 13. A refresh that changes nothing
 
