@@ -3,6 +3,7 @@
 mod distribute;
 mod harness;
 mod hostile;
+mod privacy;
 mod quickstart;
 mod refresh;
 mod sites;

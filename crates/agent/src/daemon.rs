@@ -139,3 +139,30 @@ pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
     }
     Ok(f)
 }
+
+/// Creates a daemon's data directory, or tightens an existing one, to mode 0700: it
+/// holds tokens, keys, databases and package content that no other local user may read,
+/// whatever the umask. A looser existing directory is tightened with a warning.
+pub fn secure_data_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    }
+    let md = std::fs::metadata(dir).with_context(|| format!("cannot read the data directory {}", dir.display()))?;
+    if !md.is_dir() {
+        bail!("the data directory {} is not a directory", dir.display());
+    }
+    // DirBuilder's mode is filtered by the umask; set it explicitly either way.
+    if md.permissions().mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make the data directory {} private (chmod 700)", dir.display()))?;
+        if md.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(data_dir = %dir.display(), "the data directory was open to other users; made it 0700");
+        }
+    }
+    Ok(())
+}

@@ -750,6 +750,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
 /// Opens a DP agent's state under `cfg.data_dir`: its library, database and trust store,
 /// and the installed versions it serves.
 pub async fn open_dp(cfg: &AgentConfig) -> Result<Agent<DpTrees>> {
+    daemon::secure_data_dir(&cfg.data_dir)?;
     let trust = Arc::new(TrustStore::open(&cfg.data_dir.join("trusted-sites.json"), &cfg.trust, cfg.strict_trust)?);
     let lib_dir = cfg.data_dir.join("library");
     let library = Arc::new(tokio::task::spawn_blocking(move || Library::open(&lib_dir)).await??);

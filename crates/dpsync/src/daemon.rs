@@ -4,12 +4,12 @@
 
 use anyhow::{Context, Result};
 use dpsync_agent::AgentConfig;
-use dpsync_agent::daemon::lock_data_dir;
+use dpsync_agent::daemon::{lock_data_dir, secure_data_dir};
 use dpsync_site::{Listeners, ServerConfig};
 
 /// Runs `dpsync server` until SIGINT/SIGTERM.
 pub async fn server(cfg: ServerConfig) -> Result<()> {
-    create_data_dir(&cfg.data_dir)?;
+    secure_data_dir(&cfg.data_dir)?;
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let listeners = Listeners::bind(&cfg).await?;
     dpsync_site::run(listeners, cfg, signalled()).await
@@ -17,16 +17,12 @@ pub async fn server(cfg: ServerConfig) -> Result<()> {
 
 /// Runs `dpsync agent` until SIGINT/SIGTERM.
 pub async fn agent(cfg: AgentConfig) -> Result<()> {
-    create_data_dir(&cfg.data_dir)?;
+    secure_data_dir(&cfg.data_dir)?;
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}; is the port taken or the address wrong?", cfg.listen))?;
     dpsync_agent::run(listener, cfg, signalled()).await
-}
-
-fn create_data_dir(dir: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))
 }
 
 /// Completes on the first SIGTERM or SIGINT.

@@ -77,6 +77,11 @@ pub struct SweepStats {
     pub objects_kept: u64,
 }
 
+/// The mode of a stored object: readable by its owner only, never writable (a DP that
+/// hard-links an object into a tree gives the inode the entry's mode instead; its data
+/// directory is 0700).
+pub const OBJECT_MODE: u32 = 0o400;
+
 /// A content library rooted at a directory.
 #[derive(Debug)]
 pub struct Library {
@@ -198,11 +203,18 @@ impl Drop for ImportBatch {
 }
 
 impl Library {
-    /// Opens (creating if needed) the library at `root`, and clears `tmp/`.
+    /// Opens (creating if needed) the library at `root`, and clears `tmp/`. The library's
+    /// folder is made 0700 (tightened, with a warning, if it was looser): a package's
+    /// content is no business of other local users, whatever the source folder allowed.
     pub fn open(root: &Path) -> Result<Self> {
         let objects = root.join("objects");
         let tmp = root.join("tmp");
         fs::create_dir_all(&objects).at(&objects)?;
+        let md = fs::metadata(root).at(root)?;
+        if md.permissions().mode() & 0o077 != 0 {
+            fs::set_permissions(root, fs::Permissions::from_mode(0o700)).at(root)?;
+            tracing::warn!(library = %root.display(), "the content library was open to other users; made it 0700");
+        }
         if tmp.exists() {
             fs::remove_dir_all(&tmp).at(&tmp)?;
         }
@@ -332,7 +344,7 @@ impl Library {
         if let Some(file) = file {
             file.sync_all().at(tmp)?;
         }
-        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).at(tmp)?;
+        fs::set_permissions(tmp, fs::Permissions::from_mode(OBJECT_MODE)).at(tmp)?;
         let dir = dest.parent().expect("object paths have a parent");
         if !dir.is_dir() {
             fs::create_dir_all(dir).at(dir)?;
@@ -349,7 +361,7 @@ impl Library {
         let dest = self.object_path(hash);
         let file = File::open(tmp).at(tmp)?;
         file.sync_all().at(tmp)?;
-        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).at(tmp)?;
+        fs::set_permissions(tmp, fs::Permissions::from_mode(OBJECT_MODE)).at(tmp)?;
         let dir = dest.parent().expect("object paths have a parent");
         fs::create_dir_all(dir).at(dir)?;
         fs::rename(tmp, &dest).at(&dest)?;

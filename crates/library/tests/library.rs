@@ -108,7 +108,7 @@ fn an_import_batch_names_every_object_once_finished() {
         assert_eq!(*h, FileHash::from(blake3::hash(b)));
         lib.verify(h).unwrap();
         let mode = std::fs::metadata(lib.object_path(h)).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o444);
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, dpsync_library::OBJECT_MODE);
     }
     assert_eq!(lib.list().unwrap().len(), inputs.len());
     assert_eq!(std::fs::read_dir(t.path().join("tmp")).unwrap().count(), 0, "no temp left behind");

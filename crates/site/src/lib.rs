@@ -91,6 +91,7 @@ pub struct Site {
 
 impl Site {
     pub async fn open(cfg: ServerConfig) -> Result<Self> {
+        dpsync_agent::daemon::secure_data_dir(&cfg.data_dir)?;
         let dist = cfg.dist.clone();
         let site_key = dpsync_transfer::trust::SiteKey::load_or_create(&cfg.data_dir.join("site.key"))?;
         let trust = Arc::new(dpsync_transfer::trust::TrustStore::open(

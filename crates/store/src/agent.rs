@@ -65,6 +65,7 @@ use crate::now_ms;
 impl AgentDb {
     /// Opens (creating) the database file and applies migrations.
     pub async fn open(path: &Path) -> Result<Self> {
+        crate::secure_sqlite_files(path)?;
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)

@@ -160,6 +160,35 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// Makes a SQLite database and its companion files (`-wal`, `-shm`, `-journal`) readable
+/// by their owner only, whatever the umask: the database is created here with mode 0600
+/// before SQLite opens it (SQLite gives its companion files the database's mode), and
+/// files an older version left looser are tightened (logged by the caller's tracing).
+pub fn secure_sqlite_files(db: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |what: &std::path::Path, e: std::io::Error| {
+        StoreError::InvalidInput(format!("cannot make {} private (mode 0600): {e}", what.display()))
+    };
+    if let Err(e) = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(db)
+        && e.kind() != std::io::ErrorKind::AlreadyExists
+    {
+        return Err(err(db, e));
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let file = std::path::PathBuf::from(name);
+        match std::fs::symlink_metadata(&file) {
+            Ok(md) if md.is_file() && md.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(&file, e))?;
+                tracing::warn!(file = %file.display(), "the database file was readable by others; made it 0600");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 async fn connect_sqlite(url: &str) -> Result<AnyPool> {
     let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
     let (path, params) = match rest.split_once('?') {
@@ -187,6 +216,7 @@ async fn connect_sqlite(url: &str) -> Result<AnyPool> {
                 ))
             })?;
         }
+        secure_sqlite_files(std::path::Path::new(path))?;
         // Switch the file to WAL once, alone, before the pool opens connections concurrently
         // (changing the journal mode needs an exclusive lock that the busy handler does not
         // wait for). The mode is persistent in the file.
