@@ -921,6 +921,29 @@ fn validate_fails_loudly_when_a_damaged_library_copy_cannot_be_removed() {
     assert!(object.is_file(), "the object is still there");
 }
 
+#[test]
+fn validate_puts_back_a_deleted_current_link_without_a_restart() {
+    let site = Site::with_dps(1, &[]);
+    gen_tree(&site.src, 20, 1218, 1..32 * KIB);
+    set_old_mtimes(&site.src);
+    site.distribute_all();
+    site.refresh_wait();
+    let current = site.agents[0].current(&site.id);
+    let target = fs::read_link(&current).unwrap();
+    fs::remove_file(&current).unwrap();
+    assert!(fs::symlink_metadata(&current).is_err());
+
+    let v = site.cli_ok(&["validate", &site.id]);
+    let t = target_of(&v, "dp1");
+    assert_eq!(t["ok"], true, "the content itself is whole: {v:#}");
+    let repaired = t["repaired"].as_array().cloned().unwrap_or_default();
+    assert!(repaired.iter().any(|r| r.as_str().unwrap_or("").contains("current")), "reported: {v:#}");
+    assert_eq!(fs::read_link(&current).unwrap(), target, "current points at the installed tree again");
+    site.assert_all_match_source();
+    let again = site.cli_ok(&["validate", &site.id]);
+    assert!(target_of(&again, "dp1")["repaired"].is_null(), "nothing left to repair: {again:#}");
+}
+
 // ---------------------------------------------------------------------------------------
 // 13. A refresh that changes nothing
 

@@ -99,6 +99,30 @@ impl DpTrees {
         }
     }
 
+    /// Checks that `current` points at the installed tree, and points it back when it
+    /// was deleted or moved (clients reading the folder see the version again at once;
+    /// HTTP downloads never depended on it). A missing tree is left to the file checks,
+    /// which then report every file damaged so that the site reinstalls the version.
+    fn check_current(&self, pkg: &str, live: &Live) -> Result<Vec<String>, ReceiveError> {
+        let pkg_dir = self.pkg_dir(pkg);
+        let Some(name) = live.dir.file_name() else { return Ok(vec![]) };
+        let rel = Path::new("versions").join(name);
+        let link = pkg_dir.join("current");
+        let found = std::fs::read_link(&link).ok();
+        if found.as_deref() == Some(rel.as_path()) || !live.dir.is_dir() {
+            return Ok(vec![]);
+        }
+        install::switch_current(&pkg_dir, &rel.to_string_lossy()).map_err(|e| {
+            ReceiveError::Internal(format!("{}: cannot point current back at {}: {e}", pkg, rel.display()))
+        })?;
+        let what = match found {
+            Some(old) => format!("current pointed at {}; pointed it back at {}", old.display(), rel.display()),
+            None => format!("current was missing; pointed it back at {}", rel.display()),
+        };
+        tracing::warn!(package = pkg, "validation: {what}");
+        Ok(vec![what])
+    }
+
     /// Deletes version trees left by an install that died before it was recorded.
     fn remove_stray_trees(&self, pkg: &str, keep: &[Option<String>]) {
         let versions = self.pkg_dir(pkg).join("versions");
@@ -233,6 +257,7 @@ impl VersionSink for DpTrees {
         let Some(live) = self.get_live(pkg) else {
             return Ok(ValidateResponse { package: pkg.to_owned(), ..Default::default() });
         };
+        let repaired = self.check_current(pkg, &live)?;
         let lib = core.library().clone();
         let l2 = live.clone();
         let (checked, broken) = blocking(move || check_tree(&lib, &l2.dir, &l2.manifest)).await??;
@@ -250,6 +275,7 @@ impl VersionSink for DpTrees {
             installed_version: Some(live.version),
             files_checked: checked,
             broken: broken.into_iter().map(|(p, _)| p).collect(),
+            repaired,
         })
     }
 

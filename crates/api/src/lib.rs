@@ -255,6 +255,9 @@ pub struct TargetValidation {
     pub error: Option<String>,
     /// A repair (reinstall of the damaged files only) was queued.
     pub repair_queued: bool,
+    /// What the target put right by itself (e.g. a deleted `current` link).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

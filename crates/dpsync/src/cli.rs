@@ -511,6 +511,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                             }
                         }
                     }
+                    for fixed in &t.repaired {
+                        println!("    repaired: {fixed}");
+                    }
                 }
             });
             if !all_ok {

@@ -307,10 +307,12 @@ impl Site {
                 broken: vec![],
                 error: None,
                 repair_queued: false,
+                repaired: vec![],
             };
             match r {
                 Ok(resp) => {
                     v.files_checked = resp.files_checked;
+                    v.repaired = resp.repaired;
                     v.ok = resp.broken.is_empty() && resp.installed_version.is_some();
                     if resp.installed_version.is_none() {
                         v.error = Some("nothing installed".into());

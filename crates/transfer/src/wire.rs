@@ -101,6 +101,10 @@ pub struct ValidateResponse {
     /// Paths whose bytes no longer match the manifest; their content was dropped so
     /// that the next install sends exactly what they need.
     pub broken: Vec<String>,
+    /// What the receiver put right by itself (e.g. a deleted `current` link pointed back
+    /// at the installed tree).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
 }
 
 /// Error body of every 4xx/5xx answer.
