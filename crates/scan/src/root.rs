@@ -264,8 +264,12 @@ impl SourceRoot {
         let path = RelPath::from_bytes(&bytes)
             .map_err(|e| ScanProblem { path: String::from_utf8_lossy(&bytes).into_owned(), reason: e.to_string() })?;
         let problem = |reason: String| ScanProblem { path: path.to_string(), reason };
-        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| problem(format!("cannot be read: {}", io::Error::from(e))))?;
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
+            problem(match e {
+                Errno::NOENT => "vanished during the scan; refresh again".into(),
+                e => format!("cannot be read: {}", io::Error::from(e)),
+            })
+        })?;
         let st = SourceStat::of(&st);
         let kind = match st.kind {
             SourceKind::Dir => ScanKind::Dir,
