@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use dpsync_bench::Rng;
 use dpsync_hash::{ChunkParams, Entry, EntryKind, Manifest, digest_stream};
 use dpsync_library::{ImportBatch, Library};
-use dpsync_scan::{FilePlan, ScanCache, ScanEntry, ScanKind};
+use dpsync_scan::{FilePlan, ScanCache, ScanEntry, ScanKind, SourceRoot};
 use rayon::prelude::*;
 
 const KIB: u64 = 1024;
@@ -226,7 +226,8 @@ enum CopyTo {
 /// Returns the bytes read.
 fn dpsync_pass(src: &Path, library: Option<&Arc<Library>>, params: &ChunkParams, copy: CopyTo) -> Res<u64> {
     let batch = library.filter(|_| copy == CopyTo::Library).map(|l| l.import_batch());
-    let scan = dpsync_scan::scan(src).map_err(|e| e.to_string())?;
+    let root = SourceRoot::open(src).map_err(|e| e.to_string())?;
+    let scan = root.scan().map_err(|e| e.to_string())?;
     if let Some(p) = scan.problems.first() {
         return Err(format!("scan refused {} entries, first: {p}", scan.problems.len()));
     }
@@ -241,7 +242,7 @@ fn dpsync_pass(src: &Path, library: Option<&Arc<Library>>, params: &ChunkParams,
                 (ScanKind::File, Some(FilePlan::Reuse { hash, size, chunks })) => {
                     EntryKind::File { size, hash, chunks }
                 }
-                (ScanKind::File, _) => import_one(src, &entry, batch.as_ref(), library, params, copy)?,
+                (ScanKind::File, _) => import_one(&root, &entry, batch.as_ref(), library, params, copy)?,
             };
             Ok(Entry { path: entry.path.clone(), mode: entry.mode, mtime_ns: entry.stat.mtime_ns, kind })
         })
@@ -255,19 +256,15 @@ fn dpsync_pass(src: &Path, library: Option<&Arc<Library>>, params: &ChunkParams,
 }
 
 fn import_one(
-    root: &Path,
+    root: &SourceRoot,
     entry: &ScanEntry,
     batch: Option<&ImportBatch>,
     library: Option<&Arc<Library>>,
     params: &ChunkParams,
     copy: CopyTo,
 ) -> Res<EntryKind> {
-    let path = root.join(entry.path.as_str());
-    let file = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let path = root.path().join(entry.path.as_str());
+    let file = root.open_file(&entry.path).map_err(|e| format!("{}: {e}", path.display()))?;
     let ctx = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     let digest = match copy {
         CopyTo::Library => batch.expect("an import batch").import(&file, params).map_err(|e| ctx(&e))?.digest,

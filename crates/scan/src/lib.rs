@@ -3,23 +3,26 @@
 //! [`scan`] yields every entry's kind, path, mode, size and times, and collects every
 //! refused entry (non-UTF-8 names, symlinks out of the tree, special files, unreadable
 //! directories) instead of stopping at the first: the caller reports them all.
+//! [`SourceRoot`] is the folder opened once: the scan and every later read of a file
+//! (`SourceRoot::open_file`) go through its descriptor and never cross a symlink, so a
+//! writer racing a refresh cannot make it read or list anything outside the folder.
 //! [`plan`] compares a scan with the previous version and its [`ScanCache`] and decides,
 //! per file, whether the previous hash can be reused or the file must be read.
 //!
-//! **Architecture Invariant:** scanning never reads file contents and never writes.
+//! **Architecture Invariant:** scanning never reads file contents and never writes;
+//! nothing outside the source folder is ever listed, stat'ed as an entry, or opened.
 
 mod cache;
+mod root;
 
 use std::collections::HashMap;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use dpsync_hash::path::resolve_symlink;
 use dpsync_hash::{Chunk, Entry, EntryKind, FileHash, Manifest, RelPath};
-use rayon::prelude::*;
 
 pub use cache::{CacheDecodeError, ScanCache};
+pub use root::{Resolver, SourceChanged, SourceKind, SourceRoot, SourceStat};
 
 /// The metadata that decides whether a file must be read again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,102 +88,10 @@ pub struct Scan {
     pub problems: Vec<ScanProblem>,
 }
 
-/// Walks `root` without following symlinks.
+/// Walks `root` without following symlinks: [`SourceRoot::open`] then
+/// [`SourceRoot::scan`].
 pub fn scan(root: &Path) -> Result<Scan, ScanError> {
-    let md = std::fs::metadata(root).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ScanError::Missing(root.to_owned()),
-        _ => ScanError::Unreadable { path: root.to_owned(), source: e },
-    })?;
-    if !md.is_dir() {
-        return Err(ScanError::NotADirectory(root.to_owned()));
-    }
-    let canonical_root =
-        std::fs::canonicalize(root).map_err(|e| ScanError::Unreadable { path: root.to_owned(), source: e })?;
-    let mut out = Scan::default();
-    let walker = walkdir::WalkDir::new(root).follow_links(false).min_depth(1).sort_by_file_name();
-    let mut it = walker.into_iter();
-    let mut found = Vec::new();
-    while let Some(item) = it.next() {
-        let dent = match item {
-            Ok(d) => d,
-            Err(e) => {
-                let path = e.path().map(|p| display_rel(root, p)).unwrap_or_else(|| root.display().to_string());
-                out.problems.push(ScanProblem { path, reason: format!("cannot be read: {e}") });
-                continue;
-            }
-        };
-        let rel_os = dent.path().strip_prefix(root).expect("walkdir yields paths under its root");
-        let path = match RelPath::from_bytes(rel_os.as_os_str().as_bytes()) {
-            Ok(p) => p,
-            Err(e) => {
-                out.problems.push(ScanProblem { path: display_rel(root, dent.path()), reason: e.to_string() });
-                if dent.file_type().is_dir() {
-                    it.skip_current_dir();
-                }
-                continue;
-            }
-        };
-        found.push((path, dent));
-    }
-    // Stats (and symlink checks) are the bulk of a scan that reads nothing: they run on
-    // all cores, after the walk fixed the set of entries.
-    let classified: Vec<Result<ScanEntry, ScanProblem>> =
-        found.into_par_iter().map(|(path, dent)| classify(&canonical_root, path, &dent)).collect();
-    for c in classified {
-        match c {
-            Ok(e) => out.entries.push(e),
-            Err(p) => out.problems.push(p),
-        }
-    }
-    out.entries.sort_by(|a, b| a.path.as_str().as_bytes().cmp(b.path.as_str().as_bytes()));
-    out.problems.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
-}
-
-/// Stats one walked entry and decides what it is.
-fn classify(canonical_root: &Path, path: RelPath, dent: &walkdir::DirEntry) -> Result<ScanEntry, ScanProblem> {
-    let md =
-        dent.metadata().map_err(|e| ScanProblem { path: path.to_string(), reason: format!("cannot be read: {e}") })?;
-    let ft = md.file_type();
-    let kind = if ft.is_dir() {
-        ScanKind::Dir
-    } else if ft.is_file() {
-        ScanKind::File
-    } else if ft.is_symlink() {
-        match check_symlink(canonical_root, dent.path(), &path) {
-            Ok(target) => ScanKind::Symlink { target },
-            Err(reason) => return Err(ScanProblem { path: path.to_string(), reason }),
-        }
-    } else {
-        return Err(ScanProblem {
-            path: path.to_string(),
-            reason: "is a special file (device, FIFO or socket); only files, folders and symlinks are allowed".into(),
-        });
-    };
-    Ok(ScanEntry { path, kind, mode: md.mode() & 0o7777, stat: FileStat::of(&md) })
-}
-
-fn display_rel(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned()
-}
-
-fn check_symlink(canonical_root: &Path, on_disk: &Path, path: &RelPath) -> Result<String, String> {
-    let target = std::fs::read_link(on_disk).map_err(|e| format!("symlink cannot be read: {e}"))?;
-    let target = std::str::from_utf8(target.as_os_str().as_bytes())
-        .map_err(|_| "symlink target is not valid UTF-8".to_owned())?
-        .to_owned();
-    resolve_symlink(path, &target).map_err(|e| format!("{e}; symlinks must stay inside the source folder"))?;
-    // Lexically inside; where it resolves on disk, it must resolve inside too
-    // (a link through another link can leave the tree).
-    if let Ok(real) = std::fs::canonicalize(on_disk)
-        && !real.starts_with(canonical_root)
-    {
-        return Err(format!(
-            "symlink points to {target:?}, which resolves to {} outside the source folder",
-            real.display()
-        ));
-    }
-    Ok(target)
+    SourceRoot::open(root)?.scan()
 }
 
 /// What a refresh must do with one file.

@@ -1,8 +1,7 @@
 //! `RefreshPkgSource`, first half: scan the source, read only what changed (hash, chunk
 //! and copy into the library in one pass), and commit the next source version.
 
-use std::fs::File;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use dpsync_hash::{ChunkParams, DecodeLimits, Entry, EntryKind, FileDigest, Manifest};
 use dpsync_library::{ImportBatch, Library};
-use dpsync_scan::{FilePlan, FileStat, ScanCache, ScanEntry, ScanError, ScanKind};
+use dpsync_scan::{FilePlan, FileStat, ScanCache, ScanEntry, ScanError, ScanKind, SourceChanged, SourceRoot};
 use dpsync_store::{NewVersion, VersionStats};
 use rayon::prelude::*;
 
@@ -154,12 +153,16 @@ fn build(
 ) -> Result<Built, SiteError> {
     let scan_started = now_ns();
     let clock = Instant::now();
-    let scan = dpsync_scan::scan(source).map_err(|e| match e {
+    let refused = |e: ScanError| match e {
         ScanError::Missing(_) | ScanError::NotADirectory(_) => {
             SiteError::Refused(format!("{e}; fix the source path or the folder, then refresh again"))
         }
         e => SiteError::Refused(e.to_string()),
-    })?;
+    };
+    // Opened once: the scan and every read below go through this descriptor and never
+    // cross a symlink, so a writer racing the refresh cannot redirect them outside.
+    let root = SourceRoot::open(source).map_err(refused)?;
+    let scan = root.scan().map_err(refused)?;
     if !scan.problems.is_empty() {
         let n = scan.problems.len();
         let shown: Vec<String> = scan.problems.iter().take(20).map(|p| p.to_string()).collect();
@@ -227,7 +230,7 @@ fn build(
                     (entry_of(&entry, EntryKind::File { size, hash, chunks }), Some(entry.stat))
                 }
                 (ScanKind::File, _) => {
-                    let (digest, stat, mode, stored_new) = import_file(&batch, params, source, &entry)?;
+                    let (digest, stat, mode, stored_new) = import_file(&batch, params, &root, &entry)?;
                     bytes_read.fetch_add(digest.size, Ordering::Relaxed);
                     if stored_new {
                         bytes_stored.fetch_add(digest.size, Ordering::Relaxed);
@@ -327,26 +330,23 @@ fn entry_of(e: &ScanEntry, kind: EntryKind) -> Entry {
     Entry { path: e.path.clone(), mode: e.mode, mtime_ns: e.stat.mtime_ns, kind }
 }
 
-/// Reads one source file into the library. The file is opened without following a
-/// symlink (it was a regular file when scanned) and re-read when its size or times move
-/// while it is read.
+/// Reads one source file into the library. The file is opened beneath the source root
+/// without crossing a symlink in any component (it was a regular file when scanned) and
+/// re-read when its size or times move while it is read.
 fn import_file(
     batch: &ImportBatch,
     params: &ChunkParams,
-    root: &Path,
+    root: &SourceRoot,
     entry: &ScanEntry,
 ) -> Result<(FileDigest, FileStat, u32, bool), String> {
-    let path = root.join(entry.path.as_str());
     for _ in 0..READ_ATTEMPTS {
-        let file =
-            File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => format!("{}: vanished during the refresh; refresh again", entry.path),
-                _ => format!("{}: cannot be opened: {e}", entry.path),
-            })?;
+        // A regular file, or a `SourceChanged` error that names the path.
+        let file = root.open_file(&entry.path).map_err(|e| match e.kind() {
+            _ if SourceChanged::of(&e).is_some() => e.to_string(),
+            std::io::ErrorKind::NotFound => format!("{}: vanished during the refresh; refresh again", entry.path),
+            _ => format!("{}: cannot be opened: {e}", entry.path),
+        })?;
         let before = file.metadata().map_err(|e| format!("{}: {e}", entry.path))?;
-        if !before.is_file() {
-            return Err(format!("{}: is no longer a regular file", entry.path));
-        }
         let imported = batch.import(&file, params).map_err(|e| {
             if e.is_disk_full() {
                 format!("{}: the content library's disk is full ({e}); free space, then refresh again", entry.path)
