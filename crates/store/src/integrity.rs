@@ -7,17 +7,17 @@ use std::path::{Path, PathBuf};
 use crate::StoreError;
 use crate::error::is_corruption;
 
-/// The check itself; at most this many problems are listed.
+/// The check; it lists at most 10 problems.
 pub(crate) const QUICK_CHECK: &str = "PRAGMA quick_check(10)";
 
 /// What to do about a damaged site store.
-pub(crate) const SITE_REMEDY: &str = "the server must not run on it: stop it, then restore the file from a \
+pub(crate) const SITE_REMEDY: &str = "nothing may run on it: with the server stopped, restore the file from a \
      backup, or move it aside to start with an empty database (packages and targets must then be added \
      again; the DPs keep their content)";
 
 /// What to do about a damaged agent (or child site's receiving) database.
-pub(crate) const AGENT_REMEDY: &str = "move the file aside and start again: it is rebuilt empty, and \
-     `dpsync redistribute` on the site sends the packages again";
+pub(crate) const AGENT_REMEDY: &str = "nothing may run on it: move the file aside and start again with an empty \
+     one, then `dpsync redistribute` on the sending site sends the packages again";
 
 /// Maps an error met while opening or checking `path`: SQLite's "damaged" and "not a
 /// database" become [`StoreError::Corrupt`], anything else stays a database error.
