@@ -802,6 +802,45 @@ fn downloads_support_ranges_etags_and_refuse_escaping_paths() {
     }
 }
 
+#[test]
+fn a_resumed_download_across_a_version_switch_gets_the_whole_new_file() {
+    let site = Site::with_dps(1, &[]);
+    let rel = "bin/setup.msi";
+    write_random_file(&site.src.join(rel), 300 * KIB, 1141);
+    set_old_mtimes(&site.src);
+    site.distribute_all();
+    site.refresh_wait();
+    let a = &site.agents[0];
+    let file = format!("/v1/packages/{}/files/{rel}", site.id);
+    let v1 = fs::read(site.src.join(rel)).unwrap();
+    let first = a.get(&file, &[]);
+    assert_eq!((first.status, first.body == v1), (200, true));
+    let old_etag = first.header("etag").expect("ETag").to_owned();
+    assert!(first.header("last-modified").is_some(), "Last-Modified is sent");
+
+    // The client got part of v1; meanwhile the DP switches to v2.
+    write_random_file(&site.src.join(rel), 400 * KIB, 1142);
+    set_old_mtimes(&site.src);
+    site.refresh_wait();
+    site.server.wait_installed(&site.id, "dp1", 2, WAIT, &site.daemons()[1..]);
+    let v2 = fs::read(site.src.join(rel)).unwrap();
+    let new_etag = format!("\"{}\"", blake3_hex(&v2));
+
+    // Resuming with the old validator: the whole new file, never a splice of both.
+    let r = a.get(&file, &[("Range", "bytes=10-"), ("If-Range", &old_etag)]);
+    assert_eq!(r.status, 200, "If-Range with the old ETag must not answer a range of the new version");
+    assert!(r.body == v2, "the body is the whole new version ({} bytes)", r.body.len());
+    assert_eq!(r.header("content-range"), None);
+    assert_eq!(r.header("etag"), Some(new_etag.as_str()));
+
+    // With the current validators, the range.
+    let r = a.get(&file, &[("Range", "bytes=10-"), ("If-Range", &new_etag)]);
+    assert_eq!((r.status, r.body.as_slice()), (206, &v2[10..]));
+    let lm = r.header("last-modified").expect("Last-Modified").to_owned();
+    let r = a.get(&file, &[("Range", "bytes=10-"), ("If-Range", &lm)]);
+    assert_eq!((r.status, r.body.as_slice()), (206, &v2[10..]), "If-Range: {lm}");
+}
+
 // ---------------------------------------------------------------------------------------
 // 12. Validate and repair
 

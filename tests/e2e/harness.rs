@@ -915,6 +915,51 @@ pub fn with_database(url: &str, db: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
+// SQLite files
+
+/// Overwrites the page nearest the middle of a SQLite file that holds a b-tree node
+/// (a table or index page in use: not free, not overflow) with garbage, as a disk or a
+/// stray write would; returns the page number. The database must be closed (no WAL
+/// left), and have at least 8 pages.
+pub fn garble_middle_sqlite_page(path: &Path) -> u64 {
+    for side in ["-wal", "-journal"] {
+        let p = PathBuf::from(format!("{}{side}", path.display()));
+        let left = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(left, 0, "{} holds {left} bytes: the database was not closed", p.display());
+    }
+    let db = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    assert_eq!(&db[..16], b"SQLite format 3\0", "{} is not a SQLite file", path.display());
+    let be32 = |at: usize| u32::from_be_bytes(db[at..at + 4].try_into().expect("4 bytes")) as u64;
+    let page_size = match u16::from_be_bytes([db[16], db[17]]) {
+        1 => 65536,
+        n => n as u64,
+    };
+    let pages = db.len() as u64 / page_size;
+    assert!(pages >= 8, "{} has only {pages} pages: no middle to garble", path.display());
+    // The free list: trunk pages, each listing leaf pages.
+    let mut free = BTreeSet::new();
+    let mut trunk = be32(32);
+    while trunk != 0 && free.insert(trunk) {
+        let at = ((trunk - 1) * page_size) as usize;
+        for i in 0..be32(at + 4) as usize {
+            free.insert(be32(at + 8 + 4 * i));
+        }
+        trunk = be32(at);
+    }
+    let middle = pages / 2;
+    let victim = (2..=pages)
+        .filter(|p| !free.contains(p) && matches!(db[((p - 1) * page_size) as usize], 0x02 | 0x05 | 0x0a | 0x0d))
+        .min_by_key(|p| p.abs_diff(middle))
+        .unwrap_or_else(|| panic!("{} has no b-tree page past the first", path.display()));
+    let mut f = fs::OpenOptions::new().write(true).open(path).expect("open the database for writing");
+    std::os::unix::fs::FileExt::write_all_at(&f, &random_bytes(page_size as usize, victim), (victim - 1) * page_size)
+        .expect("write the garbage");
+    f.flush().expect("flush");
+    f.sync_all().expect("fsync");
+    victim
+}
+
+// ---------------------------------------------------------------------------------------
 // DP agents
 
 /// A running `dpsync agent` on `127.0.0.1`, serving plain HTTP (`--insecure-http`), on
@@ -945,11 +990,8 @@ impl Agent {
         a
     }
 
-    fn spawn_and_wait(&mut self) {
-        self.starts += 1;
-        fs::create_dir_all(&self.data_dir).expect("create agent data dir");
-        let addr_file = self.data_dir.join("listen.addr");
-        let _ = fs::remove_file(&addr_file);
+    /// The `dpsync agent …` command line (the same address again once it has one).
+    fn command(&self) -> Command {
         let listen = self.addr.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
         let mut cmd = dpsync_command();
         cmd.arg("agent").arg("--data-dir").arg(&self.data_dir).args(["--listen", &listen]);
@@ -960,6 +1002,26 @@ impl Agent {
         if let Some(t) = &self.token {
             cmd.args(["--token", t]);
         }
+        cmd
+    }
+
+    /// Starts the (stopped) agent again on its data directory, expecting it to refuse:
+    /// asserts it exits 1 (within [`START_TIMEOUT`]) and returns its stderr.
+    pub fn refuse_to_start(&mut self) -> String {
+        assert!(self.daemon.as_mut().is_none_or(|d| !d.is_running()), "stop the agent before starting it again");
+        let out = run_bounded(&mut self.command(), START_TIMEOUT);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "the agent started although it should have refused; stderr:\n{stderr}");
+        assert_eq!(out.status.code(), Some(1), "the agent should exit 1; stderr:\n{stderr}");
+        stderr
+    }
+
+    fn spawn_and_wait(&mut self) {
+        self.starts += 1;
+        fs::create_dir_all(&self.data_dir).expect("create agent data dir");
+        let addr_file = self.data_dir.join("listen.addr");
+        let _ = fs::remove_file(&addr_file);
+        let cmd = self.command();
         let name = format!("agent {} (start {})", self.data_dir.display(), self.starts);
         self.daemon = Some(Daemon::spawn(&name, cmd, &self.log_path()));
         let deadline = Instant::now() + START_TIMEOUT;

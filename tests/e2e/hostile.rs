@@ -1878,3 +1878,47 @@ fn a_damaged_partial_file_is_detected_and_its_chunk_asked_for_again() {
     let r = f.agent.download(PKG, "big.bin");
     assert!(r.status == 200 && r.body == big, "big.bin: status {}, wrong bytes", r.status);
 }
+
+// ---------------------------------------------------------------------------------------
+// A damaged database: the daemons refuse to start on it
+
+#[test]
+fn a_garbled_database_page_stops_the_server_and_the_agent_at_start() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    gen_tree(&src, 300, 4242, 0..8 << 10);
+    set_old_mtimes(&src);
+    let mut server = Server::start(dir.join("d"), SITE);
+    let mut agent = Agent::start(dir.join("a"), Some(TOKEN));
+    server.cli_json(&["dp", "add", "dp1", &agent.url(), "--token", TOKEN, "--group", "all"]);
+    let src_arg = src.to_str().expect("UTF-8 test path");
+    let id = text(&server.cli_json(&["package", "add", "app", src_arg]), "id").to_owned();
+    server.cli_json(&["distribute", &id, "--group", "all"]);
+    server.cli_json(&["refresh", &id, "--wait", "--timeout", "60"]);
+    write_random_file(&src.join("changed.bin"), 64 << 10, 4243);
+    set_old_mtimes(&src);
+    server.cli_json(&["refresh", &id, "--wait", "--timeout", "60"]);
+    server.wait_installed(&id, "dp1", 2, Duration::from_secs(60), &[agent.daemon()]);
+    assert!(server.terminate().success(), "the server stops cleanly{}", log_tails(&[server.daemon()]));
+    assert!(agent.terminate().success(), "the agent stops cleanly{}", log_tails(&[agent.daemon()]));
+
+    // The server: a page in the middle of its store.
+    let db = server.data_dir.join("dpsync.db");
+    let page = garble_middle_sqlite_page(&db);
+    let garbled = fs::read(&db).unwrap();
+    let err = Server::refuse_to_start(&server.data_dir, &ServerOpts::site(SITE));
+    let last = err.lines().last().unwrap_or_default();
+    let db_name = db.canonicalize().unwrap().display().to_string();
+    assert!(last.starts_with("dpsync: ") && last.contains(&db_name), "page {page}: names {db_name}:\n{err}");
+    assert!(last.contains("damaged") && last.contains("backup"), "says what to do:\n{err}");
+    assert!(fs::read(&db).unwrap() == garbled, "nothing was written to the damaged store");
+
+    // The agent: a page in the middle of its database.
+    let db = agent.data_dir.join("agent.db");
+    let page = garble_middle_sqlite_page(&db);
+    let err = agent.refuse_to_start();
+    let last = err.lines().last().unwrap_or_default();
+    let db_name = db.canonicalize().unwrap().display().to_string();
+    assert!(last.starts_with("dpsync: ") && last.contains(&db_name), "page {page}: names {db_name}:\n{err}");
+    assert!(last.contains("damaged") && last.contains("redistribute"), "says what to do:\n{err}");
+}

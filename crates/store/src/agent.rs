@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::{Result, StoreError};
+use crate::{Result, StoreError, integrity};
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../../migrations/agent/0001_init.sql")),
@@ -63,7 +63,8 @@ pub struct AgentDb {
 use crate::now_ms;
 
 impl AgentDb {
-    /// Opens (creating) the database file and applies migrations.
+    /// Opens (creating) the database file, checks its integrity (`PRAGMA quick_check`: a
+    /// damaged file is [`StoreError::Corrupt`]) and applies migrations.
     pub async fn open(path: &Path) -> Result<Self> {
         crate::secure_sqlite_files(path)?;
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
@@ -72,7 +73,21 @@ impl AgentDb {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        let damaged = integrity::on_open(path, integrity::AGENT_REMEDY);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(&damaged)?;
+        let checked = match sqlx::query(integrity::QUICK_CHECK).fetch_all(&pool).await {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(StoreError::from)
+                .and_then(|rows| integrity::verdict(rows, path, integrity::AGENT_REMEDY)),
+            Err(e) => Err(damaged(e)),
+        };
+        if let Err(e) = checked {
+            pool.close().await;
+            return Err(e);
+        }
         let current: i64 = sqlx::query("PRAGMA user_version").fetch_one(&pool).await?.get(0);
         let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
         if current > latest {

@@ -15,6 +15,9 @@
 //! * Schema problems at [`Store::connect`](crate::Store::connect) (a migration failed, or the
 //!   database was written by a newer dpsync) are [`StoreError::Migration`]: the server must
 //!   not start.
+//! * A SQLite file that fails `PRAGMA quick_check` when it is opened (or is not a database)
+//!   is [`StoreError::Corrupt`], naming the file and what to do: the server or agent must
+//!   not start on it.
 //! * [`StoreError::is_retryable`] tells transient conditions (connection lost, pool timeout,
 //!   SQLite busy/locked, PostgreSQL serialization failure or deadlock) from permanent ones;
 //!   a failed call never leaves a half-done change behind, so retrying a retryable error is
@@ -53,6 +56,19 @@ pub enum StoreError {
     /// The schema could not be brought up to date, or is newer than this build knows.
     #[error("database migration: {0}")]
     Migration(String),
+
+    /// A SQLite database file failed its integrity check when it was opened (or is not a
+    /// database at all): nothing must run on it. The message names the file and says how
+    /// to get going again.
+    #[error("the database {} is damaged ({detail}); {remedy}", path.display())]
+    Corrupt {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// What SQLite reported (the first problems `PRAGMA quick_check` found).
+        detail: String,
+        /// What the administrator can do about it.
+        remedy: &'static str,
+    },
 }
 
 impl StoreError {
@@ -105,6 +121,13 @@ fn sqlx_is_retryable(e: &sqlx::Error) -> bool {
 
 /// Convenience alias used by every store call.
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// True if SQLite reported `e` as a damaged file (`SQLITE_CORRUPT`) or as not a
+/// database at all (`SQLITE_NOTADB`, e.g. a garbled header).
+pub(crate) fn is_corruption(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else { return false };
+    db.code().and_then(|c| c.parse::<i64>().ok()).is_some_and(|n| matches!(n & 0xff, 11 | 26))
+}
 
 /// True if `e` is a unique-constraint violation reported by either backend.
 pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {

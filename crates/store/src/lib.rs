@@ -9,7 +9,8 @@
 //! * Timestamps are unix milliseconds (`i64`); hashes are lowercase hex text; manifests and
 //!   scan caches are opaque byte blobs encoded by the caller.
 //! * Migrations (`migrations/{sqlite,postgres}/NNNN_*.sql`, embedded) run at [`Store::connect`];
-//!   a database with a schema newer than this build is refused.
+//!   a database with a schema newer than this build is refused. A SQLite file is first
+//!   checked with `PRAGMA quick_check`; a damaged one is refused ([`StoreError::Corrupt`]).
 //! * Every multi-statement change is one transaction. On SQLite, write transactions start
 //!   with `BEGIN IMMEDIATE` (writers queue on the 5 s busy timeout instead of failing on a lock
 //!   upgrade); on PostgreSQL, rows are locked with `FOR UPDATE` / `FOR SHARE` /
@@ -18,6 +19,7 @@
 pub mod agent;
 mod distributions;
 mod error;
+mod integrity;
 mod migrate;
 mod packages;
 mod targets;
@@ -220,9 +222,15 @@ async fn connect_sqlite(url: &str) -> Result<AnyPool> {
         // Switch the file to WAL once, alone, before the pool opens connections concurrently
         // (changing the journal mode needs an exclusive lock that the busy handler does not
         // wait for). The mode is persistent in the file.
-        let mut conn = AnyConnection::connect(&url).await?;
-        conn.execute("PRAGMA journal_mode = WAL").await?;
+        // Check the file before anything runs on it.
+        let file = std::path::Path::new(path);
+        let damaged = integrity::on_open(file, integrity::SITE_REMEDY);
+        let mut conn = AnyConnection::connect(&url).await.map_err(&damaged)?;
+        conn.execute("PRAGMA journal_mode = WAL").await.map_err(&damaged)?;
+        let rows = sqlx::query(integrity::QUICK_CHECK).fetch_all(&mut conn).await.map_err(&damaged)?;
+        let rows = rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<std::result::Result<Vec<_>, _>>()?;
         conn.close().await?;
+        integrity::verdict(rows, file, integrity::SITE_REMEDY)?;
     }
 
     let mut opts = AnyPoolOptions::new()

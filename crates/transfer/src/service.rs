@@ -564,7 +564,15 @@ async fn download<R: Receiver>(
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(|r| parse_range(r, served.len));
+    let now = SystemTime::now();
+    let last_modified = served.modified.and_then(|m| http_time(m.min(now)));
+    // A range of a file that changed since the client's validator would splice two
+    // versions: with an `If-Range` that does not hold, the range is ignored.
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| headers.get(header::IF_RANGE).is_none_or(|v| if_range_holds(v, &etag, last_modified, now)))
+        .map(|r| parse_range(r, served.len));
     let (status, start, len) = match range {
         None | Some(RangeSpec::Ignore) => (StatusCode::OK, 0, served.len),
         Some(RangeSpec::Satisfiable(start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
@@ -586,11 +594,39 @@ async fn download<R: Receiver>(
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(path.as_str())));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
+    if let Some(t) = last_modified {
+        h.insert(header::LAST_MODIFIED, HeaderValue::from_str(&httpdate::fmt_http_date(t)).expect("ascii"));
+    }
     if status == StatusCode::PARTIAL_CONTENT {
         let v = format!("bytes {}-{}/{}", start, start + len - 1, served.len);
         h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&v).expect("ascii"));
     }
     Ok(resp)
+}
+
+/// `t` to the whole second, as an HTTP-date carries it; `None` outside the years
+/// 1970-9999 that an HTTP-date can express.
+fn http_time(t: SystemTime) -> Option<SystemTime> {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    (secs < 253_402_300_800).then(|| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// Whether an `If-Range` precondition holds (RFC 9110 §13.1.5), i.e. whether the client's
+/// copy is still the file served. An entity-tag must equal `etag` by strong comparison
+/// (a weak `W/"…"` tag never does). An HTTP-date (any of the three formats) must equal
+/// `last_modified` exactly, and counts only as a strong validator when it is at least a
+/// second older than the answer (`now`, §8.8.2.2). Anything else (a list, `*`, garbage)
+/// does not hold.
+fn if_range_holds(value: &HeaderValue, etag: &str, last_modified: Option<SystemTime>, now: SystemTime) -> bool {
+    let Ok(v) = value.to_str() else { return false };
+    let v = v.trim();
+    if v.starts_with('"') || v.starts_with("W/") {
+        return v == etag;
+    }
+    match (httpdate::parse_http_date(v), last_modified, http_time(now)) {
+        (Ok(date), Some(lm), Some(now)) => date == lm && lm < now,
+        _ => false,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -661,6 +697,32 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 100), RangeSpec::Ignore);
         assert_eq!(parse_range("items=0-1", 100), RangeSpec::Ignore);
         assert_eq!(parse_range("bytes=x-1", 100), RangeSpec::Ignore);
+    }
+
+    #[test]
+    fn if_range() {
+        let etag = format!("\"{}\"", "ab".repeat(32));
+        let lm = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let now = lm + std::time::Duration::from_secs(5);
+        let holds = |v: &str| if_range_holds(&HeaderValue::from_str(v).unwrap(), &etag, Some(lm), now);
+        assert!(holds(&etag));
+        assert!(holds(&format!(" {etag} ")));
+        assert!(!holds(&format!("W/{etag}")));
+        assert!(!holds(&etag.to_ascii_uppercase()));
+        assert!(!holds(&format!("{etag}, {etag}")));
+        assert!(!holds("*"));
+        assert!(holds("Tue, 14 Nov 2023 22:13:20 GMT"));
+        assert!(holds("Tuesday, 14-Nov-23 22:13:20 GMT"));
+        assert!(holds("Tue Nov 14 22:13:20 2023"));
+        assert!(!holds("Tue, 14 Nov 2023 22:13:21 GMT"));
+        assert!(!holds("garbage"));
+        assert!(!holds(""));
+        let date = HeaderValue::from_static("Tue, 14 Nov 2023 22:13:20 GMT");
+        assert!(!if_range_holds(&date, &etag, None, now), "no Last-Modified: a date never holds");
+        assert!(!if_range_holds(&date, &etag, Some(lm), lm), "not a second older than the answer: weak");
+        assert!(if_range_holds(&date, &etag, Some(lm), lm + std::time::Duration::from_secs(1)));
+        assert_eq!(http_time(lm + std::time::Duration::from_millis(999)), Some(lm));
+        assert_eq!(http_time(std::time::UNIX_EPOCH - std::time::Duration::from_secs(1)), None);
     }
 
     #[test]
