@@ -99,9 +99,15 @@ impl Site {
             &cfg.trust,
             cfg.strict_trust,
         )?);
-        let store = Store::connect(&cfg.database_url)
-            .await
-            .with_context(|| format!("cannot open the database {}", redact_url(&cfg.database_url)))?;
+        let store = match Store::connect(&cfg.database_url).await {
+            Ok(store) => store,
+            // Names the file and says what to do already.
+            Err(e @ StoreError::Corrupt { .. }) => return Err(e.into()),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot open the database {}", redact_url(&cfg.database_url))));
+            }
+        };
         match store.meta_get("site_code").await? {
             Some(code) if code != cfg.site_code => bail!(
                 "this data directory belongs to site {code}, not {}; pass --site-code {code} or use another --data-dir",
