@@ -641,3 +641,21 @@ fn a_path_that_changes_kind_counts_as_removed_and_added() {
     assert_eq!((num(&r2, "files"), num(&r2, "symlinks")), (files + 1, 0));
     assert_eq!(num(&r2, "bytes_hashed"), 500);
 }
+
+#[test]
+fn dp_add_refuses_urls_no_site_can_connect_to() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.join("d"), "PS1");
+    for (url, why) in [
+        ("https://127.0.0.1:0", "port 0"),
+        ("https://0.0.0.0:8443", "no host"),
+        ("https://[::]:8443", "no host"),
+        ("ftp://dp.example:21", "must be https://"),
+        ("not a url", "invalid"),
+    ] {
+        let err = server.cli_fail(&["dp", "add", "dp1", url]);
+        assert!(err.contains(why), "dp add {url}: {err}");
+    }
+    assert!(server.cli_json(&["dp", "list"]).as_array().unwrap().is_empty(), "nothing was added");
+    server.cli_json(&["dp", "add", "dp1", "https://127.0.0.1:8443"]);
+}
