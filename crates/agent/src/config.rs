@@ -125,7 +125,7 @@ mod tests {
     use clap::{Args, FromArgMatches};
 
     use super::{AgentConfig, AgentSettings};
-    use crate::daemon::{layer, setting_keys};
+    use crate::daemon::{env_name, layer, setting_keys};
 
     /// What `dpsync agent ARGS` gives as its flag layer.
     fn flags(args: &[&str]) -> AgentSettings {
@@ -274,5 +274,10 @@ mod tests {
         let mut keys = setting_keys::<AgentSettings>().to_vec();
         keys.sort_unstable();
         assert_eq!(flags, keys);
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+        for key in keys {
+            let var = env_name(key);
+            assert!(readme.contains(&format!("`{var}`")), "README.md's configuration table lacks {var}");
+        }
     }
 }

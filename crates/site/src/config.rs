@@ -375,7 +375,7 @@ mod tests {
     }
 
     /// One declaration: every setting but the global `data_dir` and `socket` has its own
-    /// flag, and every flag is a setting.
+    /// flag, every flag is a setting, and the README's table lists each variable.
     #[test]
     fn every_setting_is_a_flag_a_variable_and_a_file_key() {
         let cmd = ServerSettings::augment_args(clap::Command::new("server"));
@@ -385,5 +385,10 @@ mod tests {
         let mut keys = setting_keys::<ServerSettings>().to_vec();
         keys.sort_unstable();
         assert_eq!(flags, keys);
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+        for key in keys {
+            let var = dpsync_agent::daemon::env_name(key);
+            assert!(readme.contains(&format!("`{var}`")), "README.md's configuration table lacks {var}");
+        }
     }
 }
