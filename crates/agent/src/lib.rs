@@ -44,7 +44,7 @@ use dpsync_transfer::service::{OfferMeta, ReceiveError, Receiver, ServedFile, Se
 use dpsync_transfer::trust::TrustStore;
 use dpsync_transfer::wire::{CommitResponse, PackageState, ValidateResponse};
 
-pub use config::{AgentConfig, AgentFile};
+pub use config::{AgentConfig, AgentSettings};
 pub use dp::DpTrees;
 pub use install::{InstallError, Installed, Source, assemble_missing};
 pub use sink::{Arrived, VersionSink};

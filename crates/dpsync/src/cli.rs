@@ -5,17 +5,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::util::human_bytes;
-use dpsync_agent::daemon::{TlsOptions, parse_trust, read_secret, write_private};
+use dpsync_agent::daemon::{read_secret, write_private};
+use dpsync_agent::{AgentConfig, AgentSettings};
 use dpsync_api::AdminClient;
 use dpsync_api::{
     ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, GcReport, PackageDetail, PackageInfo,
     RefreshReport, RefreshRequest, RollbackReport, StatusReport, TargetInfo, TargetRequest, ValidateReport,
 };
-use dpsync_site::{ServerConfig, ServerOverrides};
+use dpsync_site::{ServerConfig, ServerSettings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,26 +27,53 @@ use dpsync_site::{ServerConfig, ServerOverrides};
 )]
 pub struct Cli {
     /// Print one JSON document on stdout instead of text.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
-    /// Admin socket of the server to talk to.
-    #[arg(long, global = true, env = "DPSYNC_SOCKET")]
+    /// Admin socket of the server to talk to (or, for `server`, to open).
+    #[arg(long, global = true, env = "DPSYNC_SOCKET", value_name = "PATH", help_heading = "Global options")]
     socket: Option<PathBuf>,
     /// Data directory (of the daemon to run, or whose admin.sock to use).
-    #[arg(long, global = true, env = "DPSYNC_DATA_DIR")]
+    #[arg(long, global = true, env = "DPSYNC_DATA_DIR", value_name = "DIR", help_heading = "Global options")]
     data_dir: Option<PathBuf>,
-    /// TOML configuration file (daemons).
-    #[arg(long, global = true, env = "DPSYNC_CONFIG")]
-    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
+impl Cli {
+    /// Parses the command line (exits with clap's message if it is wrong). The global
+    /// `--data-dir` and `--socket` read `DPSYNC_DATA_DIR` and `DPSYNC_SOCKET` for the admin
+    /// commands; a daemon's flag layer takes from them only what the command line gave,
+    /// since its settings read the environment themselves, beneath the flags.
+    fn from_command_line() -> Self {
+        let matches = Self::command().get_matches();
+        let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        let data_dir = cli.data_dir.clone().filter(|_| given("data_dir"));
+        let socket = cli.socket.clone().filter(|_| given("socket"));
+        match &mut cli.command {
+            Command::Server(a) => (a.settings.data_dir, a.settings.socket) = (data_dir, socket),
+            Command::Agent(a) => a.settings.data_dir = data_dir,
+            _ => {}
+        }
+        cli
+    }
+}
+
+const SERVER_SETTINGS_HELP: &str = "Every option above is also an environment variable, DPSYNC_ and its name in \
+capitals (--retry-delay-ms: DPSYNC_RETRY_DELAY_MS), and a key of the --config file (retry_delay_ms = 2000); so are \
+--data-dir and --socket (data_dir, socket). A flag wins over the environment, which wins over the file.";
+
+const AGENT_SETTINGS_HELP: &str = "Every option above is also an environment variable, DPSYNC_ and its name in \
+capitals (--disk-reserve-mib: DPSYNC_DISK_RESERVE_MIB), and a key of the --config file (disk_reserve_mib = 512); \
+so is --data-dir (data_dir). A flag wins over the environment, which wins over the file.";
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a site server.
+    #[command(after_help = SERVER_SETTINGS_HELP)]
     Server(ServerArgs),
     /// Run a distribution point agent.
+    #[command(after_help = AGENT_SETTINGS_HELP)]
     Agent(AgentArgs),
     /// Manage packages.
     #[command(subcommand)]
@@ -139,51 +168,20 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServerArgs {
-    /// Three-character site code (default PS1).
-    #[arg(long, env = "DPSYNC_SITE_CODE")]
-    site_code: Option<String>,
-    /// Receiving address for a parent site (makes this a child site).
-    #[arg(long, env = "DPSYNC_LISTEN")]
-    listen: Option<String>,
-    /// sqlite://… or postgres://… (default: SQLite in the data directory).
-    #[arg(long, env = "DPSYNC_DATABASE_URL")]
-    database_url: Option<String>,
-    /// Targets pushed to at once (default 8).
-    #[arg(long, env = "DPSYNC_PARALLEL_TARGETS")]
-    parallel_targets: Option<usize>,
-    /// Retries before a target is marked failed (default 5).
-    #[arg(long, env = "DPSYNC_RETRIES")]
-    retries: Option<i64>,
-    /// First retry delay in milliseconds; doubles each retry (default 2000).
-    #[arg(long, env = "DPSYNC_RETRY_DELAY_MS")]
-    retry_delay_ms: Option<u64>,
-    /// Token a parent site must present on --listen.
-    #[arg(long, env = "DPSYNC_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// File holding that token (mode 0600).
-    #[arg(long, env = "DPSYNC_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// TCP address serving /metrics for Prometheus (the admin socket serves it too).
-    #[arg(long, env = "DPSYNC_METRICS_LISTEN")]
-    metrics_listen: Option<String>,
+    /// TOML configuration file; its keys are the options' names with underscores.
+    #[arg(long, env = "DPSYNC_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    receive: ReceiveArgs,
+    settings: ServerSettings,
 }
 
 #[derive(Debug, Args)]
 struct AgentArgs {
-    /// Address to receive content and serve clients on, e.g. 0.0.0.0:8443 (port 0 picks one;
-    /// the bound address is written to DATA_DIR/listen.addr).
-    #[arg(long, env = "DPSYNC_LISTEN")]
-    listen: Option<String>,
-    /// Token the site must present.
-    #[arg(long, env = "DPSYNC_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// File holding the token (mode 0600).
-    #[arg(long, env = "DPSYNC_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
+    /// TOML configuration file; its keys are the options' names with underscores.
+    #[arg(long, env = "DPSYNC_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    receive: ReceiveArgs,
+    settings: AgentSettings,
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,32 +198,6 @@ enum CertCmd {
     },
     /// Print the SHA-256 fingerprint of a PEM certificate.
     Fingerprint { cert: PathBuf },
-}
-
-/// TLS and trust options of a receiving listener (agent, child site).
-#[derive(Debug, Args)]
-struct ReceiveArgs {
-    /// PEM certificate chain for the listener (default: a self-signed one in DATA_DIR/tls).
-    #[arg(long, env = "DPSYNC_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert (mode 0600).
-    #[arg(long, env = "DPSYNC_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// Serve plain HTTP instead of TLS (loopback tests, or behind a TLS-terminating proxy).
-    #[arg(long, env = "DPSYNC_INSECURE_HTTP")]
-    insecure_http: bool,
-    /// Pin a source site's signing key: SITE=KEY (repeatable; KEY from `dpsync info` there).
-    #[arg(long = "trust", value_name = "SITE=KEY")]
-    trust: Vec<String>,
-    /// Refuse content from source sites not pinned with --trust (no trust on first use).
-    #[arg(long)]
-    strict_trust: bool,
-}
-
-impl ReceiveArgs {
-    fn tls(&self) -> TlsOptions {
-        TlsOptions { cert: self.tls_cert.clone(), key: self.tls_key.clone(), insecure_http: self.insecure_http }
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,7 +239,7 @@ enum PackageCmd {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_command_line();
     if matches!(cli.command, Command::Server(_) | Command::Agent(_) | Command::Quickstart { .. }) {
         crate::util::tune_allocator();
     }
@@ -294,7 +266,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let Cli { json, socket, data_dir, config, command } = cli;
+    let Cli { json, socket, data_dir, command } = cli;
     let command_kind = match &command {
         Command::Dp(_) => "dp",
         _ => "site",
@@ -309,37 +281,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match command {
         Command::Server(a) => {
             crate::logging::init();
-            let cfg = ServerConfig::resolve(ServerOverrides {
-                config,
-                data_dir,
-                site_code: a.site_code,
-                socket,
-                listen: a.listen,
-                database_url: a.database_url,
-                parallel_targets: a.parallel_targets,
-                retries: a.retries,
-                retry_delay_ms: a.retry_delay_ms,
-                token: a.token,
-                token_file: a.token_file,
-                tls: a.receive.tls(),
-                trust: parse_trust(&a.receive.trust)?,
-                strict_trust: a.receive.strict_trust,
-                metrics_listen: a.metrics_listen,
-            })?;
+            let cfg = ServerConfig::load(a.config.as_deref(), &a.settings)?;
             crate::daemon::server(cfg).await?;
         }
         Command::Agent(a) => {
             crate::logging::init();
-            let cfg = dpsync_agent::AgentConfig::resolve(
-                config.as_deref(),
-                data_dir,
-                a.listen,
-                a.token,
-                a.token_file,
-                a.receive.tls(),
-                parse_trust(&a.receive.trust)?,
-                a.receive.strict_trust,
-            )?;
+            let cfg = AgentConfig::load(a.config.as_deref(), &a.settings)?;
             crate::daemon::agent(cfg).await?;
         }
         Command::Package(PackageCmd::Add { name, source_dir }) => {

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use dpsync_api::{GcReport, Progress};
 
 pub use admin::router;
-pub use config::{ServerConfig, ServerFile, ServerOverrides};
+pub use config::{ServerConfig, ServerSettings};
 pub use distribute::DistConfig;
 pub use receive::ChildSite;
 
