@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest};
 use dpsync_store::{Action, Distribution, Outcome, Target};
-use dpsync_transfer::client::{Signed, TargetClient, TransferError};
+use dpsync_transfer::client::{RejectReason, Signed, TargetClient, TransferError};
 use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
 use tokio_util::sync::CancellationToken;
 
@@ -260,12 +260,12 @@ impl Site {
                     offered = Some(m);
                     base = Some(base_manifest);
                 }
-                Err(TransferError::BaseUnknown { message, .. }) => {
+                Err(TransferError::Rejected { reason: RejectReason::BaseUnknown(message), .. }) => {
                     tracing::info!(package = %pkg, target = %target.name, "{message}; sending the full manifest");
                 }
                 // A delta the target could not use must not wedge the package there: the
                 // full manifest says for itself what is wrong, if anything.
-                Err(TransferError::Rejected { status: 400, message, .. }) => {
+                Err(TransferError::Rejected { reason: RejectReason::BadRequest(message), .. }) => {
                     tracing::warn!(package = %pkg, target = %target.name, "manifest delta refused ({message}); sending the full manifest");
                 }
                 Err(e) => {
@@ -295,7 +295,7 @@ impl Site {
                     tracing::info!(package = %pkg, target = %target.name, version, built = r.files_built, "installed on target");
                     return Ok(r.installed_version);
                 }
-                Err(TransferError::MissingChunks { missing: m, .. }) if round < 3 => {
+                Err(TransferError::Rejected { reason: RejectReason::MissingChunks(m), .. }) if round < 3 => {
                     tracing::warn!(package = %pkg, target = %target.name, chunks = m.len(), "target lacks chunks at commit; sending them again");
                     missing = m;
                 }
@@ -457,7 +457,7 @@ impl Site {
                 let resp = match client.send_batch(&job.package_id, job.desired_version, body).await {
                     Ok(r) => r,
                     // A batch damaged in transit can break its framing (400): send it again.
-                    Err(TransferError::Rejected { status: 400, message, .. }) => {
+                    Err(TransferError::Rejected { reason: RejectReason::BadRequest(message), .. }) => {
                         return Err(PushError::transient(format!("{} refused a chunk batch: {message}", target.name)));
                     }
                     Err(e) => return Err(e.into()),
