@@ -24,7 +24,7 @@ use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
 use tokio_util::sync::CancellationToken;
 
 use super::Site;
-use dpsync_api::Progress;
+use dpsync_api::{Phase, Progress};
 use dpsync_store::now_ms;
 
 /// Distribution settings.
@@ -261,7 +261,7 @@ impl Site {
     async fn run_job(&self, job: Distribution) {
         let key = (job.package_id.clone(), job.target_id);
         self.set_progress(&key, |p| {
-            p.phase = "connecting".into();
+            p.phase = Phase::Connecting;
             p.started_ms = now_ms();
         });
         let result = match self.store.target_by_id(job.target_id).await {
@@ -313,7 +313,7 @@ impl Site {
                 self.push(job, target, &client, true).await.map(|version| Outcome::Installed { version })
             }
             Action::Remove => {
-                self.set_progress(&(job.package_id.clone(), job.target_id), |p| p.phase = "removing".into());
+                self.set_progress(&(job.package_id.clone(), job.target_id), |p| p.phase = Phase::Removing);
                 client.remove(&job.package_id).await.map_err(|e| PushError::transfer(e, target, &job.package_id))?;
                 tracing::info!(package = %job.package_id, target = %target.name, "removed from target");
                 Ok(Outcome::Removed)
@@ -354,14 +354,14 @@ impl Site {
             match state.installed_version {
                 Some(v) if v == version => return Ok(version),
                 Some(v) if v < version => {
-                    self.set_progress(&key, |p| p.phase = "relabel".into());
+                    self.set_progress(&key, |p| p.phase = Phase::Relabel);
                     let r = client.relabel(pkg, version, &root, &signed).await.map_err(refused)?;
                     return Ok(r.installed_version);
                 }
                 _ => {}
             }
         }
-        self.set_progress(&key, |p| p.phase = "manifest".into());
+        self.set_progress(&key, |p| p.phase = Phase::Manifest);
         let (manifest, compressed) = self.wire_manifest(pkg, version).await?.ok_or_else(gone)?;
         // The content the target holds, when this site still has it: the manifest goes as
         // a delta against it, and changed chunks as deltas against its chunks.
@@ -408,7 +408,7 @@ impl Site {
                 let against = if round == 0 { base.as_ref() } else { None };
                 self.send_chunks(job, target, client, &manifest, against, missing).await?;
             }
-            self.set_progress(&key, |p| p.phase = "committing".into());
+            self.set_progress(&key, |p| p.phase = Phase::Committing);
             match client.commit(pkg, version).await {
                 Ok(r) => {
                     tracing::info!(package = %pkg, target = %target.name, version, built = r.files_built, "installed on target");
@@ -539,7 +539,7 @@ impl Site {
             })?;
         let planned: u64 = todo.items.iter().map(|t| t.len as u64).sum();
         self.set_progress(&key, |p| {
-            p.phase = "sending".into();
+            p.phase = Phase::Sending;
             p.bytes_planned += planned;
         });
         let rate = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
