@@ -303,8 +303,7 @@ impl Site {
     }
 
     async fn run_action(&self, job: &Distribution, target: &Target) -> Result<Outcome, PushError> {
-        let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())
-            .map_err(|e| PushError::transfer(e, target, &job.package_id))?;
+        let client = self.clients.get(target).map_err(|e| PushError::transfer(e, target, &job.package_id))?;
         match job.action {
             Action::Install | Action::Validate => {
                 self.push(job, target, &client, false).await.map(|version| Outcome::Installed { version })

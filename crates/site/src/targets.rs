@@ -3,7 +3,6 @@
 
 use dpsync_hash::{DecodeLimits, Manifest};
 use dpsync_store::{Action, DistState, NewTarget, NewVersion, Target, TargetKind};
-use dpsync_transfer::client::TargetClient;
 
 use super::{Site, SiteError};
 use dpsync_api::{
@@ -279,16 +278,11 @@ impl Site {
             }
             let Ok(Some(target)) = self.store.target(&t.name).await else { continue };
             let pkg = pkg.to_owned();
+            let client = self.clients.get(&target);
             asks.push((
                 i,
                 tokio::spawn(async move {
-                    let client = TargetClient::new(
-                        &target.name,
-                        &target.url,
-                        target.token.clone(),
-                        target.fingerprint.as_deref(),
-                    )
-                    .map_err(|e| e.to_string())?;
+                    let client = client.map_err(|e| e.to_string())?;
                     let v = tokio::time::timeout(std::time::Duration::from_secs(3), client.status(&pkg))
                         .await
                         .map_err(|_| "no answer within 3 s".to_owned())?
@@ -325,13 +319,15 @@ impl Site {
         }
         let mut tasks = Vec::new();
         for d in dists {
-            let t = self.store.target_by_id(d.target_id).await?;
+            let client = match self.store.target_by_id(d.target_id).await? {
+                Some(t) => self.clients.get(&t).map_err(|e| e.to_string()),
+                None => Err("target no longer exists".to_owned()),
+            };
             let pkg_id = p.id.clone();
             tasks.push(tokio::spawn(async move {
-                let Some(t) = t else { return (d, Err("target no longer exists".to_owned())) };
-                let r = match TargetClient::new(&t.name, &t.url, t.token.clone(), t.fingerprint.as_deref()) {
+                let r = match client {
                     Ok(c) => c.validate(&pkg_id).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e),
                 };
                 (d, r)
             }));
