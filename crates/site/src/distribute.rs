@@ -197,7 +197,7 @@ fn rejected_message(target: &str, kind: TargetKind, package: &str, reason: &Reje
             if kind == TargetKind::Site { "server's --listen address" } else { "agent" }
         ),
         RejectReason::InsufficientStorage(m) => {
-            format!("{target} has no room for {package}: {m}; retrying until there is")
+            format!("{target} has no room for {package} ({m}); free space on its data disk")
         }
         RejectReason::BaseUnknown(_)
         | RejectReason::MissingChunks(_)
