@@ -4,11 +4,157 @@
 //! These are the wire types; they are also what `--json` prints, so field names are
 //! part of the command-line contract (add fields freely, never rename).
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod client;
 
 pub use client::{AdminClient, CallError};
+
+/// Defines an enum of the admin protocol that travels as a snake_case string. A string
+/// this build does not know is kept as `Other` (and sent on unchanged): a newer server,
+/// or a child site whose status is nested in its parent's, may report states an older
+/// reader has no name for, and that must not make the whole answer unreadable.
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $s:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+            /// A value this build does not know, as it was sent.
+            Other(String),
+        }
+
+        impl $name {
+            /// Every known value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The string it travels as.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $($name::$variant => $s,)+
+                    $name::Other(s) => s,
+                }
+            }
+
+            /// The value a string names; `Other` for one this build does not know.
+            pub fn parse(s: &str) -> Self {
+                match s {
+                    $($s => $name::$variant,)+
+                    other => $name::Other(other.to_owned()),
+                }
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self::parse(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.as_str() == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Ok(Self::parse(&std::borrow::Cow::<str>::deserialize(d)?))
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// What a target is.
+    TargetKind {
+        /// A distribution point (`dpsync agent`).
+        Dp => "dp",
+        /// A child site (another `dpsync server`).
+        Site => "site",
+    }
+}
+
+wire_enum! {
+    /// The state of one package on one target (`status`'s `state`).
+    DistState {
+        /// Waiting for the job runner.
+        Pending => "pending",
+        /// A job is running (`progress` says how far).
+        InProgress => "in_progress",
+        /// The target holds `installed_version`, the desired version.
+        Installed => "installed",
+        /// The last attempt failed for a reason that may heal; tried again at `next_attempt_at`.
+        Retrying => "retrying",
+        /// Given up: `last_error` says why and what to do.
+        Failed => "failed",
+        /// The target reported damaged content; a repair is queued.
+        ValidationFailed => "validation_failed",
+        /// Waiting to take the package off the target.
+        Removing => "removing",
+        /// The package is gone from the target.
+        Removed => "removed",
+    }
+}
+
+wire_enum! {
+    /// What a target's job does (`status`'s `action`, an action's report).
+    Action {
+        /// Bring the target to the desired version, sending only what it lacks.
+        Install => "install",
+        /// Send the whole version again and re-verify everything.
+        Redistribute => "redistribute",
+        /// Take the package off the target.
+        Remove => "remove",
+        /// Ask the target to verify its content.
+        Validate => "validate",
+    }
+}
+
+wire_enum! {
+    /// Where a running job is (`progress.phase`).
+    Phase {
+        /// Asking the target what it holds.
+        Connecting => "connecting",
+        /// Recording the new version number for content the target already holds.
+        Relabel => "relabel",
+        /// Sending the manifest (or its delta).
+        Manifest => "manifest",
+        /// Sending the chunks the target lacks.
+        Sending => "sending",
+        /// Asking the target to verify, build and switch.
+        Committing => "committing",
+        /// Taking the package off the target.
+        Removing => "removing",
+    }
+}
+
+impl Default for Phase {
+    /// A job starts by connecting.
+    fn default() -> Self {
+        Phase::Connecting
+    }
+}
 
 /// An error answer: `{"error": "...", "hint": "..."}` with a 4xx/5xx status.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,8 +290,7 @@ pub struct GcReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddTarget {
     pub name: String,
-    /// "dp" or "site".
-    pub kind: String,
+    pub kind: TargetKind,
     pub url: String,
     pub token: Option<String>,
     pub group: Option<String>,
@@ -159,7 +304,7 @@ pub struct AddTarget {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TargetInfo {
     pub name: String,
-    pub kind: String,
+    pub kind: TargetKind,
     pub url: String,
     pub group: Option<String>,
     pub rate_limit: Option<i64>,
@@ -197,7 +342,7 @@ pub struct TargetRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ActionReport {
     pub package: String,
-    pub action: String,
+    pub action: Action,
     pub source_version: i64,
     pub targets: Vec<String>,
 }
@@ -227,9 +372,9 @@ pub struct StatusReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TargetStatus {
     pub name: String,
-    pub kind: String,
-    pub state: String,
-    pub action: String,
+    pub kind: TargetKind,
+    pub state: DistState,
+    pub action: Action,
     pub installed_version: Option<i64>,
     pub desired_version: i64,
     pub bytes_sent_last: i64,
@@ -270,10 +415,55 @@ pub struct ValidateReport {
 /// Live progress of a running job (not persisted).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Progress {
-    pub phase: String,
+    pub phase: Phase,
     /// Chunk bytes the target lacks (before compression).
     pub bytes_planned: u64,
     /// Of those, sent so far.
     pub bytes_done: u64,
     pub started_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The enums travel as the strings scripts rely on, and a string this build does not
+    /// know survives a round trip.
+    #[test]
+    fn enums_travel_as_their_strings() {
+        for (v, s) in DistState::ALL.iter().map(|v| (v, v.as_str())) {
+            assert_eq!(serde_json::to_value(v).unwrap(), serde_json::json!(s));
+            assert_eq!(&serde_json::from_value::<DistState>(serde_json::json!(s)).unwrap(), v);
+        }
+        assert_eq!(serde_json::to_string(&DistState::ValidationFailed).unwrap(), r#""validation_failed""#);
+        assert_eq!(serde_json::to_string(&DistState::InProgress).unwrap(), r#""in_progress""#);
+        assert_eq!(serde_json::to_string(&TargetKind::Dp).unwrap(), r#""dp""#);
+        assert_eq!(serde_json::to_string(&Action::Redistribute).unwrap(), r#""redistribute""#);
+        assert_eq!(serde_json::to_string(&Phase::Committing).unwrap(), r#""committing""#);
+        let newer: DistState = serde_json::from_str(r#""waiting_window""#).unwrap();
+        assert_eq!(newer, DistState::Other("waiting_window".into()));
+        assert_eq!(serde_json::to_string(&newer).unwrap(), r#""waiting_window""#);
+        assert!(DistState::Failed == "failed" && TargetKind::Site == "site");
+        assert_eq!(format!("[{:<8}]", DistState::Failed), "[failed  ]");
+        assert_eq!(Progress::default().phase, Phase::Connecting);
+    }
+
+    /// A status answer keeps its JSON shape.
+    #[test]
+    fn a_target_status_reads_and_writes_the_same_json() {
+        let json = serde_json::json!({
+            "name": "dp1", "kind": "dp", "state": "installed", "action": "install",
+            "installed_version": 3, "desired_version": 3, "bytes_sent_last": 10,
+            "bytes_sent_total": 20, "last_error": null, "attempts": 1, "next_attempt_at": 0,
+            "updated_at": 5,
+            "progress": {"phase": "sending", "bytes_planned": 4, "bytes_done": 2, "started_ms": 1},
+        });
+        let t: TargetStatus = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(
+            (t.kind.clone(), t.state.clone(), t.action.clone()),
+            (TargetKind::Dp, DistState::Installed, Action::Install)
+        );
+        assert_eq!(t.progress.as_ref().unwrap().phase, Phase::Sending);
+        assert_eq!(serde_json::to_value(&t).unwrap(), json);
+    }
 }

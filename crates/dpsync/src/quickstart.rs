@@ -497,7 +497,7 @@ impl From<&dpsync_api::TargetStatus> for TargetSummary {
     fn from(t: &dpsync_api::TargetStatus) -> Self {
         Self {
             name: t.name.clone(),
-            state: t.state.clone(),
+            state: t.state.to_string(),
             installed_version: t.installed_version,
             bytes_sent_last: t.bytes_sent_last,
             bytes_sent_total: t.bytes_sent_total,

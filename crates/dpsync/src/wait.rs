@@ -12,7 +12,7 @@ use anyhow::Result;
 use crate::cli::enc;
 use crate::util::human_bytes;
 use dpsync_api::AdminClient;
-use dpsync_api::{StatusReport, TargetStatus};
+use dpsync_api::{DistState, StatusReport, TargetKind, TargetStatus};
 
 /// How a wait ended.
 #[derive(Debug)]
@@ -30,18 +30,18 @@ impl WaitOutcome {
 
 /// A target is settled when it holds `version` (or was removed), or has failed.
 fn settled(t: &TargetStatus, version: i64) -> Option<bool> {
-    let done_here = match t.state.as_str() {
-        "installed" => {
+    let done_here = match t.state {
+        DistState::Installed => {
             t.installed_version.is_some_and(|v| v >= version) && t.desired_version <= t.installed_version.unwrap_or(0)
         }
-        "removed" => true,
-        "failed" => return Some(false),
+        DistState::Removed => true,
+        DistState::Failed => return Some(false),
         _ => false,
     };
     if !done_here {
         return None;
     }
-    if t.kind == "site" && t.targets.is_empty() && t.last_error.is_some() {
+    if t.kind == TargetKind::Site && t.targets.is_empty() && t.last_error.is_some() {
         // The child could not report its own targets: keep waiting.
         return None;
     }
@@ -57,7 +57,7 @@ fn settled(t: &TargetStatus, version: i64) -> Option<bool> {
 
 fn collect_failed(t: &TargetStatus, prefix: &str, out: &mut Vec<String>) {
     let name = format!("{prefix}{}", t.name);
-    if t.state == "failed" {
+    if t.state == DistState::Failed {
         out.push(format!("{name}: {}", t.last_error.as_deref().unwrap_or("failed")));
     }
     for c in &t.targets {
@@ -125,7 +125,7 @@ pub async fn wait(c: &AdminClient, pkg: &str, version: i64, timeout: Option<u64>
 fn state_line(t: &TargetStatus) -> String {
     let mut s =
         format!("{:<12} v{}", t.state, t.installed_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()));
-    if (t.state == "retrying" || t.state == "failed")
+    if matches!(t.state, DistState::Retrying | DistState::Failed)
         && let Some(e) = &t.last_error
     {
         s.push_str(&format!("  ({e})"));

@@ -16,14 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest};
-use dpsync_store::{Action, Distribution, Outcome, Target};
-use dpsync_transfer::client::{Signed, TargetClient, TransferError};
+use dpsync_hash::{ChunkId, DecodeError, DecodeLimits, FileHash, Manifest};
+use dpsync_library::LibraryError;
+use dpsync_store::{Action, Distribution, Outcome, StoreError, Target, TargetKind};
+use dpsync_transfer::client::{RejectReason, Signed, TargetClient, TransferError};
 use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
 use tokio_util::sync::CancellationToken;
 
 use super::Site;
-use dpsync_api::Progress;
+use dpsync_api::{Phase, Progress};
 use dpsync_store::now_ms;
 
 /// Distribution settings.
@@ -56,25 +57,153 @@ impl Default for DistConfig {
     }
 }
 
-/// Why a push failed, and whether to try again.
-#[derive(Debug)]
-struct PushError {
-    message: String,
-    retryable: bool,
-}
-
-impl From<TransferError> for PushError {
-    fn from(e: TransferError) -> Self {
-        Self { retryable: e.is_retryable(), message: e.to_string() }
-    }
+/// Why a push failed. [`PushError::is_retryable`] decides between a retry with backoff
+/// and `failed`: conditions that heal by themselves (a target that is down, its disk
+/// full, the site's database busy) are retried; the others need an administrator, and
+/// their message says what to do. Messages end up in `status`'s `last_error`, so each
+/// names the target or package it concerns.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PushError {
+    /// The target did not answer (connection refused or reset, no answer in time).
+    #[error(transparent)]
+    Unreachable(TransferError),
+    /// The target answered and refused the call.
+    #[error("{}", rejected_message(target, *kind, package, reason))]
+    Rejected { target: String, kind: TargetKind, package: String, reason: RejectReason },
+    /// The target's TLS certificate is not the pinned one (or not trusted).
+    #[error("{source}; then re-pin it with `dpsync {kind} set {} --fingerprint FP`", source.target())]
+    Certificate { kind: TargetKind, source: TransferError },
+    /// Any other failure of the transfer (an answer this site does not understand, a
+    /// client that cannot be set up).
+    #[error(transparent)]
+    Transfer(TransferError),
+    /// The site's own database.
+    #[error("site database: {0}")]
+    Store(#[from] StoreError),
+    /// The site's content library cannot give what a version names.
+    #[error("site content library: {source}; run `dpsync refresh {package} --verify`")]
+    Library { package: String, source: LibraryError },
+    /// A chunk read back from the library does not match its id.
+    #[error("site content library object {file} of {package} is damaged; run `dpsync refresh {package} --verify`")]
+    Damaged { package: String, file: FileHash },
+    #[error("the stored manifest of {package} version {version} is corrupt: {source}")]
+    CorruptManifest { package: String, version: i64, source: DecodeError },
+    /// The version to send was pruned or its package deleted since the job was queued.
+    #[error("{package} version {version} is no longer stored on this site")]
+    VersionGone { package: String, version: i64 },
+    /// The version the target holds was pruned during the push: the next attempt sends
+    /// the full manifest.
+    #[error("{package} version {version}, the base of the manifest delta, was pruned during the push")]
+    BaseGone { package: String, version: i64 },
+    #[error("package {package} no longer exists on this site")]
+    PackageGone { package: String },
+    #[error("target {target} no longer exists")]
+    TargetGone { target: String },
+    /// A package from a parent site that came without its owner's signature.
+    #[error(
+        "{package} version {version} arrived here without its owner's signature and cannot be relayed; \
+         refresh it at its source site"
+    )]
+    Unsigned { package: String, version: i64 },
+    #[error("{target} asked for chunk {chunk}, which {package} version {version} does not have")]
+    UnknownChunk { target: String, package: String, version: i64, chunk: ChunkId },
+    /// A chunk batch whose framing the target could not read: damaged in transit.
+    #[error("{target} refused a chunk batch of {package} ({message}); it may have been damaged in transit")]
+    BatchRefused { target: String, package: String, message: String },
+    #[error("{target} still lacks chunks of {package} version {version} after they were sent {rounds} times")]
+    StillMissing { target: String, package: String, version: i64, rounds: u32 },
+    #[error("{target} kept rejecting chunks of {package} version {version} (damaged in transit?)")]
+    KeptRejecting { target: String, package: String, version: i64 },
+    /// A task of the push was cancelled: the server is stopping.
+    #[error("the push was cancelled (the server is stopping)")]
+    Cancelled,
+    /// A task of the push panicked.
+    #[error("a task of the push failed: {0}")]
+    Task(String),
 }
 
 impl PushError {
-    fn permanent(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: false }
+    /// Whether the job runner tries again (with backoff, until its retries run out).
+    pub(crate) fn is_retryable(&self) -> bool {
+        match self {
+            PushError::Unreachable(e) | PushError::Certificate { source: e, .. } | PushError::Transfer(e) => {
+                e.is_retryable()
+            }
+            PushError::Rejected { reason, .. } => reason.is_retryable(),
+            PushError::Store(e) => e.is_retryable(),
+            PushError::BaseGone { .. }
+            | PushError::BatchRefused { .. }
+            | PushError::StillMissing { .. }
+            | PushError::KeptRejecting { .. }
+            | PushError::Cancelled
+            | PushError::Task(_) => true,
+            PushError::Library { .. }
+            | PushError::Damaged { .. }
+            | PushError::CorruptManifest { .. }
+            | PushError::VersionGone { .. }
+            | PushError::PackageGone { .. }
+            | PushError::TargetGone { .. }
+            | PushError::Unsigned { .. }
+            | PushError::UnknownChunk { .. } => false,
+        }
     }
-    fn transient(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: true }
+
+    /// A failed call to `target` while pushing `package`. There is deliberately no
+    /// `From<TransferError>`: a refusal's message needs the target's kind and the package.
+    fn transfer(e: TransferError, target: &Target, package: &str) -> Self {
+        match e {
+            TransferError::Unreachable { .. } | TransferError::Timeout { .. } => PushError::Unreachable(e),
+            TransferError::Rejected { target: name, reason } => {
+                PushError::Rejected { target: name, kind: target.kind, package: package.to_owned(), reason }
+            }
+            TransferError::Certificate { .. } => PushError::Certificate { kind: target.kind, source: e },
+            e => PushError::Transfer(e),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for PushError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        if e.is_cancelled() { PushError::Cancelled } else { PushError::Task(e.to_string()) }
+    }
+}
+
+/// What a refusal means for an administrator, and what to do next where it will not heal
+/// by itself.
+fn rejected_message(target: &str, kind: TargetKind, package: &str, reason: &RejectReason) -> String {
+    match reason {
+        RejectReason::Unauthorized(m) => format!(
+            "{target} refused this site's token ({m}); update the token with `dpsync {kind} set {target} --token …` \
+             (or --token-file) to the one {target} was started with"
+        ),
+        RejectReason::Forbidden(m) => format!(
+            "{target} refuses {package} from this site: {m}; check the site keys {target} trusts (its --trust) \
+             and its log"
+        ),
+        RejectReason::NotFound(m) => format!(
+            "{target} does not know this request ({m}); check that its URL is that of a dpsync {}",
+            if kind == TargetKind::Site { "server's --listen address" } else { "agent" }
+        ),
+        RejectReason::TooLarge(m) => {
+            format!("{target} refused {package} as too large ({m}); check for a proxy that limits request sizes")
+        }
+        RejectReason::BadRequest(m) => format!(
+            "{target} refused a request for {package} as malformed ({m}); check that it runs the same dpsync \
+             version as this site"
+        ),
+        RejectReason::Other { .. } => format!(
+            "{target} answered the push of {package} unexpectedly ({reason}); check that its URL is that of a \
+             dpsync {}",
+            if kind == TargetKind::Site { "server's --listen address" } else { "agent" }
+        ),
+        RejectReason::InsufficientStorage(m) => {
+            format!("{target} has no room for {package} ({m}); free space on its data disk")
+        }
+        RejectReason::BaseUnknown(_)
+        | RejectReason::MissingChunks(_)
+        | RejectReason::Conflict(_)
+        | RejectReason::Busy(_)
+        | RejectReason::Server { .. } => format!("{target} refused {package}: {reason}"),
     }
 }
 
@@ -132,13 +261,13 @@ impl Site {
     async fn run_job(&self, job: Distribution) {
         let key = (job.package_id.clone(), job.target_id);
         self.set_progress(&key, |p| {
-            p.phase = "connecting".into();
+            p.phase = Phase::Connecting;
             p.started_ms = now_ms();
         });
         let result = match self.store.target_by_id(job.target_id).await {
             Ok(Some(target)) => self.run_action(&job, &target).await,
-            Ok(None) => Err(PushError::permanent(format!("target {} no longer exists", job.target_name))),
-            Err(e) => Err(PushError::transient(format!("store: {e}"))),
+            Ok(None) => Err(PushError::TargetGone { target: job.target_name.clone() }),
+            Err(e) => Err(e.into()),
         };
         self.progress.lock().unwrap().remove(&key);
         use std::sync::atomic::Ordering::Relaxed;
@@ -147,23 +276,22 @@ impl Site {
                 self.metrics.jobs_succeeded.fetch_add(1, Relaxed);
                 o
             }
-            Err(e) if e.retryable && job.attempts <= self.dist.retries => {
+            Err(e) if e.is_retryable() && job.attempts <= self.dist.retries => {
                 let delay = backoff(&self.dist, job.attempts);
                 tracing::warn!(
                     package = %job.package_id,
                     target = %job.target_name,
                     attempt = job.attempts,
                     retry_in_ms = delay.as_millis() as u64,
-                    "{}",
-                    e.message
+                    "{e}"
                 );
                 self.metrics.jobs_retried.fetch_add(1, Relaxed);
-                Outcome::Retry { error: e.message, next_attempt_at: now_ms() + delay.as_millis() as i64 }
+                Outcome::Retry { error: e.to_string(), next_attempt_at: now_ms() + delay.as_millis() as i64 }
             }
             Err(e) => {
-                tracing::error!(package = %job.package_id, target = %job.target_name, attempts = job.attempts, "failed: {}", e.message);
+                tracing::error!(package = %job.package_id, target = %job.target_name, attempts = job.attempts, retryable = e.is_retryable(), "failed: {e}");
                 self.metrics.jobs_failed.fetch_add(1, Relaxed);
-                Outcome::Failed { error: e.message }
+                Outcome::Failed { error: e.to_string() }
             }
         };
         match self.store.finish(&job.package_id, job.target_id, outcome).await {
@@ -175,7 +303,7 @@ impl Site {
     }
 
     async fn run_action(&self, job: &Distribution, target: &Target) -> Result<Outcome, PushError> {
-        let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?;
+        let client = self.clients.get(target).map_err(|e| PushError::transfer(e, target, &job.package_id))?;
         match job.action {
             Action::Install | Action::Validate => {
                 self.push(job, target, &client, false).await.map(|version| Outcome::Installed { version })
@@ -184,8 +312,8 @@ impl Site {
                 self.push(job, target, &client, true).await.map(|version| Outcome::Installed { version })
             }
             Action::Remove => {
-                self.set_progress(&(job.package_id.clone(), job.target_id), |p| p.phase = "removing".into());
-                client.remove(&job.package_id).await?;
+                self.set_progress(&(job.package_id.clone(), job.target_id), |p| p.phase = Phase::Removing);
+                client.remove(&job.package_id).await.map_err(|e| PushError::transfer(e, target, &job.package_id))?;
                 tracing::info!(package = %job.package_id, target = %target.name, "removed from target");
                 Ok(Outcome::Removed)
             }
@@ -214,45 +342,32 @@ impl Site {
         let pkg = &job.package_id;
         let version = job.desired_version;
         let key = (pkg.clone(), job.target_id);
-        let gone = || PushError::permanent(format!("{pkg} version {version} is no longer stored on this site"));
-        let summary = self
-            .store
-            .version_summary(pkg, version)
-            .await
-            .map_err(|e| PushError::transient(format!("store: {e}")))?
-            .ok_or_else(gone)?;
+        let gone = || PushError::VersionGone { package: pkg.clone(), version };
+        let refused = |e| PushError::transfer(e, target, pkg);
+        let summary = self.store.version_summary(pkg, version).await?.ok_or_else(gone)?;
         let root = summary.content_root.clone();
-        let package = self
-            .store
-            .package(pkg)
-            .await
-            .map_err(|e| PushError::transient(format!("store: {e}")))?
-            .ok_or_else(|| PushError::permanent(format!("package {pkg} no longer exists")))?;
+        let package = self.store.package(pkg).await?.ok_or_else(|| PushError::PackageGone { package: pkg.clone() })?;
         let signed = self.signed(&package, version, &root, summary.signature.clone())?;
-        let state = client.package_state(pkg).await?;
+        let state = client.package_state(pkg).await.map_err(refused)?;
         if !force && !state.broken && state.installed_root.as_deref() == Some(root.as_str()) {
             match state.installed_version {
                 Some(v) if v == version => return Ok(version),
                 Some(v) if v < version => {
-                    self.set_progress(&key, |p| p.phase = "relabel".into());
-                    let r = client.relabel(pkg, version, &root, &signed).await?;
+                    self.set_progress(&key, |p| p.phase = Phase::Relabel);
+                    let r = client.relabel(pkg, version, &root, &signed).await.map_err(refused)?;
                     return Ok(r.installed_version);
                 }
                 _ => {}
             }
         }
-        self.set_progress(&key, |p| p.phase = "manifest".into());
+        self.set_progress(&key, |p| p.phase = Phase::Manifest);
         let (manifest, compressed) = self.wire_manifest(pkg, version).await?.ok_or_else(gone)?;
         // The content the target holds, when this site still has it: the manifest goes as
         // a delta against it, and changed chunks as deltas against its chunks.
         let mut base = None;
         let mut offered = None;
         if let Some(installed) = state.installed_root.as_deref().filter(|r| !force && !state.broken && *r != root)
-            && let Some(base_version) = self
-                .store
-                .version_with_root(pkg, installed)
-                .await
-                .map_err(|e| PushError::transient(format!("store: {e}")))?
+            && let Some(base_version) = self.store.version_with_root(pkg, installed).await?
         {
             let (base_manifest, delta) = self.wire_delta(pkg, base_version, version, &manifest).await?;
             match client.offer_delta(pkg, version, delta.clone(), &root, &package.name, &signed).await {
@@ -260,17 +375,17 @@ impl Site {
                     offered = Some(m);
                     base = Some(base_manifest);
                 }
-                Err(TransferError::BaseUnknown { message, .. }) => {
+                Err(TransferError::Rejected { reason: RejectReason::BaseUnknown(message), .. }) => {
                     tracing::info!(package = %pkg, target = %target.name, "{message}; sending the full manifest");
                 }
                 // A delta the target could not use must not wedge the package there: the
                 // full manifest says for itself what is wrong, if anything.
-                Err(TransferError::Rejected { status: 400, message, .. }) => {
+                Err(TransferError::Rejected { reason: RejectReason::BadRequest(message), .. }) => {
                     tracing::warn!(package = %pkg, target = %target.name, "manifest delta refused ({message}); sending the full manifest");
                 }
                 Err(e) => {
                     self.count_sent(job, delta.len() as u64).await;
-                    return Err(e.into());
+                    return Err(refused(e));
                 }
             }
             self.count_sent(job, delta.len() as u64).await;
@@ -278,7 +393,10 @@ impl Site {
         let mut missing = match offered {
             Some(m) => m,
             None => {
-                let m = client.offer(pkg, version, compressed.clone(), &root, force, &package.name, &signed).await?;
+                let m = client
+                    .offer(pkg, version, compressed.clone(), &root, force, &package.name, &signed)
+                    .await
+                    .map_err(refused)?;
                 self.count_sent(job, compressed.len() as u64).await;
                 m
             }
@@ -289,20 +407,21 @@ impl Site {
                 let against = if round == 0 { base.as_ref() } else { None };
                 self.send_chunks(job, target, client, &manifest, against, missing).await?;
             }
-            self.set_progress(&key, |p| p.phase = "committing".into());
+            self.set_progress(&key, |p| p.phase = Phase::Committing);
             match client.commit(pkg, version).await {
                 Ok(r) => {
                     tracing::info!(package = %pkg, target = %target.name, version, built = r.files_built, "installed on target");
                     return Ok(r.installed_version);
                 }
-                Err(TransferError::MissingChunks { missing: m, .. }) if round < 3 => {
+                Err(TransferError::Rejected { reason: RejectReason::MissingChunks(m), .. }) if round < 3 => {
                     tracing::warn!(package = %pkg, target = %target.name, chunks = m.len(), "target lacks chunks at commit; sending them again");
                     missing = m;
                 }
-                Err(e) => return Err(e.into()),
+                Err(TransferError::Rejected { reason: RejectReason::MissingChunks(_), .. }) => break,
+                Err(e) => return Err(refused(e)),
             }
         }
-        Err(PushError::transient("target kept reporting missing chunks"))
+        Err(PushError::StillMissing { target: target.name.clone(), package: pkg.clone(), version, rounds: 4 })
     }
 
     /// The owner's signature to send with a version: made here for this site's own
@@ -322,10 +441,7 @@ impl Site {
             });
         }
         let Some(signature) = stored else {
-            return Err(PushError::permanent(format!(
-                "{} version {version} arrived here without its owner's signature; it cannot be relayed",
-                package.id
-            )));
+            return Err(PushError::Unsigned { package: package.id.clone(), version });
         };
         Ok(Signed {
             source_site: package.source_site.clone(),
@@ -341,19 +457,15 @@ impl Site {
         if let Some(hit) = self.manifest_cache.lock().unwrap().get(&key).cloned() {
             return Ok(Some(hit));
         }
-        let Some(encoded) =
-            self.store.version_manifest(pkg, version).await.map_err(|e| PushError::transient(format!("store: {e}")))?
-        else {
+        let Some(encoded) = self.store.version_manifest(pkg, version).await? else {
             return Ok(None);
         };
-        let built = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let m =
-                Manifest::decode(&encoded, &DecodeLimits::default()).map_err(|e| format!("stored manifest: {e}"))?;
+        let built = tokio::task::spawn_blocking(move || -> Result<_, DecodeError> {
+            let m = Manifest::decode(&encoded, &DecodeLimits::default())?;
             Ok((Arc::new(m), Bytes::from(wire::compress_manifest(&encoded))))
         })
-        .await
-        .map_err(|e| PushError::transient(e.to_string()))?
-        .map_err(PushError::permanent)?;
+        .await?
+        .map_err(|source| PushError::CorruptManifest { package: pkg.to_owned(), version, source })?;
         let mut cache = self.manifest_cache.lock().unwrap();
         if cache.len() >= 4 {
             cache.clear();
@@ -367,7 +479,7 @@ impl Site {
         Ok(self
             .wire_manifest(pkg, version)
             .await?
-            .ok_or_else(|| PushError::transient(format!("{pkg} version {version} is no longer stored")))?
+            .ok_or_else(|| PushError::BaseGone { package: pkg.to_owned(), version })?
             .0)
     }
 
@@ -389,8 +501,7 @@ impl Site {
         let delta = tokio::task::spawn_blocking(move || {
             Bytes::from(wire::compress_manifest(&dpsync_hash::ManifestDelta::between(&b, &m).encode()))
         })
-        .await
-        .map_err(|e| PushError::transient(e.to_string()))?;
+        .await?;
         let mut cache = self.delta_cache.lock().unwrap();
         if cache.len() >= 8 {
             cache.clear();
@@ -414,15 +525,20 @@ impl Site {
     ) -> Result<(), PushError> {
         let key = (job.package_id.clone(), job.target_id);
         let (m, b) = (manifest.clone(), base.cloned());
-        let planned_items = tokio::task::spawn_blocking(move || plan_reads(&m, b.as_deref(), &missing))
-            .await
-            .map_err(|e| PushError::transient(e.to_string()))?;
-        let Ok(mut todo) = planned_items else {
-            return Err(PushError::permanent(format!("{} asked for a chunk that is not in the manifest", target.name)));
-        };
+        let pkg = &job.package_id;
+        let refused = |e| PushError::transfer(e, target, pkg);
+        let mut todo =
+            tokio::task::spawn_blocking(move || plan_reads(&m, b.as_deref(), &missing)).await?.map_err(|chunk| {
+                PushError::UnknownChunk {
+                    target: target.name.clone(),
+                    package: pkg.clone(),
+                    version: job.desired_version,
+                    chunk,
+                }
+            })?;
         let planned: u64 = todo.items.iter().map(|t| t.len as u64).sum();
         self.set_progress(&key, |p| {
-            p.phase = "sending".into();
+            p.phase = Phase::Sending;
             p.bytes_planned += planned;
         });
         let rate = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
@@ -433,20 +549,22 @@ impl Site {
         let started = Instant::now();
         let mut sent_on_wire = 0u64;
         for round in 0..4 {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, String>>(1);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, PushError>>(1);
             let lib = self.library.clone();
+            let package = pkg.clone();
             let budget = self.batch_memory.clone();
             let items = std::mem::take(&mut todo);
             // The target checks every chunk against its id, so the first round does not
             // hash what it reads; chunks sent again are checked here first, so a damaged
             // library object fails the job naming it instead of being sent again.
             let verify = round > 0;
-            let reader =
-                tokio::task::spawn_blocking(move || read_batches(&lib, items, batch_bytes, verify, &budget, tx));
+            let reader = tokio::task::spawn_blocking(move || {
+                read_batches(&lib, &package, items, batch_bytes, verify, &budget, tx)
+            });
             let mut rejected_all = Vec::new();
             while let Some(batch) = rx.recv().await {
                 // The batch's memory permit is held until the target has answered.
-                let (body, raw, _permit) = batch.map_err(PushError::permanent)?;
+                let (body, raw, _permit) = batch?;
                 if let Some(r) = rate {
                     let due = Duration::from_secs_f64((sent_on_wire + body.len() as u64) as f64 / r as f64);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -454,31 +572,37 @@ impl Site {
                     }
                 }
                 let len = body.len() as u64;
-                let resp = match client.send_batch(&job.package_id, job.desired_version, body).await {
+                let resp = match client.send_batch(pkg, job.desired_version, body).await {
                     Ok(r) => r,
-                    // A batch damaged in transit can break its framing (400): send it again.
-                    Err(TransferError::Rejected { status: 400, message, .. }) => {
-                        return Err(PushError::transient(format!("{} refused a chunk batch: {message}", target.name)));
+                    // A batch damaged in transit can break its framing: send it again.
+                    Err(TransferError::Rejected { reason: RejectReason::BadRequest(message), .. }) => {
+                        return Err(PushError::BatchRefused {
+                            target: target.name.clone(),
+                            package: pkg.clone(),
+                            message,
+                        });
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(refused(e)),
                 };
                 sent_on_wire += len;
                 self.count_sent(job, len).await;
                 self.set_progress(&key, |p| p.bytes_done += raw);
                 rejected_all.extend(resp.rejected);
             }
-            reader.await.map_err(|e| PushError::transient(e.to_string()))?;
+            reader.await?;
             if rejected_all.is_empty() {
                 return Ok(());
             }
             tracing::warn!(package = %job.package_id, target = %target.name, chunks = rejected_all.len(), "target rejected chunks (damaged in transit, or their base missing there); sending them again without a base");
             let rejected: Vec<ChunkId> = rejected_all.into_iter().collect::<HashSet<_>>().into_iter().collect();
             let m = manifest.clone();
-            todo = tokio::task::spawn_blocking(move || plan_reads(&m, None, &rejected).unwrap_or_default())
-                .await
-                .map_err(|e| PushError::transient(e.to_string()))?;
+            todo = tokio::task::spawn_blocking(move || plan_reads(&m, None, &rejected).unwrap_or_default()).await?;
         }
-        Err(PushError::transient(format!("{} kept rejecting chunks", target.name)))
+        Err(PushError::KeptRejecting {
+            target: target.name.clone(),
+            package: pkg.clone(),
+            version: job.desired_version,
+        })
     }
 }
 
@@ -592,11 +716,12 @@ impl Budget {
 
 fn read_batches(
     lib: &dpsync_library::Library,
+    package: &str,
     plan: ReadPlan,
     batch_bytes: usize,
     verify: bool,
     budget: &Budget,
-    tx: tokio::sync::mpsc::Sender<Result<Batch, String>>,
+    tx: tokio::sync::mpsc::Sender<Result<Batch, PushError>>,
 ) {
     use std::os::unix::fs::FileExt;
     let capacity = batch_bytes + (256 << 10);
@@ -623,18 +748,23 @@ fn read_batches(
         if open.as_ref().map(|(h, _)| *h) != Some(hash) {
             match lib.open_object(&hash) {
                 Ok(f) => open = Some((hash, f)),
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(format!("site content library: {e}; run `dpsync refresh --verify`")));
+                Err(source) => {
+                    let _ = tx.blocking_send(Err(PushError::Library { package: package.to_owned(), source }));
                     return;
                 }
             }
         }
         let f = &open.as_ref().expect("opened").1;
-        let damaged =
-            || format!("site content library object {hash} is damaged; run `dpsync refresh --verify` on its package");
-        let read = |dst: &mut [u8]| -> Result<(), String> {
-            f.read_exact_at(dst, offset).map_err(|e| format!("site content library object {hash}: {e}"))?;
-            if verify && ChunkId::from(blake3::hash(dst)) != id { Err(damaged()) } else { Ok(()) }
+        let read = |dst: &mut [u8]| -> Result<(), PushError> {
+            f.read_exact_at(dst, offset).map_err(|source| PushError::Library {
+                package: package.to_owned(),
+                source: LibraryError::Io { path: lib.object_path(&hash), source },
+            })?;
+            if verify && ChunkId::from(blake3::hash(dst)) != id {
+                Err(PushError::Damaged { package: package.to_owned(), file: hash })
+            } else {
+                Ok(())
+            }
         };
         let skip_zstd = misses >= 8 && !misses.is_multiple_of(16);
         let added = if base.is_none() && skip_zstd {
@@ -756,6 +886,118 @@ mod tests {
         assert_eq!(twice.files[twice.items[0].file as usize], twice.files[twice.items[2].file as usize]);
     }
 
+    fn target(kind: TargetKind) -> Target {
+        Target {
+            id: 1,
+            name: "dp1".into(),
+            kind,
+            url: "https://dp1.example:8443".into(),
+            token: Some("t".into()),
+            group: None,
+            rate_limit: None,
+            created_at: 0,
+            fingerprint: None,
+        }
+    }
+
+    fn refusal(reason: RejectReason) -> PushError {
+        PushError::transfer(
+            TransferError::Rejected { target: "dp1".into(), reason },
+            &target(TargetKind::Dp),
+            "PS100001",
+        )
+    }
+
+    /// Each variant is retried or failed as its cause says, and its message names what
+    /// it concerns.
+    #[test]
+    fn every_push_error_knows_whether_to_retry() {
+        let dp = target(TargetKind::Dp);
+        let net = |e| PushError::transfer(e, &dp, "PS100001");
+        let t = || "dp1".to_owned();
+        let p = || "PS100001".to_owned();
+        let corrupt = Manifest::decode(b"not a manifest", &DecodeLimits::default()).unwrap_err();
+        let cases: Vec<(PushError, bool)> = vec![
+            (net(TransferError::Unreachable { target: t(), message: "connection refused".into() }), true),
+            (net(TransferError::Timeout { target: t(), message: "timed out".into() }), true),
+            (refusal(RejectReason::Unauthorized("wrong token".into())), false),
+            (refusal(RejectReason::Forbidden("untrusted site key".into())), false),
+            (refusal(RejectReason::NotFound("no such endpoint".into())), false),
+            (refusal(RejectReason::TooLarge("over the limit".into())), false),
+            (refusal(RejectReason::BadRequest("bad query".into())), false),
+            (refusal(RejectReason::Other { status: 418, message: "teapot".into() }), false),
+            (refusal(RejectReason::InsufficientStorage("only 3 MiB free".into())), true),
+            (refusal(RejectReason::MissingChunks(vec![ChunkId::from_bytes([1; 32])])), true),
+            (refusal(RejectReason::BaseUnknown("no base".into())), true),
+            (refusal(RejectReason::Conflict("older".into())), true),
+            (refusal(RejectReason::Busy("later".into())), true),
+            (refusal(RejectReason::Server { status: 500, message: "boom".into() }), true),
+            (net(TransferError::Certificate { target: t(), message: "fingerprint mismatch".into() }), false),
+            (net(TransferError::Protocol { target: t(), message: "bad json".into() }), false),
+            (net(TransferError::Client { target: t(), message: "bad pin".into() }), false),
+            (
+                PushError::Library {
+                    package: p(),
+                    source: LibraryError::Missing { hash: FileHash::from_bytes([2; 32]) },
+                },
+                false,
+            ),
+            (PushError::Damaged { package: p(), file: FileHash::from_bytes([2; 32]) }, false),
+            (PushError::CorruptManifest { package: p(), version: 3, source: corrupt }, false),
+            (PushError::VersionGone { package: p(), version: 3 }, false),
+            (PushError::PackageGone { package: p() }, false),
+            (PushError::TargetGone { target: t() }, false),
+            (PushError::Unsigned { package: p(), version: 3 }, false),
+            (
+                PushError::UnknownChunk { target: t(), package: p(), version: 3, chunk: ChunkId::from_bytes([1; 32]) },
+                false,
+            ),
+            (PushError::BaseGone { package: p(), version: 2 }, true),
+            (PushError::BatchRefused { target: t(), package: p(), message: "bad framing".into() }, true),
+            (PushError::StillMissing { target: t(), package: p(), version: 3, rounds: 4 }, true),
+            (PushError::KeptRejecting { target: t(), package: p(), version: 3 }, true),
+        ];
+        for (e, retryable) in cases {
+            assert_eq!(e.is_retryable(), retryable, "{e:?}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains("dp1") || msg.contains("PS100001"), "names the target or package: {msg}");
+        }
+        assert!(matches!(
+            net(TransferError::Timeout { target: t(), message: String::new() }),
+            PushError::Unreachable(_)
+        ));
+        assert!(PushError::Cancelled.is_retryable());
+        assert!(PushError::Task("panicked".into()).is_retryable());
+        // The site's database: as retryable as the store says.
+        assert!(PushError::from(StoreError::Database(sqlx::Error::PoolTimedOut)).is_retryable());
+        assert!(!PushError::from(StoreError::NotFound("package PS100001".into())).is_retryable());
+    }
+
+    /// Permanent refusals say what to do next.
+    #[test]
+    fn permanent_refusals_say_what_to_do() {
+        let token = refusal(RejectReason::Unauthorized("wrong token".into())).to_string();
+        assert!(token.contains("dp1") && token.contains("`dpsync dp set dp1 --token …`"), "{token}");
+        let site = target(TargetKind::Site);
+        let e = TransferError::Certificate { target: "dp1".into(), message: "certificate fingerprint mismatch".into() };
+        let pin = PushError::transfer(e, &site, "PS100001").to_string();
+        assert!(pin.contains("re-pin it with `dpsync site set dp1 --fingerprint FP`"), "{pin}");
+        assert!(pin.contains("DATA_DIR/tls/fingerprint"), "{pin}");
+        let damaged = PushError::Damaged { package: "PS100001".into(), file: FileHash::from_bytes([2; 32]) };
+        assert!(damaged.to_string().contains("dpsync refresh PS100001 --verify"), "{damaged}");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_task_is_retried() {
+        let panicked = tokio::spawn(async { panic!("a bug") }).await.unwrap_err();
+        let e = PushError::from(panicked);
+        assert!(matches!(e, PushError::Task(_)) && e.is_retryable(), "{e:?}");
+        let task = tokio::spawn(std::future::pending::<()>());
+        task.abort();
+        let e = PushError::from(task.await.unwrap_err());
+        assert!(matches!(e, PushError::Cancelled) && e.is_retryable(), "{e:?}");
+    }
+
     /// Four pushes whose batches each need the whole budget: they take turns, none
     /// deadlocks, every byte is read, and the budget is whole again at the end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -787,10 +1029,11 @@ mod tests {
         for _ in 0..4 {
             let (lib, m, missing, budget) = (lib.clone(), m.clone(), missing.clone(), budget.clone());
             pushes.push(tokio::spawn(async move {
-                let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, String>>(1);
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, PushError>>(1);
                 let plan = plan_reads(&m, None, &missing).unwrap();
                 let b2 = budget.clone();
-                let reader = tokio::task::spawn_blocking(move || read_batches(&lib, plan, 64 << 10, true, &b2, tx));
+                let reader =
+                    tokio::task::spawn_blocking(move || read_batches(&lib, "PS100001", plan, 64 << 10, true, &b2, tx));
                 let mut raw = 0;
                 while let Some(batch) = rx.recv().await {
                     let (_body, n, _permit) = batch.unwrap();

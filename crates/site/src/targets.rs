@@ -3,7 +3,6 @@
 
 use dpsync_hash::{DecodeLimits, Manifest};
 use dpsync_store::{Action, DistState, NewTarget, NewVersion, Target, TargetKind};
-use dpsync_transfer::client::TargetClient;
 
 use super::{Site, SiteError};
 use dpsync_api::{
@@ -11,10 +10,44 @@ use dpsync_api::{
     TargetStatus, TargetValidation, ValidateReport,
 };
 
+// The admin API has its own enums (it depends on no other dpsync crate); these say which
+// is which. The matches are exhaustive, so a new store state does not compile until it
+// has its name in the API.
+
+pub(crate) fn api_kind(k: TargetKind) -> dpsync_api::TargetKind {
+    match k {
+        TargetKind::Dp => dpsync_api::TargetKind::Dp,
+        TargetKind::Site => dpsync_api::TargetKind::Site,
+    }
+}
+
+pub(crate) fn api_state(s: DistState) -> dpsync_api::DistState {
+    use dpsync_api::DistState as Api;
+    match s {
+        DistState::Pending => Api::Pending,
+        DistState::InProgress => Api::InProgress,
+        DistState::Installed => Api::Installed,
+        DistState::Retrying => Api::Retrying,
+        DistState::Failed => Api::Failed,
+        DistState::ValidationFailed => Api::ValidationFailed,
+        DistState::Removing => Api::Removing,
+        DistState::Removed => Api::Removed,
+    }
+}
+
+pub(crate) fn api_action(a: Action) -> dpsync_api::Action {
+    match a {
+        Action::Install => dpsync_api::Action::Install,
+        Action::Redistribute => dpsync_api::Action::Redistribute,
+        Action::Remove => dpsync_api::Action::Remove,
+        Action::Validate => dpsync_api::Action::Validate,
+    }
+}
+
 pub fn target_info(t: &Target) -> TargetInfo {
     TargetInfo {
         name: t.name.clone(),
-        kind: t.kind.as_str().into(),
+        kind: api_kind(t.kind),
         url: t.url.clone(),
         group: t.group.clone(),
         rate_limit: t.rate_limit,
@@ -26,10 +59,12 @@ pub fn target_info(t: &Target) -> TargetInfo {
 
 impl Site {
     pub async fn add_target(&self, req: AddTarget) -> Result<TargetInfo, SiteError> {
-        let kind = match req.kind.as_str() {
-            "dp" => TargetKind::Dp,
-            "site" => TargetKind::Site,
-            k => return Err(SiteError::Invalid(format!("target kind {k:?} is neither dp nor site"))),
+        let kind = match &req.kind {
+            dpsync_api::TargetKind::Dp => TargetKind::Dp,
+            dpsync_api::TargetKind::Site => TargetKind::Site,
+            dpsync_api::TargetKind::Other(k) => {
+                return Err(SiteError::Invalid(format!("target kind {k:?} is neither dp nor site")));
+            }
         };
         let name = req.name.trim().to_owned();
         if name.is_empty() || name.len() > 100 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
@@ -127,7 +162,7 @@ impl Site {
         self.kick_jobs();
         Ok(ActionReport {
             package: p.id,
-            action: action.as_str().into(),
+            action: api_action(action),
             source_version: p.current_version,
             targets: vec![t.name],
         })
@@ -204,9 +239,9 @@ impl Site {
             .map(|d| TargetStatus {
                 progress: progress.get(&(d.package_id.clone(), d.target_id)).cloned(),
                 name: d.target_name,
-                kind: d.target_kind.as_str().into(),
-                state: d.state.as_str().into(),
-                action: d.action.as_str().into(),
+                kind: api_kind(d.target_kind),
+                state: api_state(d.state),
+                action: api_action(d.action),
                 installed_version: d.installed_version,
                 desired_version: d.desired_version,
                 bytes_sent_last: d.bytes_sent_last,
@@ -235,21 +270,19 @@ impl Site {
     async fn pull_child_status(&self, pkg: &str, targets: &mut [TargetStatus]) {
         let mut asks = Vec::new();
         for (i, t) in targets.iter().enumerate() {
-            if t.kind != "site" || matches!(t.state.as_str(), "removed" | "pending") && t.installed_version.is_none() {
+            use dpsync_api::DistState::{Pending, Removed};
+            if t.kind != dpsync_api::TargetKind::Site
+                || matches!(t.state, Removed | Pending) && t.installed_version.is_none()
+            {
                 continue;
             }
             let Ok(Some(target)) = self.store.target(&t.name).await else { continue };
             let pkg = pkg.to_owned();
+            let client = self.clients.get(&target);
             asks.push((
                 i,
                 tokio::spawn(async move {
-                    let client = TargetClient::new(
-                        &target.name,
-                        &target.url,
-                        target.token.clone(),
-                        target.fingerprint.as_deref(),
-                    )
-                    .map_err(|e| e.to_string())?;
+                    let client = client.map_err(|e| e.to_string())?;
                     let v = tokio::time::timeout(std::time::Duration::from_secs(3), client.status(&pkg))
                         .await
                         .map_err(|_| "no answer within 3 s".to_owned())?
@@ -286,13 +319,15 @@ impl Site {
         }
         let mut tasks = Vec::new();
         for d in dists {
-            let t = self.store.target_by_id(d.target_id).await?;
+            let client = match self.store.target_by_id(d.target_id).await? {
+                Some(t) => self.clients.get(&t).map_err(|e| e.to_string()),
+                None => Err("target no longer exists".to_owned()),
+            };
             let pkg_id = p.id.clone();
             tasks.push(tokio::spawn(async move {
-                let Some(t) = t else { return (d, Err("target no longer exists".to_owned())) };
-                let r = match TargetClient::new(&t.name, &t.url, t.token.clone(), t.fingerprint.as_deref()) {
+                let r = match client {
                     Ok(c) => c.validate(&pkg_id).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e),
                 };
                 (d, r)
             }));
@@ -334,5 +369,26 @@ impl Site {
         }
         self.kick_jobs();
         Ok(ValidateReport { package: p.id, source_version: p.current_version, targets: out })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API names every store state, kind and action by the string the store uses, so
+    /// the JSON of `status` is what it always was.
+    #[test]
+    fn api_enums_carry_the_store_strings() {
+        for s in DistState::ALL {
+            assert_eq!(api_state(*s).as_str(), s.as_str());
+            assert!(!matches!(api_state(*s), dpsync_api::DistState::Other(_)));
+        }
+        for k in TargetKind::ALL {
+            assert_eq!(api_kind(*k).as_str(), k.as_str());
+        }
+        for a in Action::ALL {
+            assert_eq!(api_action(*a).as_str(), a.as_str());
+        }
     }
 }

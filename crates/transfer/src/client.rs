@@ -12,35 +12,153 @@ use serde::de::DeserializeOwned;
 use crate::wire::{self, BatchResponse, CommitResponse, Hello, PackageState, ValidateResponse, WireError};
 
 /// Why a call to a target failed. [`TransferError::is_retryable`] drives the site's
-/// retry policy.
+/// retry policy; a refusal says why in a [`RejectReason`], so no caller needs to know
+/// which HTTP status carries what.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransferError {
     #[error("{target} is unreachable: {message}")]
     Unreachable { target: String, message: String },
-    #[error("{target} timed out: {message}")]
+    #[error("{target} is unreachable (no answer in time): {message}")]
     Timeout { target: String, message: String },
-    #[error("{target} refused the request ({status}): {message}")]
-    Rejected { target: String, status: u16, message: String },
-    #[error("{target} failed ({status}): {message}")]
-    Server { target: String, status: u16, message: String },
-    #[error("{target} still lacks {} chunks", missing.len())]
-    MissingChunks { target: String, missing: Vec<ChunkId> },
-    /// The target does not hold the base of a manifest delta: offer the full manifest.
-    #[error("{target} does not hold the base of the manifest delta: {message}")]
-    BaseUnknown { target: String, message: String },
+    /// The target answered, and refused the call.
+    #[error("{target} refused the request: {reason}")]
+    Rejected { target: String, reason: RejectReason },
+    /// The target's TLS certificate is not the pinned one (or, unpinned, not trusted):
+    /// retrying does not help, an administrator must check it and re-pin.
+    #[error(
+        "{target}: TLS certificate check failed ({message}); check the target's certificate and the \
+         pinned fingerprint (the target's DATA_DIR/tls/fingerprint)"
+    )]
+    Certificate { target: String, message: String },
+    /// This site could not set up a client for the target (its TLS settings).
+    #[error("cannot set up a connection to {target}: {message}")]
+    Client { target: String, message: String },
     #[error("{target} answered something this site does not understand: {message}")]
     Protocol { target: String, message: String },
 }
 
 impl TransferError {
-    /// Network failures, timeouts, 5xx, 507 (disk full) and 429 are worth retrying;
-    /// other 4xx answers (bad token, bad request) need an administrator.
+    /// Network failures, timeouts and refusals that heal by themselves (see
+    /// [`RejectReason::is_retryable`]) are worth retrying; a refused token, a certificate
+    /// that does not match its pin or an answer this site does not understand need an
+    /// administrator.
     pub fn is_retryable(&self) -> bool {
         match self {
-            TransferError::Unreachable { .. } | TransferError::Timeout { .. } | TransferError::Server { .. } => true,
-            TransferError::MissingChunks { .. } | TransferError::BaseUnknown { .. } => true,
-            TransferError::Rejected { status, .. } => matches!(*status, 408 | 409 | 429),
-            TransferError::Protocol { .. } => false,
+            TransferError::Unreachable { .. } | TransferError::Timeout { .. } => true,
+            TransferError::Rejected { reason, .. } => reason.is_retryable(),
+            TransferError::Certificate { .. } | TransferError::Client { .. } | TransferError::Protocol { .. } => false,
+        }
+    }
+
+    /// The target's name, as the client was given it.
+    pub fn target(&self) -> &str {
+        match self {
+            TransferError::Unreachable { target, .. }
+            | TransferError::Timeout { target, .. }
+            | TransferError::Rejected { target, .. }
+            | TransferError::Certificate { target, .. }
+            | TransferError::Client { target, .. }
+            | TransferError::Protocol { target, .. } => target,
+        }
+    }
+
+    /// Why the target refused the call, if it did.
+    pub fn reason(&self) -> Option<&RejectReason> {
+        match self {
+            TransferError::Rejected { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// Why a target refused a call: the protocol's answers by meaning (the HTTP status and
+/// the [`WireError`] body of the answer). The messages are the target's own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    /// The push token is missing or not the one the target accepts.
+    #[error("wrong or missing token ({0})")]
+    Unauthorized(String),
+    /// The target refuses this content or this sender: a signature it does not trust, a
+    /// package it owns itself, …
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// A manifest delta against content the target does not hold: offer the full manifest.
+    #[error("it does not hold the base of the manifest delta ({0})")]
+    BaseUnknown(String),
+    /// A commit that still lacks these chunks (or they failed verification there).
+    #[error("it still lacks {} chunks", .0.len())]
+    MissingChunks(Vec<ChunkId>),
+    /// No such package, version or endpoint there.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A body (or what it decompresses to) over the target's limits.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The target refuses to fill its disk.
+    #[error("not enough disk space: {0}")]
+    InsufficientStorage(String),
+    /// A request the target could not parse or accept as sent.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The request clashes with the target's state (a version older than the installed
+    /// one, a commit with nothing staged, …).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The target (or a proxy before it) asks to come back later.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The target failed while handling the call.
+    #[error("server error {status}: {message}")]
+    Server { status: u16, message: String },
+    /// An answer the protocol does not use (a proxy, or not a dpsync target at all).
+    #[error("unexpected answer {status}: {message}")]
+    Other { status: u16, message: String },
+}
+
+impl RejectReason {
+    /// Refusals that may heal without an administrator: missing chunks or base (the
+    /// sender resends), a full disk (space may be freed), a conflict with a transfer in
+    /// progress, a busy or failing target.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RejectReason::BaseUnknown(_)
+            | RejectReason::MissingChunks(_)
+            | RejectReason::InsufficientStorage(_)
+            | RejectReason::Conflict(_)
+            | RejectReason::Busy(_)
+            | RejectReason::Server { .. } => true,
+            RejectReason::Unauthorized(_)
+            | RejectReason::Forbidden(_)
+            | RejectReason::NotFound(_)
+            | RejectReason::TooLarge(_)
+            | RejectReason::BadRequest(_)
+            | RejectReason::Other { .. } => false,
+        }
+    }
+
+    /// The reason an error answer gives: its status, and its [`WireError`] body when it
+    /// has one (else the start of the body as text).
+    pub fn from_answer(status: StatusCode, body: &[u8]) -> Self {
+        let wire: Option<WireError> = serde_json::from_slice(body).ok();
+        let message = wire
+            .as_ref()
+            .map(|b| b.error.clone())
+            .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).trim().to_owned());
+        match status {
+            StatusCode::UNAUTHORIZED => RejectReason::Unauthorized(message),
+            StatusCode::FORBIDDEN => RejectReason::Forbidden(message),
+            StatusCode::NOT_FOUND => RejectReason::NotFound(message),
+            StatusCode::PAYLOAD_TOO_LARGE => RejectReason::TooLarge(message),
+            StatusCode::INSUFFICIENT_STORAGE => RejectReason::InsufficientStorage(message),
+            StatusCode::BAD_REQUEST => RejectReason::BadRequest(message),
+            StatusCode::CONFLICT => match wire {
+                Some(w) if w.code.as_deref() == Some(wire::ERROR_BASE_UNKNOWN) => RejectReason::BaseUnknown(message),
+                Some(w) if !w.missing.is_empty() => RejectReason::MissingChunks(w.missing),
+                _ => RejectReason::Conflict(message),
+            },
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => RejectReason::Busy(message),
+            s if s.is_server_error() => RejectReason::Server { status: s.as_u16(), message },
+            s => RejectReason::Other { status: s.as_u16(), message },
         }
     }
 }
@@ -67,7 +185,7 @@ impl TargetClient {
         let mut builder = reqwest::Client::builder();
         if let Some(fp) = fingerprint {
             let cfg = crate::trust::pinned_client_config(fp)
-                .map_err(|e| TransferError::Protocol { target: name.into(), message: e.to_string() })?;
+                .map_err(|e| TransferError::Client { target: name.into(), message: e.to_string() })?;
             builder = builder.tls_backend_preconfigured(cfg);
         }
         let http = builder
@@ -76,7 +194,7 @@ impl TargetClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| TransferError::Protocol { target: name.into(), message: e.to_string() })?;
+            .map_err(|e| TransferError::Client { target: name.into(), message: e.to_string() })?;
         Ok(Self { http, base: base.trim_end_matches('/').to_owned(), name: name.to_owned(), token })
     }
 
@@ -111,24 +229,7 @@ impl TargetClient {
             return Ok(resp);
         }
         let bytes = resp.bytes().await.unwrap_or_default();
-        let body: Option<WireError> = serde_json::from_slice(&bytes).ok();
-        let message = body
-            .as_ref()
-            .map(|b| b.error.clone())
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned());
-        let target = self.name.clone();
-        Err(match status {
-            StatusCode::CONFLICT
-                if body.as_ref().is_some_and(|b| b.code.as_deref() == Some(wire::ERROR_BASE_UNKNOWN)) =>
-            {
-                TransferError::BaseUnknown { target, message }
-            }
-            StatusCode::CONFLICT if body.as_ref().is_some_and(|b| !b.missing.is_empty()) => {
-                TransferError::MissingChunks { target, missing: body.map(|b| b.missing).unwrap_or_default() }
-            }
-            s if s.is_server_error() => TransferError::Server { target, status: s.as_u16(), message },
-            s => TransferError::Rejected { target, status: s.as_u16(), message },
-        })
+        Err(TransferError::Rejected { target: self.name.clone(), reason: RejectReason::from_answer(status, &bytes) })
     }
 
     fn net_error(&self, e: reqwest::Error) -> TransferError {
@@ -136,14 +237,7 @@ impl TargetClient {
         let lower = message.to_ascii_lowercase();
         if lower.contains("certificate") || lower.contains("fingerprint") {
             // A TLS identity mismatch does not heal by retrying: it needs an administrator.
-            return TransferError::Rejected {
-                target: self.name.clone(),
-                status: 495,
-                message: format!(
-                    "TLS: {message}; check the target's certificate and the pinned --fingerprint \
-                     (the target's DATA_DIR/tls/fingerprint)"
-                ),
-            };
+            return TransferError::Certificate { target: self.name.clone(), message };
         }
         if e.is_timeout() {
             TransferError::Timeout { target: self.name.clone(), message }
@@ -184,7 +278,7 @@ impl TargetClient {
     }
 
     /// Sends a version as a manifest delta (already compressed) against content the target
-    /// holds; [`TransferError::BaseUnknown`] when it does not hold it any more.
+    /// holds; [`RejectReason::BaseUnknown`] when it does not hold it any more.
     #[allow(clippy::too_many_arguments)]
     pub async fn offer_delta(
         &self,
@@ -343,4 +437,199 @@ pub fn percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Bytes as AxumBytes;
+    use dpsync_hash::{Manifest, RelPath};
+
+    use super::*;
+    use crate::service::{self, OfferMeta, ReceiveError, Receiver, ServedFile, ServiceConfig};
+    use crate::wire::{CommitResponse, PackageState, ValidateResponse};
+
+    const TOKEN: &str = "the-token";
+    const PKG: &str = "PS100001";
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId::from_bytes([n; 32])
+    }
+
+    fn body(error: &str, missing: Vec<ChunkId>, code: Option<&str>) -> Vec<u8> {
+        serde_json::to_vec(&WireError { error: error.into(), missing, code: code.map(Into::into) }).unwrap()
+    }
+
+    #[test]
+    fn every_answer_maps_to_its_reason_and_retry_policy() {
+        let cases: Vec<(u16, Vec<u8>, RejectReason, bool)> = vec![
+            (401, body("wrong token", vec![], None), RejectReason::Unauthorized("wrong token".into()), false),
+            (403, body("untrusted", vec![], None), RejectReason::Forbidden("untrusted".into()), false),
+            (404, body("no such endpoint", vec![], None), RejectReason::NotFound("no such endpoint".into()), false),
+            (413, body("over the limit", vec![], None), RejectReason::TooLarge("over the limit".into()), false),
+            (507, body("disk full", vec![], None), RejectReason::InsufficientStorage("disk full".into()), true),
+            (400, body("bad framing", vec![], None), RejectReason::BadRequest("bad framing".into()), false),
+            (
+                409,
+                body("no base", vec![], Some(wire::ERROR_BASE_UNKNOWN)),
+                RejectReason::BaseUnknown("no base".into()),
+                true,
+            ),
+            (409, body("2 missing", vec![id(1), id(2)], None), RejectReason::MissingChunks(vec![id(1), id(2)]), true),
+            (409, body("older", vec![], None), RejectReason::Conflict("older".into()), true),
+            (429, body("slow down", vec![], None), RejectReason::Busy("slow down".into()), true),
+            (408, b"".to_vec(), RejectReason::Busy(String::new()), true),
+            (500, body("boom", vec![], None), RejectReason::Server { status: 500, message: "boom".into() }, true),
+            // A proxy's own answer: no JSON body, its text is the message.
+            (
+                502,
+                b"<html>Bad Gateway</html>".to_vec(),
+                RejectReason::Server { status: 502, message: "<html>Bad Gateway</html>".into() },
+                true,
+            ),
+            (418, b"teapot".to_vec(), RejectReason::Other { status: 418, message: "teapot".into() }, false),
+        ];
+        for (status, body, expected, retryable) in cases {
+            let got = RejectReason::from_answer(StatusCode::from_u16(status).unwrap(), &body);
+            assert_eq!(got, expected, "{status}");
+            assert_eq!(got.is_retryable(), retryable, "{status}: {got}");
+            let e = TransferError::Rejected { target: "dp1".into(), reason: got };
+            assert_eq!(e.is_retryable(), retryable, "{e}");
+            assert!(e.to_string().starts_with("dp1 "), "{e}");
+        }
+    }
+
+    #[test]
+    fn network_and_certificate_errors_are_classified() {
+        let t = || "dp1".to_owned();
+        assert!(TransferError::Unreachable { target: t(), message: "refused".into() }.is_retryable());
+        assert!(TransferError::Timeout { target: t(), message: "slow".into() }.is_retryable());
+        let cert = TransferError::Certificate { target: t(), message: "mismatch".into() };
+        assert!(!cert.is_retryable());
+        assert!(cert.to_string().contains("fingerprint"), "{cert}");
+        assert!(!TransferError::Client { target: t(), message: "x".into() }.is_retryable());
+        assert!(!TransferError::Protocol { target: t(), message: "x".into() }.is_retryable());
+    }
+
+    /// A receiver that answers `package_state` with the error it is told to.
+    #[derive(Default)]
+    struct Refuser {
+        next: Mutex<Option<ReceiveError>>,
+    }
+
+    fn unused<T>() -> Result<T, ReceiveError> {
+        Err(ReceiveError::Internal("not used by this test".into()))
+    }
+
+    impl Receiver for Refuser {
+        async fn package_state(&self, pkg: &str) -> Result<PackageState, ReceiveError> {
+            match self.next.lock().unwrap().take() {
+                Some(e) => Err(e),
+                None => Ok(PackageState {
+                    package: pkg.into(),
+                    installed_version: None,
+                    installed_root: None,
+                    previous_version: None,
+                    staged_version: None,
+                    broken: false,
+                }),
+            }
+        }
+        async fn offer(
+            &self,
+            _: &str,
+            _: i64,
+            _: Arc<Manifest>,
+            _: bool,
+            _: OfferMeta,
+        ) -> Result<Vec<ChunkId>, ReceiveError> {
+            unused()
+        }
+        async fn store_chunks(&self, _: &str, _: i64, _: Vec<(ChunkId, AxumBytes)>) -> Result<(), ReceiveError> {
+            unused()
+        }
+        async fn commit(&self, _: &str, _: i64) -> Result<CommitResponse, ReceiveError> {
+            unused()
+        }
+        async fn relabel(&self, _: &str, _: i64, _: &str, _: OfferMeta) -> Result<CommitResponse, ReceiveError> {
+            unused()
+        }
+        async fn remove(&self, _: &str) -> Result<(), ReceiveError> {
+            unused()
+        }
+        async fn validate(&self, _: &str) -> Result<ValidateResponse, ReceiveError> {
+            unused()
+        }
+        async fn open_file(&self, _: &str, _: &RelPath) -> Result<ServedFile, ReceiveError> {
+            unused()
+        }
+        async fn status(&self, _: &str) -> Result<serde_json::Value, ReceiveError> {
+            unused()
+        }
+        fn metrics(&self) -> String {
+            String::new()
+        }
+    }
+
+    /// What the receiving service answers, the client reads back as the same reason.
+    #[tokio::test]
+    async fn the_service_refusals_reach_the_client_as_reasons() {
+        let receiver = Arc::new(Refuser::default());
+        let cfg =
+            ServiceConfig { token: Some(TOKEN.into()), role: "dp", site_code: None, decode_limits: Default::default() };
+        let app = service::router(receiver.clone(), cfg);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = TargetClient::new("dp1", &url, Some(TOKEN.into()), None).unwrap();
+        assert!(client.package_state(PKG).await.is_ok());
+
+        let cases = vec![
+            (ReceiveError::NotFound("gone".into()), RejectReason::NotFound("gone".into())),
+            (ReceiveError::BadRequest("bad".into()), RejectReason::BadRequest("bad".into())),
+            (ReceiveError::Unauthorized("who".into()), RejectReason::Unauthorized("who".into())),
+            (ReceiveError::Forbidden("untrusted".into()), RejectReason::Forbidden("untrusted".into())),
+            (ReceiveError::PayloadTooLarge("big".into()), RejectReason::TooLarge("big".into())),
+            (
+                ReceiveError::Conflict { message: "lacks".into(), missing: vec![id(7)] },
+                RejectReason::MissingChunks(vec![id(7)]),
+            ),
+            (
+                ReceiveError::Conflict { message: "older".into(), missing: vec![] },
+                RejectReason::Conflict("older".into()),
+            ),
+            (ReceiveError::InsufficientStorage("full".into()), RejectReason::InsufficientStorage("full".into())),
+            (ReceiveError::BaseUnknown("no base".into()), RejectReason::BaseUnknown("no base".into())),
+            (ReceiveError::Internal("boom".into()), RejectReason::Server { status: 500, message: "boom".into() }),
+        ];
+        for (sent, expected) in cases {
+            *receiver.next.lock().unwrap() = Some(sent.clone());
+            match client.package_state(PKG).await {
+                Err(TransferError::Rejected { target, reason }) => {
+                    assert_eq!(target, "dp1");
+                    assert_eq!(reason, expected, "{sent:?}");
+                }
+                other => panic!("{sent:?}: expected a refusal, got {other:?}"),
+            }
+        }
+
+        // The service's own refusals: a wrong token, a bad package id, an unknown endpoint.
+        let wrong = TargetClient::new("dp1", &url, Some("not-the-token".into()), None).unwrap();
+        let e = wrong.package_state(PKG).await.unwrap_err();
+        assert!(matches!(e.reason(), Some(RejectReason::Unauthorized(m)) if m.contains("wrong token")), "{e:?}");
+        assert!(!e.is_retryable());
+        let e = client.package_state("../etc").await.unwrap_err();
+        assert!(matches!(e.reason(), Some(RejectReason::BadRequest(_)) | Some(RejectReason::NotFound(_))), "{e:?}");
+        let e = client.validate(PKG).await.unwrap_err();
+        assert!(matches!(e.reason(), Some(RejectReason::Server { status: 500, .. })), "{e:?}");
+
+        // Nobody listening any more: unreachable, and worth retrying.
+        server.abort();
+        let _ = server.await;
+        let closed = TargetClient::new("dp1", &url, None, None).unwrap();
+        let e = closed.hello().await.unwrap_err();
+        assert!(matches!(e, TransferError::Unreachable { .. }), "{e:?}");
+        assert!(e.is_retryable() && e.to_string().contains("dp1") && e.to_string().contains("unreachable"), "{e}");
+    }
 }

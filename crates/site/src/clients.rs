@@ -1,0 +1,126 @@
+//! One HTTP client per target, reused by every job and admin call to it: its connection
+//! pool (and TLS sessions) outlive a job, and a pinned certificate is configured once. A
+//! client is replaced when the target's connection settings change.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dpsync_store::Target;
+use dpsync_transfer::client::{TargetClient, TransferError};
+
+/// A digest of what a client is built from: name, URL, token and pinned fingerprint.
+type Settings = [u8; 32];
+
+/// The clients of the targets, by target id.
+#[derive(Default)]
+pub(crate) struct Clients {
+    by_target: Mutex<HashMap<i64, (Settings, TargetClient)>>,
+    /// Clients built so far (a cache miss or changed settings).
+    built: AtomicU64,
+}
+
+impl std::fmt::Debug for Clients {
+    // A client holds its target's token: show the ids only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<i64> = self.by_target.lock().unwrap().keys().copied().collect();
+        f.debug_struct("Clients").field("targets", &ids).finish()
+    }
+}
+
+impl Clients {
+    /// The client of `target` as it is configured now (the caller has just read it from
+    /// the store): the cached one while its settings are unchanged, else a new one.
+    pub(crate) fn get(&self, target: &Target) -> Result<TargetClient, TransferError> {
+        let settings = settings_of(target);
+        if let Some((s, client)) = self.by_target.lock().unwrap().get(&target.id)
+            && *s == settings
+        {
+            return Ok(client.clone());
+        }
+        // Built outside the lock (it reads the system's root certificates); two jobs that
+        // race here each build one, and the last one stays.
+        let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?;
+        self.built.fetch_add(1, Ordering::Relaxed);
+        self.by_target.lock().unwrap().insert(target.id, (settings, client.clone()));
+        Ok(client)
+    }
+}
+
+fn settings_of(t: &Target) -> Settings {
+    let mut h = blake3::Hasher::new();
+    for field in [Some(t.name.as_str()), Some(t.url.as_str()), t.token.as_deref(), t.fingerprint.as_deref()] {
+        match field {
+            Some(v) => {
+                h.update(&[1]);
+                h.update(&(v.len() as u64).to_le_bytes());
+                h.update(v.as_bytes());
+            }
+            None => {
+                h.update(&[0]);
+            }
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use dpsync_store::TargetKind;
+
+    use super::*;
+
+    fn dp(id: i64) -> Target {
+        Target {
+            id,
+            name: format!("dp{id}"),
+            kind: TargetKind::Dp,
+            url: "http://127.0.0.1:8080".into(),
+            token: Some("secret".into()),
+            group: None,
+            rate_limit: None,
+            created_at: 0,
+            fingerprint: None,
+        }
+    }
+
+    #[test]
+    fn a_client_is_reused_until_its_connection_settings_change() {
+        let clients = Clients::default();
+        let built = || clients.built.load(Ordering::Relaxed);
+        let mut t = dp(1);
+        clients.get(&t).unwrap();
+        clients.get(&t).unwrap();
+        assert_eq!(built(), 1, "same settings, same client");
+        clients.get(&dp(2)).unwrap();
+        assert_eq!(built(), 2, "one client per target");
+        // Settings that are not about the connection keep the client.
+        t.rate_limit = Some(1 << 20);
+        t.group = Some("north".into());
+        clients.get(&t).unwrap();
+        assert_eq!(built(), 2);
+        let changes: [fn(&mut Target); 5] = [
+            |t| t.token = Some("rotated".into()),
+            |t| t.token = None,
+            |t| t.url = "http://127.0.0.1:9090".into(),
+            |t| t.fingerprint = Some("ab".repeat(32)),
+            |t| t.name = "renamed".into(),
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            change(&mut t);
+            clients.get(&t).unwrap();
+            clients.get(&t).unwrap();
+            assert_eq!(built(), 3 + i as u64, "change {i} builds one new client");
+        }
+        assert!(!format!("{clients:?}").contains("secret"), "{clients:?}");
+    }
+
+    #[test]
+    fn fields_do_not_run_into_each_other() {
+        let mut a = dp(1);
+        let mut b = dp(1);
+        (a.token, a.fingerprint) = (Some("x".into()), None);
+        (b.token, b.fingerprint) = (None, Some("x".into()));
+        assert_ne!(settings_of(&a), settings_of(&b));
+    }
+}
