@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest};
+use dpsync_hash::{ChunkId, ContentRoot, DecodeLimits, FileHash, Manifest};
 use dpsync_store::{Action, Distribution, Outcome, Target};
 use dpsync_transfer::client::{Signed, TargetClient, TransferError};
 use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
@@ -221,7 +221,7 @@ impl Site {
             .await
             .map_err(|e| PushError::transient(format!("store: {e}")))?
             .ok_or_else(gone)?;
-        let root = summary.content_root.clone();
+        let root = summary.content_root.to_hex();
         let package = self
             .store
             .package(pkg)
@@ -248,9 +248,10 @@ impl Site {
         let mut base = None;
         let mut offered = None;
         if let Some(installed) = state.installed_root.as_deref().filter(|r| !force && !state.broken && *r != root)
+            && let Ok(installed) = ContentRoot::from_hex(installed)
             && let Some(base_version) = self
                 .store
-                .version_with_root(pkg, installed)
+                .version_with_root(pkg, &installed)
                 .await
                 .map_err(|e| PushError::transient(format!("store: {e}")))?
         {

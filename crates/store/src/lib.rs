@@ -6,8 +6,10 @@
 //!
 //! * URLs: `sqlite:///abs/path.db`, `sqlite:relative.db` (the file and its directory are
 //!   created if missing), `sqlite::memory:` (tests only), `postgres://user@host/db`.
-//! * Timestamps are unix milliseconds (`i64`); hashes are lowercase hex text; manifests and
-//!   scan caches are opaque byte blobs encoded by the caller.
+//! * Timestamps are unix milliseconds (`i64`); manifests and scan caches are opaque byte
+//!   blobs encoded by the caller; content roots are stored as lowercase hex text and handed
+//!   out as [`ContentRoot`](dpsync_hash::ContentRoot). A stored value that does not decode is
+//!   a [`StoreError::Corrupt`] naming its table and row, never a row left out.
 //! * Migrations (`migrations/{sqlite,postgres}/NNNN_*.sql`, embedded) run at [`Store::connect`];
 //!   a database with a schema newer than this build is refused.
 //! * Every multi-statement change is one transaction. On SQLite, write transactions start
@@ -16,6 +18,7 @@
 //!   `SKIP LOCKED`, so concurrent callers never see a half-done change or share a job.
 
 pub mod agent;
+mod decode;
 mod distributions;
 mod error;
 mod migrate;
