@@ -2,6 +2,9 @@
 //! versions per package, staged manifests and received chunks awaiting a commit, and
 //! the chunk index that lets a new file be built from chunks of any installed file.
 //!
+//! The schema (`migrations/agent/`) is brought up to date at [`AgentDb::open`] by the same
+//! runner as the site store's.
+//!
 //! Ids are stored as raw 32-byte blobs (chunk ids, file hashes) or lowercase hex text
 //! (content roots) and handed out typed; a row that does not decode is a
 //! [`StoreError::Corrupt`] naming its table and key.
@@ -15,12 +18,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use crate::decode::{self, blob_key};
+use crate::migrate::{self, AGENT};
 use crate::{Result, StoreError, now_ms};
 
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../../../migrations/agent/0001_init.sql")),
-    (2, include_str!("../../../migrations/agent/0002_signature.sql")),
-];
+/// Newest schema version of the agent database this build knows.
+pub const SCHEMA_VERSION: i64 = AGENT.latest();
 
 /// One installed (or previously installed) package on this DP.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,19 +102,17 @@ impl AgentDb {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
-        let current: i64 = sqlx::query("PRAGMA user_version").fetch_one(&pool).await?.get(0);
-        let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-        if current > latest {
-            return Err(StoreError::Migration(format!(
-                "agent database {} is at schema {current}, newer than this build ({latest}); upgrade dpsync",
-                path.display()
-            )));
+        let migrated = async {
+            let mut conn = pool.acquire().await?;
+            migrate::run::<sqlx::Sqlite>(&mut conn, &AGENT).await
         }
-        for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-            let mut tx = pool.begin().await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PRAGMA user_version = {v}"))).execute(&mut *tx).await?;
-            tx.commit().await?;
+        .await;
+        if let Err(e) = migrated {
+            pool.close().await;
+            return Err(match e {
+                StoreError::Migration(m) => StoreError::Migration(format!("{}: {m}", path.display())),
+                e => e,
+            });
         }
         Ok(Self { pool })
     }

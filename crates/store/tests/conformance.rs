@@ -972,6 +972,10 @@ fn pathdiff(dir: &std::path::Path) -> String {
     s
 }
 
+// ---------------------------------------------------------------------------------------
+// Older site databases (SQLite)
+// ---------------------------------------------------------------------------------------
+
 /// A raw connection to a SQLite file, created if missing.
 async fn raw_sqlite(path: &Path) -> sqlx::SqliteConnection {
     use sqlx::ConnectOptions;
@@ -980,6 +984,63 @@ async fn raw_sqlite(path: &Path) -> sqlx::SqliteConnection {
 
 async fn raw_exec(conn: &mut sqlx::SqliteConnection, sql: &str) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(conn).await.unwrap();
+}
+
+#[tokio::test]
+async fn site_database_at_an_older_schema_is_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.db");
+    // What a build that knew only migration 1 left behind.
+    let mut raw = raw_sqlite(&path).await;
+    raw_exec(
+        &mut raw,
+        "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY NOT NULL, applied_at BIGINT NOT NULL)",
+    )
+    .await;
+    raw_exec(&mut raw, include_str!("../../../migrations/sqlite/0001_init.sql")).await;
+    raw_exec(&mut raw, "INSERT INTO schema_migrations (version, applied_at) VALUES (1, 0)").await;
+    raw_exec(
+        &mut raw,
+        "INSERT INTO packages (id, name, source_path, source_site, current_version, created_at) \
+                        VALUES ('PS100001', 'Office', '/src', 'PS1', 1, 0)",
+    )
+    .await;
+    raw_exec(
+        &mut raw,
+        &format!(
+            "INSERT INTO versions (package_id, version, content_root, manifest, scan_cache, files, dirs, \
+               symlinks, total_bytes, files_added, files_changed, files_removed, files_unchanged, \
+               bytes_hashed, origin, created_at) \
+             VALUES ('PS100001', 1, '{}', x'00', x'', 1, 0, 0, 1, 1, 0, 0, 0, 1, 'refresh', 0)",
+            root("a")
+        ),
+    )
+    .await;
+    raw.close().await.unwrap();
+
+    let url = format!("sqlite://{}", path.display());
+    let store = Store::connect(&url).await.unwrap();
+    let v = store.latest_version("PS100001").await.unwrap().unwrap();
+    assert_eq!((v.summary.version, v.summary.content_root, v.summary.signature), (1, root("a"), None));
+    let t = store
+        .add_target(NewTarget {
+            name: "dp1".into(),
+            kind: TargetKind::Dp,
+            url: "https://dp1:8443".into(),
+            token: None,
+            group: None,
+            rate_limit: None,
+            fingerprint: Some("ab".repeat(32)),
+        })
+        .await
+        .unwrap();
+    assert_eq!(t.fingerprint, Some("ab".repeat(32)));
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+        .fetch_all(&mut raw_sqlite(&path).await)
+        .await
+        .unwrap();
+    assert_eq!(applied, (1..=dpsync_store::SCHEMA_VERSION).collect::<Vec<_>>());
+    store.close().await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1096,4 +1157,102 @@ async fn agent_garbled_ids_are_errors_naming_the_table() {
     expect_corrupt(db.package_summary("PS100002").await.unwrap_err(), "packages", "PS100002");
     expect_corrupt(db.packages().await.unwrap_err(), "packages", "PS100002");
     db.close().await;
+}
+
+const AGENT_0001: &str = include_str!("../../../migrations/agent/0001_init.sql");
+const AGENT_0002: &str = include_str!("../../../migrations/agent/0002_signature.sql");
+
+/// An agent database as the former runner left it: migrations applied, and the schema
+/// version only in `PRAGMA user_version`.
+async fn legacy_agent_db(path: &Path, applied: &[&str], user_version: i64) -> sqlx::SqliteConnection {
+    let mut raw = raw_sqlite(path).await;
+    for sql in applied {
+        raw_exec(&mut raw, sql).await;
+    }
+    raw_exec(&mut raw, &format!("PRAGMA user_version = {user_version}")).await;
+    raw
+}
+
+async fn agent_bookkeeping(path: &Path) -> (Vec<i64>, i64) {
+    let mut raw = raw_sqlite(path).await;
+    let applied =
+        sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version").fetch_all(&mut raw).await.unwrap();
+    let user_version = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut raw).await.unwrap();
+    raw.close().await.unwrap();
+    (applied, user_version)
+}
+
+#[tokio::test]
+async fn agent_database_of_the_former_runner_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let latest = dpsync_store::agent::SCHEMA_VERSION;
+
+    let path = dir.path().join("at-2.db");
+    let mut raw = legacy_agent_db(&path, &[AGENT_0001, AGENT_0002], 2).await;
+    raw_exec(
+        &mut raw,
+        &format!(
+            "INSERT INTO packages (id, installed_version, installed_root, installed_dir, installed_manifest, broken, updated_at)
+             VALUES ('{PKG}', 4, '{}', '/d/v4', x'00', 0, 0);
+             INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES (x'{}', x'{}', 8, 16);",
+            root("d"),
+            cid(1).to_hex(),
+            fh(2).to_hex()
+        ),
+    )
+    .await;
+    raw.close().await.unwrap();
+    for _ in 0..2 {
+        let db = AgentDb::open(&path).await.unwrap();
+        let p = db.package(PKG).await.unwrap().unwrap();
+        assert_eq!((p.installed_version, p.installed_root), (Some(4), Some(root("d"))));
+        assert_eq!(
+            db.indexed_chunks(&[cid(1)]).await.unwrap(),
+            vec![ChunkLocation { chunk: cid(1), file: fh(2), offset: 8, len: 16 }]
+        );
+        db.close().await;
+        assert_eq!(agent_bookkeeping(&path).await, ((1..=latest).collect(), latest));
+    }
+
+    // At schema 1: brought up to date (0002 adds the staged signature).
+    let path = dir.path().join("at-1.db");
+    legacy_agent_db(&path, &[AGENT_0001], 1).await.close().await.unwrap();
+    let db = AgentDb::open(&path).await.unwrap();
+    let staged = Staged {
+        package: PKG.into(),
+        version: 1,
+        content_root: root("e"),
+        manifest: vec![],
+        force: true,
+        signature: Some("sig".into()),
+    };
+    db.stage(&staged).await.unwrap();
+    assert_eq!(db.staged(PKG, 1).await.unwrap().unwrap(), staged);
+    db.close().await;
+    assert_eq!(agent_bookkeeping(&path).await, ((1..=latest).collect(), latest));
+}
+
+#[tokio::test]
+async fn agent_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let latest = dpsync_store::agent::SCHEMA_VERSION;
+    let refused = |r: Result<AgentDb, StoreError>| match r {
+        Err(StoreError::Migration(m)) => assert!(m.contains("newer") && m.contains("agent database"), "{m}"),
+        other => panic!("expected a Migration error, got {other:?}"),
+    };
+
+    // Recorded by the former runner.
+    let path = dir.path().join("legacy.db");
+    legacy_agent_db(&path, &[AGENT_0001, AGENT_0002], latest + 1).await.close().await.unwrap();
+    refused(AgentDb::open(&path).await);
+    refused(AgentDb::open(&path).await);
+
+    // Recorded in schema_migrations.
+    let path = dir.path().join("agent.db");
+    AgentDb::open(&path).await.unwrap().close().await;
+    let mut raw = raw_sqlite(&path).await;
+    raw_exec(&mut raw, &format!("INSERT INTO schema_migrations (version, applied_at) VALUES ({}, 0)", latest + 1))
+        .await;
+    raw.close().await.unwrap();
+    refused(AgentDb::open(&path).await);
 }
