@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use dpsync_hash::{
-    Chunk, ChunkId, ChunkParams, DecodeLimits, Entry, EntryKind, FileHash, Manifest, ManifestDelta, RelPath,
-    digest_stream,
+    Chunk, ChunkId, ChunkParams, ContentRoot, DecodeLimits, Entry, EntryKind, FileHash, Manifest, ManifestDelta,
+    RelPath, digest_stream,
 };
 use dpsync_store::{NewTarget, NewVersion, Store, TargetKind, VersionStats};
 
@@ -129,7 +129,7 @@ fn store(c: &mut Criterion) {
     let blob = manifest_20k().encode();
     let new_version = |n: u64| NewVersion {
         version: None,
-        content_root: format!("{n:064x}"),
+        content_root: ContentRoot::from_hex(&format!("{n:064x}")).unwrap(),
         manifest: blob.clone(),
         scan_cache: vec![0; 1 << 20],
         signature: None,

@@ -265,7 +265,7 @@ impl VersionSink for DpTrees {
             core.db().set_broken(pkg, true).await.map_err(internal("validate"))?;
             for (_, h) in &broken {
                 if !core.library().contains(h) {
-                    core.db().unindex_file(h.as_bytes()).await.map_err(internal("validate"))?;
+                    core.db().unindex_file(h).await.map_err(internal("validate"))?;
                 }
             }
             tracing::warn!(package = pkg, broken = broken.len(), "validation found damaged files");

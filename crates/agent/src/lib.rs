@@ -39,7 +39,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use dpsync_hash::{ChunkId, ContentRoot, DecodeLimits, FileHash, Manifest, RelPath};
 use dpsync_library::Library;
-use dpsync_store::agent::{AgentDb, Staged};
+use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged};
 use dpsync_transfer::service::{OfferMeta, ReceiveError, Receiver, ServedFile, ServiceConfig};
 use dpsync_transfer::trust::TrustStore;
 use dpsync_transfer::wire::{CommitResponse, PackageState, ValidateResponse};
@@ -171,7 +171,7 @@ impl Core {
         Ok(PackageState {
             package: pkg.to_owned(),
             installed_version: p.installed_version,
-            installed_root: p.installed_root,
+            installed_root: p.installed_root.map(|r| r.to_hex()),
             previous_version: p.previous_version,
             staged_version: staged,
             broken: p.broken,
@@ -232,7 +232,7 @@ impl Core {
         manifest: Arc<Manifest>,
         force: bool,
     ) -> Result<Vec<ChunkId>, ReceiveError> {
-        let staged: HashSet<Vec<u8>> =
+        let staged: HashSet<ChunkId> =
             self.db.staged_chunk_ids(pkg).await.map_err(internal("staged chunks"))?.into_iter().collect();
         let lib = self.library.clone();
         let candidates = blocking(move || {
@@ -245,7 +245,7 @@ impl Core {
                     continue;
                 }
                 for c in e.chunks() {
-                    if seen.insert(c.id) && !staged.contains(c.id.as_bytes().as_slice()) {
+                    if seen.insert(c.id) && !staged.contains(&c.id) {
                         out.push(c.id);
                     }
                 }
@@ -256,17 +256,11 @@ impl Core {
         if force || candidates.is_empty() {
             return Ok(candidates);
         }
-        let ids: Vec<Vec<u8>> = candidates.iter().map(|c| c.as_bytes().to_vec()).collect();
-        let known = self.db.indexed_chunks(&ids).await.map_err(internal("chunk index"))?;
+        let known = self.db.indexed_chunks(&candidates).await.map_err(internal("chunk index"))?;
         let lib = self.library.clone();
-        let available: HashSet<ChunkId> = blocking(move || {
-            known
-                .into_iter()
-                .filter(|(_, file, _, _)| FileHash::from_slice(file).is_some_and(|h| lib.contains(&h)))
-                .filter_map(|(id, _, _, _)| ChunkId::from_slice(&id))
-                .collect()
-        })
-        .await?;
+        let available: HashSet<ChunkId> =
+            blocking(move || known.into_iter().filter(|loc| lib.contains(&loc.file)).map(|loc| loc.chunk).collect())
+                .await?;
         Ok(candidates.into_iter().filter(|c| !available.contains(c)).collect())
     }
 
@@ -279,27 +273,23 @@ impl Core {
     ) -> Result<HashMap<ChunkId, Source>, ReceiveError> {
         let mut sources = HashMap::new();
         let staging = self.staging_dir(pkg);
-        for (id, pack, offset, len) in self.db.staged_chunks(pkg).await.map_err(internal("staged chunks"))? {
-            if let Some(id) = ChunkId::from_slice(&id) {
-                sources.insert(id, Source::Pack { path: staging.join(pack), offset: offset as u64, len: len as u32 });
-            }
+        for c in self.db.staged_chunks(pkg).await.map_err(internal("staged chunks"))? {
+            sources.insert(c.chunk, Source::Pack { path: staging.join(c.pack), offset: c.offset, len: c.len });
         }
         let known: HashSet<ChunkId> = sources.keys().copied().collect();
         let (lib, m) = (self.library.clone(), manifest.clone());
-        let wanted: Vec<Vec<u8>> = blocking(move || {
+        let wanted: Vec<ChunkId> = blocking(move || {
             let mut seen = HashSet::new();
             m.files()
                 .filter(|e| force || !lib.contains(&e.file_hash().expect("file")))
                 .flat_map(|e| e.chunks())
                 .filter(|c| !known.contains(&c.id) && seen.insert(c.id))
-                .map(|c| c.id.as_bytes().to_vec())
+                .map(|c| c.id)
                 .collect()
         })
         .await?;
-        for (id, file, offset, len) in self.db.indexed_chunks(&wanted).await.map_err(internal("chunk index"))? {
-            if let (Some(id), Some(hash)) = (ChunkId::from_slice(&id), FileHash::from_slice(&file)) {
-                sources.insert(id, Source::Object { hash, offset: offset as u64, len: len as u32 });
-            }
+        for loc in self.db.indexed_chunks(&wanted).await.map_err(internal("chunk index"))? {
+            sources.insert(loc.chunk, Source::Object { hash: loc.file, offset: loc.offset, len: loc.len });
         }
         Ok(sources)
     }
@@ -314,9 +304,9 @@ impl Core {
     ) -> Result<Arc<Manifest>, ReceiveError> {
         let offered = self.arrivals(pkg).lock().await.plan.take().and_then(|p| p.manifest_of(version));
         let staged_blob = std::mem::take(&mut staged.manifest);
-        let staged_root = staged.content_root.clone();
+        let staged_root = staged.content_root;
         let (manifest, blob) = blocking(move || {
-            let m = match offered.filter(|m| m.content_root().to_hex() == staged_root) {
+            let m = match offered.filter(|m| m.content_root() == staged_root) {
                 Some(m) => Ok(m),
                 None => Manifest::decode(&staged_blob, &DecodeLimits::default())
                     .map(Arc::new)
@@ -331,7 +321,7 @@ impl Core {
 }
 
 /// Chunk index rows of the files of `manifest` in `files`.
-fn chunk_index_rows(manifest: &Manifest, files: &HashSet<FileHash>) -> Vec<(Vec<u8>, Vec<u8>, i64, i64)> {
+fn chunk_index_rows(manifest: &Manifest, files: &HashSet<FileHash>) -> Vec<ChunkLocation> {
     let mut rows = Vec::new();
     let mut seen = HashSet::new();
     for e in manifest.files() {
@@ -339,12 +329,12 @@ fn chunk_index_rows(manifest: &Manifest, files: &HashSet<FileHash>) -> Vec<(Vec<
         if !files.contains(&h) {
             continue;
         }
-        let mut offset = 0i64;
+        let mut offset = 0u64;
         for c in e.chunks() {
             if seen.insert(c.id) {
-                rows.push((c.id.as_bytes().to_vec(), h.as_bytes().to_vec(), offset, c.len as i64));
+                rows.push(ChunkLocation { chunk: c.id, file: h, offset, len: c.len });
             }
-            offset += c.len as i64;
+            offset += u64::from(c.len);
         }
     }
     rows
@@ -353,7 +343,7 @@ fn chunk_index_rows(manifest: &Manifest, files: &HashSet<FileHash>) -> Vec<(Vec<
 /// Drops the chunk index entries of library objects just removed.
 async fn forget_objects(db: &AgentDb, removed: Vec<FileHash>) {
     for h in removed {
-        if let Err(e) = db.unindex_file(h.as_bytes()).await {
+        if let Err(e) = db.unindex_file(&h).await {
             tracing::warn!("chunk index: {e}");
         }
     }
@@ -396,9 +386,8 @@ impl<S: VersionSink> Agent<S> {
 impl<S: VersionSink> Receiver for Agent<S> {
     async fn base_manifest(&self, pkg: &str, root: &ContentRoot) -> Result<Option<Arc<Manifest>>, ReceiveError> {
         let core = &self.core;
-        let hex = root.to_hex();
         let summary = core.db.package_summary(pkg).await.map_err(internal("base manifest"))?.unwrap_or_default();
-        if summary.installed_root.as_deref() == Some(hex.as_str())
+        if summary.installed_root.as_ref() == Some(root)
             && let Some(v) = summary.installed_version
             && let Some(m) = self.sink.live_manifest(pkg, v)
         {
@@ -406,7 +395,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
         }
         // Not in memory: the stored manifests (several MB each for large trees).
         let p = core.db.package(pkg).await.map_err(internal("base manifest"))?.unwrap_or_default();
-        if p.installed_root.as_deref() == Some(hex.as_str()) {
+        if p.installed_root.as_ref() == Some(root) {
             let Some(blob) = p.installed_manifest else { return Ok(None) };
             return blocking(move || Manifest::decode(&blob, &DecodeLimits::default()).ok().map(Arc::new)).await;
         }
@@ -427,23 +416,21 @@ impl<S: VersionSink> Receiver for Agent<S> {
         ids: Vec<ChunkId>,
         max_bytes: u64,
     ) -> Result<HashMap<ChunkId, Bytes>, ReceiveError> {
-        let wanted: Vec<Vec<u8>> = ids.iter().map(|c| c.as_bytes().to_vec()).collect();
-        let rows = self.core.db.indexed_chunks(&wanted).await.map_err(internal("chunk index"))?;
+        let rows = self.core.db.indexed_chunks(&ids).await.map_err(internal("chunk index"))?;
         let lib = self.core.library.clone();
         blocking(move || {
             use std::os::unix::fs::FileExt;
             let mut out = HashMap::new();
             let mut total = 0u64;
-            for (id, file, offset, len) in rows {
-                let (Some(id), Some(hash)) = (ChunkId::from_slice(&id), FileHash::from_slice(&file)) else { continue };
-                total += len as u64;
+            for loc in rows {
+                total += u64::from(loc.len);
                 if total > max_bytes {
                     break;
                 }
-                let Ok(f) = lib.open_object(&hash) else { continue };
-                let mut buf = vec![0u8; len as usize];
-                if f.read_exact_at(&mut buf, offset as u64).is_ok() && ChunkId::from(blake3::hash(&buf)) == id {
-                    out.insert(id, Bytes::from(buf));
+                let Ok(f) = lib.open_object(&loc.file) else { continue };
+                let mut buf = vec![0u8; loc.len as usize];
+                if f.read_exact_at(&mut buf, loc.offset).is_ok() && ChunkId::from(blake3::hash(&buf)) == loc.chunk {
+                    out.insert(loc.chunk, Bytes::from(buf));
                 }
             }
             out
@@ -480,12 +467,11 @@ impl<S: VersionSink> Receiver for Agent<S> {
         }
         let m2 = manifest.clone();
         let (encoded, root) = blocking(move || m2.encode_with_root()).await?;
-        let root = root.to_hex();
-        core.check_signature(pkg, version, &root, &meta)?;
+        core.check_signature(pkg, version, &root.to_hex(), &meta)?;
         // Only a verified version registers the package (on a child site, assigns it to
         // the site's targets): a refused offer leaves no trace.
         self.sink.accept_package(pkg, &meta).await?;
-        if !force && !p.broken && p.installed_version == Some(version) && p.installed_root.as_deref() == Some(&root) {
+        if !force && !p.broken && p.installed_version == Some(version) && p.installed_root == Some(root) {
             return Ok(vec![]);
         }
         core.db
@@ -563,22 +549,20 @@ impl<S: VersionSink> Receiver for Agent<S> {
                 ReceiveError::Internal(format!("writing chunks: {e}"))
             }
         })?;
-        let rows = |r: Vec<arrival::PackRow>| -> Vec<(Vec<u8>, i64, i64)> {
-            r.into_iter().map(|(id, off, len)| (id.as_bytes().to_vec(), off as i64, len as i64)).collect()
+        let rows = |pack: String, r: Vec<arrival::PackRow>| PackRows {
+            pack,
+            chunks: r.into_iter().map(|(chunk, offset, len)| PackedChunk { chunk, offset, len }).collect(),
         };
-        let mut staged: Vec<dpsync_store::agent::PackRows> =
-            outcome.staged.into_iter().map(|(pack, r)| (pack, rows(r))).collect();
+        let mut staged: Vec<PackRows> = outcome.staged.into_iter().map(|(pack, r)| rows(pack, r)).collect();
         if !packed.is_empty() {
-            staged.push((name, rows(packed)));
+            staged.push(rows(name, packed));
         }
         let adopted_packs: Vec<String> = outcome.adopted.iter().map(|a| a.pack.clone()).collect();
-        let index: Vec<(Vec<u8>, Vec<u8>, i64, i64)> = outcome
+        let index: Vec<ChunkLocation> = outcome
             .adopted
             .iter()
             .flat_map(|a| {
-                a.chunks.iter().map(|(id, off, len)| {
-                    (id.as_bytes().to_vec(), a.hash.as_bytes().to_vec(), *off as i64, *len as i64)
-                })
+                a.chunks.iter().map(|&(chunk, offset, len)| ChunkLocation { chunk, file: a.hash, offset, len })
             })
             .collect();
         core.db.record_arrivals(pkg, &staged, &adopted_packs, &index).await.map_err(internal("recording chunks"))?;
@@ -599,7 +583,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
             if p.installed_version == Some(version) && !p.broken {
                 return Ok(CommitResponse {
                     installed_version: version,
-                    content_root: p.installed_root.unwrap_or_default(),
+                    content_root: p.installed_root.map(|r| r.to_hex()).unwrap_or_default(),
                     files_built: 0,
                     files_linked: 0,
                 });
@@ -620,7 +604,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
             Ok(i) => i,
             Err(InstallError::Missing(missing)) => {
                 for id in &missing {
-                    let _ = core.db.forget_staged_chunk(pkg, id.as_bytes()).await;
+                    let _ = core.db.forget_staged_chunk(pkg, id).await;
                 }
                 tracing::warn!(package = pkg, version, missing = missing.len(), "commit refused: chunks missing");
                 return Err(ReceiveError::Conflict {
@@ -641,7 +625,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
         let files_built = installed.files_built + written_on_arrival.len() as u64;
         let files_linked = installed.files_linked;
         core.metrics.files_built.fetch_add(files_built, Ordering::Relaxed);
-        let content_root = staged.content_root.clone();
+        let content_root = staged.content_root.to_hex();
         let arrived = Arrived {
             package: pkg.to_owned(),
             version,
@@ -670,7 +654,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
         core.check_signature(pkg, version, root, &meta)?;
         let p = core.db.package_summary(pkg).await.map_err(internal("relabel"))?.unwrap_or_default();
         match p.installed_version {
-            Some(iv) if !p.broken && p.installed_root.as_deref() == Some(root) && iv <= version => {
+            Some(iv) if !p.broken && p.installed_root.is_some_and(|r| r.to_hex() == root) && iv <= version => {
                 if iv < version {
                     self.sink.relabel(core, pkg, version, root, &meta).await?;
                     core.db.relabel(pkg, version).await.map_err(internal("relabel"))?;

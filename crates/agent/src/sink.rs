@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use dpsync_hash::{ChunkId, FileHash, Manifest, RelPath};
+use dpsync_hash::{ChunkId, ContentRoot, FileHash, Manifest, RelPath};
 use dpsync_library::Library;
 use dpsync_transfer::service::{OfferMeta, ReceiveError, ServedFile};
 use dpsync_transfer::wire::ValidateResponse;
@@ -24,7 +24,7 @@ use crate::install::{InstallError, Installed, Source};
 pub struct Arrived {
     pub package: String,
     pub version: i64,
-    pub content_root: String,
+    pub content_root: ContentRoot,
     pub manifest: Arc<Manifest>,
     /// The canonical encoding of `manifest`, as signed.
     pub encoded: Vec<u8>,

@@ -77,7 +77,7 @@ async fn site_info(State(site): State<Arc<Site>>) -> ApiResult<SiteInfo> {
 
 async fn package_info(site: &Site, p: dpsync_store::Package) -> Result<PackageInfo, SiteError> {
     let root = if p.current_version > 0 {
-        site.store.versions(&p.id).await?.into_iter().next_back().map(|v| v.content_root)
+        site.store.versions(&p.id).await?.into_iter().next_back().map(|v| v.content_root.to_hex())
     } else {
         None
     };
@@ -133,7 +133,7 @@ async fn show_package(State(site): State<Arc<Site>>, Path(pkg): Path<String>) ->
         .into_iter()
         .map(|v| VersionInfo {
             source_version: v.version,
-            content_root: v.content_root,
+            content_root: v.content_root.to_hex(),
             origin: v.origin,
             created_at: v.created_at,
             files: v.stats.files,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dpsync_hash::{ChunkId, DecodeError, DecodeLimits, FileHash, Manifest};
+use dpsync_hash::{ChunkId, ContentRoot, DecodeError, DecodeLimits, FileHash, Manifest};
 use dpsync_library::LibraryError;
 use dpsync_store::{Action, Distribution, Outcome, StoreError, Target, TargetKind};
 use dpsync_transfer::client::{RejectReason, Signed, TargetClient, TransferError};
@@ -345,7 +345,7 @@ impl Site {
         let gone = || PushError::VersionGone { package: pkg.clone(), version };
         let refused = |e| PushError::transfer(e, target, pkg);
         let summary = self.store.version_summary(pkg, version).await?.ok_or_else(gone)?;
-        let root = summary.content_root.clone();
+        let root = summary.content_root.to_hex();
         let package = self.store.package(pkg).await?.ok_or_else(|| PushError::PackageGone { package: pkg.clone() })?;
         let signed = self.signed(&package, version, &root, summary.signature.clone())?;
         let state = client.package_state(pkg).await.map_err(refused)?;
@@ -367,7 +367,8 @@ impl Site {
         let mut base = None;
         let mut offered = None;
         if let Some(installed) = state.installed_root.as_deref().filter(|r| !force && !state.broken && *r != root)
-            && let Some(base_version) = self.store.version_with_root(pkg, installed).await?
+            && let Ok(installed) = ContentRoot::from_hex(installed)
+            && let Some(base_version) = self.store.version_with_root(pkg, &installed).await?
         {
             let (base_manifest, delta) = self.wire_delta(pkg, base_version, version, &manifest).await?;
             match client.offer_delta(pkg, version, delta.clone(), &root, &package.name, &signed).await {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dpsync_agent::{Arrived, Core, InstallError, Installed, Source, VersionSink};
-use dpsync_hash::{ChunkId, DecodeLimits, FileHash, Manifest, RelPath};
+use dpsync_hash::{ChunkId, ContentRoot, DecodeLimits, FileHash, Manifest, RelPath};
 use dpsync_library::Library;
 use dpsync_store::{Action, DistState, NewVersion, StoreError, VersionStats};
 use dpsync_transfer::service::{OfferMeta, ReceiveError, ServedFile};
@@ -97,7 +97,9 @@ impl VersionSink for ChildSite {
                 missing: vec![],
             });
         };
-        self.site.accept_version(pkg, version, root, manifest, meta.signature.clone()).await
+        // The core matched `root` against the installed content root.
+        let root = ContentRoot::from_hex(root).map_err(|e| ReceiveError::BadRequest(e.to_string()))?;
+        self.site.accept_version(pkg, version, &root, manifest, meta.signature.clone()).await
     }
 
     async fn remove(&self, _core: &Core, pkg: &str, _written: Vec<FileHash>) -> Result<Vec<FileHash>, ReceiveError> {
@@ -189,7 +191,7 @@ impl Site {
         &self,
         pkg: &str,
         version: i64,
-        root: &str,
+        root: &ContentRoot,
         manifest: Vec<u8>,
         signature: Option<String>,
     ) -> Result<(), ReceiveError> {
@@ -201,7 +203,7 @@ impl Site {
             .ok_or_else(|| ReceiveError::NotFound(format!("package {pkg} was not offered to this site")))?;
         if p.current_version >= version {
             let latest = self.store.latest_version(pkg).await.map_err(store_err)?;
-            if p.current_version == version && latest.is_some_and(|v| v.summary.content_root == root) {
+            if p.current_version == version && latest.is_some_and(|v| v.summary.content_root == *root) {
                 return Ok(());
             }
             return Err(ReceiveError::Conflict {
@@ -238,7 +240,7 @@ impl Site {
                 pkg,
                 NewVersion {
                     version: Some(version),
-                    content_root: root.to_owned(),
+                    content_root: *root,
                     manifest,
                     scan_cache: vec![],
                     stats,

@@ -49,7 +49,7 @@ impl Site {
                         .context("the stored manifest of the previous version is corrupt")?,
                 ),
                 ScanCache::decode(&v.scan_cache).unwrap_or_default(),
-                Some(v.summary.content_root.clone()),
+                Some(v.summary.content_root.to_hex()),
             ),
             None => (None, ScanCache::default(), None),
         };
@@ -77,7 +77,7 @@ impl Site {
         // Encoding and hashing several MB: off the executor, and the manifest once.
         let (encoded, root, scan_cache) = tokio::task::spawn_blocking(move || {
             let (encoded, root) = manifest.encode_with_root();
-            (encoded, root.to_hex(), cache.encode())
+            (encoded, root, cache.encode())
         })
         .await
         .context("encoding task")?;
@@ -98,7 +98,7 @@ impl Site {
                 &id,
                 NewVersion {
                     version: None,
-                    content_root: root.clone(),
+                    content_root: root,
                     manifest: encoded,
                     scan_cache,
                     stats,
@@ -109,6 +109,7 @@ impl Site {
             .await?;
         self.store.prune_versions(&id, self.cfg.keep_versions).await?;
         report.source_version = record.summary.version;
+        let root = root.to_hex();
         report.content_changed = prev_root.as_deref() != Some(root.as_str());
         report.content_root = Some(root);
         report.targets_queued = self.queued_targets(&id).await?;

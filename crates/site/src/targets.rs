@@ -206,7 +206,7 @@ impl Site {
                 &p.id,
                 NewVersion {
                     version: None,
-                    content_root: rec.summary.content_root.clone(),
+                    content_root: rec.summary.content_root,
                     manifest: rec.manifest,
                     scan_cache: rec.scan_cache,
                     stats,
@@ -222,14 +222,14 @@ impl Site {
             package: p.id,
             source_version: committed.summary.version,
             restored_version: prev.version,
-            content_root: committed.summary.content_root,
+            content_root: committed.summary.content_root.to_hex(),
             targets_queued: queued,
         })
     }
 
     pub async fn status(&self, pkg: &str) -> Result<StatusReport, SiteError> {
         let p = self.find_package(pkg).await?;
-        let root = self.store.versions(&p.id).await?.last().map(|v| v.content_root.clone());
+        let root = self.store.versions(&p.id).await?.last().map(|v| v.content_root.to_hex());
         let progress = self.progress.lock().unwrap().clone();
         let targets: Vec<TargetStatus> = self
             .store

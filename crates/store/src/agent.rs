@@ -1,27 +1,35 @@
 //! The DP agent's local state (SQLite only: it describes one machine's disk): installed
 //! versions per package, staged manifests and received chunks awaiting a commit, and
 //! the chunk index that lets a new file be built from chunks of any installed file.
+//!
+//! The schema (`migrations/agent/`) is brought up to date at [`AgentDb::open`] by the same
+//! runner as the site store's.
+//!
+//! Ids are stored as raw 32-byte blobs (chunk ids, file hashes) or lowercase hex text
+//! (content roots) and handed out typed; a row that does not decode is a
+//! [`StoreError::CorruptRow`] naming its table and key.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use dpsync_hash::{ChunkId, ContentRoot, FileHash};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::{Result, StoreError, integrity};
+use crate::decode::{self, blob_key};
+use crate::migrate::{self, AGENT};
+use crate::{Result, StoreError, integrity, now_ms};
 
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../../../migrations/agent/0001_init.sql")),
-    (2, include_str!("../../../migrations/agent/0002_signature.sql")),
-];
+/// Newest schema version of the agent database this build knows.
+pub const SCHEMA_VERSION: i64 = AGENT.latest();
 
 /// One installed (or previously installed) package on this DP.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InstalledPackage {
     pub id: String,
     pub installed_version: Option<i64>,
-    pub installed_root: Option<String>,
+    pub installed_root: Option<ContentRoot>,
     pub installed_dir: Option<String>,
     pub installed_manifest: Option<Vec<u8>>,
     pub previous_version: Option<i64>,
@@ -35,32 +43,54 @@ pub struct InstalledPackage {
 pub struct Staged {
     pub package: String,
     pub version: i64,
-    pub content_root: String,
+    pub content_root: ContentRoot,
     pub manifest: Vec<u8>,
     pub force: bool,
     /// The owning site's signature (hex).
     pub signature: Option<String>,
 }
 
-/// Where a chunk can be read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChunkSource {
-    /// In a pack file under the package's staging directory.
-    Pack { pack: String, offset: i64, len: i64 },
-    /// Inside a library object.
-    Object { file_hash: Vec<u8>, offset: i64, len: i64 },
+/// Where a chunk of installed content can be read: a row of the chunk index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pub chunk: ChunkId,
+    /// The library object (whole file) holding the chunk.
+    pub file: FileHash,
+    pub offset: u64,
+    pub len: u32,
 }
 
-/// Chunks written to one pack: `(pack, [(chunk, offset, len)])`.
-pub type PackRows = (String, Vec<(Vec<u8>, i64, i64)>);
+/// A verified chunk kept for a package in a staging pack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedChunk {
+    pub chunk: ChunkId,
+    /// The pack's file name in the package's staging folder.
+    pub pack: String,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A chunk written to a pack, at `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedChunk {
+    pub chunk: ChunkId,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The chunks written to one pack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackRows {
+    /// The pack's file name in the package's staging folder.
+    pub pack: String,
+    pub chunks: Vec<PackedChunk>,
+}
 
 /// Handle to the agent database.
 #[derive(Debug, Clone)]
 pub struct AgentDb {
     pool: SqlitePool,
 }
-
-use crate::now_ms;
 
 impl AgentDb {
     /// Opens (creating) the database file, checks its integrity (`PRAGMA quick_check`: a
@@ -88,19 +118,17 @@ impl AgentDb {
             pool.close().await;
             return Err(e);
         }
-        let current: i64 = sqlx::query("PRAGMA user_version").fetch_one(&pool).await?.get(0);
-        let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-        if current > latest {
-            return Err(StoreError::Migration(format!(
-                "agent database {} is at schema {current}, newer than this build ({latest}); upgrade dpsync",
-                path.display()
-            )));
+        let migrated = async {
+            let mut conn = pool.acquire().await?;
+            migrate::run::<sqlx::Sqlite>(&mut conn, &AGENT).await
         }
-        for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-            let mut tx = pool.begin().await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PRAGMA user_version = {v}"))).execute(&mut *tx).await?;
-            tx.commit().await?;
+        .await;
+        if let Err(e) = migrated {
+            pool.close().await;
+            return Err(match e {
+                StoreError::Migration(m) => StoreError::Migration(format!("{}: {m}", path.display())),
+                e => e,
+            });
         }
         Ok(Self { pool })
     }
@@ -129,17 +157,25 @@ impl AgentDb {
              FROM packages WHERE id = $1"
         };
         let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await?;
-        Ok(row.map(|r| InstalledPackage {
-            id: r.get(0),
-            installed_version: r.get(1),
-            installed_root: r.get(2),
-            installed_dir: r.get(3),
-            previous_version: r.get(4),
-            previous_dir: r.get(5),
-            broken: r.get::<i64, _>(6) != 0,
-            installed_manifest: if manifests { r.get(7) } else { None },
-            previous_manifest: if manifests { r.get(8) } else { None },
-        }))
+        row.map(|r| {
+            let id: String = r.try_get(0)?;
+            let installed_root = r
+                .try_get::<Option<String>, _>(2)?
+                .map(|hex| decode::content_root("packages", || format!("package {id}"), &hex))
+                .transpose()?;
+            Ok(InstalledPackage {
+                installed_version: r.try_get(1)?,
+                installed_root,
+                installed_dir: r.try_get(3)?,
+                previous_version: r.try_get(4)?,
+                previous_dir: r.try_get(5)?,
+                broken: r.try_get::<i64, _>(6)? != 0,
+                installed_manifest: if manifests { r.try_get(7)? } else { None },
+                previous_manifest: if manifests { r.try_get(8)? } else { None },
+                id,
+            })
+        })
+        .transpose()
     }
 
     /// The manifest blob of the previous version, if any.
@@ -164,7 +200,14 @@ impl AgentDb {
     }
 
     /// Records a new installed version; the old one becomes the previous one.
-    pub async fn record_install(&self, id: &str, version: i64, root: &str, dir: &str, manifest: &[u8]) -> Result<()> {
+    pub async fn record_install(
+        &self,
+        id: &str,
+        version: i64,
+        root: &ContentRoot,
+        dir: &str,
+        manifest: &[u8],
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO packages (id, installed_version, installed_root, installed_dir, installed_manifest, broken, updated_at)
@@ -182,7 +225,7 @@ impl AgentDb {
         )
         .bind(id)
         .bind(version)
-        .bind(root)
+        .bind(root.to_hex())
         .bind(dir)
         .bind(manifest)
         .bind(now_ms())
@@ -240,7 +283,7 @@ impl AgentDb {
         )
         .bind(&s.package)
         .bind(s.version)
-        .bind(&s.content_root)
+        .bind(s.content_root.to_hex())
         .bind(&s.manifest)
         .bind(s.force as i64)
         .bind(now_ms())
@@ -258,14 +301,18 @@ impl AgentDb {
         .bind(version)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| Staged {
-            package: package.to_owned(),
-            version,
-            content_root: r.get(0),
-            manifest: r.get(1),
-            force: r.get::<i64, _>(2) != 0,
-            signature: r.get(3),
-        }))
+        row.map(|r| {
+            let root: String = r.try_get(0)?;
+            Ok(Staged {
+                package: package.to_owned(),
+                version,
+                content_root: decode::content_root("staged", || format!("package {package} version {version}"), &root)?,
+                manifest: r.try_get(1)?,
+                force: r.try_get::<i64, _>(2)? != 0,
+                signature: r.try_get(3)?,
+            })
+        })
+        .transpose()
     }
 
     pub async fn latest_staged_version(&self, package: &str) -> Result<Option<i64>> {
@@ -273,14 +320,6 @@ impl AgentDb {
             .bind(package)
             .fetch_one(&self.pool)
             .await?)
-    }
-
-    /// Records chunks written to `pack` (after the pack is durable).
-    pub async fn add_staged_chunks(&self, package: &str, pack: &str, chunks: &[(Vec<u8>, i64, i64)]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        insert_staged(&mut tx, package, pack, chunks).await?;
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Records one batch that was partly written into files as it arrived, in one
@@ -292,11 +331,11 @@ impl AgentDb {
         package: &str,
         staged: &[PackRows],
         adopted_packs: &[String],
-        index: &[(Vec<u8>, Vec<u8>, i64, i64)],
+        index: &[ChunkLocation],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for (pack, rows) in staged {
-            insert_staged(&mut tx, package, pack, rows).await?;
+        for rows in staged {
+            insert_staged(&mut tx, package, &rows.pack, &rows.chunks).await?;
         }
         for pack in adopted_packs {
             sqlx::query("DELETE FROM staged_chunks WHERE package = $1 AND pack = $2")
@@ -311,24 +350,36 @@ impl AgentDb {
     }
 
     /// Ids of every chunk staged for a package.
-    pub async fn staged_chunk_ids(&self, package: &str) -> Result<Vec<Vec<u8>>> {
-        Ok(sqlx::query_scalar("SELECT chunk_id FROM staged_chunks WHERE package = $1")
+    pub async fn staged_chunk_ids(&self, package: &str) -> Result<Vec<ChunkId>> {
+        let ids: Vec<Vec<u8>> = sqlx::query_scalar("SELECT chunk_id FROM staged_chunks WHERE package = $1")
             .bind(package)
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        ids.iter().map(|id| decode::chunk_id("staged_chunks", || staged_key(package, id), id)).collect()
     }
 
-    /// Every chunk staged for a package: `(chunk, pack, offset, len)`.
-    pub async fn staged_chunks(&self, package: &str) -> Result<Vec<(Vec<u8>, String, i64, i64)>> {
+    /// Every chunk staged for a package.
+    pub async fn staged_chunks(&self, package: &str) -> Result<Vec<StagedChunk>> {
         let rows = sqlx::query("SELECT chunk_id, pack, offset, len FROM staged_chunks WHERE package = $1")
             .bind(package)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+        rows.iter()
+            .map(|r| {
+                let id: Vec<u8> = r.try_get(0)?;
+                let key = || staged_key(package, &id);
+                Ok(StagedChunk {
+                    chunk: decode::chunk_id("staged_chunks", key, &id)?,
+                    pack: r.try_get(1)?,
+                    offset: decode::offset("staged_chunks", key, r.try_get(2)?)?,
+                    len: decode::len("staged_chunks", key, r.try_get(3)?)?,
+                })
+            })
+            .collect()
     }
 
-    /// Of `ids`, those the chunk index knows: `(chunk, object, offset, len)`, in batches.
-    pub async fn indexed_chunks(&self, ids: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<u8>, i64, i64)>> {
+    /// Of `ids`, those the chunk index knows, with where they are (in batches).
+    pub async fn indexed_chunks(&self, ids: &[ChunkId]) -> Result<Vec<ChunkLocation>> {
         let mut out = Vec::new();
         for batch in ids.chunks(500) {
             let placeholders: Vec<String> = (1..=batch.len()).map(|i| format!("${i}")).collect();
@@ -339,43 +390,26 @@ impl AgentDb {
             // Only generated placeholders are interpolated; values are bound.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in batch {
-                q = q.bind(id);
+                q = q.bind(id.as_bytes().as_slice());
             }
             for r in q.fetch_all(&self.pool).await? {
-                out.push((r.get(0), r.get(1), r.get(2), r.get(3)));
+                out.push(location_from_row(&r)?);
             }
         }
         Ok(out)
     }
 
-    /// Where to read a chunk for `package`: its staged pack first, then the index.
-    pub async fn chunk_source(&self, package: &str, id: &[u8]) -> Result<Option<ChunkSource>> {
-        if let Some(r) = sqlx::query("SELECT pack, offset, len FROM staged_chunks WHERE package = $1 AND chunk_id = $2")
-            .bind(package)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-        {
-            return Ok(Some(ChunkSource::Pack { pack: r.get(0), offset: r.get(1), len: r.get(2) }));
-        }
-        let r = sqlx::query("SELECT file_hash, offset, len FROM chunk_index WHERE chunk_id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(r.map(|r| ChunkSource::Object { file_hash: r.get(0), offset: r.get(1), len: r.get(2) }))
-    }
-
-    pub async fn forget_staged_chunk(&self, package: &str, id: &[u8]) -> Result<()> {
+    pub async fn forget_staged_chunk(&self, package: &str, id: &ChunkId) -> Result<()> {
         sqlx::query("DELETE FROM staged_chunks WHERE package = $1 AND chunk_id = $2")
             .bind(package)
-            .bind(id)
+            .bind(id.as_bytes().as_slice())
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    /// Indexes every chunk of installed files: `(chunk, file, offset, len)`.
-    pub async fn index_chunks(&self, rows: &[(Vec<u8>, Vec<u8>, i64, i64)]) -> Result<()> {
+    /// Indexes every chunk of installed files.
+    pub async fn index_chunks(&self, rows: &[ChunkLocation]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         insert_index(&mut tx, rows).await?;
         tx.commit().await?;
@@ -383,10 +417,29 @@ impl AgentDb {
     }
 
     /// Drops index entries that point into a removed or corrupt object.
-    pub async fn unindex_file(&self, file_hash: &[u8]) -> Result<()> {
-        sqlx::query("DELETE FROM chunk_index WHERE file_hash = $1").bind(file_hash).execute(&self.pool).await?;
+    pub async fn unindex_file(&self, file_hash: &FileHash) -> Result<()> {
+        sqlx::query("DELETE FROM chunk_index WHERE file_hash = $1")
+            .bind(file_hash.as_bytes().as_slice())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
+}
+
+fn staged_key(package: &str, chunk_id: &[u8]) -> String {
+    format!("package {package}, {}", blob_key("chunk_id", chunk_id))
+}
+
+fn location_from_row(r: &SqliteRow) -> Result<ChunkLocation> {
+    let id: Vec<u8> = r.try_get(0)?;
+    let key = || blob_key("chunk_id", &id);
+    let file: Vec<u8> = r.try_get(1)?;
+    Ok(ChunkLocation {
+        chunk: decode::chunk_id("chunk_index", key, &id)?,
+        file: decode::file_hash("chunk_index", key, &file)?,
+        offset: decode::offset("chunk_index", key, r.try_get(2)?)?,
+        len: decode::len("chunk_index", key, r.try_get(3)?)?,
+    })
 }
 
 /// 150 rows (750 parameters) per statement: far fewer round trips than one each.
@@ -394,7 +447,7 @@ async fn insert_staged(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     package: &str,
     pack: &str,
-    rows: &[(Vec<u8>, i64, i64)],
+    rows: &[PackedChunk],
 ) -> Result<()> {
     for batch in rows.chunks(150) {
         let values: Vec<String> =
@@ -406,8 +459,8 @@ async fn insert_staged(
         );
         // Only generated placeholders are interpolated; values are bound.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(package).bind(pack);
-        for (id, offset, len) in batch {
-            q = q.bind(id).bind(offset).bind(len);
+        for c in batch {
+            q = q.bind(c.chunk.as_bytes().as_slice()).bind(decode::offset_to_i64(c.offset)?).bind(i64::from(c.len));
         }
         q.execute(&mut **tx).await?;
     }
@@ -415,10 +468,7 @@ async fn insert_staged(
 }
 
 /// 200 rows (800 parameters) per statement.
-async fn insert_index(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    rows: &[(Vec<u8>, Vec<u8>, i64, i64)],
-) -> Result<()> {
+async fn insert_index(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, rows: &[ChunkLocation]) -> Result<()> {
     for batch in rows.chunks(200) {
         let values: Vec<String> = (0..batch.len())
             .map(|i| format!("(${}, ${}, ${}, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))
@@ -429,8 +479,12 @@ async fn insert_index(
         );
         // Only generated placeholders are interpolated; values are bound.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (id, file, offset, len) in batch {
-            q = q.bind(id).bind(file).bind(offset).bind(len);
+        for c in batch {
+            q = q
+                .bind(c.chunk.as_bytes().as_slice())
+                .bind(c.file.as_bytes().as_slice())
+                .bind(decode::offset_to_i64(c.offset)?)
+                .bind(i64::from(c.len));
         }
         q.execute(&mut **tx).await?;
     }

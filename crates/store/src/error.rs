@@ -12,6 +12,9 @@
 //! * Everything the database or the driver reports that is not one of the above stays a
 //!   [`StoreError::Database`] wrapping the original [`sqlx::Error`], so no detail is lost.
 //!   A unique violation is turned into `Conflict` where the store knows which name was taken.
+//! * A stored row that does not decode into its type (an id of the wrong length, a negative
+//!   offset, an unknown hash encoding) is [`StoreError::CorruptRow`], naming the table and the
+//!   row's key: it is never skipped, since a shorter answer would look like a true one.
 //! * Schema problems at [`Store::connect`](crate::Store::connect) (a migration failed, or the
 //!   database was written by a newer dpsync) are [`StoreError::Migration`]: the server must
 //!   not start.
@@ -19,7 +22,8 @@
 //!   is [`StoreError::Corrupt`], naming the file and what to do: the server or agent must
 //!   not start on it.
 //! * [`StoreError::is_retryable`] tells transient conditions (connection lost, pool timeout,
-//!   SQLite busy/locked, PostgreSQL serialization failure or deadlock) from permanent ones;
+//!   SQLite busy/locked, PostgreSQL serialization failure or deadlock) from permanent ones
+//!   (every variant but some [`StoreError::Database`] errors);
 //!   a failed call never leaves a half-done change behind, so retrying a retryable error is
 //!   always safe.
 
@@ -69,6 +73,18 @@ pub enum StoreError {
         /// What the administrator can do about it.
         remedy: &'static str,
     },
+
+    /// A stored row does not decode into its type: the database was damaged or written by
+    /// something else. Reading it again gives the same answer.
+    #[error("corrupt row in table {table} ({key}): {detail}")]
+    CorruptRow {
+        /// The table holding the row.
+        table: &'static str,
+        /// The row's key, e.g. `package PS100001 version 3` or `chunk_id x'0a0b0c'`.
+        key: String,
+        /// What does not decode.
+        detail: String,
+    },
 }
 
 impl StoreError {
@@ -78,7 +94,13 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Database(e) => sqlx_is_retryable(e),
-            _ => false,
+            StoreError::NotFound(_)
+            | StoreError::Conflict(_)
+            | StoreError::VersionNotNewer { .. }
+            | StoreError::InvalidInput(_)
+            | StoreError::Migration(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::CorruptRow { .. } => false,
         }
     }
 
@@ -144,6 +166,10 @@ mod tests {
         assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_retryable());
         assert!(!StoreError::NotFound("package PS100001".into()).is_retryable());
         assert!(!StoreError::Migration("x".into()).is_retryable());
+        let corrupt =
+            StoreError::CorruptRow { table: "chunk_index", key: "chunk_id x'0a0b0c'".into(), detail: "x".into() };
+        assert!(!corrupt.is_retryable());
+        assert!(corrupt.to_string().contains("chunk_index"), "{corrupt}");
     }
 
     #[test]

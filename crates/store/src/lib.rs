@@ -6,17 +6,21 @@
 //!
 //! * URLs: `sqlite:///abs/path.db`, `sqlite:relative.db` (the file and its directory are
 //!   created if missing), `sqlite::memory:` (tests only), `postgres://user@host/db`.
-//! * Timestamps are unix milliseconds (`i64`); hashes are lowercase hex text; manifests and
-//!   scan caches are opaque byte blobs encoded by the caller.
-//! * Migrations (`migrations/{sqlite,postgres}/NNNN_*.sql`, embedded) run at [`Store::connect`];
-//!   a database with a schema newer than this build is refused. A SQLite file is first
-//!   checked with `PRAGMA quick_check`; a damaged one is refused ([`StoreError::Corrupt`]).
+//! * Timestamps are unix milliseconds (`i64`); manifests and scan caches are opaque byte
+//!   blobs encoded by the caller; content roots are stored as lowercase hex text and handed
+//!   out as [`ContentRoot`](dpsync_hash::ContentRoot). A stored value that does not decode is
+//!   a [`StoreError::CorruptRow`] naming its table and row, never a row left out.
+//! * Migrations (`migrations/{sqlite,postgres}/NNNN_*.sql`, embedded) run at [`Store::connect`]
+//!   through the same runner as the agent database's; a database with a schema newer than this
+//!   build is refused. A SQLite file is first checked with `PRAGMA quick_check`; a damaged
+//!   one is refused ([`StoreError::Corrupt`]).
 //! * Every multi-statement change is one transaction. On SQLite, write transactions start
 //!   with `BEGIN IMMEDIATE` (writers queue on the 5 s busy timeout instead of failing on a lock
 //!   upgrade); on PostgreSQL, rows are locked with `FOR UPDATE` / `FOR SHARE` /
 //!   `SKIP LOCKED`, so concurrent callers never see a half-done change or share a job.
 
 pub mod agent;
+mod decode;
 mod distributions;
 mod error;
 mod integrity;
@@ -32,6 +36,8 @@ use sqlx::Executor;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, AnyConnection, AnyPool, Connection, Row, Transaction};
 
+use crate::migrate::{SITE_POSTGRES, SITE_SQLITE};
+
 pub use error::{Result, StoreError};
 pub use types::{
     Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, Target, TargetKind,
@@ -39,7 +45,7 @@ pub use types::{
 };
 
 /// Newest schema version this build knows (the highest migration number).
-pub const SCHEMA_VERSION: i64 = migrate::LATEST_VERSION;
+pub const SCHEMA_VERSION: i64 = SITE_SQLITE.latest();
 
 const SQLITE_POOL_SIZE: u32 = 4;
 const POSTGRES_POOL_SIZE: u32 = 5;
@@ -72,12 +78,20 @@ impl Store {
                     .await?
             }
         };
-        let store = Store { pool, backend };
-        if let Err(e) = migrate::run(&store).await {
-            store.close().await;
+        let schema = match backend {
+            Backend::Sqlite => &SITE_SQLITE,
+            Backend::Postgres => &SITE_POSTGRES,
+        };
+        let migrated = async {
+            let mut conn = pool.acquire().await?;
+            migrate::run::<Any>(&mut conn, schema).await
+        }
+        .await;
+        if let Err(e) = migrated {
+            pool.close().await;
             return Err(e);
         }
-        Ok(store)
+        Ok(Store { pool, backend })
     }
 
     /// Which engine this store uses.

@@ -1,44 +1,81 @@
-//! The schema migration runner.
+//! The schema migration runner, for every database dpsync keeps: the site store (SQLite or
+//! PostgreSQL) and a receiver's agent database (SQLite).
 //!
-//! Migrations live in `migrations/sqlite/` and `migrations/postgres/` at the workspace root
-//! and are embedded with `include_str!`. Applied versions are recorded in
+//! Migrations live in `migrations/{sqlite,postgres,agent}/` at the workspace root and are
+//! embedded with `include_str!`. Applied versions are recorded in
 //! `schema_migrations(version, applied_at)`. Each migration runs in its own transaction
 //! (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: under a transaction-scoped advisory lock), and
 //! re-checks inside that transaction whether it is already applied, so two processes
 //! starting at once apply each migration exactly once. A database that records a version
 //! newer than the newest one compiled in is refused: an older binary must not write to a
 //! schema it does not know.
+//!
+//! The agent database used to record its schema version only in SQLite's
+//! `PRAGMA user_version`: such a database has its versions adopted into
+//! `schema_migrations` on first open, and `user_version` is still kept equal to the schema
+//! version so that older agents keep refusing a schema newer than theirs.
 
-use sqlx::Row;
+use sqlx::{Connection, Database, Decode, Encode, Executor, FromRow, IntoArguments, Type};
 
 use crate::error::{Result, StoreError};
-use crate::{Backend, Store, now_ms};
+use crate::{Backend, now_ms};
 
-/// One embedded migration, in both dialects.
-struct Migration {
-    version: i64,
-    name: &'static str,
-    sqlite: &'static str,
-    postgres: &'static str,
+/// One embedded migration.
+#[derive(Debug)]
+pub(crate) struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "init",
-        sqlite: include_str!("../../../migrations/sqlite/0001_init.sql"),
-        postgres: include_str!("../../../migrations/postgres/0001_init.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "trust",
-        sqlite: include_str!("../../../migrations/sqlite/0002_trust.sql"),
-        postgres: include_str!("../../../migrations/postgres/0002_trust.sql"),
-    },
-];
+/// The migrations of one kind of database, in one SQL dialect.
+#[derive(Debug)]
+pub(crate) struct Schema {
+    /// What the database is, for messages.
+    pub what: &'static str,
+    pub backend: Backend,
+    /// In version order, numbered 1, 2, 3, … without gaps.
+    pub migrations: &'static [Migration],
+    /// Also track the version in SQLite's `PRAGMA user_version` (see the module docs).
+    pub user_version: bool,
+}
 
-/// Newest schema version this build knows.
-pub(crate) const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+impl Schema {
+    /// Newest schema version this build knows.
+    pub const fn latest(&self) -> i64 {
+        self.migrations[self.migrations.len() - 1].version
+    }
+}
+
+macro_rules! migration {
+    ($version:literal, $name:literal, $file:literal) => {
+        Migration { version: $version, name: $name, sql: include_str!(concat!("../../../migrations/", $file)) }
+    };
+}
+
+/// The site store on SQLite. Keep in step with [`SITE_POSTGRES`].
+pub(crate) const SITE_SQLITE: Schema = Schema {
+    what: "site store",
+    backend: Backend::Sqlite,
+    migrations: &[migration!(1, "init", "sqlite/0001_init.sql"), migration!(2, "trust", "sqlite/0002_trust.sql")],
+    user_version: false,
+};
+
+/// The site store on PostgreSQL. Keep in step with [`SITE_SQLITE`].
+pub(crate) const SITE_POSTGRES: Schema = Schema {
+    what: "site store",
+    backend: Backend::Postgres,
+    migrations: &[migration!(1, "init", "postgres/0001_init.sql"), migration!(2, "trust", "postgres/0002_trust.sql")],
+    user_version: false,
+};
+
+/// A receiver's agent database (SQLite only).
+pub(crate) const AGENT: Schema = Schema {
+    what: "agent database",
+    backend: Backend::Sqlite,
+    migrations: &[migration!(1, "init", "agent/0001_init.sql"), migration!(2, "signature", "agent/0002_signature.sql")],
+    user_version: true,
+};
 
 /// Arbitrary constant key for `pg_advisory_xact_lock` ("dpsync" in ASCII).
 const PG_LOCK_KEY: i64 = 0x6470_7379_6e63;
@@ -46,63 +83,126 @@ const PG_LOCK_KEY: i64 = 0x6470_7379_6e63;
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
      version BIGINT PRIMARY KEY NOT NULL, applied_at BIGINT NOT NULL)";
 
-/// Brings the schema up to [`LATEST_VERSION`].
-pub(crate) async fn run(store: &Store) -> Result<()> {
-    let fail = |what: &str, e: sqlx::Error| StoreError::Migration(format!("{what}: {e}"));
+/// Brings the schema of the database behind `conn` up to `schema.latest()`.
+pub(crate) async fn run<DB>(conn: &mut DB::Connection, schema: &Schema) -> Result<()>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    i64: for<'q> Encode<'q, DB> + for<'r> Decode<'r, DB> + Type<DB>,
+    (i64,): for<'r> FromRow<'r, DB::Row>,
+    (Option<i64>,): for<'r> FromRow<'r, DB::Row>,
+{
+    let fail = |what: &str, e: sqlx::Error| StoreError::Migration(format!("{}: {what}: {e}", schema.what));
+    let latest = schema.latest();
 
-    let mut tx = store.begin_write().await?;
-    lock(store, &mut tx).await?;
+    let mut tx = begin::<DB>(conn, schema.backend).await?;
     sqlx::query(CREATE_TABLE).execute(&mut *tx).await.map_err(|e| fail("cannot create table schema_migrations", e))?;
-    let newest: Option<i64> =
-        sqlx::query("SELECT MAX(version) AS v FROM schema_migrations").fetch_one(&mut *tx).await?.try_get("v")?;
+    let mut newest: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(&mut *tx).await?;
+    if newest.is_none() && schema.user_version {
+        let legacy: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *tx).await?;
+        if legacy > 0 {
+            // The former runner applied versions 1 to `legacy`. A schema newer than this
+            // build is refused below, without recording anything.
+            if legacy <= latest {
+                for v in 1..=legacy {
+                    record::<DB>(&mut tx, v).await?;
+                }
+            }
+            newest = Some(legacy);
+        }
+    }
     tx.commit().await?;
 
     if let Some(v) = newest
-        && v > LATEST_VERSION
+        && v > latest
     {
         return Err(StoreError::Migration(format!(
-            "the database has schema version {v}, newer than this dpsync build knows \
-             (up to {LATEST_VERSION}); it was written by a newer dpsync: upgrade dpsync"
+            "the {} has schema version {v}, newer than this dpsync build knows \
+             (up to {latest}); it was written by a newer dpsync: upgrade dpsync",
+            schema.what
         )));
     }
 
-    for m in MIGRATIONS {
+    for m in schema.migrations {
         if newest.is_some_and(|v| v >= m.version) {
             continue;
         }
-        let mut tx = store.begin_write().await?;
-        lock(store, &mut tx).await?;
-        let applied = sqlx::query("SELECT version FROM schema_migrations WHERE version = $1")
+        let mut tx = begin::<DB>(conn, schema.backend).await?;
+        let applied: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
             .bind(m.version)
             .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
-        if applied {
+            .await?;
+        if applied.is_some() {
             tx.commit().await?;
             continue;
         }
-        let sql = match store.backend {
-            Backend::Sqlite => m.sqlite,
-            Backend::Postgres => m.postgres,
-        };
         let what = format!("migration {:04}_{} failed", m.version, m.name);
-        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(|e| fail(&what, e))?;
-        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
-            .bind(m.version)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| fail(&what, e))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql)).execute(&mut *tx).await.map_err(|e| fail(&what, e))?;
+        record::<DB>(&mut tx, m.version).await.map_err(|e| match e {
+            StoreError::Database(e) => fail(&what, e),
+            e => e,
+        })?;
+        if schema.user_version {
+            // Only an integer literal is interpolated (PRAGMA takes no parameters).
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PRAGMA user_version = {}", m.version)))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| fail(&what, e))?;
+        }
         tx.commit().await.map_err(|e| fail(&what, e))?;
     }
     Ok(())
 }
 
-/// Serializes concurrent migration runners on PostgreSQL (SQLite's `BEGIN IMMEDIATE`
-/// already does).
-async fn lock(store: &Store, tx: &mut sqlx::Transaction<'static, sqlx::Any>) -> Result<()> {
-    if store.backend == Backend::Postgres {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_LOCK_KEY).execute(&mut **tx).await?;
-    }
+/// A write transaction that holds the migration lock: SQLite's `BEGIN IMMEDIATE` takes
+/// the write lock at once; on PostgreSQL an advisory lock serializes concurrent runners.
+async fn begin<DB>(conn: &mut DB::Connection, backend: Backend) -> Result<sqlx::Transaction<'_, DB>>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+{
+    Ok(match backend {
+        // Owned: a `&'static str` here makes the future's `Send` unprovable.
+        Backend::Sqlite => conn.begin_with(sqlx::AssertSqlSafe(String::from("BEGIN IMMEDIATE"))).await?,
+        Backend::Postgres => {
+            let mut tx = conn.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_LOCK_KEY).execute(&mut *tx).await?;
+            tx
+        }
+    })
+}
+
+async fn record<DB>(tx: &mut sqlx::Transaction<'_, DB>, version: i64) -> Result<()>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+{
+    sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+        .bind(version)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemas_are_numbered_without_gaps_and_dialects_agree() {
+        for s in [&SITE_SQLITE, &SITE_POSTGRES, &AGENT] {
+            for (i, m) in s.migrations.iter().enumerate() {
+                assert_eq!(m.version, i as i64 + 1, "{} migration {}", s.what, m.name);
+            }
+        }
+        let names = |s: &Schema| s.migrations.iter().map(|m| (m.version, m.name)).collect::<Vec<_>>();
+        assert_eq!(names(&SITE_SQLITE), names(&SITE_POSTGRES));
+    }
 }

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use dpsync_hash::ContentRoot;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
@@ -172,8 +173,8 @@ pub struct NewVersion {
     /// `None`: next number (current + 1). `Some(v)`: exactly `v`, which must be newer than the
     /// current version (used when a child site stores its parent's numbering).
     pub version: Option<i64>,
-    /// Lowercase hex BLAKE3 content root.
-    pub content_root: String,
+    /// BLAKE3 content root of the manifest (stored as lowercase hex).
+    pub content_root: ContentRoot,
     /// Encoded manifest (opaque to the store).
     pub manifest: Vec<u8>,
     /// Encoded scan cache (opaque to the store).
@@ -194,8 +195,8 @@ pub struct VersionSummary {
     pub package_id: String,
     /// Source version number.
     pub version: i64,
-    /// Lowercase hex BLAKE3 content root.
-    pub content_root: String,
+    /// BLAKE3 content root of the manifest (stored as lowercase hex).
+    pub content_root: ContentRoot,
     /// Scan statistics.
     pub stats: VersionStats,
     /// Where the version came from.

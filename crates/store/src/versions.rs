@@ -1,9 +1,11 @@
 //! Source versions: committing a manifest as the next version (and re-targeting every
 //! distribution of the package at it), reading versions back, pruning old ones.
 
+use dpsync_hash::ContentRoot;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use crate::decode;
 use crate::error::{Result, StoreError};
 use crate::packages::{Lock, lock_package, normalize_id};
 use crate::{NewVersion, Store, VersionRecord, VersionStats, VersionSummary, now_ms};
@@ -16,10 +18,14 @@ macro_rules! summary_columns {
 }
 
 fn summary_from_row(row: &AnyRow) -> Result<VersionSummary> {
+    let package_id: String = row.try_get("package_id")?;
+    let version: i64 = row.try_get("version")?;
+    let root: String = row.try_get("content_root")?;
+    let content_root = decode::content_root("versions", || format!("package {package_id} version {version}"), &root)?;
     Ok(VersionSummary {
-        package_id: row.try_get("package_id")?,
-        version: row.try_get("version")?,
-        content_root: row.try_get("content_root")?,
+        package_id,
+        version,
+        content_root,
         stats: VersionStats {
             files: row.try_get("files")?,
             dirs: row.try_get("dirs")?,
@@ -87,7 +93,7 @@ impl Store {
         ))
         .bind(&id)
         .bind(version)
-        .bind(&new.content_root)
+        .bind(new.content_root.to_hex())
         .bind(s.files)
         .bind(s.dirs)
         .bind(s.symlinks)
@@ -172,13 +178,13 @@ impl Store {
 
     /// The newest retained version of a package whose content root is `root`, if any: the
     /// base a manifest delta for a target holding that content can be computed from.
-    pub async fn version_with_root(&self, package_id: &str, root: &str) -> Result<Option<i64>> {
+    pub async fn version_with_root(&self, package_id: &str, root: &ContentRoot) -> Result<Option<i64>> {
         let row = sqlx::query(
             "SELECT version FROM versions WHERE package_id = $1 AND content_root = $2 \
              ORDER BY version DESC LIMIT 1",
         )
         .bind(normalize_id(package_id))
-        .bind(root.to_ascii_lowercase())
+        .bind(root.to_hex())
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| Ok(r.try_get("version")?)).transpose()

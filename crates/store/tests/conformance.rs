@@ -6,12 +6,17 @@
 //! `DPSYNC_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`), dropped
 //! afterwards. Without a reachable server the PostgreSQL tests print why and pass, unless
 //! `DPSYNC_REQUIRE_POSTGRES=1`, in which case they fail.
+//!
+//! The agent database (SQLite only) has its own section at the end.
 
 use std::collections::HashSet;
 use std::ops::Deref;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dpsync_hash::{ChunkId, ContentRoot, FileHash};
+use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged, StagedChunk};
 use dpsync_store::{
     Action, Backend, DistState, NewTarget, NewVersion, Outcome, Store, StoreError, TargetKind, VersionStats,
 };
@@ -161,6 +166,7 @@ conformance!(
     newer_schema_is_refused,
     meta_get_set,
     targets_and_debug_redacts_token,
+    garbled_content_root_is_an_error_naming_the_table,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -176,10 +182,16 @@ fn soon() -> i64 {
     now() + 1_000
 }
 
+/// A content root made of `tag`'s bytes (at most 32), zero-padded.
+fn root(tag: &str) -> ContentRoot {
+    let hex: String = tag.bytes().map(|b| format!("{b:02x}")).collect();
+    ContentRoot::from_hex(&format!("{hex:0>64}")).unwrap()
+}
+
 fn new_version(tag: &str) -> NewVersion {
     NewVersion {
         version: None,
-        content_root: format!("{:0>64}", tag),
+        content_root: root(tag),
         manifest: format!("manifest {tag}").into_bytes(),
         scan_cache: format!("scan cache {tag}").into_bytes(),
         signature: Some(format!("signature {tag}")),
@@ -338,7 +350,7 @@ async fn commit_numbers_versions_1_2_3(db: &Db) {
 
     let list = db.versions(&p.id).await.unwrap();
     assert_eq!(list.iter().map(|v| v.version).collect::<Vec<_>>(), vec![1, 2, 3]);
-    assert_eq!(list[1].content_root, format!("{:0>64}", "b"));
+    assert_eq!(list[1].content_root, root("b"));
     assert_eq!(list[1].stats, new_version("b").stats);
     assert_eq!(list[1].origin, "local");
 
@@ -783,7 +795,6 @@ async fn version_with_root_finds_the_newest(db: &Db) {
     }
     let other = db.create_package("PS1", "Other", "/src2").await.unwrap();
     db.commit_version(&other.id, new_version("d")).await.unwrap();
-    let root = |t: &str| format!("{:0>64}", t);
     assert_eq!(db.version_with_root(&p.id, &root("a")).await.unwrap(), Some(3));
     assert_eq!(db.version_with_root(&p.id, &root("b")).await.unwrap(), Some(2));
     assert_eq!(db.version_with_root(&p.id.to_lowercase(), &root("c")).await.unwrap(), Some(4));
@@ -891,6 +902,25 @@ async fn targets_and_debug_redacts_token(db: &Db) {
     assert!(db.targets_in_group("apac").await.unwrap().is_empty());
 }
 
+async fn garbled_content_root_is_an_error_naming_the_table(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    db.commit_version(&p.id, new_version("a")).await.unwrap();
+    db.commit_version(&p.id, new_version("b")).await.unwrap();
+    let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE versions SET content_root = 'abc' WHERE package_id = $1 AND version = 1")
+        .bind(p.id.clone())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let key = format!("package {} version 1", p.id);
+    // Not a list of one version.
+    expect_corrupt(db.versions(&p.id).await.unwrap_err(), "versions", &key);
+    expect_corrupt(db.version_summary(&p.id, 1).await.unwrap_err(), "versions", &key);
+    expect_corrupt(db.version(&p.id, 1).await.unwrap_err(), "versions", &key);
+    assert_eq!(db.latest_version(&p.id).await.unwrap().unwrap().summary.content_root, root("b"));
+}
+
 // ---------------------------------------------------------------------------------------
 // Backend-independent
 // ---------------------------------------------------------------------------------------
@@ -940,4 +970,289 @@ fn pathdiff(dir: &std::path::Path) -> String {
         s.push_str(&c.as_os_str().to_string_lossy());
     }
     s
+}
+
+// ---------------------------------------------------------------------------------------
+// Older site databases (SQLite)
+// ---------------------------------------------------------------------------------------
+
+/// A raw connection to a SQLite file, created if missing.
+async fn raw_sqlite(path: &Path) -> sqlx::SqliteConnection {
+    use sqlx::ConnectOptions;
+    sqlx::sqlite::SqliteConnectOptions::new().filename(path).create_if_missing(true).connect().await.unwrap()
+}
+
+async fn raw_exec(conn: &mut sqlx::SqliteConnection, sql: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(conn).await.unwrap();
+}
+
+#[tokio::test]
+async fn site_database_at_an_older_schema_is_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.db");
+    // What a build that knew only migration 1 left behind.
+    let mut raw = raw_sqlite(&path).await;
+    raw_exec(
+        &mut raw,
+        "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY NOT NULL, applied_at BIGINT NOT NULL)",
+    )
+    .await;
+    raw_exec(&mut raw, include_str!("../../../migrations/sqlite/0001_init.sql")).await;
+    raw_exec(&mut raw, "INSERT INTO schema_migrations (version, applied_at) VALUES (1, 0)").await;
+    raw_exec(
+        &mut raw,
+        "INSERT INTO packages (id, name, source_path, source_site, current_version, created_at) \
+                        VALUES ('PS100001', 'Office', '/src', 'PS1', 1, 0)",
+    )
+    .await;
+    raw_exec(
+        &mut raw,
+        &format!(
+            "INSERT INTO versions (package_id, version, content_root, manifest, scan_cache, files, dirs, \
+               symlinks, total_bytes, files_added, files_changed, files_removed, files_unchanged, \
+               bytes_hashed, origin, created_at) \
+             VALUES ('PS100001', 1, '{}', x'00', x'', 1, 0, 0, 1, 1, 0, 0, 0, 1, 'refresh', 0)",
+            root("a")
+        ),
+    )
+    .await;
+    raw.close().await.unwrap();
+
+    let url = format!("sqlite://{}", path.display());
+    let store = Store::connect(&url).await.unwrap();
+    let v = store.latest_version("PS100001").await.unwrap().unwrap();
+    assert_eq!((v.summary.version, v.summary.content_root, v.summary.signature), (1, root("a"), None));
+    let t = store
+        .add_target(NewTarget {
+            name: "dp1".into(),
+            kind: TargetKind::Dp,
+            url: "https://dp1:8443".into(),
+            token: None,
+            group: None,
+            rate_limit: None,
+            fingerprint: Some("ab".repeat(32)),
+        })
+        .await
+        .unwrap();
+    assert_eq!(t.fingerprint, Some("ab".repeat(32)));
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+        .fetch_all(&mut raw_sqlite(&path).await)
+        .await
+        .unwrap();
+    assert_eq!(applied, (1..=dpsync_store::SCHEMA_VERSION).collect::<Vec<_>>());
+    store.close().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Agent database (SQLite only)
+// ---------------------------------------------------------------------------------------
+
+const PKG: &str = "PS100001";
+
+fn cid(n: u8) -> ChunkId {
+    ChunkId::from_bytes([n; 32])
+}
+
+fn fh(n: u8) -> FileHash {
+    FileHash::from_bytes([n; 32])
+}
+
+fn expect_corrupt(e: StoreError, want_table: &str, want_key: &str) {
+    assert!(!e.is_retryable(), "{e}");
+    let message = e.to_string();
+    match e {
+        StoreError::CorruptRow { table, key, .. } => {
+            assert_eq!(table, want_table, "{message}");
+            assert!(key.contains(want_key), "{message}");
+            assert!(message.contains(want_table), "{message}");
+        }
+        other => panic!("expected a CorruptRow error in {want_table}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn agent_rows_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = AgentDb::open(&dir.path().join("agent.db")).await.unwrap();
+    let staged = Staged {
+        package: PKG.into(),
+        version: 3,
+        content_root: root("c"),
+        manifest: b"manifest".to_vec(),
+        force: false,
+        signature: Some("sig".into()),
+    };
+    db.stage(&staged).await.unwrap();
+    assert_eq!(db.staged(PKG, 3).await.unwrap().unwrap(), staged);
+    assert_eq!(db.latest_staged_version(PKG).await.unwrap(), Some(3));
+
+    let packed = PackRows {
+        pack: "p1.pack".into(),
+        chunks: vec![
+            PackedChunk { chunk: cid(1), offset: 0, len: 10 },
+            PackedChunk { chunk: cid(2), offset: 10, len: u32::MAX },
+        ],
+    };
+    let index = vec![ChunkLocation { chunk: cid(3), file: fh(9), offset: 1 << 40, len: 7 }];
+    db.record_arrivals(PKG, &[packed], &[], &index).await.unwrap();
+    let mut got = db.staged_chunks(PKG).await.unwrap();
+    got.sort_by_key(|c| c.chunk);
+    let pack = || "p1.pack".to_string();
+    assert_eq!(
+        got,
+        vec![
+            StagedChunk { chunk: cid(1), pack: pack(), offset: 0, len: 10 },
+            StagedChunk { chunk: cid(2), pack: pack(), offset: 10, len: u32::MAX },
+        ]
+    );
+    let mut ids = db.staged_chunk_ids(PKG).await.unwrap();
+    ids.sort();
+    assert_eq!(ids, vec![cid(1), cid(2)]);
+    assert_eq!(db.indexed_chunks(&[cid(3), cid(4)]).await.unwrap(), index);
+    db.forget_staged_chunk(PKG, &cid(1)).await.unwrap();
+    assert_eq!(db.staged_chunk_ids(PKG).await.unwrap(), vec![cid(2)]);
+
+    db.record_install(PKG, 3, &root("c"), "/dp/packages/P/versions/v3", b"manifest").await.unwrap();
+    let p = db.package(PKG).await.unwrap().unwrap();
+    assert_eq!((p.installed_version, p.installed_root, p.broken), (Some(3), Some(root("c")), false));
+    assert!(db.staged_chunks(PKG).await.unwrap().is_empty(), "an install forgets the staged chunks");
+    db.unindex_file(&fh(9)).await.unwrap();
+    assert!(db.indexed_chunks(&[cid(3)]).await.unwrap().is_empty());
+    db.close().await;
+}
+
+#[tokio::test]
+async fn agent_garbled_ids_are_errors_naming_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.db");
+    let db = AgentDb::open(&path).await.unwrap();
+    db.index_chunks(&[ChunkLocation { chunk: cid(1), file: fh(9), offset: 0, len: 4 }]).await.unwrap();
+    let packed = PackRows { pack: "a.pack".into(), chunks: vec![PackedChunk { chunk: cid(2), offset: 0, len: 4 }] };
+    db.record_arrivals(PKG, &[packed], &[], &[]).await.unwrap();
+    db.record_install("PS100002", 1, &root("a"), "/d", b"m").await.unwrap();
+
+    let mut raw = raw_sqlite(&path).await;
+    // A 3-byte chunk id among the staged chunks; in the chunk index, a 3-byte file hash and a
+    // negative offset; a content root that is not hex.
+    raw_exec(
+        &mut raw,
+        &format!(
+            "INSERT INTO staged_chunks (package, chunk_id, pack, offset, len) VALUES ('{PKG}', x'0a0b0c', 'a.pack', 4, 4);
+             INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES (x'{}', x'0a0b0c', 0, 4);
+             INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES (x'{}', x'{}', -1, 4);
+             UPDATE packages SET installed_root = 'abc' WHERE id = 'PS100002';",
+            cid(5).to_hex(),
+            cid(6).to_hex(),
+            fh(9).to_hex()
+        ),
+    )
+    .await;
+    raw.close().await.unwrap();
+
+    expect_corrupt(db.staged_chunks(PKG).await.unwrap_err(), "staged_chunks", "x'0a0b0c'");
+    expect_corrupt(db.staged_chunk_ids(PKG).await.unwrap_err(), "staged_chunks", "x'0a0b0c'");
+    expect_corrupt(db.indexed_chunks(&[cid(1), cid(5)]).await.unwrap_err(), "chunk_index", &cid(5).to_hex());
+    expect_corrupt(db.indexed_chunks(&[cid(6)]).await.unwrap_err(), "chunk_index", &cid(6).to_hex());
+    assert_eq!(db.indexed_chunks(&[cid(1)]).await.unwrap().len(), 1, "intact rows still read");
+    expect_corrupt(db.package_summary("PS100002").await.unwrap_err(), "packages", "PS100002");
+    expect_corrupt(db.packages().await.unwrap_err(), "packages", "PS100002");
+    db.close().await;
+}
+
+const AGENT_0001: &str = include_str!("../../../migrations/agent/0001_init.sql");
+const AGENT_0002: &str = include_str!("../../../migrations/agent/0002_signature.sql");
+
+/// An agent database as the former runner left it: migrations applied, and the schema
+/// version only in `PRAGMA user_version`.
+async fn legacy_agent_db(path: &Path, applied: &[&str], user_version: i64) -> sqlx::SqliteConnection {
+    let mut raw = raw_sqlite(path).await;
+    for sql in applied {
+        raw_exec(&mut raw, sql).await;
+    }
+    raw_exec(&mut raw, &format!("PRAGMA user_version = {user_version}")).await;
+    raw
+}
+
+async fn agent_bookkeeping(path: &Path) -> (Vec<i64>, i64) {
+    let mut raw = raw_sqlite(path).await;
+    let applied =
+        sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version").fetch_all(&mut raw).await.unwrap();
+    let user_version = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut raw).await.unwrap();
+    raw.close().await.unwrap();
+    (applied, user_version)
+}
+
+#[tokio::test]
+async fn agent_database_of_the_former_runner_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let latest = dpsync_store::agent::SCHEMA_VERSION;
+
+    let path = dir.path().join("at-2.db");
+    let mut raw = legacy_agent_db(&path, &[AGENT_0001, AGENT_0002], 2).await;
+    raw_exec(
+        &mut raw,
+        &format!(
+            "INSERT INTO packages (id, installed_version, installed_root, installed_dir, installed_manifest, broken, updated_at)
+             VALUES ('{PKG}', 4, '{}', '/d/v4', x'00', 0, 0);
+             INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES (x'{}', x'{}', 8, 16);",
+            root("d"),
+            cid(1).to_hex(),
+            fh(2).to_hex()
+        ),
+    )
+    .await;
+    raw.close().await.unwrap();
+    for _ in 0..2 {
+        let db = AgentDb::open(&path).await.unwrap();
+        let p = db.package(PKG).await.unwrap().unwrap();
+        assert_eq!((p.installed_version, p.installed_root), (Some(4), Some(root("d"))));
+        assert_eq!(
+            db.indexed_chunks(&[cid(1)]).await.unwrap(),
+            vec![ChunkLocation { chunk: cid(1), file: fh(2), offset: 8, len: 16 }]
+        );
+        db.close().await;
+        assert_eq!(agent_bookkeeping(&path).await, ((1..=latest).collect(), latest));
+    }
+
+    // At schema 1: brought up to date (0002 adds the staged signature).
+    let path = dir.path().join("at-1.db");
+    legacy_agent_db(&path, &[AGENT_0001], 1).await.close().await.unwrap();
+    let db = AgentDb::open(&path).await.unwrap();
+    let staged = Staged {
+        package: PKG.into(),
+        version: 1,
+        content_root: root("e"),
+        manifest: vec![],
+        force: true,
+        signature: Some("sig".into()),
+    };
+    db.stage(&staged).await.unwrap();
+    assert_eq!(db.staged(PKG, 1).await.unwrap().unwrap(), staged);
+    db.close().await;
+    assert_eq!(agent_bookkeeping(&path).await, ((1..=latest).collect(), latest));
+}
+
+#[tokio::test]
+async fn agent_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let latest = dpsync_store::agent::SCHEMA_VERSION;
+    let refused = |r: Result<AgentDb, StoreError>| match r {
+        Err(StoreError::Migration(m)) => assert!(m.contains("newer") && m.contains("agent database"), "{m}"),
+        other => panic!("expected a Migration error, got {other:?}"),
+    };
+
+    // Recorded by the former runner.
+    let path = dir.path().join("legacy.db");
+    legacy_agent_db(&path, &[AGENT_0001, AGENT_0002], latest + 1).await.close().await.unwrap();
+    refused(AgentDb::open(&path).await);
+    refused(AgentDb::open(&path).await);
+
+    // Recorded in schema_migrations.
+    let path = dir.path().join("agent.db");
+    AgentDb::open(&path).await.unwrap().close().await;
+    let mut raw = raw_sqlite(&path).await;
+    raw_exec(&mut raw, &format!("INSERT INTO schema_migrations (version, applied_at) VALUES ({}, 0)", latest + 1))
+        .await;
+    raw.close().await.unwrap();
+    refused(AgentDb::open(&path).await);
 }

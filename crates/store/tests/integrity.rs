@@ -6,7 +6,8 @@ use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use dpsync_store::agent::AgentDb;
+use dpsync_hash::{ChunkId, FileHash};
+use dpsync_store::agent::{AgentDb, ChunkLocation};
 use dpsync_store::{Store, StoreError};
 
 /// Deterministic garbage (xorshift).
@@ -156,16 +157,18 @@ fn pathdiff(from: &Path, to: &Path) -> String {
 async fn filled_agent_db(dir: &Path) -> PathBuf {
     let path = dir.join("agent.db");
     let db = AgentDb::open(&path).await.unwrap();
-    let rows: Vec<(Vec<u8>, Vec<u8>, i64, i64)> = (0..4000u64)
-        .map(|i| {
-            let id = blake(i);
-            (id, blake(i / 16 + 1_000_000), (i % 16) as i64 * 65536, 65536)
+    let rows: Vec<ChunkLocation> = (0..4000u64)
+        .map(|i| ChunkLocation {
+            chunk: ChunkId::from_slice(&blake(i)).unwrap(),
+            file: FileHash::from_slice(&blake(i / 16 + 1_000_000)).unwrap(),
+            offset: (i % 16) * 65536,
+            len: 65536,
         })
         .collect();
     db.index_chunks(&rows).await.unwrap();
     db.close().await;
     let db = AgentDb::open(&path).await.unwrap();
-    assert_eq!(db.indexed_chunks(&[blake(17)]).await.unwrap().len(), 1);
+    assert_eq!(db.indexed_chunks(&[ChunkId::from_slice(&blake(17)).unwrap()]).await.unwrap().len(), 1);
     db.close().await;
     path
 }
