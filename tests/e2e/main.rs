@@ -1,6 +1,7 @@
 //! End-to-end tests: real `dpsync` processes on loopback, driven through the CLI.
 
 mod beneath;
+mod cli;
 mod config;
 mod distribute;
 mod harness;

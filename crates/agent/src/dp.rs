@@ -19,8 +19,12 @@ use dpsync_hash::{ChunkId, DecodeLimits, EntryKind, FileHash, Manifest, RelPath}
 use dpsync_library::Library;
 use dpsync_transfer::service::{OfferMeta, ReceiveError, ServedFile};
 use dpsync_transfer::wire::ValidateResponse;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::install::{self, InstallError, Installed, Source};
+use crate::metrics::PackageLabels;
 use crate::sink::{Arrived, VersionSink};
 use crate::{Core, blocking, forget_objects, internal, manifest_hashes};
 
@@ -309,21 +313,19 @@ impl VersionSink for DpTrees {
         self.get_live(pkg).filter(|l| l.version == version).map(|l| l.manifest.clone())
     }
 
-    fn metrics(&self, out: &mut String) {
-        for (name, help, v) in [
-            ("dpsync_agent_files_served_total", "Client downloads started.", &self.files_served),
-            ("dpsync_agent_bytes_served_total", "Bytes of files opened for clients.", &self.bytes_served),
-        ] {
-            let v = v.load(Ordering::Relaxed);
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
-        }
-        out.push_str(
-            "# HELP dpsync_agent_package_version Installed source version per package.\n\
-             # TYPE dpsync_agent_package_version gauge\n",
+    fn register_metrics(&self, registry: &mut Registry) {
+        crate::metrics::register_counters(
+            registry,
+            [
+                ("files_served", "Client downloads started", &self.files_served),
+                ("bytes_served", "Bytes of files opened for clients", &self.bytes_served),
+            ],
         );
+        let version = Family::<PackageLabels, Gauge>::default();
         for (id, l) in self.live.read().unwrap().iter() {
-            out.push_str(&format!("dpsync_agent_package_version{{package=\"{id}\"}} {}\n", l.version));
+            version.get_or_create(&PackageLabels { package: id.clone() }).set(l.version);
         }
+        registry.register("package_version", "Installed source version per package", version);
     }
 }
 
@@ -364,4 +366,45 @@ fn check_tree(lib: &Library, dir: &Path, manifest: &Manifest) -> Result<(u64, Ve
         broken.push((e.path.to_string(), expected));
     }
     Ok((checked, broken))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_parse::{Scrape, Value};
+
+    #[test]
+    fn metrics_parse_with_the_names_scripts_scrape() {
+        let live = |version| Arc::new(Live { version, dir: PathBuf::new(), manifest: Arc::new(Manifest::default()) });
+        let trees = DpTrees {
+            data_dir: PathBuf::new(),
+            live: RwLock::new(HashMap::from([("PS100001".to_owned(), live(3)), ("PS100002".to_owned(), live(1))])),
+            files_served: AtomicU64::new(2),
+            bytes_served: AtomicU64::new(4096),
+        };
+        let core = crate::Metrics::default();
+        core.chunks_received.store(7, Ordering::Relaxed);
+        let mut registry = crate::metrics::registry();
+        core.register(&mut registry);
+        trees.register_metrics(&mut registry);
+        let text = crate::metrics::encode(&registry);
+
+        let s = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("a valid exposition");
+        let value = |name: &str, package: Option<&str>| {
+            s.samples
+                .iter()
+                .find(|x| x.metric == name && package.is_none_or(|p| x.labels.get("package") == Some(p)))
+                .map(|x| x.value.clone())
+                .unwrap_or_else(|| panic!("no {name} {package:?} in\n{text}"))
+        };
+        assert_eq!(value("dpsync_agent_chunks_received_total", None), Value::Counter(7.0));
+        assert_eq!(value("dpsync_agent_files_written_on_arrival_total", None), Value::Counter(0.0));
+        assert_eq!(value("dpsync_agent_files_served_total", None), Value::Counter(2.0));
+        assert_eq!(value("dpsync_agent_bytes_served_total", None), Value::Counter(4096.0));
+        assert_eq!(value("dpsync_agent_package_version", Some("PS100001")), Value::Gauge(3.0));
+        assert_eq!(value("dpsync_agent_package_version", Some("PS100002")), Value::Gauge(1.0));
+        // What the end-to-end tests and line-oriented scripts look for.
+        assert!(text.contains("\ndpsync_agent_package_version{package=\"PS100001\"} 3\n"), "{text}");
+        assert!(text.lines().any(|l| l == "dpsync_agent_files_written_on_arrival_total 0"), "{text}");
+    }
 }

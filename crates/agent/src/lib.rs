@@ -27,6 +27,7 @@ mod config;
 pub mod daemon;
 mod dp;
 mod install;
+mod metrics;
 mod sink;
 
 use std::collections::{HashMap, HashSet};
@@ -44,20 +45,12 @@ use dpsync_transfer::service::{OfferMeta, ReceiveError, Receiver, ServedFile, Se
 use dpsync_transfer::trust::TrustStore;
 use dpsync_transfer::wire::{CommitResponse, PackageState, ValidateResponse};
 
+use metrics::Metrics;
+
 pub use config::{AgentConfig, AgentSettings};
 pub use dp::DpTrees;
 pub use install::{InstallError, Installed, Source, assemble_missing};
 pub use sink::{Arrived, VersionSink};
-
-/// Counters exported on `/metrics`.
-#[derive(Debug, Default)]
-struct Metrics {
-    chunks_received: AtomicU64,
-    chunk_bytes_received: AtomicU64,
-    installs: AtomicU64,
-    files_built: AtomicU64,
-    files_written_on_arrival: AtomicU64,
-}
 
 /// Files of a package written as their chunks arrived, since its last commit.
 #[derive(Debug, Default)]
@@ -707,27 +700,10 @@ impl<S: VersionSink> Receiver for Agent<S> {
     }
 
     fn metrics(&self) -> String {
-        let m = &self.core.metrics;
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, v: &AtomicU64| {
-            let v = v.load(Ordering::Relaxed);
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
-        };
-        counter("dpsync_agent_chunks_received_total", "Verified chunks received.", &m.chunks_received);
-        counter(
-            "dpsync_agent_chunk_bytes_received_total",
-            "Bytes of verified chunks received.",
-            &m.chunk_bytes_received,
-        );
-        counter("dpsync_agent_installs_total", "Versions installed.", &m.installs);
-        counter("dpsync_agent_files_built_total", "Files assembled from chunks.", &m.files_built);
-        counter(
-            "dpsync_agent_files_written_on_arrival_total",
-            "Files written whole from arriving chunks (not assembled at commit).",
-            &m.files_written_on_arrival,
-        );
-        self.sink.metrics(&mut out);
-        out
+        let mut registry = metrics::registry();
+        self.core.metrics.register(&mut registry);
+        self.sink.register_metrics(&mut registry);
+        metrics::encode(&registry)
     }
 }
 

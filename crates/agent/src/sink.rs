@@ -15,6 +15,7 @@ use dpsync_hash::{ChunkId, ContentRoot, FileHash, Manifest, RelPath};
 use dpsync_library::Library;
 use dpsync_transfer::service::{OfferMeta, ReceiveError, ServedFile};
 use dpsync_transfer::wire::ValidateResponse;
+use prometheus_client::registry::Registry;
 
 use crate::Core;
 use crate::install::{InstallError, Installed, Source};
@@ -40,7 +41,7 @@ pub struct Arrived {
 }
 
 /// What a receiver does with a verified version. Every method runs with the package's
-/// lock held, except [`VersionSink::open_file`] and [`VersionSink::metrics`].
+/// lock held, except [`VersionSink::open_file`] and [`VersionSink::register_metrics`].
 pub trait VersionSink: Send + Sync + std::fmt::Debug + 'static {
     /// The name of this kind of receiver in messages ("DP", "site").
     fn role(&self) -> &'static str;
@@ -105,6 +106,7 @@ pub trait VersionSink: Send + Sync + std::fmt::Debug + 'static {
         None
     }
 
-    /// Appends this receiver's own Prometheus series to `out`.
-    fn metrics(&self, _out: &mut String) {}
+    /// Registers this receiver's own series for one `/metrics` scrape. `registry` prefixes
+    /// their names with `dpsync_agent_`.
+    fn register_metrics(&self, _registry: &mut Registry) {}
 }

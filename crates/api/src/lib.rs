@@ -205,6 +205,14 @@ pub struct RefreshReport {
     pub bytes_to_hash: u64,
     /// Bytes newly stored in the content library.
     pub bytes_stored: u64,
+    /// Of `files_read`: files read again only because the previous refresh saw them
+    /// modified within `recent_window_ms` of its scan, too recently for their timestamps
+    /// to prove a later change; their content turned out unchanged.
+    #[serde(default)]
+    pub files_recent: u64,
+    /// The window behind `files_recent`, in milliseconds.
+    #[serde(default)]
+    pub recent_window_ms: u64,
     /// Targets the new version was queued for.
     pub targets_queued: u64,
     pub duration_ms: u64,

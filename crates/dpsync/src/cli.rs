@@ -9,7 +9,7 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::util::human_bytes;
+use crate::util::{human_bytes, outln, plural};
 use dpsync_agent::daemon::{read_secret, write_private};
 use dpsync_agent::{AgentConfig, AgentSettings};
 use dpsync_api::AdminClient;
@@ -17,6 +17,7 @@ use dpsync_api::{
     ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, GcReport, PackageDetail, PackageInfo,
     RefreshReport, RefreshRequest, RollbackReport, StatusReport, TargetInfo, TargetRequest, ValidateReport,
 };
+use dpsync_hash::path::escape_controls;
 use dpsync_site::{ServerConfig, ServerSettings};
 
 #[derive(Debug, Parser)]
@@ -80,6 +81,7 @@ enum Command {
     Package(PackageCmd),
     /// Re-read a package's source, commit the next source version, and distribute it.
     Refresh {
+        /// Package id (e.g. PS100001) or name.
         package: String,
         /// Re-read every file, even those whose size and times did not change.
         #[arg(long)]
@@ -87,12 +89,8 @@ enum Command {
         /// Show what would change; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Follow distribution until every target is installed (exit 0) or failed (exit 1).
-        #[arg(long)]
-        wait: bool,
-        /// With --wait: give up after this many seconds (exit 1).
-        #[arg(long, value_name = "SECS")]
-        timeout: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Manage distribution points.
     #[command(subcommand)]
@@ -102,54 +100,59 @@ enum Command {
     Site(TargetCmd),
     /// Send a package to DPs, DP groups or child sites.
     Distribute {
+        /// Package id (e.g. PS100001) or name.
         package: String,
-        #[arg(long = "dp")]
+        /// A DP to send it to (repeatable).
+        #[arg(long = "dp", value_name = "NAME")]
         dps: Vec<String>,
-        #[arg(long = "group")]
+        /// A DP group: its DPs now and those that join it later (repeatable).
+        #[arg(long = "group", value_name = "GROUP")]
         groups: Vec<String>,
-        #[arg(long = "site")]
+        /// A child site to send it to (repeatable).
+        #[arg(long = "site", value_name = "NAME")]
         sites: Vec<String>,
-        /// Wait until every target has the package.
-        #[arg(long)]
-        wait: bool,
-        #[arg(long, value_name = "SECS")]
-        timeout: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Per-target distribution state of one package, or of all.
-    Status { package: Option<String> },
+    Status {
+        /// Package id or name (default: every package).
+        package: Option<String>,
+    },
     /// Send the current version to a DP again, whole, ignoring what it reports.
     Redistribute {
+        /// Package id (e.g. PS100001) or name.
         package: String,
-        #[arg(long = "dp", alias = "site")]
+        /// The DP (or, as --site, the child site) to send it to.
+        #[arg(long = "dp", alias = "site", value_name = "NAME")]
         target: String,
-        #[arg(long)]
-        wait: bool,
-        #[arg(long, value_name = "SECS")]
-        timeout: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Have DPs re-check their installed files; damaged files are repaired.
     Validate {
+        /// Package id (e.g. PS100001) or name.
         package: String,
-        #[arg(long = "dp")]
+        /// Only this DP (default: every target of the package).
+        #[arg(long = "dp", value_name = "NAME")]
         target: Option<String>,
     },
     /// Make the previous version's content current again (as a new source version).
     Rollback {
+        /// Package id (e.g. PS100001) or name.
         package: String,
-        #[arg(long)]
-        wait: bool,
-        #[arg(long, value_name = "SECS")]
-        timeout: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Remove a package from a DP.
     Remove {
+        /// Package id (e.g. PS100001) or name.
         package: String,
-        #[arg(long = "dp", alias = "site")]
+        /// The DP (or, as --site, the child site) to remove it from.
+        #[arg(long = "dp", alias = "site", value_name = "NAME")]
         target: String,
-        #[arg(long)]
-        wait: bool,
-        #[arg(long, value_name = "SECS")]
-        timeout: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Prune old versions and remove content no retained version uses.
     Gc,
@@ -164,6 +167,18 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// `--wait` and its `--timeout`, for the commands that queue distribution work.
+#[derive(Debug, Clone, Copy, Args)]
+struct WaitArgs {
+    /// Follow the distribution until every target is done (exit 0) or one failed (exit 1),
+    /// with progress on a terminal.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this many seconds (exit 1).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -197,15 +212,20 @@ enum CertCmd {
         hosts: Vec<String>,
     },
     /// Print the SHA-256 fingerprint of a PEM certificate.
-    Fingerprint { cert: PathBuf },
+    Fingerprint {
+        /// The certificate file (PEM).
+        cert: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum TargetCmd {
     /// Add a target.
     Add {
+        /// A name for it, unique on this site (used by --dp / --site NAME).
         name: String,
-        /// Its receiving address, e.g. http://dp1.example:8443
+        /// Its receiving address, e.g. https://dp1.example:8443 (agents serve TLS unless
+        /// started with --insecure-http).
         url: String,
         /// Token the target expects.
         #[arg(long, hide_env_values = true)]
@@ -217,7 +237,7 @@ enum TargetCmd {
         #[arg(long)]
         group: Option<String>,
         /// Bandwidth limit in bytes per second.
-        #[arg(long)]
+        #[arg(long, value_name = "BYTES_PER_S")]
         rate_limit: Option<i64>,
         /// Pin the target's TLS certificate by its SHA-256 (from `dpsync cert create` or
         /// the target's DATA_DIR/tls/fingerprint) instead of trusting certificate authorities.
@@ -231,11 +251,19 @@ enum TargetCmd {
 #[derive(Debug, Subcommand)]
 enum PackageCmd {
     /// Add a package; prints its id.
-    Add { name: String, source_dir: PathBuf },
+    Add {
+        /// A name for it, unique on this site.
+        name: String,
+        /// The folder whose content the package is (read at each refresh).
+        source_dir: PathBuf,
+    },
     /// List packages.
     List,
     /// Show a package and its versions.
-    Show { package: String },
+    Show {
+        /// Package id (e.g. PS100001) or name.
+        package: String,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -255,9 +283,10 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
+            // One line, whatever the names in it hold (a source file may be called "a\nb").
+            let msg = escape_controls(&format!("{e:#}")).into_owned();
             if json {
-                println!("{}", serde_json::json!({ "error": msg }));
+                outln!("{}", serde_json::json!({ "error": msg }));
             }
             eprintln!("dpsync: {msg}");
             ExitCode::FAILURE
@@ -267,10 +296,6 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let Cli { json, socket, data_dir, command } = cli;
-    let command_kind = match &command {
-        Command::Dp(_) => "dp",
-        _ => "site",
-    };
     let client = || -> Result<AdminClient> {
         let socket = socket
             .clone()
@@ -289,18 +314,46 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = AgentConfig::load(a.config.as_deref(), &a.settings)?;
             crate::daemon::agent(cfg).await?;
         }
-        Command::Package(PackageCmd::Add { name, source_dir }) => {
+        Command::Package(cmd) => package_cmd(&client()?, json, cmd).await?,
+        Command::Refresh { package, verify, dry_run, wait } => {
+            return refresh_cmd(&client()?, json, &package, RefreshRequest { verify, dry_run }, wait).await;
+        }
+        Command::Cert(cmd) => cert_cmd(json, cmd)?,
+        Command::Dp(cmd) => target_cmd(&client()?, json, "dp", cmd).await?,
+        Command::Site(cmd) => target_cmd(&client()?, json, "site", cmd).await?,
+        Command::Distribute { package, dps, groups, sites, wait } => {
+            return distribute_cmd(&client()?, json, &package, DistributeRequest { dps, groups, sites }, wait).await;
+        }
+        Command::Status { package } => status_cmd(&client()?, json, package).await?,
+        Command::Redistribute { package, target, wait } => {
+            return action(&client()?, json, &package, "redistribute", target, wait).await;
+        }
+        Command::Remove { package, target, wait } => {
+            return action(&client()?, json, &package, "remove", target, wait).await;
+        }
+        Command::Rollback { package, wait } => return rollback_cmd(&client()?, json, &package, wait).await,
+        Command::Validate { package, target } => return validate_cmd(&client()?, json, &package, target).await,
+        Command::Gc => gc_cmd(&client()?, json).await?,
+        Command::Quickstart { keep } => return crate::quickstart::run(keep, json).await,
+        Command::Info => info_cmd(&client()?, json).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn package_cmd(c: &AdminClient, json: bool, cmd: PackageCmd) -> Result<()> {
+    match cmd {
+        PackageCmd::Add { name, source_dir } => {
             let source = std::path::absolute(&source_dir).context("invalid source path")?;
             let req = AddPackage { name, source: source.display().to_string() };
-            let p: PackageInfo = client()?.post("/v1/packages", &req).await?;
-            emit(json, &p, |p| println!("{}", p.id));
+            let p: PackageInfo = c.post("/v1/packages", &req).await?;
+            emit(json, &p, |p| outln!("{}", p.id));
         }
-        Command::Package(PackageCmd::List) => {
-            let list: Vec<PackageInfo> = client()?.get("/v1/packages").await?;
+        PackageCmd::List => {
+            let list: Vec<PackageInfo> = c.get("/v1/packages").await?;
             emit(json, &list, |list| {
-                println!("{:<10} {:<24} {:>7}  {:<5} SOURCE", "ID", "NAME", "VERSION", "SITE");
+                outln!("{:<10} {:<24} {:>7}  {:<5} SOURCE", "ID", "NAME", "VERSION", "SITE");
                 for p in list {
-                    println!(
+                    outln!(
                         "{:<10} {:<24} {:>7}  {:<5} {}",
                         p.id,
                         p.name,
@@ -311,45 +364,69 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             });
         }
-        Command::Package(PackageCmd::Show { package }) => {
-            let d: PackageDetail = client()?.get(&format!("/v1/packages/{}", enc(&package))).await?;
-            emit(json, &d, |d| {
-                let p = &d.package;
-                println!("package        {} ({})", p.id, p.name);
-                println!("source         {}", p.source_path.as_deref().unwrap_or("-"));
-                println!("source site    {}", p.source_site);
-                println!("source version {}", p.source_version);
-                println!("content root   {}", p.content_root.as_deref().unwrap_or("-"));
-                println!();
-                println!(
-                    "{:>7}  {:<16} {:>7} {:>10} {:>6} {:>6} {:>6}  ORIGIN",
-                    "VERSION", "ROOT", "FILES", "SIZE", "ADDED", "CHNGD", "REMVD"
-                );
-                for v in &d.versions {
-                    println!(
-                        "{:>7}  {:<16} {:>7} {:>10} {:>6} {:>6} {:>6}  {}",
-                        v.source_version,
-                        &v.content_root[..16.min(v.content_root.len())],
-                        v.files,
-                        human_bytes(v.total_bytes as u64),
-                        v.files_added,
-                        v.files_changed,
-                        v.files_removed,
-                        v.origin
-                    );
-                }
-            });
+        PackageCmd::Show { package } => {
+            let d: PackageDetail = c.get(&format!("/v1/packages/{}", enc(&package))).await?;
+            emit(json, &d, print_package_detail);
         }
-        Command::Refresh { package, verify, dry_run, wait, timeout } => {
-            let req = RefreshRequest { verify, dry_run };
-            let c = client()?;
-            let r: RefreshReport = c.post(&format!("/v1/packages/{}/refresh", enc(&package)), &req).await?;
-            if wait && !dry_run {
-                return follow(&c, json, &r, print_refresh, timeout).await;
-            }
-            emit(json, &r, print_refresh);
-        }
-        Command::Cert(CertCmd::Create { out, hosts }) => {
+    }
+    Ok(())
+}
+
+fn print_package_detail(d: &PackageDetail) {
+    let p = &d.package;
+    outln!("package        {} ({})", p.id, p.name);
+    outln!("source         {}", p.source_path.as_deref().unwrap_or("-"));
+    outln!("source site    {}", p.source_site);
+    if p.source_version == 0 {
+        outln!("source version none yet: `dpsync refresh {}` commits the first", p.id);
+    } else {
+        outln!("source version {}", p.source_version);
+    }
+    outln!("content root   {}", p.content_root.as_deref().unwrap_or("-"));
+    outln!();
+    outln!(
+        "{:>7}  {:<16} {:>7} {:>10} {:>6} {:>6} {:>6}  ORIGIN",
+        "VERSION",
+        "ROOT",
+        "FILES",
+        "SIZE",
+        "ADDED",
+        "CHNGD",
+        "REMVD"
+    );
+    for v in &d.versions {
+        outln!(
+            "{:>7}  {:<16} {:>7} {:>10} {:>6} {:>6} {:>6}  {}",
+            v.source_version,
+            &v.content_root[..16.min(v.content_root.len())],
+            v.files,
+            human_bytes(v.total_bytes as u64),
+            v.files_added,
+            v.files_changed,
+            v.files_removed,
+            v.origin
+        );
+    }
+}
+
+async fn refresh_cmd(
+    c: &AdminClient,
+    json: bool,
+    package: &str,
+    req: RefreshRequest,
+    wait: WaitArgs,
+) -> Result<ExitCode> {
+    let r: RefreshReport = c.post(&format!("/v1/packages/{}/refresh", enc(package)), &req).await?;
+    if wait.wait && !req.dry_run {
+        return follow(c, json, &r, print_refresh, wait.timeout).await;
+    }
+    emit(json, &r, print_refresh);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cert_cmd(json: bool, cmd: CertCmd) -> Result<()> {
+    match cmd {
+        CertCmd::Create { out, hosts } => {
             std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
             let pair = dpsync_transfer::trust::self_signed(&hosts)?;
             write_private(&out.join("key.pem"), pair.key_pem.as_bytes())?;
@@ -357,34 +434,39 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let fp = dpsync_transfer::trust::pem_fingerprint(&pair.cert_pem)?;
             let v = serde_json::json!({"cert": out.join("cert.pem"), "key": out.join("key.pem"), "fingerprint": fp});
             emit(json, &v, |_| {
-                println!("wrote {} and {}", out.join("cert.pem").display(), out.join("key.pem").display());
-                println!("fingerprint {fp}");
+                outln!("wrote {} and {}", out.join("cert.pem").display(), out.join("key.pem").display());
+                outln!("fingerprint {fp}");
             });
         }
-        Command::Cert(CertCmd::Fingerprint { cert }) => {
+        CertCmd::Fingerprint { cert } => {
             let pem = std::fs::read_to_string(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
             let fp = dpsync_transfer::trust::pem_fingerprint(&pem)?;
-            emit(json, &serde_json::json!({ "fingerprint": fp }), |_| println!("{fp}"));
+            emit(json, &serde_json::json!({ "fingerprint": fp }), |_| outln!("{fp}"));
         }
-        Command::Dp(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint })
-        | Command::Site(TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint }) => {
+    }
+    Ok(())
+}
+
+/// `dp …` and `site …`: `kind` is "dp" or "site".
+async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> Result<()> {
+    match cmd {
+        TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint } => {
             let token = match token_file {
                 Some(p) => Some(read_secret(&p)?),
                 None => token,
             };
-            let req = AddTarget { name, kind: command_kind.into(), url, token, group, rate_limit, fingerprint };
-            let t: TargetInfo = client()?.post("/v1/targets", &req).await?;
-            let what = if command_kind == "dp" { "DP" } else { "child site" };
-            emit(json, &t, |t| println!("added {what} {} at {}", t.name, t.url));
+            let req = AddTarget { name, kind: kind.into(), url, token, group, rate_limit, fingerprint };
+            let t: TargetInfo = c.post("/v1/targets", &req).await?;
+            let what = if kind == "dp" { "DP" } else { "child site" };
+            emit(json, &t, |t| outln!("added {what} {} at {}", t.name, t.url));
         }
-        Command::Dp(TargetCmd::List) | Command::Site(TargetCmd::List) => {
-            let kind = if matches!(command_kind, "dp") { "dp" } else { "site" };
-            let all: Vec<TargetInfo> = client()?.get("/v1/targets").await?;
+        TargetCmd::List => {
+            let all: Vec<TargetInfo> = c.get("/v1/targets").await?;
             let list: Vec<TargetInfo> = all.into_iter().filter(|t| t.kind == kind).collect();
             emit(json, &list, |list| {
-                println!("{:<16} {:<36} {:<10} {:>12}  TOKEN", "NAME", "URL", "GROUP", "RATE LIMIT");
+                outln!("{:<16} {:<36} {:<10} {:>12}  TOKEN", "NAME", "URL", "GROUP", "RATE LIMIT");
                 for t in list {
-                    println!(
+                    outln!(
                         "{:<16} {:<36} {:<10} {:>12}  {}",
                         t.name,
                         t.url,
@@ -395,104 +477,124 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             });
         }
-        Command::Distribute { package, dps, groups, sites, wait, timeout } => {
-            let c = client()?;
-            let req = DistributeRequest { dps, groups, sites };
-            let r: DistributeReport = c.post(&format!("/v1/packages/{}/distribute", enc(&package)), &req).await?;
-            if wait {
-                return follow(&c, json, &r, print_distribute, timeout).await;
-            }
-            emit(json, &r, print_distribute);
+    }
+    Ok(())
+}
+
+async fn distribute_cmd(
+    c: &AdminClient,
+    json: bool,
+    package: &str,
+    req: DistributeRequest,
+    wait: WaitArgs,
+) -> Result<ExitCode> {
+    let r: DistributeReport = c.post(&format!("/v1/packages/{}/distribute", enc(package)), &req).await?;
+    // Before the first refresh there is nothing to send, so nothing to wait for.
+    if wait.wait && r.source_version > 0 {
+        return follow(c, json, &r, print_distribute, wait.timeout).await;
+    }
+    if wait.wait && json {
+        let s: StatusReport = c.get(&format!("/v1/packages/{}/status", enc(package))).await?;
+        outln!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        emit(json, &r, print_distribute);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status_cmd(c: &AdminClient, json: bool, package: Option<String>) -> Result<()> {
+    match package {
+        Some(p) => {
+            let s: StatusReport = c.get(&format!("/v1/packages/{}/status", enc(&p))).await?;
+            emit(json, &s, crate::wait::print_status);
         }
-        Command::Status { package } => {
-            let c = client()?;
-            match package {
-                Some(p) => {
-                    let s: StatusReport = c.get(&format!("/v1/packages/{}/status", enc(&p))).await?;
-                    emit(json, &s, crate::wait::print_status);
+        None => {
+            let all: Vec<StatusReport> = c.get("/v1/status").await?;
+            emit(json, &all, |all| {
+                for s in all {
+                    crate::wait::print_status(s);
+                    outln!();
                 }
-                None => {
-                    let all: Vec<StatusReport> = c.get("/v1/status").await?;
-                    emit(json, &all, |all| {
-                        for s in all {
-                            crate::wait::print_status(s);
-                            println!();
-                        }
-                    });
-                }
-            }
-        }
-        Command::Redistribute { package, target, wait, timeout } => {
-            return action(&client()?, json, &package, "redistribute", target, wait, timeout).await;
-        }
-        Command::Remove { package, target, wait, timeout } => {
-            return action(&client()?, json, &package, "remove", target, wait, timeout).await;
-        }
-        Command::Rollback { package, wait, timeout } => {
-            let c = client()?;
-            let r: RollbackReport = c.post(&format!("/v1/packages/{}/rollback", enc(&package)), &()).await?;
-            let text = |r: &RollbackReport| {
-                println!(
-                    "{} source version {} restores the content of version {} (root {}); queued for {} targets",
-                    r.package, r.source_version, r.restored_version, r.content_root, r.targets_queued
-                )
-            };
-            if wait {
-                return follow(&c, json, &r, text, timeout).await;
-            }
-            emit(json, &r, text);
-        }
-        Command::Validate { package, target } => {
-            let r: ValidateReport =
-                client()?.post(&format!("/v1/packages/{}/validate", enc(&package)), &TargetRequest { target }).await?;
-            let all_ok = r.targets.iter().all(|t| t.ok);
-            emit(json, &r, |r| {
-                for t in &r.targets {
-                    match (&t.error, t.ok) {
-                        (Some(e), _) => println!("{:<16} error: {e}", t.name),
-                        (None, true) => println!("{:<16} ok ({} files checked)", t.name, t.files_checked),
-                        (None, false) => {
-                            println!("{:<16} {} damaged files; repair queued", t.name, t.broken.len());
-                            for p in t.broken.iter().take(20) {
-                                println!("    {p}");
-                            }
-                        }
-                    }
-                    for fixed in &t.repaired {
-                        println!("    repaired: {fixed}");
-                    }
-                }
-            });
-            if !all_ok {
-                let bad: Vec<&str> = r.targets.iter().filter(|t| !t.ok).map(|t| t.name.as_str()).collect();
-                eprintln!("dpsync: validation found problems on {}", bad.join(", "));
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        Command::Gc => {
-            let r: GcReport = client()?.post("/v1/gc", &()).await?;
-            emit(json, &r, |r| {
-                println!(
-                    "pruned {} versions; removed {} objects ({}); kept {}",
-                    r.versions_pruned,
-                    r.objects_removed,
-                    human_bytes(r.bytes_removed),
-                    r.objects_kept
-                )
-            });
-        }
-        Command::Quickstart { keep } => return crate::quickstart::run(keep, json).await,
-        Command::Info => {
-            let r: dpsync_api::SiteInfo = client()?.get("/v1/site").await?;
-            emit(json, &r, |r| {
-                println!(
-                    "site {} (dpsync {}), {} packages, {} at {}",
-                    r.site_code, r.version, r.packages, r.database, r.data_dir
-                )
             });
         }
     }
+    Ok(())
+}
+
+async fn rollback_cmd(c: &AdminClient, json: bool, package: &str, wait: WaitArgs) -> Result<ExitCode> {
+    let r: RollbackReport = c.post(&format!("/v1/packages/{}/rollback", enc(package)), &()).await?;
+    let text = |r: &RollbackReport| {
+        outln!(
+            "{} source version {} restores the content of version {} (root {}); queued for {}",
+            r.package,
+            r.source_version,
+            r.restored_version,
+            r.content_root,
+            plural(r.targets_queued, "target")
+        )
+    };
+    if wait.wait {
+        return follow(c, json, &r, text, wait.timeout).await;
+    }
+    emit(json, &r, text);
     Ok(ExitCode::SUCCESS)
+}
+
+async fn validate_cmd(c: &AdminClient, json: bool, package: &str, target: Option<String>) -> Result<ExitCode> {
+    let r: ValidateReport =
+        c.post(&format!("/v1/packages/{}/validate", enc(package)), &TargetRequest { target }).await?;
+    emit(json, &r, |r| {
+        for t in &r.targets {
+            match (&t.error, t.ok) {
+                (Some(e), _) => outln!("{:<16} error: {e}", t.name),
+                (None, true) => outln!("{:<16} ok ({} checked)", t.name, plural(t.files_checked, "file")),
+                (None, false) => {
+                    outln!("{:<16} {}; repair queued", t.name, plural(t.broken.len() as u64, "damaged file"));
+                    for p in t.broken.iter().take(20) {
+                        outln!("    {p}");
+                    }
+                }
+            }
+            for fixed in &t.repaired {
+                outln!("    repaired: {fixed}");
+            }
+        }
+    });
+    let bad: Vec<&str> = r.targets.iter().filter(|t| !t.ok).map(|t| t.name.as_str()).collect();
+    if !bad.is_empty() {
+        eprintln!("dpsync: validation found problems on {}", bad.join(", "));
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn gc_cmd(c: &AdminClient, json: bool) -> Result<()> {
+    let r: GcReport = c.post("/v1/gc", &()).await?;
+    emit(json, &r, |r| {
+        outln!(
+            "pruned {}; removed {} ({}); kept {}",
+            plural(r.versions_pruned, "version"),
+            plural(r.objects_removed, "object"),
+            human_bytes(r.bytes_removed),
+            r.objects_kept
+        )
+    });
+    Ok(())
+}
+
+async fn info_cmd(c: &AdminClient, json: bool) -> Result<()> {
+    let r: dpsync_api::SiteInfo = c.get("/v1/site").await?;
+    emit(json, &r, |r| {
+        outln!(
+            "site {} (dpsync {}), {}, {} at {}",
+            r.site_code,
+            r.version,
+            plural(r.packages, "package"),
+            r.database,
+            r.data_dir
+        )
+    });
+    Ok(())
 }
 
 async fn action(
@@ -501,14 +603,13 @@ async fn action(
     package: &str,
     verb: &str,
     target: String,
-    wait: bool,
-    timeout: Option<u64>,
+    wait: WaitArgs,
 ) -> Result<ExitCode> {
     let r: ActionReport =
         c.post(&format!("/v1/packages/{}/{verb}", enc(package)), &TargetRequest { target: Some(target) }).await?;
-    let text = |r: &ActionReport| println!("{} {} queued for {}", r.package, r.action, r.targets.join(", "));
-    if wait {
-        return follow(c, json, &r, text, timeout).await;
+    let text = |r: &ActionReport| outln!("{} {} queued for {}", r.package, r.action, r.targets.join(", "));
+    if wait.wait {
+        return follow(c, json, &r, text, wait.timeout).await;
     }
     emit(json, &r, text);
     Ok(ExitCode::SUCCESS)
@@ -554,21 +655,30 @@ async fn follow<T: Followable>(
     if json && T::NESTS_STATUS {
         let mut v = serde_json::to_value(report)?;
         v["status"] = serde_json::to_value(&outcome.status)?;
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else if json {
-        println!("{}", serde_json::to_string_pretty(&outcome.status)?);
+        outln!("{}", serde_json::to_string_pretty(&outcome.status)?);
     }
     Ok(outcome.exit_code())
 }
 
 fn print_distribute(r: &DistributeReport) {
-    println!("{} version {} → {}", r.package, r.source_version, r.targets.join(", "));
+    if r.source_version == 0 {
+        outln!(
+            "{} → {}: no version yet: run `dpsync refresh {}` to send the first one",
+            r.package,
+            r.targets.join(", "),
+            r.package
+        );
+    } else {
+        outln!("{} version {} → {}", r.package, r.source_version, r.targets.join(", "));
+    }
 }
 
 fn print_refresh(r: &RefreshReport) {
     if r.dry_run {
-        println!("dry run for {}: would commit source version {}", r.package, r.source_version);
-        println!(
+        outln!("dry run for {}: would commit source version {}", r.package, r.source_version);
+        outln!(
             "  files: {} added, {} changed, {} removed, {} unchanged; {} to hash",
             r.files_added,
             r.files_changed,
@@ -578,40 +688,47 @@ fn print_refresh(r: &RefreshReport) {
         );
         for (label, list) in [("+", &r.added), ("~", &r.changed), ("-", &r.removed)] {
             for p in list {
-                println!("  {label} {p}");
+                outln!("  {label} {p}");
             }
         }
         return;
     }
-    println!(
+    outln!(
         "{} source version {}  root {}{}",
         r.package,
         r.source_version,
         r.content_root.as_deref().unwrap_or("-"),
         if r.content_changed { "" } else { " (content unchanged)" }
     );
-    println!(
-        "  files: {} added, {} changed, {} removed, {} unchanged ({} files, {} in all)",
+    outln!(
+        "  files: {} added, {} changed, {} removed, {} unchanged ({}, {} in all)",
         r.files_added,
         r.files_changed,
         r.files_removed,
         r.files_unchanged,
-        r.files,
+        plural(r.files, "file"),
         human_bytes(r.total_bytes)
     );
-    println!(
-        "  hashed {} in {} files, stored {} new, {} ms; queued for {} targets",
+    outln!(
+        "  hashed {} in {}, stored {} new, {} ms; queued for {}",
         human_bytes(r.bytes_hashed),
-        r.files_read,
+        plural(r.files_read, "file"),
         human_bytes(r.bytes_stored),
         r.duration_ms,
-        r.targets_queued
+        plural(r.targets_queued, "target")
     );
+    if r.files_recent > 0 {
+        outln!(
+            "  re-read {} modified within {} ms of the previous refresh (timestamps that recent can hide a change)",
+            plural(r.files_recent, "file"),
+            r.recent_window_ms
+        );
+    }
 }
 
 fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T)) {
     if json {
-        println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
+        outln!("{}", serde_json::to_string_pretty(value).expect("serializable"));
     } else {
         text(value);
     }

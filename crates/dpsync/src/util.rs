@@ -34,3 +34,48 @@ pub fn human_bytes(n: u64) -> String {
     }
     if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[i]) }
 }
+
+/// `1 target`, `3 targets`: a count and its noun, for output people read (the nouns
+/// used take an `s`).
+pub fn plural(n: u64, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}
+
+/// Writes command output to stdout. When the reader went away (`dpsync status | head -1`),
+/// the command ends there, quietly and successfully, like a filter whose reader has all
+/// it wanted; other write errors end it with a one-line reason. (SIGPIPE stays ignored:
+/// with it the admin socket's errors would kill the client without a word.)
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "dpsync: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`write_out`].
+macro_rules! outln {
+    () => {
+        $crate::util::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::util::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use outln;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plural_takes_an_s_except_for_one() {
+        assert_eq!(plural(0, "target"), "0 targets");
+        assert_eq!(plural(1, "target"), "1 target");
+        assert_eq!(plural(2, "file"), "2 files");
+    }
+}

@@ -1,18 +1,19 @@
 //! Following a distribution to its end (`--wait`): polls the package's status, shows
-//! progress (redrawn in place on a terminal, one line per change otherwise), and
+//! progress on stderr (indicatif bars on a terminal, one line per change otherwise), and
 //! decides the exit code: 0 when every target holds the version, 1 when any failed.
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cli::enc;
-use crate::util::human_bytes;
+use crate::util::{human_bytes, outln, plural};
 use dpsync_api::AdminClient;
-use dpsync_api::{DistState, StatusReport, TargetKind, TargetStatus};
+use dpsync_api::{DistState, Progress, StatusReport, TargetKind, TargetStatus};
 
 /// How a wait ended.
 #[derive(Debug)]
@@ -68,36 +69,26 @@ fn collect_failed(t: &TargetStatus, prefix: &str, out: &mut Vec<String>) {
 pub async fn wait(c: &AdminClient, pkg: &str, version: i64, timeout: Option<u64>, json: bool) -> Result<WaitOutcome> {
     let started = Instant::now();
     let deadline = timeout.map(|s| started + Duration::from_secs(s));
-    let tty = !json && std::io::stderr().is_terminal();
-    let mut last_states: HashMap<String, String> = HashMap::new();
-    let mut drawn = 0usize;
+    let mut view = View::new(json, version);
     // Small changes and relabels settle in milliseconds: ask again soon at first, then
     // every 200 ms (terminal) or 300 ms.
-    let slowest = Duration::from_millis(if tty { 200 } else { 300 });
+    let slowest = Duration::from_millis(if matches!(view, View::Bars(_)) { 200 } else { 300 });
     let mut pause = Duration::from_millis(25);
     loop {
         let status: StatusReport = c.get(&format!("/v1/packages/{}/status", enc(pkg))).await?;
         let results: Vec<Option<bool>> = status.targets.iter().map(|t| settled(t, version)).collect();
         let done = results.iter().all(Option::is_some);
-        if tty {
-            drawn = redraw(&status, version, started, drawn);
-        } else if !json {
-            for t in &status.targets {
-                let line = state_line(t);
-                if last_states.get(&t.name) != Some(&line) {
-                    eprintln!("{:<16} {line}", t.name);
-                    last_states.insert(t.name.clone(), line);
-                }
-            }
-        }
+        view.show(&status, results.iter().filter(|r| r.is_some()).count());
         let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
         if done || timed_out {
+            view.finish();
             let mut failed = Vec::new();
             for t in &status.targets {
                 collect_failed(t, "", &mut failed);
             }
+            let total = status.targets.len() as u64;
             if !failed.is_empty() {
-                eprintln!("dpsync: {} of {} targets failed: {}", failed.len(), status.targets.len(), failed.join("; "));
+                eprintln!("dpsync: {} of {} failed: {}", failed.len(), plural(total, "target"), failed.join("; "));
             } else if timed_out && !done {
                 let pending: Vec<&str> = status
                     .targets
@@ -108,18 +99,136 @@ pub async fn wait(c: &AdminClient, pkg: &str, version: i64, timeout: Option<u64>
                     .collect();
                 eprintln!("dpsync: timed out waiting for {}", pending.join(", "));
             } else if !json {
-                eprintln!(
-                    "{} version {version} is on all {} targets ({:.1} s)",
-                    pkg,
-                    status.targets.len(),
-                    started.elapsed().as_secs_f64()
-                );
+                let secs = started.elapsed().as_secs_f64();
+                match total {
+                    0 => eprintln!("{pkg} is not distributed to any target: nothing to wait for"),
+                    1 => eprintln!("{pkg} version {version} is on 1 target ({secs:.1} s)"),
+                    n => eprintln!("{pkg} version {version} is on all {n} targets ({secs:.1} s)"),
+                }
             }
             return Ok(WaitOutcome { status, failed, timed_out: timed_out && !done });
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(slowest);
     }
+}
+
+/// How `--wait` shows progress on stderr.
+enum View {
+    /// `--json`: nothing; the final document says it all.
+    Quiet,
+    /// Not a terminal (a log, a CI job): a line `NAME STATE vN …` each time a target's
+    /// line changes. Scripts read these; keep the format.
+    Lines(HashMap<String, String>),
+    /// A terminal: a bar per target, redrawn in place, and a summary line.
+    Bars(Bars),
+}
+
+impl View {
+    fn new(json: bool, version: i64) -> Self {
+        if json {
+            View::Quiet
+        } else if std::io::stderr().is_terminal() {
+            View::Bars(Bars::new(version))
+        } else {
+            View::Lines(HashMap::new())
+        }
+    }
+
+    fn show(&mut self, status: &StatusReport, settled: usize) {
+        match self {
+            View::Quiet => {}
+            View::Lines(last) => {
+                for t in &status.targets {
+                    let line = state_line(t);
+                    if last.get(&t.name) != Some(&line) {
+                        eprintln!("{:<16} {line}", t.name);
+                        last.insert(t.name.clone(), line);
+                    }
+                }
+            }
+            View::Bars(bars) => bars.show(status, settled),
+        }
+    }
+
+    /// Leaves each target's last line on the screen, without the summary.
+    fn finish(&mut self) {
+        if let View::Bars(bars) = self {
+            for (bar, _) in bars.targets.values() {
+                bar.finish();
+            }
+            bars.summary.finish_and_clear();
+        }
+    }
+}
+
+/// The terminal display: one line per target (a byte bar while it transfers, its state
+/// otherwise) above a summary line with a spinner and the time waited.
+struct Bars {
+    multi: MultiProgress,
+    /// By target name: its line, and whether it shows a transfer.
+    targets: HashMap<String, (ProgressBar, bool)>,
+    summary: ProgressBar,
+    version: i64,
+}
+
+impl Bars {
+    fn new(version: i64) -> Self {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let summary = multi.add(ProgressBar::new_spinner().with_style(style("{spinner} {msg} ({elapsed})")));
+        summary.enable_steady_tick(Duration::from_millis(120));
+        Self { multi, targets: HashMap::new(), summary, version }
+    }
+
+    fn show(&mut self, status: &StatusReport, settled: usize) {
+        for t in &status.targets {
+            let (bar, transferring) = self.targets.entry(t.name.clone()).or_insert_with(|| {
+                let bar = ProgressBar::new(0).with_prefix(t.name.clone()).with_style(style(STATE_LINE));
+                (self.multi.insert_before(&self.summary, bar), false)
+            });
+            match &t.progress {
+                Some(p) if p.bytes_planned > 0 => {
+                    if !*transferring {
+                        bar.set_style(style(TRANSFER_LINE));
+                        *transferring = true;
+                    }
+                    bar.set_length(p.bytes_planned);
+                    bar.set_position(p.bytes_done.min(p.bytes_planned));
+                    bar.set_message(transfer_message(t, p));
+                }
+                _ => {
+                    if *transferring {
+                        bar.set_style(style(STATE_LINE));
+                        *transferring = false;
+                    }
+                    bar.set_message(state_line(t));
+                }
+            }
+        }
+        self.summary.set_message(format!(
+            "waiting for version {}: {} of {} done",
+            self.version,
+            settled,
+            plural(status.targets.len() as u64, "target")
+        ));
+    }
+}
+
+const STATE_LINE: &str = "{prefix:<16} {msg}";
+const TRANSFER_LINE: &str = "{prefix:<16} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({percent} %) {msg}";
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).expect("a valid template").progress_chars("=> ")
+}
+
+/// Rate and ETA of a running transfer, from the site's clock: the status is polled, so
+/// the job's own start time gives steadier numbers than the gaps between polls.
+fn transfer_message(t: &TargetStatus, p: &Progress) -> String {
+    let elapsed = (dpsync_store::now_ms() - p.started_ms).max(1) as f64 / 1000.0;
+    let rate = p.bytes_done as f64 / elapsed;
+    let left = p.bytes_planned.saturating_sub(p.bytes_done) as f64;
+    let eta = if rate > 0.0 { format!("ETA {:.0} s", left / rate) } else { "ETA -".into() };
+    format!("{}/s  {eta}  {}", human_bytes(rate as u64), state_line(t))
 }
 
 fn state_line(t: &TargetStatus) -> String {
@@ -136,54 +245,40 @@ fn state_line(t: &TargetStatus) -> String {
     s
 }
 
-fn redraw(status: &StatusReport, version: i64, started: Instant, previous: usize) -> usize {
-    let mut err = std::io::stderr().lock();
-    if previous > 0 {
-        let _ = write!(err, "\x1b[{previous}A");
-    }
-    let mut lines = 0;
-    for t in &status.targets {
-        let mut line = format!("{:<16} {}", t.name, state_line(t));
-        if let Some(p) = &t.progress
-            && p.bytes_planned > 0
-        {
-            let pct = p.bytes_done as f64 * 100.0 / p.bytes_planned as f64;
-            let elapsed = (dpsync_store::now_ms() - p.started_ms).max(1) as f64 / 1000.0;
-            let rate = p.bytes_done as f64 / elapsed;
-            let eta = if rate > 0.0 { (p.bytes_planned - p.bytes_done) as f64 / rate } else { 0.0 };
-            line.push_str(&format!(
-                "  {}/{} ({pct:.0} %) {}/s  ETA {eta:.0} s",
-                human_bytes(p.bytes_done),
-                human_bytes(p.bytes_planned),
-                human_bytes(rate as u64)
-            ));
-        }
-        let _ = writeln!(err, "\x1b[2K{line}");
-        lines += 1;
-    }
-    let _ = writeln!(err, "\x1b[2Kwaiting for version {version}: {:.0} s", started.elapsed().as_secs_f64());
-    lines + 1
-}
-
 pub fn print_status(s: &StatusReport) {
-    println!(
-        "{} ({})  source site {}  version {}  root {}",
-        s.package,
-        s.name,
-        s.source_site,
-        s.source_version,
-        s.content_root.as_deref().map(|r| &r[..16.min(r.len())]).unwrap_or("-")
-    );
+    if s.source_version == 0 {
+        outln!(
+            "{} ({})  source site {}  no version yet: `dpsync refresh {}` commits the first one",
+            s.package,
+            s.name,
+            s.source_site,
+            s.package
+        );
+    } else {
+        outln!(
+            "{} ({})  source site {}  version {}  root {}",
+            s.package,
+            s.name,
+            s.source_site,
+            s.source_version,
+            s.content_root.as_deref().map(|r| &r[..16.min(r.len())]).unwrap_or("-")
+        );
+    }
     if s.targets.is_empty() {
-        println!("  not distributed; `dpsync distribute {} --dp NAME`", s.package);
+        outln!("  not distributed; `dpsync distribute {} --dp NAME`", s.package);
         return;
     }
-    println!(
+    outln!(
         "  {:<18} {:<5} {:<17} {:>9} {:>11} {:>11}  LAST ERROR",
-        "TARGET", "KIND", "STATE", "INSTALLED", "SENT LAST", "SENT TOTAL"
+        "TARGET",
+        "KIND",
+        "STATE",
+        "INSTALLED",
+        "SENT LAST",
+        "SENT TOTAL"
     );
     fn row(t: &TargetStatus, indent: usize) {
-        println!(
+        outln!(
             "  {:<18} {:<5} {:<17} {:>9} {:>11} {:>11}  {}",
             format!("{}{}", " ".repeat(indent), t.name),
             t.kind,

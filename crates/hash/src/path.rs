@@ -106,6 +106,28 @@ impl AsRef<str> for RelPath {
     }
 }
 
+/// A name or message as it may be shown to a person: control characters (newline, tab,
+/// escape, …) and the Unicode characters that reorder text on screen are written as
+/// Rust escapes (`\n`, `\t`, `\u{202e}`), so a hostile file name can neither break a
+/// one-line message nor disguise itself. Anything else is unchanged (no copy).
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    fn hidden(c: char) -> bool {
+        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(hidden) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if hidden(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn validate(s: &str) -> Result<(), PathError> {
     if s.is_empty() {
         return Err(PathError::Empty);
@@ -175,6 +197,15 @@ pub fn resolve_symlink(link: &RelPath, target: &str) -> Result<Option<RelPath>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escape_controls_keeps_messages_on_one_honest_line() {
+        assert!(matches!(escape_controls("dir with space/ü.txt"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(escape_controls("a\nb.txt"), "a\\nb.txt");
+        assert_eq!(escape_controls("tab\there\r\u{1b}[31m"), "tab\\there\\r\\u{1b}[31m");
+        assert_eq!(escape_controls("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+        assert_eq!(escape_controls("\u{85}"), "\\u{85}", "C1 controls too");
+    }
 
     #[test]
     fn accepts_ordinary_paths() {

@@ -19,9 +19,10 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use dpsync_hash::path::escape_controls;
 use dpsync_hash::{Chunk, Entry, EntryKind, FileHash, Manifest, RelPath};
 
-pub use cache::{CacheDecodeError, ScanCache};
+pub use cache::{CacheDecodeError, RACY_WINDOW_NS, ScanCache};
 pub use root::{Resolver, SourceChanged, SourceKind, SourceRoot, SourceStat};
 
 /// The metadata that decides whether a file must be read again.
@@ -62,9 +63,10 @@ pub struct ScanEntry {
     pub stat: FileStat,
 }
 
-/// One refused entry, with the reason in words an administrator can act on.
+/// One refused entry, with the reason in words an administrator can act on. `path` is
+/// as found on disk; its message escapes control characters (a name may hold a newline).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {reason}")]
+#[error("{}: {}", escape_controls(path), escape_controls(reason))]
 pub struct ScanProblem {
     pub path: String,
     pub reason: String,
@@ -73,12 +75,17 @@ pub struct ScanProblem {
 /// A scan that could not start at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
-    #[error("source folder {0} does not exist")]
+    #[error("source folder {} does not exist", shown(.0))]
     Missing(PathBuf),
-    #[error("source {0} is not a folder")]
+    #[error("source {} is not a folder", shown(.0))]
     NotADirectory(PathBuf),
-    #[error("source folder {path}: {source}")]
+    #[error("source folder {}: {source}", shown(.path))]
     Unreadable { path: PathBuf, source: std::io::Error },
+}
+
+/// A path for a message, control characters escaped.
+fn shown(p: &Path) -> String {
+    escape_controls(&p.to_string_lossy()).into_owned()
 }
 
 /// The result of walking a tree: accepted entries sorted by path, and all problems.

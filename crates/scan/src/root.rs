@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use dpsync_hash::RelPath;
-use dpsync_hash::path::resolve_symlink;
+use dpsync_hash::path::{escape_controls, resolve_symlink};
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -45,7 +45,7 @@ static OPENAT2_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 /// symbolic link (or stopped being a folder), or the file stopped being a regular file.
 /// Carried inside the `io::Error`s of [`SourceRoot`]; its message names the path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: changed while it was read: {what}; refresh again")]
+#[error("{}: changed while it was read: {what}; refresh again", escape_controls(path))]
 pub struct SourceChanged {
     pub path: String,
     pub what: &'static str,

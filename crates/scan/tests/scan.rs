@@ -51,6 +51,24 @@ fn reports_every_bad_entry_and_keeps_the_good_ones() {
 }
 
 #[test]
+fn problems_name_hostile_entries_on_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("a\nb.txt"), b"x").unwrap();
+    let fifo = t.path().join("tab\there");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let s = scan(t.path()).unwrap();
+    let problems: Vec<String> = s.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    for p in &problems {
+        assert!(!p.chars().any(char::is_control), "a control character in {p:?}");
+    }
+    assert!(problems[0].starts_with("a\\nb.txt: "), "{problems:#?}");
+    assert!(problems[1].starts_with("tab\\there: "), "{problems:#?}");
+    let missing = scan(&t.path().join("new\nline")).unwrap_err().to_string();
+    assert!(missing.contains("new\\nline") && !missing.contains('\n'), "{missing}");
+}
+
+#[test]
 fn missing_and_non_directory_roots_are_errors() {
     let t = tempfile::tempdir().unwrap();
     assert!(matches!(scan(&t.path().join("nope")), Err(ScanError::Missing(_))));

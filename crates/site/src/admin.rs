@@ -61,7 +61,7 @@ pub fn metrics_router(site: Arc<Site>) -> Router {
 
 async fn metrics(State(site): State<Arc<Site>>) -> Result<impl IntoResponse, SiteError> {
     let text = site.metrics_text().await?;
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+    Ok(([(axum::http::header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text))
 }
 
 async fn site_info(State(site): State<Arc<Site>>) -> ApiResult<SiteInfo> {

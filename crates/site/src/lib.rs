@@ -11,6 +11,7 @@ mod admin;
 mod clients;
 mod config;
 mod distribute;
+mod metrics;
 mod receive;
 mod refresh;
 mod targets;
@@ -30,6 +31,7 @@ use dpsync_api::{GcReport, Progress};
 pub use admin::router;
 pub use config::{ServerConfig, ServerSettings};
 pub use distribute::DistConfig;
+pub use metrics::SiteMetrics;
 pub use receive::ChildSite;
 
 /// A decoded manifest and its compressed wire form.
@@ -179,68 +181,6 @@ impl Site {
         report.objects_kept = stats.objects_kept;
         tracing::info!(?report, "garbage collection done");
         Ok(report)
-    }
-}
-
-/// Counters exported on `/metrics` (gauges are read from the store at scrape time).
-#[derive(Debug, Default)]
-pub struct SiteMetrics {
-    pub refreshes: std::sync::atomic::AtomicU64,
-    pub refresh_failures: std::sync::atomic::AtomicU64,
-    pub bytes_hashed: std::sync::atomic::AtomicU64,
-    pub bytes_sent: std::sync::atomic::AtomicU64,
-    pub jobs_succeeded: std::sync::atomic::AtomicU64,
-    pub jobs_retried: std::sync::atomic::AtomicU64,
-    pub jobs_failed: std::sync::atomic::AtomicU64,
-}
-
-impl Site {
-    /// Prometheus text exposition of the site's counters and distribution states.
-    pub async fn metrics_text(&self) -> Result<String, SiteError> {
-        use std::fmt::Write;
-        use std::sync::atomic::Ordering::Relaxed;
-        let m = &self.metrics;
-        let mut out = String::new();
-        for (name, help, v) in [
-            ("dpsync_site_refreshes_total", "Refreshes committed.", m.refreshes.load(Relaxed)),
-            ("dpsync_site_refresh_failures_total", "Refreshes refused or failed.", m.refresh_failures.load(Relaxed)),
-            ("dpsync_site_bytes_hashed_total", "Source bytes read and hashed.", m.bytes_hashed.load(Relaxed)),
-            ("dpsync_site_bytes_sent_total", "Bytes sent to targets (request bodies).", m.bytes_sent.load(Relaxed)),
-            ("dpsync_site_jobs_succeeded_total", "Distribution jobs finished.", m.jobs_succeeded.load(Relaxed)),
-            (
-                "dpsync_site_jobs_retried_total",
-                "Distribution attempts that will be retried.",
-                m.jobs_retried.load(Relaxed),
-            ),
-            ("dpsync_site_jobs_failed_total", "Distribution jobs failed for good.", m.jobs_failed.load(Relaxed)),
-        ] {
-            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
-        }
-        let mut states: std::collections::BTreeMap<(String, String), u64> = Default::default();
-        let packages = self.store.packages().await?;
-        let _ = write!(
-            out,
-            "# HELP dpsync_site_packages Packages on this site.\n# TYPE dpsync_site_packages gauge\ndpsync_site_packages {}\n",
-            packages.len()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP dpsync_site_package_version Current source version.\n# TYPE dpsync_site_package_version gauge"
-        );
-        for p in &packages {
-            let _ = writeln!(out, "dpsync_site_package_version{{package=\"{}\"}} {}", p.id, p.current_version);
-            for d in self.store.distributions(&p.id).await? {
-                *states.entry((d.target_kind.as_str().to_owned(), d.state.as_str().to_owned())).or_default() += 1;
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP dpsync_site_distributions Distributions by target kind and state.\n# TYPE dpsync_site_distributions gauge"
-        );
-        for ((kind, state), n) in states {
-            let _ = writeln!(out, "dpsync_site_distributions{{kind=\"{kind}\",state=\"{state}\"}} {n}");
-        }
-        Ok(out)
     }
 }
 

@@ -8,9 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
+use dpsync_hash::path::escape_controls;
 use dpsync_hash::{ChunkParams, DecodeLimits, Entry, EntryKind, FileDigest, Manifest};
 use dpsync_library::{ImportBatch, Library};
-use dpsync_scan::{FilePlan, FileStat, ScanCache, ScanEntry, ScanError, ScanKind, SourceChanged, SourceRoot};
+use dpsync_scan::{
+    FilePlan, FileStat, RACY_WINDOW_NS, ScanCache, ScanEntry, ScanError, ScanKind, SourceChanged, SourceRoot,
+};
 use dpsync_store::{NewVersion, VersionStats};
 use rayon::prelude::*;
 
@@ -214,6 +217,7 @@ fn build(
 
     let bytes_read = AtomicU64::new(0);
     let bytes_stored = AtomicU64::new(0);
+    let files_recent = AtomicU64::new(0);
     let batch = library.import_batch();
     // Each file comes back with the stat that describes the bytes its hash covers (the
     // scan's for a reused file, the pre-read fstat for a read one): the scan cache is
@@ -235,6 +239,9 @@ fn build(
                     bytes_read.fetch_add(digest.size, Ordering::Relaxed);
                     if stored_new {
                         bytes_stored.fetch_add(digest.size, Ordering::Relaxed);
+                    }
+                    if !req.verify && reread_unchanged(previous, prev_cache, &entry, &digest) {
+                        files_recent.fetch_add(1, Ordering::Relaxed);
                     }
                     let kind = EntryKind::File { size: digest.size, hash: digest.hash, chunks: digest.chunks };
                     (Entry { path: entry.path.clone(), mode, mtime_ns: stat.mtime_ns, kind }, Some(stat))
@@ -306,8 +313,18 @@ fn build(
     report.files_read = plan.files_to_read;
     report.bytes_hashed = bytes_read.into_inner();
     report.bytes_stored = bytes_stored.into_inner();
+    report.files_recent = files_recent.into_inner();
+    report.recent_window_ms = (RACY_WINDOW_NS / 1_000_000) as u64;
     report.phases.read_ms = clock.elapsed().as_millis() as u64 - report.phases.scan_ms;
     Ok(Built { report, version: Some((manifest, cache)) })
+}
+
+/// Whether a file was read only because the previous refresh found it modified too
+/// recently to record its stat (see [`dpsync_scan::ScanCache::record`]): it is in the
+/// previous version with the same content, and the scan cache has nothing for it.
+fn reread_unchanged(previous: Option<&Manifest>, cache: &ScanCache, entry: &ScanEntry, digest: &FileDigest) -> bool {
+    cache.get(entry.path.as_str()).is_none()
+        && previous.and_then(|m| m.get(entry.path.as_str())).and_then(Entry::file_hash) == Some(digest.hash)
 }
 
 fn push_listed(list: &mut Vec<String>, e: &ScanEntry) {
@@ -340,22 +357,24 @@ fn import_file(
     root: &SourceRoot,
     entry: &ScanEntry,
 ) -> Result<(FileDigest, FileStat, u32, bool), String> {
+    // Path rules refuse control characters, but not every character that reorders text.
+    let name = escape_controls(entry.path.as_str());
     for _ in 0..READ_ATTEMPTS {
         // A regular file, or a `SourceChanged` error that names the path.
         let file = root.open_file(&entry.path).map_err(|e| match e.kind() {
             _ if SourceChanged::of(&e).is_some() => e.to_string(),
-            std::io::ErrorKind::NotFound => format!("{}: vanished during the refresh; refresh again", entry.path),
-            _ => format!("{}: cannot be opened: {e}", entry.path),
+            std::io::ErrorKind::NotFound => format!("{name}: vanished during the refresh; refresh again"),
+            _ => format!("{name}: cannot be opened: {e}"),
         })?;
-        let before = file.metadata().map_err(|e| format!("{}: {e}", entry.path))?;
+        let before = file.metadata().map_err(|e| format!("{name}: {e}"))?;
         let imported = batch.import(&file, params).map_err(|e| {
             if e.is_disk_full() {
-                format!("{}: the content library's disk is full ({e}); free space, then refresh again", entry.path)
+                format!("{name}: the content library's disk is full ({e}); free space, then refresh again")
             } else {
-                format!("{}: {e}", entry.path)
+                format!("{name}: {e}")
             }
         })?;
-        let after = file.metadata().map_err(|e| format!("{}: {e}", entry.path))?;
+        let after = file.metadata().map_err(|e| format!("{name}: {e}"))?;
         let (b, a) = (FileStat::of(&before), FileStat::of(&after));
         if b == a && imported.digest.size == b.size {
             return Ok((imported.digest, b, before.mode() & 0o7777, imported.stored_new));
@@ -363,7 +382,6 @@ fn import_file(
         tracing::debug!(path = %entry.path, "file changed while being read; reading it again");
     }
     Err(format!(
-        "{}: kept changing while it was read ({READ_ATTEMPTS} attempts); stop writing to it, then refresh again",
-        entry.path
+        "{name}: kept changing while it was read ({READ_ATTEMPTS} attempts); stop writing to it, then refresh again"
     ))
 }

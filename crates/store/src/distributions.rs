@@ -17,7 +17,7 @@ use sqlx::any::AnyRow;
 
 use crate::error::{Result, StoreError};
 use crate::packages::{Lock, lock_package, normalize_id};
-use crate::{Action, Backend, DistState, Distribution, Outcome, Store, now_ms};
+use crate::{Action, Backend, DistState, Distribution, Outcome, StateCount, Store, now_ms};
 
 macro_rules! dist_select {
     () => {
@@ -189,6 +189,27 @@ impl Store {
             .iter()
             .map(dist_from_row)
             .collect()
+    }
+
+    /// How many distributions are in each state, per target kind, in one `GROUP BY` (for
+    /// metrics: a scrape costs one query whatever the number of packages). Only the
+    /// (kind, state) pairs that occur, ordered by kind then state.
+    pub async fn distribution_state_counts(&self) -> Result<Vec<StateCount>> {
+        sqlx::query(
+            "SELECT t.kind AS target_kind, d.state, COUNT(*) AS n \
+             FROM distributions d JOIN targets t ON t.id = d.target_id \
+             GROUP BY t.kind, d.state ORDER BY t.kind, d.state",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            let kind: String = row.try_get("target_kind")?;
+            let state: String = row.try_get("state")?;
+            let n: i64 = row.try_get("n")?;
+            Ok(StateCount { kind: kind.parse()?, state: state.parse()?, count: n.max(0) as u64 })
+        })
+        .collect()
     }
 
     /// Every distribution to one target, ordered by package id.

@@ -40,8 +40,8 @@ use crate::migrate::{SITE_POSTGRES, SITE_SQLITE};
 
 pub use error::{Result, StoreError};
 pub use types::{
-    Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, Target, TargetKind,
-    VersionRecord, VersionStats, VersionSummary,
+    Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageVersion, StateCount,
+    Target, TargetKind, VersionRecord, VersionStats, VersionSummary,
 };
 
 /// Newest schema version this build knows (the highest migration number).

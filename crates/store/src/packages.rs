@@ -5,7 +5,7 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
 use crate::error::{Result, StoreError, is_unique_violation};
-use crate::{Backend, Package, Store, now_ms};
+use crate::{Backend, Package, PackageVersion, Store, now_ms};
 
 /// Highest package number that fits in 5 hex digits.
 const MAX_PACKAGE_SEQ: i64 = 0xF_FFFF;
@@ -209,6 +209,17 @@ impl Store {
             .await?
             .iter()
             .map(package_from_row)
+            .collect()
+    }
+
+    /// Every package's id and current source version, ordered by id: what metrics need,
+    /// without the rest of each row.
+    pub async fn package_versions(&self) -> Result<Vec<PackageVersion>> {
+        sqlx::query("SELECT id, current_version FROM packages ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| Ok(PackageVersion { id: row.try_get("id")?, current_version: row.try_get("current_version")? }))
             .collect()
     }
 

@@ -333,6 +333,24 @@ pub struct Distribution {
     pub updated_at: i64,
 }
 
+/// How many distributions to one kind of target are in one state (a row of
+/// [`Store::distribution_state_counts`](crate::Store::distribution_state_counts)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateCount {
+    pub kind: TargetKind,
+    pub state: DistState,
+    pub count: u64,
+}
+
+/// A package's id and current source version (a row of
+/// [`Store::package_versions`](crate::Store::package_versions)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageVersion {
+    pub id: String,
+    /// 0 before the first commit.
+    pub current_version: i64,
+}
+
 /// Result of one distribution job, passed to [`Store::finish`](crate::Store::finish).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -18,7 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dpsync_hash::{ChunkId, ContentRoot, FileHash};
 use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged, StagedChunk};
 use dpsync_store::{
-    Action, Backend, DistState, NewTarget, NewVersion, Outcome, Store, StoreError, TargetKind, VersionStats,
+    Action, Backend, DistState, NewTarget, NewVersion, Outcome, PackageVersion, StateCount, Store, StoreError,
+    TargetKind, VersionStats,
 };
 use sqlx::Connection;
 
@@ -167,6 +168,7 @@ conformance!(
     meta_get_set,
     targets_and_debug_redacts_token,
     garbled_content_root_is_an_error_naming_the_table,
+    aggregate_counts_for_metrics,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -924,6 +926,63 @@ async fn garbled_content_root_is_an_error_naming_the_table(db: &Db) {
 // ---------------------------------------------------------------------------------------
 // Backend-independent
 // ---------------------------------------------------------------------------------------
+
+async fn aggregate_counts_for_metrics(db: &Db) {
+    assert!(db.distribution_state_counts().await.unwrap().is_empty());
+    assert!(db.package_versions().await.unwrap().is_empty());
+
+    let office = package_v1(db, "Office").await;
+    let chrome = db.create_package("PS1", "Chrome", "/src/chrome").await.unwrap().id;
+    let (dp1, dp2) = (target(db, "dp1").await, target(db, "dp2").await);
+    let child = db
+        .add_target(NewTarget {
+            name: "child".into(),
+            kind: TargetKind::Site,
+            url: "https://child.example:8443".into(),
+            token: None,
+            group: None,
+            rate_limit: None,
+            fingerprint: None,
+        })
+        .await
+        .unwrap()
+        .id;
+    for t in [dp1, dp2, child] {
+        db.assign(&office, t).await.unwrap();
+    }
+    db.assign(&chrome, dp1).await.unwrap();
+    // office → dp1 installed, → dp2 failed, → child in progress; chrome → dp1 pending
+    // (it has no version to send yet).
+    let claimed = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(claimed.len(), 3, "only office's rows are claimable: {claimed:?}");
+    db.finish(&office, dp1, Outcome::Installed { version: 1 }).await.unwrap();
+    db.finish(&office, dp2, Outcome::Failed { error: "refused".into() }).await.unwrap();
+
+    let count = |kind, state, count| StateCount { kind, state, count };
+    let counts = db.distribution_state_counts().await.unwrap();
+    assert_eq!(
+        counts,
+        vec![
+            count(TargetKind::Dp, DistState::Failed, 1),
+            count(TargetKind::Dp, DistState::Installed, 1),
+            count(TargetKind::Dp, DistState::Pending, 1),
+            count(TargetKind::Site, DistState::InProgress, 1),
+        ],
+        "grouped by kind and state, in that order"
+    );
+    let rows = db.distributions(&office).await.unwrap().len() + db.distributions(&chrome).await.unwrap().len();
+    assert_eq!(counts.iter().map(|c| c.count).sum::<u64>(), rows as u64, "every row is counted once");
+
+    db.commit_version(&office, new_version("b")).await.unwrap();
+    assert_eq!(
+        db.package_versions().await.unwrap(),
+        vec![
+            PackageVersion { id: office.clone(), current_version: 2 },
+            PackageVersion { id: chrome.clone(), current_version: 0 },
+        ],
+        "ordered by id"
+    );
+}
 
 #[test]
 fn enums_serialize_as_snake_case() {
