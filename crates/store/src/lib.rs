@@ -22,6 +22,7 @@ mod error;
 mod integrity;
 mod migrate;
 mod packages;
+mod snapshot;
 mod targets;
 mod types;
 mod versions;
@@ -33,6 +34,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, AnyConnection, AnyPool, Connection, Row, Transaction};
 
 pub use error::{Result, StoreError};
+pub use snapshot::snapshot_sqlite_file;
 pub use types::{
     Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, Target, TargetKind,
     VersionRecord, VersionStats, VersionSummary,
