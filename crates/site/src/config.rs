@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub strict_trust: bool,
     /// TCP address serving only `/metrics`.
     pub metrics_listen: Option<String>,
+    /// The TOML file the server was started with (absolute), if any: `dpsync backup`
+    /// copies it.
+    pub config_file: Option<PathBuf>,
 }
 
 /// What flags and environment gave.
@@ -82,6 +85,7 @@ pub struct ServerOverrides {
 impl ServerConfig {
     pub fn resolve(o: ServerOverrides) -> Result<Self> {
         let file: ServerFile = load_toml(o.config.as_deref())?;
+        let config_file = o.config.as_deref().map(absolute).transpose()?;
         let Some(data_dir) = o.data_dir.or(file.data_dir) else {
             bail!("no data directory: pass --data-dir DIR (or set DPSYNC_DATA_DIR, or data_dir in --config)")
         };
@@ -130,6 +134,7 @@ impl ServerConfig {
             trust: o.trust,
             strict_trust: o.strict_trust,
             metrics_listen: o.metrics_listen.or(file.metrics_listen),
+            config_file,
         })
     }
 }

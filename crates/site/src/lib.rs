@@ -8,6 +8,7 @@
 //! completes; the binary parses flags, binds, and handles signals.
 
 mod admin;
+pub mod backup;
 mod config;
 mod distribute;
 mod receive;
@@ -87,6 +88,8 @@ pub struct Site {
     pub site_key: dpsync_transfer::trust::SiteKey,
     /// Pinned keys of the sites whose packages this site receives and relays.
     pub trust: Arc<dpsync_transfer::trust::TrustStore>,
+    /// The backup running now, if any.
+    backup: backup::Running,
 }
 
 impl Site {
@@ -134,6 +137,7 @@ impl Site {
             delta_cache: Mutex::new(HashMap::new()),
             site_key,
             trust,
+            backup: Default::default(),
         })
     }
 
