@@ -300,11 +300,17 @@ fn restore_refuses_a_non_empty_folder_and_a_tampered_backup() {
 
 #[test]
 fn backup_without_library_then_restore_then_refresh_reimports() {
-    let mut setup = Setup::new(2, ServerOpts::site("PS1"));
+    // Started with a configuration file: the backup keeps a copy and where it was.
+    let conf_dir = TestDir::new();
+    let conf = conf_dir.join("server.conf");
+    fs::write(&conf, "keep_versions = 4\n").unwrap();
+    let mut setup = Setup::new(2, ServerOpts { config: Some(conf.clone()), ..ServerOpts::site("PS1") });
     let before = setup.identity();
     let bk = setup.dir.join("bk");
     let b = setup.server.cli_json(&["backup", s(&bk)]);
     assert!(b["library"].is_null(), "{b:#}");
+    assert_eq!(b["config"], s(&conf), "{b:#}");
+    assert_eq!(fs::read(bk.join("server.toml")).unwrap(), fs::read(&conf).unwrap());
     assert!(b["notes"].to_string().contains("library"), "{b:#}");
     assert!(!bk.join("library").exists());
 
@@ -315,6 +321,9 @@ fn backup_without_library_then_restore_then_refresh_reimports() {
     assert_eq!(r["scan_caches_cleared"], true, "{r:#}");
     let notes = r["notes"].to_string();
     assert!(notes.contains("library is empty") && notes.contains("redistribute"), "{r:#}");
+    assert_eq!(r["config_original"], s(&conf), "{r:#}");
+    assert_eq!(fs::read(text(&r, "config")).unwrap(), fs::read(&conf).unwrap());
+    assert!(text(&r, "start").contains("--config"), "{r:#}");
 
     setup.server = Server::start(&new, "PS1");
     assert_eq!(before, setup.identity(), "the restored site differs");
@@ -460,4 +469,31 @@ fn a_restored_child_site_keeps_its_tls_identity_and_what_it_received() {
         .sum();
     let sent = num(&ps1.target_status(&pkg, "CH1"), "bytes_sent_last");
     assert!(sent < size / 20, "{sent} bytes sent to the restored child for a 2 KiB change of {size} bytes");
+}
+
+#[test]
+fn a_backup_taken_during_a_refresh_is_consistent() {
+    let setup = Setup::new(0, ServerOpts::site("PS1"));
+    // Change every file, and refresh in the background while the backup runs.
+    gen_tree(&setup.src, 80, 9, 1024..64 * 1024);
+    set_old_mtimes(&setup.src);
+    let mut refresh = setup.server.spawn_cli("refresh", &["refresh", &setup.id, "--json"]);
+    let bk = setup.dir.join("bk");
+    setup.server.cli_json(&["backup", s(&bk), "--with-library"]);
+    assert!(refresh.wait_exit(WAIT).success(), "the refresh failed:\n{}", refresh.log());
+    let committed = setup.server.cli_json(&["package", "show", &setup.id]);
+
+    // Whichever versions the copy holds, the library holds their content (restore checks
+    // it against the restored database and would refuse), and they are committed ones.
+    let new = setup.dir.join("n");
+    restore_ok(&bk, &new, &[]);
+    let restored = Server::start(&new, "PS1");
+    let show = restored.cli_json(&["package", "show", &setup.id]);
+    let versions = show["versions"].as_array().unwrap();
+    assert!(!versions.is_empty(), "{show:#}");
+    for v in versions {
+        let same =
+            committed["versions"].as_array().unwrap().iter().find(|c| c["source_version"] == v["source_version"]);
+        assert_eq!(same.map(|c| &c["content_root"]), Some(&v["content_root"]), "{show:#}\n{committed:#}");
+    }
 }
