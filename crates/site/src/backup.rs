@@ -717,23 +717,19 @@ pub async fn restore(opts: RestoreOptions, progress: Arc<Progress>) -> Result<Re
                     entry.original_path
                 ));
             }
-            if manifest.library.included {
-                // Nothing to add.
-            } else if scan_caches_cleared {
-                notes.push(
+            if !manifest.library.included {
+                notes.push(if scan_caches_cleared {
                     "the content library is empty (the backup holds none): the next refresh of each package \
                      re-reads its whole source folder and imports it; the DPs still receive only what changed. \
                      Until a package has been refreshed it cannot be redistributed (`dpsync redistribute`), sent \
                      to a new DP or repaired, and a rollback works only for targets that still hold the old version"
-                        .into(),
-                );
-            } else {
-                notes.push(
+                        .into()
+                } else {
                     "the content library is empty (the backup holds none) and the database was not given \
                      (--database-url): run `dpsync refresh PKG --verify` for every package once the server runs, \
                      so that its source is imported again; until then packages cannot be redistributed"
-                        .into(),
-                );
+                        .into()
+                });
             }
             if postgres && opts.database_url.is_none() {
                 notes.push(
