@@ -1,5 +1,6 @@
 //! End-to-end tests: real `dpsync` processes on loopback, driven through the CLI.
 
+mod backup;
 mod beneath;
 mod cli;
 mod config;

@@ -431,6 +431,107 @@ pub struct Progress {
     pub started_ms: i64,
 }
 
+/// `POST /v1/backup` — `dpsync backup DIR [--with-library]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BackupRequest {
+    /// Absolute path of the folder to write the backup into, on the server's machine:
+    /// created (mode 0700) if missing, refused if not empty.
+    pub dir: String,
+    /// Also copy the content library (hard links where `dir` is on the same filesystem).
+    #[serde(default)]
+    pub with_library: bool,
+}
+
+/// What a backup wrote (also the summary of its `backup.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BackupReport {
+    pub dir: String,
+    pub site_code: String,
+    pub dpsync_version: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// `sqlite` or `postgres`.
+    pub database: String,
+    /// False for PostgreSQL: its administrator backs it up (`pg_dump -Fc`).
+    pub database_included: bool,
+    /// A child site's receiving database (`receive.db`) was copied.
+    pub receive_database: bool,
+    pub site_key: bool,
+    /// The self-signed TLS certificate, key and fingerprint under `DATA_DIR/tls`.
+    pub tls: bool,
+    /// The pinned keys of other sites (`trusted-sites.json`).
+    pub trust_store: bool,
+    /// Where the server's configuration file was (it is copied as `server.toml`).
+    pub config: Option<String>,
+    /// `None` without `--with-library`.
+    pub library: Option<LibraryCopy>,
+    /// Files other than library objects, and their bytes.
+    pub files: u64,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    /// What the administrator should know (what was left out and why).
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// Library objects copied by a backup or a restore.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LibraryCopy {
+    pub objects: u64,
+    pub bytes: u64,
+    /// Objects hard-linked (same filesystem) and copied.
+    pub linked: u64,
+    pub copied: u64,
+    /// `hardlink`, `copy` or `mixed`.
+    pub method: String,
+}
+
+/// `GET /v1/backup`: the backup running now, if any.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BackupProgress {
+    pub running: bool,
+    pub dir: Option<String>,
+    /// `database`, `files`, `library`, `manifest`.
+    pub phase: String,
+    pub objects_done: u64,
+    pub objects_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub started_ms: i64,
+}
+
+/// What `dpsync restore DIR --data-dir NEW` laid out (it runs without a server).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RestoreReport {
+    pub backup_dir: String,
+    pub data_dir: String,
+    pub site_code: String,
+    /// When the backup was taken (Unix milliseconds).
+    pub backup_created_at: i64,
+    /// `sqlite` or `postgres`.
+    pub database: String,
+    /// The SQLite database was laid out as `DATA_DIR/dpsync.db`.
+    pub database_restored: bool,
+    /// The PostgreSQL database given with `--database-url` was checked (and fixed up).
+    pub database_checked: bool,
+    pub receive_database: bool,
+    pub site_key: bool,
+    pub tls: bool,
+    pub trust_store: bool,
+    /// Where the configuration file was put, and where the original was.
+    pub config: Option<String>,
+    pub config_original: Option<String>,
+    /// `None` when the backup holds no library: the library starts empty.
+    pub library: Option<LibraryCopy>,
+    /// Every version's scan cache was forgotten so the next refresh re-imports the sources.
+    pub scan_caches_cleared: bool,
+    /// The command that starts the restored site.
+    pub start: String,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

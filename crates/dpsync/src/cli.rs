@@ -17,6 +17,7 @@ use dpsync_api::{
     ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, GcReport, PackageDetail, PackageInfo,
     RefreshReport, RefreshRequest, RollbackReport, StatusReport, TargetInfo, TargetRequest, ValidateReport,
 };
+use dpsync_api::{BackupProgress, BackupReport, BackupRequest};
 use dpsync_hash::path::escape_controls;
 use dpsync_site::{ServerConfig, ServerSettings};
 
@@ -161,6 +162,26 @@ enum Command {
     Cert(CertCmd),
     /// Show the server's identity.
     Info,
+    /// Write a consistent snapshot of the running server into DIR (new or empty): its
+    /// database, site key, TLS material, trust store, configuration, and with
+    /// --with-library its content library.
+    Backup {
+        /// Folder to write the backup into (on the server's machine; created 0700).
+        dir: PathBuf,
+        /// Also copy the content library (hard links when DIR is on the same filesystem).
+        #[arg(long)]
+        with_library: bool,
+    },
+    /// Lay a backup out as the data directory of a new server (--data-dir NEW, new or
+    /// empty); no server needs to run.
+    Restore {
+        /// The backup folder.
+        dir: PathBuf,
+        /// For a backup of a PostgreSQL site: the database restored with pg_restore, to
+        /// check it and prepare it.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
     /// Try it on this machine: a site server, two DPs, a sample package, refreshes.
     Quickstart {
         /// Keep the temporary directory (source, data directories, logs) and print where it is.
@@ -336,6 +357,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Gc => gc_cmd(&client()?, json).await?,
         Command::Quickstart { keep } => return crate::quickstart::run(keep, json).await,
         Command::Info => info_cmd(&client()?, json).await?,
+        Command::Backup { dir, with_library } => return backup(&client()?, dir, with_library, json).await,
+        Command::Restore { dir, database_url } => return restore(dir, data_dir, database_url, json).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -595,6 +618,132 @@ async fn info_cmd(c: &AdminClient, json: bool) -> Result<()> {
         )
     });
     Ok(())
+}
+
+/// `dpsync backup DIR [--with-library]`: the server writes the backup; on a terminal the
+/// progress of a long one is shown while it runs.
+async fn backup(c: &AdminClient, dir: PathBuf, with_library: bool, json: bool) -> Result<ExitCode> {
+    let dir = std::path::absolute(&dir).with_context(|| format!("invalid path {}", dir.display()))?;
+    let req = BackupRequest { dir: dir.display().to_string(), with_library };
+    let call = {
+        let c = c.clone();
+        tokio::spawn(async move { c.post::<_, BackupReport>("/v1/backup", &req).await })
+    };
+    let poller = c.clone();
+    let report = show_progress(call, json, move || {
+        let c = poller.clone();
+        async move { c.get::<BackupProgress>("/v1/backup").await.ok() }
+    })
+    .await??;
+    emit(json, &report, |r| {
+        outln!("backup of site {} written to {} in {} ms", r.site_code, r.dir, r.duration_ms);
+        if r.database_included {
+            outln!("  database     {} (copied while the server ran)", r.database);
+        } else {
+            outln!("  database     {} — NOT in the backup: back it up with pg_dump -Fc", r.database);
+        }
+        let yes = |b: bool| if b { "yes" } else { "no (none)" };
+        outln!("  site key     {}", yes(r.site_key));
+        outln!("  TLS          {}", yes(r.tls));
+        outln!("  trust store  {}", yes(r.trust_store));
+        if r.receive_database {
+            outln!("  receive.db   yes (child site)");
+        }
+        outln!("  config       {}", r.config.as_deref().unwrap_or("none (started without --config)"));
+        match &r.library {
+            Some(l) => outln!(
+                "  library      {} objects, {} ({}: {} linked, {} copied)",
+                l.objects,
+                human_bytes(l.bytes),
+                l.method,
+                l.linked,
+                l.copied
+            ),
+            None => outln!("  library      not included (add --with-library)"),
+        }
+        for n in &r.notes {
+            outln!("  note: {n}");
+        }
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dpsync restore DIR --data-dir NEW [--database-url URL]`: offline, in this process.
+async fn restore(
+    dir: PathBuf,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    use dpsync_site::backup::{Progress, RestoreOptions};
+    let data_dir = data_dir.context("where to? pass --data-dir NEW (a new or empty folder)")?;
+    let progress = std::sync::Arc::new(Progress::new(&data_dir));
+    let opts = RestoreOptions { backup_dir: dir, data_dir, database_url };
+    let task = tokio::spawn(dpsync_site::backup::restore(opts, progress.clone()));
+    let r = show_progress(task, json, move || {
+        let p = progress.clone();
+        async move { Some(p.snapshot()) }
+    })
+    .await??;
+    emit(json, &r, |r| {
+        outln!("restored the backup of site {} ({}) into {}", r.site_code, r.backup_dir, r.data_dir);
+        if r.database_restored {
+            outln!("  database     {} (dpsync.db)", r.database);
+        } else if r.database_checked {
+            outln!("  database     {} (checked; restored by its administrator)", r.database);
+        } else {
+            outln!("  database     {} — not in the backup: restore it with pg_restore", r.database);
+        }
+        match &r.library {
+            Some(l) => outln!("  library      {} objects, {} ({})", l.objects, human_bytes(l.bytes), l.method),
+            None => outln!("  library      EMPTY (the backup holds none)"),
+        }
+        for n in &r.notes {
+            outln!("  note: {n}");
+        }
+        outln!("start it with:\n  {}", r.start);
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Awaits `task`; meanwhile, on a terminal, redraws one progress line on stderr from
+/// what `poll` answers every 250 ms.
+async fn show_progress<T, F, Fut>(mut task: tokio::task::JoinHandle<T>, json: bool, poll: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<BackupProgress>>,
+{
+    use std::io::{IsTerminal, Write};
+    if json || !std::io::stderr().is_terminal() {
+        return task.await.context("task");
+    }
+    let mut drawn = false;
+    let out = loop {
+        tokio::select! {
+            done = &mut task => break done.context("task")?,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                if let Some(p) = poll().await.filter(|p| p.running) {
+                    let mut line = format!("  {}", p.phase);
+                    if p.objects_total > 0 {
+                        line.push_str(&format!(
+                            ": {}/{} objects, {} of {}",
+                            p.objects_done,
+                            p.objects_total,
+                            human_bytes(p.bytes_done),
+                            human_bytes(p.bytes_total)
+                        ));
+                    }
+                    eprint!("\r\x1b[2K{line}");
+                    let _ = std::io::stderr().flush();
+                    drawn = true;
+                }
+            }
+        }
+    };
+    if drawn {
+        eprint!("\r\x1b[2K");
+    }
+    Ok(out)
 }
 
 async fn action(

@@ -11,9 +11,9 @@ use axum::{Json, Router};
 
 use super::{Site, SiteError};
 use dpsync_api::{
-    ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, ErrorBody, GcReport, PackageDetail,
-    PackageInfo, RefreshReport, RefreshRequest, RollbackReport, SiteInfo, StatusReport, TargetInfo, TargetRequest,
-    ValidateReport, VersionInfo,
+    ActionReport, AddPackage, AddTarget, BackupProgress, BackupReport, BackupRequest, DistributeReport,
+    DistributeRequest, ErrorBody, GcReport, PackageDetail, PackageInfo, RefreshReport, RefreshRequest, RollbackReport,
+    SiteInfo, StatusReport, TargetInfo, TargetRequest, ValidateReport, VersionInfo,
 };
 use dpsync_store::Action;
 
@@ -25,6 +25,7 @@ pub fn router(site: Arc<Site>) -> Router {
         .route("/v1/packages/{pkg}", get(show_package))
         .route("/v1/packages/{pkg}/refresh", post(refresh))
         .route("/v1/gc", post(gc))
+        .route("/v1/backup", get(backup_progress).post(backup))
         .route("/v1/targets", get(list_targets).post(add_target))
         .route("/v1/status", get(status_all))
         .route("/v1/packages/{pkg}/status", get(status))
@@ -164,6 +165,14 @@ async fn refresh(
 
 async fn gc(State(site): State<Arc<Site>>) -> ApiResult<GcReport> {
     Ok(Json(site.gc().await?))
+}
+
+async fn backup(State(site): State<Arc<Site>>, Json(req): Json<BackupRequest>) -> ApiResult<BackupReport> {
+    Ok(Json(site.backup(req).await?))
+}
+
+async fn backup_progress(State(site): State<Arc<Site>>) -> Json<BackupProgress> {
+    Json(site.backup_progress())
 }
 
 async fn list_targets(State(site): State<Arc<Site>>) -> ApiResult<Vec<TargetInfo>> {

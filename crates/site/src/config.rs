@@ -103,6 +103,9 @@ pub struct ServerConfig {
     pub strict_trust: bool,
     /// TCP address serving only `/metrics`.
     pub metrics_listen: Option<String>,
+    /// The TOML file the server was started with (absolute), if any: `dpsync backup`
+    /// copies it.
+    pub config_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -128,7 +131,9 @@ impl std::fmt::Debug for ServerConfig {
 impl ServerConfig {
     /// Layers `flags` over the process environment over the file `config`, and resolves.
     pub fn load(config: Option<&Path>, flags: &ServerSettings) -> Result<Self> {
-        Self::resolve(layer(config, std::env::vars_os(), flags)?)
+        let mut resolved = Self::resolve(layer(config, std::env::vars_os(), flags)?)?;
+        resolved.config_file = config.map(absolute).transpose()?;
+        Ok(resolved)
     }
 
     /// Applies the defaults and checks every value, naming the setting (and where its
@@ -187,6 +192,7 @@ impl ServerConfig {
             trust: receive.trust,
             strict_trust: receive.strict_trust,
             metrics_listen,
+            config_file: None,
         })
     }
 }

@@ -8,6 +8,7 @@
 //! completes; the binary parses flags, binds, and handles signals.
 
 mod admin;
+pub mod backup;
 mod clients;
 mod config;
 mod distribute;
@@ -92,6 +93,8 @@ pub struct Site {
     pub trust: Arc<dpsync_transfer::trust::TrustStore>,
     /// One HTTP client per target, reused across jobs.
     clients: clients::Clients,
+    /// The backup running now, if any.
+    backup: backup::Running,
 }
 
 impl Site {
@@ -140,6 +143,7 @@ impl Site {
             site_key,
             trust,
             clients: clients::Clients::default(),
+            backup: Default::default(),
         })
     }
 

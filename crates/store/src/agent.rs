@@ -274,6 +274,18 @@ impl AgentDb {
         Ok(())
     }
 
+    /// Forgets every staged manifest and chunk (a restored backup has no pack files);
+    /// the sender offers those versions again. Installed versions and the chunk index stay.
+    pub async fn forget_staged(&self) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut n = 0;
+        for sql in ["DELETE FROM staged_chunks", "DELETE FROM staged"] {
+            n += sqlx::query(sql).execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
     pub async fn stage(&self, s: &Staged) -> Result<()> {
         sqlx::query(
             "INSERT INTO staged (package, version, content_root, manifest, force, created_at, signature)

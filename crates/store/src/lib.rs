@@ -26,6 +26,7 @@ mod error;
 mod integrity;
 mod migrate;
 mod packages;
+mod snapshot;
 mod targets;
 mod types;
 mod versions;
@@ -39,6 +40,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Row, Transaction};
 use crate::migrate::{SITE_POSTGRES, SITE_SQLITE};
 
 pub use error::{Result, StoreError};
+pub use snapshot::snapshot_sqlite_file;
 pub use types::{
     Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageVersion, StateCount,
     Target, TargetKind, VersionRecord, VersionStats, VersionSummary,
