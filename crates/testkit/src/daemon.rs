@@ -320,6 +320,24 @@ mod tests {
         fs::remove_dir_all(&d).unwrap();
     }
 
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn async_waits_see_readiness_exits_and_stops() {
+        let d = dir("async");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap 'exit 0' TERM; echo 42 > ready; while :; do sleep 0.01; done"]);
+        cmd.current_dir(&d);
+        let mut daemon = Daemon::spawn("async shell", cmd, &d.join("a.log")).unwrap();
+        let ready = d.join("ready");
+        let probe = || std::future::ready(crate::file_text(&ready));
+        assert_eq!(daemon.wait_ready_async("ready", Duration::from_secs(10), probe).await.unwrap(), "42");
+        assert!(daemon.terminate_async(Duration::from_secs(10)).await.is_clean());
+        let never = || std::future::ready(None::<()>);
+        let e = daemon.wait_ready_async("anything", Duration::from_secs(10), never).await.unwrap_err();
+        assert!(e.exited.is_some(), "{e}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn dropping_a_daemon_kills_it() {
         let d = dir("drop");
