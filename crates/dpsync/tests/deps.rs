@@ -2,25 +2,23 @@
 //! `cargo metadata` (the rust-analyzer "tidy" idea): a rule that is only written down
 //! drifts.
 //!
-//! | crate             | may depend on (normal and build dependencies)                                   |
-//! | ----------------- | ------------------------------------------------------------------------------- |
-//! | `dpsync` (binary) | any workspace crate except `dpsync-bench`                                       |
-//! | `dpsync-site`     | `dpsync-agent`, `dpsync-api`, `dpsync-transfer`, `dpsync-store`, `dpsync-library`, `dpsync-hash`, `dpsync-scan` |
-//! | `dpsync-agent`    | `dpsync-transfer`, `dpsync-store`, `dpsync-library`, `dpsync-hash`, `dpsync-scan` |
-//! | `dpsync-transfer` | `dpsync-hash`                                                                   |
-//! | `dpsync-store`    | `dpsync-hash`                                                                   |
-//! | `dpsync-library`  | `dpsync-hash`                                                                   |
-//! | `dpsync-scan`     | `dpsync-hash`                                                                   |
-//! | `dpsync-hash`     | nothing of dpsync                                                               |
-//! | `dpsync-api`      | nothing of dpsync                                                               |
-//! | `dpsync-testkit`  | `dpsync-hash`                                                                   |
-//! | `dpsync-bench`    | any workspace crate except `dpsync`                                             |
+//! | crate | may depend on (dpsync crates; normal and build dependencies) |
+//! | --- | --- |
+//! | `dpsync` (binary) | `site`, `agent`, `api`, `transfer`, `store`, `hash`, `testkit` |
+//! | `site` | `agent`, `api`, `transfer`, `store`, `library`, `scan`, `hash` |
+//! | `agent` | `transfer`, `store`, `library`, `hash` |
+//! | `transfer`, `store`, `library` | `hash` |
+//! | `scan` | `hash` |
+//! | `api`, `hash`, `testkit` | none |
+//! | `bench` (benchmarks) | any but `dpsync` |
 //!
-//! Besides: dev-dependencies (tests) follow the same table, plus `dpsync-testkit` for
-//! any crate `dpsync-testkit` does not itself depend on; only `dpsync` and `dpsync-bench`
-//! may depend on `dpsync-testkit` outside their tests; and `dpsync-agent` never reaches
-//! `dpsync-site`, directly or through another crate. A new crate fails the test until it
-//! has a row.
+//! (the table of ARCHITECTURE.md, crate names without their `dpsync-` prefix).
+//!
+//! Besides: only `dpsync` and `dpsync-bench` may depend on `dpsync-testkit` outside their
+//! tests; `dpsync-agent` never reaches `dpsync-site`, directly or through another crate,
+//! not even in its tests; a test (dev-dependency) may use any other library crate that
+//! does not depend back on the crate under test (`scan`'s tests use a `library`), never
+//! the binary or the benchmarks. A new crate fails the test until it has a row.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -30,7 +28,18 @@ use serde_json::Value;
 /// The table above: crate → the workspace crates it may depend on (`*`: any but those
 /// listed after it, written `!name`).
 const RULES: &[(&str, &[&str])] = &[
-    ("dpsync", &["*", "!dpsync-bench"]),
+    (
+        "dpsync",
+        &[
+            "dpsync-site",
+            "dpsync-agent",
+            "dpsync-api",
+            "dpsync-transfer",
+            "dpsync-store",
+            "dpsync-hash",
+            "dpsync-testkit",
+        ],
+    ),
     (
         "dpsync-site",
         &[
@@ -39,18 +48,18 @@ const RULES: &[(&str, &[&str])] = &[
             "dpsync-transfer",
             "dpsync-store",
             "dpsync-library",
-            "dpsync-hash",
             "dpsync-scan",
+            "dpsync-hash",
         ],
     ),
-    ("dpsync-agent", &["dpsync-transfer", "dpsync-store", "dpsync-library", "dpsync-hash", "dpsync-scan"]),
+    ("dpsync-agent", &["dpsync-transfer", "dpsync-store", "dpsync-library", "dpsync-hash"]),
     ("dpsync-transfer", &["dpsync-hash"]),
     ("dpsync-store", &["dpsync-hash"]),
     ("dpsync-library", &["dpsync-hash"]),
     ("dpsync-scan", &["dpsync-hash"]),
-    ("dpsync-hash", &[]),
     ("dpsync-api", &[]),
-    ("dpsync-testkit", &["dpsync-hash"]),
+    ("dpsync-hash", &[]),
+    ("dpsync-testkit", &[]),
     ("dpsync-bench", &["*", "!dpsync"]),
 ];
 
@@ -58,7 +67,7 @@ const RULES: &[(&str, &[&str])] = &[
 const TESTKIT_USERS: &[&str] = &["dpsync", "dpsync-bench"];
 const TESTKIT: &str = "dpsync-testkit";
 
-/// (from, to) pairs that must not exist even through other crates.
+/// (from, to) pairs that must not exist even through other crates, nor in tests.
 const NEVER_TRANSITIVELY: &[(&str, &str)] = &[("dpsync-agent", "dpsync-site")];
 
 #[derive(Debug)]
@@ -108,14 +117,25 @@ fn allowed(from: &str, to: &str) -> bool {
     if allowed.contains(&"*") { !allowed.contains(&format!("!{to}").as_str()) } else { allowed.contains(&to) }
 }
 
+/// Whether a test of `from` may use `to`: what the table allows, or any library crate
+/// that does not itself reach `from` (no cycle), except what must never be reached.
+fn dev_allowed(from: &str, to: &str, edges: &[Edge]) -> bool {
+    let never = NEVER_TRANSITIVELY.iter().any(|(f, t)| *f == from && *t == to);
+    let not_a_library = to == "dpsync" || to == "dpsync-bench";
+    allowed(from, to) || (!never && !not_a_library && from != to && !reachable(to, edges).contains_key(from))
+}
+
+fn describe_dev_rule(from: &str) -> String {
+    format!(
+        "a test of {from} may use any library crate that does not depend back on it, never the binary, the benches{}",
+        NEVER_TRANSITIVELY.iter().filter(|(f, _)| *f == from).map(|(_, t)| format!(" or {t}")).collect::<String>()
+    )
+}
+
 fn describe_rule(from: &str) -> String {
     let allowed = rule(from).unwrap_or(&[]);
     let list = if allowed.is_empty() { "nothing of dpsync".to_owned() } else { allowed.join(", ") };
-    let testkit = if TESTKIT_USERS.contains(&from) || from == TESTKIT {
-        ""
-    } else {
-        "; dpsync-testkit only as a dev-dependency, and only where it does not depend back"
-    };
+    let testkit = if TESTKIT_USERS.contains(&from) || from == TESTKIT { "" } else { "; dpsync-testkit only in tests" };
     format!("{from} may depend on: {list}{testkit}")
 }
 
@@ -148,21 +168,15 @@ fn every_workspace_crate_has_a_rule() {
 #[test]
 fn dependencies_point_one_way() {
     let (_, edges) = workspace_edges();
-    let testkit_reaches = reachable(TESTKIT, &edges);
     let mut broken = Vec::new();
     for e in &edges {
         let ok = match e.kind.as_str() {
-            "dev" => allowed(&e.from, &e.to) || (e.to == TESTKIT && !testkit_reaches.contains_key(&e.from)),
+            "dev" => dev_allowed(&e.from, &e.to, &edges),
             _ => allowed(&e.from, &e.to),
         };
         if !ok {
-            broken.push(format!(
-                "{} → {} ({} dependency) breaks the rule \"{}\"",
-                e.from,
-                e.to,
-                e.kind,
-                describe_rule(&e.from)
-            ));
+            let rule = if e.kind == "dev" { describe_dev_rule(&e.from) } else { describe_rule(&e.from) };
+            broken.push(format!("{} → {} ({} dependency) breaks the rule \"{rule}\"", e.from, e.to, e.kind));
         }
     }
     assert!(broken.is_empty(), "dependency directions broken:\n  {}", broken.join("\n  "));
@@ -186,6 +200,8 @@ fn the_rules_catch_what_they_should() {
     assert!(!allowed("dpsync-api", "dpsync-hash"));
     assert!(!allowed("dpsync-site", TESTKIT), "the testkit only in the site's tests");
     assert!(!allowed("dpsync", "dpsync-bench"));
+    assert!(!allowed("dpsync-agent", "dpsync-scan"), "not in the table");
+    assert!(!allowed("dpsync-testkit", "dpsync-hash"));
     assert!(allowed("dpsync", TESTKIT));
     assert!(allowed("dpsync-site", "dpsync-agent"));
     let edges = vec![
@@ -194,4 +210,11 @@ fn the_rules_catch_what_they_should() {
     ];
     let path = &reachable("dpsync-agent", &edges)["dpsync-site"];
     assert_eq!(path, &["dpsync-agent", "dpsync-store", "dpsync-site"]);
+    // Tests: a peer is fine, a cycle, the binary and the site from the agent are not.
+    let edges = vec![Edge { from: "dpsync-library".into(), to: "dpsync-hash".into(), kind: "normal".into() }];
+    assert!(dev_allowed("dpsync-scan", "dpsync-library", &edges));
+    assert!(dev_allowed("dpsync-site", TESTKIT, &edges));
+    assert!(!dev_allowed("dpsync-hash", "dpsync-library", &edges), "library depends on hash");
+    assert!(!dev_allowed("dpsync-agent", "dpsync-site", &[]));
+    assert!(!dev_allowed("dpsync-store", "dpsync", &[]));
 }
