@@ -11,24 +11,12 @@ use dpsync_hash::{
     RelPath, digest_stream,
 };
 use dpsync_store::{NewTarget, NewVersion, Store, TargetKind, VersionStats};
+use dpsync_testkit::random_bytes;
 
 const MIB: usize = 1024 * 1024;
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn hashing(c: &mut Criterion) {
-    let data = pseudo_random(16 * MIB, 7);
+    let data = random_bytes(16 * MIB, 7);
     let params = ChunkParams::default();
     let mut g = c.benchmark_group("hash_16MiB");
     g.throughput(Throughput::Bytes(data.len() as u64));

@@ -1,5 +1,7 @@
-//! Process harness for the end-to-end tests: temporary directories, daemons with log
-//! files, a site server driven through the real CLI, and source-tree helpers.
+//! Process harness for the end-to-end tests: temporary directories, a site server and
+//! DP agents driven through the real CLI, and what only these tests need. Generators,
+//! tree digests, the daemon guard and bounded waits come from `dpsync-testkit`
+//! (re-exported here).
 //!
 //! Everything here bounds its waits and, when a wait times out, panics with the last
 //! lines of the logs of the daemons concerned. Tests run in parallel: each one works in
@@ -11,13 +13,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, SystemTime};
 
+pub use dpsync_testkit::{
+    Daemon, HttpResponse, LOG_TAIL_LINES, Node, Rng, Tree, TreeDigest, file_text, gen_tree, http_get, poll_every,
+    poll_until, random_bytes, tree_digest, try_http_get, try_tree_digest, write_random_file,
+};
 use serde_json::Value;
 
 /// The `dpsync` binary under test.
@@ -28,9 +33,6 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest a daemon may take to stop after SIGTERM (or to die after SIGKILL).
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Lines of each daemon's log shown when a wait fails.
-pub const LOG_TAIL_LINES: usize = 40;
-const POLL: Duration = Duration::from_millis(10);
 
 // ---------------------------------------------------------------------------------------
 // Commands
@@ -69,18 +71,11 @@ pub fn try_run_bounded(cmd: &mut Command, timeout: Duration) -> std::io::Result<
         let _ = err.read_to_end(&mut b);
         b
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break Some(s);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(POLL);
-    };
+    let status = poll_until(timeout, || child.try_wait().expect("try_wait"));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
     match status {
@@ -95,17 +90,9 @@ pub fn try_run_bounded(cmd: &mut Command, timeout: Duration) -> std::io::Result<
 
 /// Polls `probe` until it returns `Some`, at most `timeout`; on timeout panics naming
 /// `what`, with the last lines of each daemon's log.
-pub fn wait_until<T>(what: &str, timeout: Duration, daemons: &[&Daemon], mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}{}", log_tails(daemons));
-        }
-        std::thread::sleep(POLL);
-    }
+pub fn wait_until<T>(what: &str, timeout: Duration, daemons: &[&Daemon], probe: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, probe)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}{}", log_tails(daemons)))
 }
 
 /// The last [`LOG_TAIL_LINES`] lines of each daemon's log, for panic messages.
@@ -114,8 +101,8 @@ pub fn log_tails(daemons: &[&Daemon]) -> String {
     for d in daemons {
         s.push_str(&format!(
             "\n--- last {LOG_TAIL_LINES} lines of {} ({})\n{}",
-            d.name,
-            d.log_path.display(),
+            d.name(),
+            d.log_path().display(),
             d.log_tail(LOG_TAIL_LINES)
         ));
     }
@@ -191,155 +178,49 @@ fn make_writable(p: &Path) {
 // ---------------------------------------------------------------------------------------
 // Daemons
 
-/// A long-running child process whose stdout and stderr go to a log file. Dropping it
-/// kills it (SIGKILL) and reaps it; if the test is failing, the log's tail is printed.
-#[derive(Debug)]
-pub struct Daemon {
-    name: String,
-    child: Child,
-    log_path: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl Daemon {
-    /// Spawns `cmd` with its output appended to `log_path`.
-    pub fn spawn(name: &str, mut cmd: Command, log_path: &Path) -> Self {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .unwrap_or_else(|e| panic!("cannot open log {}: {e}", log_path.display()));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log fd"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Self { name: name.to_owned(), child, log_path: log_path.to_owned(), status: None }
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
-    }
-
-    /// Everything the process wrote so far.
-    pub fn log(&self) -> String {
-        fs::read(&self.log_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-    }
-
-    pub fn log_tail(&self, lines: usize) -> String {
-        let log = self.log();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// The exit status, if it has exited (reaps it).
-    pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait");
-        }
-        self.status
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.try_wait().is_none()
-    }
-
-    /// Waits for the process to exit by itself; panics (with its log) after `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!("timed out after {timeout:?} waiting for {} to exit{}", self.name, log_tails(&[self]));
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Sends `sig` (e.g. `libc::SIGTERM`) if the process has not been reaped yet.
-    pub fn signal(&mut self, sig: i32) {
-        if self.try_wait().is_some() {
-            return;
-        }
-        let pid = self.child.id() as libc::pid_t;
-        // The child is not reaped (checked above), so its pid cannot have been reused.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
-    }
-
+/// The harness's way with a [`Daemon`]: every wait and stop is bounded and panics, with
+/// the daemon's log, when it fails.
+pub trait DaemonExt {
+    /// Spawns `cmd` with its output appended to `log_path`; panics if it cannot start.
+    fn start(name: &str, cmd: Command, log_path: &Path) -> Daemon;
     /// SIGKILL, then reap.
-    pub fn kill9(&mut self) {
-        if self.try_wait().is_none() {
-            let _ = self.child.kill();
-            self.status = Some(self.child.wait().expect("wait after SIGKILL"));
-        }
-    }
-
-    /// SIGTERM and wait for a clean exit; panics (after a SIGKILL) if it does not stop
+    fn kill9(&mut self);
+    /// SIGTERM and wait for it to exit; panics (after a SIGKILL) if it does not stop
     /// within [`STOP_TIMEOUT`].
-    pub fn terminate(&mut self) -> ExitStatus {
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                let tails = log_tails(&[self]);
-                self.kill9();
-                panic!("{} did not stop within {STOP_TIMEOUT:?} of SIGTERM; killed it{tails}", self.name);
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Waits until the log contains `needle`; panics if the process exits first or after
-    /// `timeout`.
-    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
-        self.wait_for_log_count(needle, 1, timeout);
-    }
-
-    /// Waits until the log contains `needle` at least `n` times; panics if the process
-    /// exits first or after `timeout`.
-    pub fn wait_for_log_count(&mut self, needle: &str, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().matches(needle).count() >= n {
-                return;
-            }
-            if let Some(s) = self.try_wait() {
-                panic!("{} exited ({s}) before logging {needle:?}{}", self.name, log_tails(&[self]));
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for {needle:?} in the log of {}{}",
-                    self.name,
-                    log_tails(&[self])
-                );
-            }
-            std::thread::sleep(POLL);
-        }
-    }
+    fn stop(&mut self) -> ExitStatus;
+    /// Waits for the process to exit by itself; panics after `timeout`.
+    fn expect_exit(&mut self, timeout: Duration) -> ExitStatus;
+    /// Waits until the log holds `needle` at least `n` times; panics if the process exits
+    /// first or after `timeout`.
+    fn expect_log_count(&mut self, needle: &str, n: usize, timeout: Duration);
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", log_tails(&[self]));
+impl DaemonExt for Daemon {
+    fn start(name: &str, cmd: Command, log_path: &Path) -> Daemon {
+        Daemon::spawn(name, cmd, log_path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn kill9(&mut self) {
+        self.kill();
+    }
+
+    fn stop(&mut self) -> ExitStatus {
+        match self.terminate(STOP_TIMEOUT) {
+            dpsync_testkit::Stop::Exited(s) | dpsync_testkit::Stop::AlreadyExited(s) => s,
+            killed @ dpsync_testkit::Stop::Killed { .. } => panic!("{}: {killed}{}", self.name(), log_tails(&[self])),
         }
-        self.kill9();
+    }
+
+    fn expect_exit(&mut self, timeout: Duration) -> ExitStatus {
+        self.wait_exit(timeout).unwrap_or_else(|| {
+            panic!("timed out after {timeout:?} waiting for {} to exit{}", self.name(), log_tails(&[self]))
+        })
+    }
+
+    fn expect_log_count(&mut self, needle: &str, n: usize, timeout: Duration) {
+        if let Err(e) = self.wait_for_log_count(needle, n, timeout) {
+            panic!("{e}{}", log_tails(&[self]));
+        }
     }
 }
 
@@ -424,32 +305,23 @@ impl Server {
         self.starts += 1;
         let log = PathBuf::from(format!("{}.server{}.log", self.data_dir.display(), self.starts));
         let name = format!("server {} (start {})", self.data_dir.display(), self.starts);
-        self.daemon = Some(Daemon::spawn(&name, Self::command(&self.data_dir, &self.opts), &log));
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let d = self.daemon.as_mut().expect("just spawned");
-            if let Some(status) = d.try_wait() {
-                panic!("{name} exited ({status}) before it was ready{}", log_tails(&[d]));
-            }
+        let mut d = Daemon::start(&name, Self::command(&self.data_dir, &self.opts), &log);
+        let mut last_info = String::new();
+        let ready = d.wait_ready("it was ready", START_TIMEOUT, || {
             let out = run_bounded(&mut self.cli_command(&["info", "--json"]), CLI_TIMEOUT);
-            if out.status.success() {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{name} was not ready within {START_TIMEOUT:?}; last `info`: {}{}",
-                    String::from_utf8_lossy(&out.stderr).trim(),
-                    log_tails(&[self.daemon()])
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            last_info = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            out.status.success().then_some(())
+        });
+        if let Err(e) = ready {
+            panic!("{e}; last `info`: {last_info}{}", log_tails(&[&d]));
         }
+        self.daemon = Some(d);
     }
 
     /// Stops the server if it runs (SIGTERM) and starts it again on the same data dir.
     pub fn restart(&mut self) {
         if let Some(d) = self.daemon.as_mut() {
-            d.terminate();
+            d.stop();
         }
         self.spawn_and_wait();
     }
@@ -472,7 +344,7 @@ impl Server {
     }
 
     pub fn terminate(&mut self) -> ExitStatus {
-        self.daemon_mut().terminate()
+        self.daemon_mut().stop()
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -545,7 +417,7 @@ impl Server {
     /// to interrupt.
     pub fn spawn_cli(&self, name: &str, args: &[&str]) -> Daemon {
         let log = PathBuf::from(format!("{}.{name}.log", self.data_dir.display()));
-        Daemon::spawn(name, self.cli_command(args), &log)
+        Daemon::start(name, self.cli_command(args), &log)
     }
 
     fn tails(&self) -> String {
@@ -579,141 +451,11 @@ pub fn version_numbers(show: &Value) -> Vec<u64> {
 // ---------------------------------------------------------------------------------------
 // Source trees
 
-/// What [`gen_tree`] wrote: relative paths (with `/`) of files with their sizes, of
-/// folders, and of symlinks with their targets.
-#[derive(Debug, Clone, Default)]
-pub struct Tree {
-    pub files: BTreeMap<String, u64>,
-    pub dirs: BTreeSet<String>,
-    pub symlinks: BTreeMap<String, String>,
-}
-
-impl Tree {
-    pub fn file_count(&self) -> u64 {
-        self.files.len() as u64
-    }
-
-    pub fn total_bytes(&self) -> u64 {
-        self.files.values().sum()
-    }
-
-    /// Records a folder and its ancestors.
-    pub fn add_dir(&mut self, rel: &str) {
-        let mut cur = String::new();
-        for part in rel.split('/').filter(|p| !p.is_empty()) {
-            if !cur.is_empty() {
-                cur.push('/');
-            }
-            cur.push_str(part);
-            self.dirs.insert(cur.clone());
-        }
-    }
-
-    /// Writes a pseudo-random file under `root` and records it (and its folders).
-    pub fn add_file(&mut self, root: &Path, rel: &str, size: u64, seed: u64) {
-        if let Some((dir, _)) = rel.rsplit_once('/') {
-            self.add_dir(dir);
-        }
-        write_random_file(&root.join(rel), size, seed);
-        self.files.insert(rel.to_owned(), size);
-    }
-
-    /// Creates a symlink under `root` and records it.
-    pub fn add_symlink(&mut self, root: &Path, rel: &str, target: &str) {
-        let p = root.join(rel);
-        if let Some((dir, _)) = rel.rsplit_once('/') {
-            self.add_dir(dir);
-            fs::create_dir_all(root.join(dir)).expect("create parent");
-        }
-        std::os::unix::fs::symlink(target, &p).unwrap_or_else(|e| panic!("symlink {}: {e}", p.display()));
-        self.symlinks.insert(rel.to_owned(), target.to_owned());
-    }
-}
-
-/// A small deterministic PRNG (SplitMix64).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `r` (`r.start` if empty).
-    pub fn range(&mut self, r: Range<u64>) -> u64 {
-        if r.end <= r.start { r.start } else { r.start + self.next_u64() % (r.end - r.start) }
-    }
-}
-
-/// `len` pseudo-random bytes determined by `seed` (BLAKE3 output stream: fast and
-/// incompressible).
-pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut b = vec![0u8; len];
-    blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut b);
-    b
-}
-
-/// Writes (replacing) a file of `size` pseudo-random bytes determined by `seed`,
-/// creating its parent folders.
-pub fn write_random_file(path: &Path, size: u64, seed: u64) {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("create {}: {e}", parent.display()));
-    }
-    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    let mut xof = blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof();
-    let mut buf = vec![0u8; (1 << 20).min(size as usize)];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        xof.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        left -= n as u64;
-    }
-}
-
 /// Appends `bytes` to a file.
 pub fn append(path: &Path, bytes: &[u8]) {
     let mut f =
         fs::OpenOptions::new().append(true).open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     f.write_all(bytes).unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
-}
-
-/// Writes a deterministic pseudo-random tree of `files` files under `root`: nested
-/// folders up to four deep, about one file in eleven empty, one in 128 of 1–3 MiB, the
-/// others sized in `size_range`, plus one empty folder `empty/`. Same seed, same tree.
-pub fn gen_tree(root: &Path, files: usize, seed: u64, size_range: Range<u64>) -> Tree {
-    const MIB: u64 = 1 << 20;
-    let mut rng = Rng::new(seed);
-    let mut tree = Tree::default();
-    fs::create_dir_all(root).expect("create tree root");
-    for i in 0..files {
-        let depth = rng.range(0..5);
-        let mut rel = String::new();
-        for _ in 0..depth {
-            rel.push_str(&format!("d{}/", rng.range(0..4)));
-        }
-        let ext = ["bin", "txt", "dat", "cab", "msi"][rng.range(0..5) as usize];
-        rel.push_str(&format!("f{i:04}.{ext}"));
-        let size = if i % 11 == 5 {
-            0
-        } else if i % 128 == 64 {
-            rng.range(MIB..3 * MIB)
-        } else {
-            rng.range(size_range.clone())
-        };
-        tree.add_file(root, &rel, size, seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-    }
-    fs::create_dir_all(root.join("empty")).expect("create empty dir");
-    tree.add_dir("empty");
-    tree
 }
 
 /// Gives every file and folder under `root` whose mtime is less than an hour old an
@@ -752,60 +494,6 @@ pub fn mkfifo(path: &Path) {
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
     let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
     assert_eq!(rc, 0, "mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
-}
-
-/// A comparable description of a tree: relative path → `dir MODE`, `file MODE SIZE
-/// BLAKE3`, `symlink -> TARGET` or `special …`. Non-UTF-8 names are shown lossily.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TreeDigest(pub BTreeMap<String, String>);
-
-pub fn tree_digest(root: &Path) -> TreeDigest {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let mut entries: Vec<_> = fs::read_dir(dir)
-            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-            .map(|e| e.expect("dir entry").path())
-            .collect();
-        entries.sort();
-        for p in entries {
-            let rel = p.strip_prefix(root).expect("under root").to_string_lossy().into_owned();
-            let md = fs::symlink_metadata(&p).expect("lstat");
-            let mode = md.mode() & 0o7777;
-            let ft = md.file_type();
-            let desc = if ft.is_symlink() {
-                format!("symlink -> {}", fs::read_link(&p).expect("readlink").to_string_lossy())
-            } else if ft.is_dir() {
-                walk(root, &p, out);
-                format!("dir {mode:o}")
-            } else if ft.is_file() {
-                let mut h = blake3::Hasher::new();
-                h.update_reader(File::open(&p).expect("open")).expect("read");
-                format!("file {mode:o} {} {}", md.len(), h.finalize().to_hex())
-            } else if ft.is_fifo() {
-                "special fifo".into()
-            } else {
-                format!("special {ft:?}")
-            };
-            out.insert(rel, desc);
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    TreeDigest(out)
-}
-
-impl TreeDigest {
-    /// The entries that differ, one per line (empty when equal).
-    pub fn diff(&self, other: &TreeDigest) -> String {
-        let mut s = String::new();
-        let keys: BTreeSet<&String> = self.0.keys().chain(other.0.keys()).collect();
-        for k in keys {
-            match (self.0.get(k), other.0.get(k)) {
-                (Some(a), Some(b)) if a == b => {}
-                (a, b) => s.push_str(&format!("{k}: {a:?} vs {b:?}\n")),
-            }
-        }
-        s
-    }
 }
 
 /// Asserts two trees are identical, listing only the differences.
@@ -1023,25 +711,16 @@ impl Agent {
         let _ = fs::remove_file(&addr_file);
         let cmd = self.command();
         let name = format!("agent {} (start {})", self.data_dir.display(), self.starts);
-        self.daemon = Some(Daemon::spawn(&name, cmd, &self.log_path()));
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let d = self.daemon.as_mut().expect("just spawned");
-            if let Some(status) = d.try_wait() {
-                panic!("{name} exited ({status}) before it was ready{}", log_tails(&[d]));
-            }
-            let addr = fs::read_to_string(&addr_file).ok().and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok());
-            if let Some(addr) = addr
-                && try_http_get(addr, "/v1/hello", &[]).is_ok_and(|r| r.status == 200)
-            {
-                self.addr = Some(addr);
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!("{name} was not ready within {START_TIMEOUT:?}{}", log_tails(&[self.daemon()]));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let mut d = Daemon::start(&name, cmd, &self.log_path());
+        let ready = d.wait_ready("it was ready", START_TIMEOUT, || {
+            let addr: std::net::SocketAddr = file_text(&addr_file)?.parse().ok()?;
+            try_http_get(addr, "/v1/hello", &[]).is_ok_and(|r| r.status == 200).then_some(addr)
+        });
+        match ready {
+            Ok(addr) => self.addr = Some(addr),
+            Err(e) => panic!("{e}{}", log_tails(&[&d])),
         }
+        self.daemon = Some(d);
     }
 
     /// `DATA_DIR.agent.log`.
@@ -1095,7 +774,7 @@ impl Agent {
     /// Stops the agent if it runs (SIGTERM) and starts it again on the same address.
     pub fn restart(&mut self) {
         if let Some(d) = self.daemon.as_mut() {
-            d.terminate();
+            d.stop();
         }
         self.spawn_and_wait();
     }
@@ -1106,7 +785,7 @@ impl Agent {
     }
 
     pub fn terminate(&mut self) -> ExitStatus {
-        self.daemon_mut().terminate()
+        self.daemon_mut().stop()
     }
 
     /// `GET path` on the agent with extra request headers.
@@ -1127,96 +806,6 @@ fn agent_has_insecure_http() -> bool {
         let out = run_bounded(dpsync_command().args(["agent", "--help"]), CLI_TIMEOUT);
         String::from_utf8_lossy(&out.stdout).contains("--insecure-http")
     })
-}
-
-// ---------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client (std only): one request per connection.
-
-#[derive(Debug, Clone)]
-pub struct HttpResponse {
-    pub status: u16,
-    /// Header names in lower case, in order.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl HttpResponse {
-    /// The first header called `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    pub fn body_text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// `GET path` with `Connection: close`; panics on I/O errors or a malformed answer.
-pub fn http_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
-    try_http_get(addr, path, headers).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
-}
-
-/// [`http_get`] returning I/O and parse errors.
-pub fn try_http_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<HttpResponse> {
-    use std::io::{Error, ErrorKind};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let bad = |m: &str| {
-        Error::new(ErrorKind::InvalidData, format!("{m}: {:?}", String::from_utf8_lossy(&raw[..raw.len().min(300)])))
-    };
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of head"))?;
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 =
-        status_line.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| bad("bad status line"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let rest = raw[end + 4..].to_vec();
-    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let body = if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        let mut out = Vec::new();
-        let mut i = 0;
-        loop {
-            let nl = rest[i..].windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("bad chunked body"))?;
-            let size_text = String::from_utf8_lossy(&rest[i..i + nl]).into_owned();
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| bad("bad chunk size"))?;
-            i += nl + 2;
-            if size == 0 {
-                break;
-            }
-            if rest.len() < i + size {
-                return Err(bad("truncated chunked body"));
-            }
-            out.extend_from_slice(&rest[i..i + size]);
-            i += size + 2;
-        }
-        out
-    } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        if status == 304 || status == 204 {
-            Vec::new()
-        } else {
-            if rest.len() < len {
-                return Err(bad(&format!("body shorter ({}) than its content-length {len}", rest.len())));
-            }
-            rest[..len].to_vec()
-        }
-    } else {
-        rest
-    };
-    Ok(HttpResponse { status, headers, body })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1244,19 +833,16 @@ impl Server {
         daemons: &[&Daemon],
         mut pred: impl FnMut(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.status(pkg);
-            if pred(&s) {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                let mut all = vec![self.daemon()];
-                all.extend_from_slice(daemons);
-                panic!("timed out after {timeout:?} waiting for {what}; last status:\n{s:#}{}", log_tails(&all));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut last = Value::Null;
+        let found = poll_every(Duration::from_millis(50), timeout, || {
+            last = self.status(pkg);
+            pred(&last).then(|| last.clone())
+        });
+        found.unwrap_or_else(|| {
+            let mut all = vec![self.daemon()];
+            all.extend_from_slice(daemons);
+            panic!("timed out after {timeout:?} waiting for {what}; last status:\n{last:#}{}", log_tails(&all));
+        })
     }
 
     /// Waits until target `name` is `installed` with `version`; returns its status entry.

@@ -594,7 +594,7 @@ fn start_tls_agent(data_dir: &Path) -> (Daemon, SocketAddr, String) {
     let mut cmd = dpsync_command();
     cmd.arg("agent").arg("--data-dir").arg(data_dir).args(["--listen", "127.0.0.1:0", "--token", TOKEN]);
     let log = PathBuf::from(format!("{}.agent.log", data_dir.display()));
-    let d = Daemon::spawn("TLS agent", cmd, &log);
+    let d = Daemon::start("TLS agent", cmd, &log);
     let (addr, fp) = wait_until("the TLS agent to listen", START_TIMEOUT, &[&d], || {
         let addr: SocketAddr = fs::read_to_string(data_dir.join("listen.addr")).ok()?.trim().parse().ok()?;
         let fp = fs::read_to_string(data_dir.join("tls/fingerprint")).ok()?.trim().to_owned();
@@ -677,7 +677,7 @@ fn tls_with_the_wrong_pinned_fingerprint_pushes_nothing() {
         assert_eq!(st.installed_version, Some(1));
         assert_eq!(st.staged_version, None, "{st:?}");
     });
-    daemon.terminate();
+    daemon.stop();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -982,7 +982,7 @@ fn strict_trust_refuses_unpinned_sites() {
         TOKEN,
         "--strict-trust",
     ]);
-    let d = Daemon::spawn("strict agent", cmd, &PathBuf::from(format!("{}.agent.log", data.display())));
+    let d = Daemon::start("strict agent", cmd, &PathBuf::from(format!("{}.agent.log", data.display())));
     let addr: SocketAddr = wait_until("the strict agent", START_TIMEOUT, &[&d], || {
         let a: SocketAddr = fs::read_to_string(data.join("listen.addr")).ok()?.trim().parse().ok()?;
         try_http_get(a, "/v1/hello", &[]).ok().filter(|r| r.status == 200).map(|_| a)

@@ -1,6 +1,7 @@
 //! `dpsync quickstart`: the main job on one machine, with no set-up, cleaning up after
 //! itself.
 
+use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
@@ -78,4 +79,35 @@ fn quickstart_runs_the_main_job_and_cleans_up() {
     assert!(dir.starts_with(tmp.path().to_str().expect("UTF-8")), "{dir} is under TMPDIR");
     assert!(!Path::new(dir).exists(), "{dir} was removed");
     assert_eq!(count_entries(tmp.path()), 0, "quickstart left nothing behind in TMPDIR");
+}
+
+#[test]
+fn quickstart_works_in_the_data_dir_it_is_given_and_keeps_it() {
+    let tmp = TestDir::new();
+    // A folder with something in it is refused, and left alone.
+    let busy = tmp.join("busy");
+    fs::create_dir(&busy).unwrap();
+    fs::write(busy.join("precious.txt"), "keep me").unwrap();
+    let out = run_bounded(dpsync_command().arg("quickstart").arg("--data-dir").arg(&busy), CLI_TIMEOUT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not empty"), "{stderr}");
+    assert_eq!(count_entries(&busy), 1, "the folder was left alone");
+
+    // A new folder is used and kept; DPSYNC_DATA_DIR alone (an administrator's setting
+    // for admin commands) does not move the quickstart.
+    let chosen = tmp.join("qs");
+    let mut cmd = dpsync_command();
+    cmd.args(["quickstart", "--json", "--data-dir"]).arg(&chosen).env("DPSYNC_DATA_DIR", &busy);
+    let out = run_bounded(&mut cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "quickstart failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["ok"], true, "{v:#}");
+    assert_eq!(text(&v, "dir"), chosen.to_str().unwrap(), "{v:#}");
+    assert_eq!(v["kept"], true, "{v:#}");
+    assert_eq!(v["removed"], false, "{v:#}");
+    for kept in ["source", "server", "dp1", "dp2", "server.log"] {
+        assert!(chosen.join(kept).exists(), "{kept} is kept in {}", chosen.display());
+    }
+    assert_eq!(count_entries(&busy), 1, "DPSYNC_DATA_DIR was not used");
 }

@@ -486,9 +486,11 @@ fn gc_removes_pruned_content_and_keeps_the_current() {
     // What the retained versions (2 and 3) use: the tree, contents[1] and contents[2].
     let mut live: std::collections::BTreeSet<String> = tree_digest(&src)
         .0
-        .values()
-        .filter_map(|d| d.strip_prefix("file "))
-        .map(|d| d.rsplit(' ').next().unwrap().to_owned())
+        .into_values()
+        .filter_map(|n| match n {
+            Node::File { blake3, .. } => Some(blake3),
+            _ => None,
+        })
         .collect();
     live.insert(objects[1].clone());
     assert!(live.contains(&objects[2]));
@@ -540,7 +542,7 @@ fn sigkill_during_a_refresh_leaves_no_partial_version() {
 
     let mut cli = server.spawn_cli("killed-refresh", &["refresh", &f.id, "--json"]);
     // The fixture's refresh logged the first "refresh started".
-    server.daemon_mut().wait_for_log_count("refresh started", 2, Duration::from_secs(20));
+    server.daemon_mut().expect_log_count("refresh started", 2, Duration::from_secs(20));
     // Wait until content is being written into the library (or briefly, at most).
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while count_entries(&tmp) == 0 && std::time::Instant::now() < deadline {
@@ -548,7 +550,7 @@ fn sigkill_during_a_refresh_leaves_no_partial_version() {
     }
     assert!(cli.is_running(), "the refresh ended before the server was killed; make the tree bigger\n{}", cli.log());
     server.kill9();
-    let status = cli.wait_exit(Duration::from_secs(10));
+    let status = cli.expect_exit(Duration::from_secs(10));
     assert!(!status.success(), "the interrupted refresh must fail: {status}\n{}", cli.log());
     assert!(cli.log().contains("dpsync: "), "with a reason: {}", cli.log());
 

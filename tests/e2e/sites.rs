@@ -10,9 +10,8 @@
 //! that.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -335,39 +334,10 @@ fn a_child_relays_but_does_not_refresh_its_parents_package() {
 }
 
 /// A digest of the tree `current` points to (resolved once, so a switch in the middle of
-/// the walk cannot fake a mix), in the format of [`tree_digest`]; `None` if a read fails
-/// (a tree being deleted).
+/// the walk cannot fake a mix); `None` if a read fails (a tree being deleted).
 fn live_digest(current: &Path) -> Option<TreeDigest> {
     let link = fs::read_link(current).ok()?;
-    let root = current.parent()?.join(link);
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> Option<()> {
-        let mut entries: Vec<PathBuf> =
-            fs::read_dir(dir).ok()?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().ok()?;
-        entries.sort();
-        for p in entries {
-            let rel = p.strip_prefix(root).ok()?.to_string_lossy().into_owned();
-            let md = fs::symlink_metadata(&p).ok()?;
-            let mode = md.mode() & 0o7777;
-            let ft = md.file_type();
-            let desc = if ft.is_symlink() {
-                format!("symlink -> {}", fs::read_link(&p).ok()?.to_string_lossy())
-            } else if ft.is_dir() {
-                walk(root, &p, out)?;
-                format!("dir {mode:o}")
-            } else if ft.is_file() {
-                let mut h = blake3::Hasher::new();
-                h.update_reader(File::open(&p).ok()?).ok()?;
-                format!("file {mode:o} {} {}", md.len(), h.finalize().to_hex())
-            } else {
-                format!("special {ft:?}")
-            };
-            out.insert(rel, desc);
-        }
-        Some(())
-    }
-    let mut out = BTreeMap::new();
-    walk(&root, &root, &mut out)?;
-    Some(TreeDigest(out))
+    try_tree_digest(&current.parent()?.join(link)).ok()
 }
 
 #[test]

@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use dpsync_bench::Rng;
+use dpsync_testkit::{Rng, lognormal_sizes};
 use rayon::prelude::*;
 use serde_json::{Value, json};
 
@@ -187,18 +187,6 @@ fn main() {
 // ---------------------------------------------------------------------------------------
 // Trees
 
-/// Log-normal sizes (σ = 2.3) clamped to `[min, max]`, scaled to add up to `total`.
-fn lognormal_sizes(n: usize, total: u64, min: u64, max: u64, rng: &mut Rng) -> Vec<u64> {
-    let raw: Vec<f64> = (0..n).map(|_| (2.3 * rng.normal()).exp()).collect();
-    let sized = |k: f64| -> Vec<u64> { raw.iter().map(|r| ((r * k) as u64).clamp(min, max)).collect() };
-    let (mut lo, mut hi) = (1e-3f64, 1e12f64);
-    for _ in 0..200 {
-        let mid = (lo * hi).sqrt();
-        if sized(mid).iter().sum::<u64>() < total { lo = mid } else { hi = mid }
-    }
-    sized(hi)
-}
-
 /// The source tree as the bench believes it to be (relative path → size).
 #[derive(Debug)]
 struct Tree {
@@ -223,26 +211,14 @@ impl Tree {
 }
 
 fn content_rng(seed: u64, generation: u64, idx: u64) -> Rng {
-    let mut r = Rng(seed ^ generation.wrapping_mul(0xA24B_AED4_963E_E407) ^ idx.wrapping_mul(0x9FB2_1C65_1E98_DF25));
+    let mut r =
+        Rng::new(seed ^ generation.wrapping_mul(0xA24B_AED4_963E_E407) ^ idx.wrapping_mul(0x9FB2_1C65_1E98_DF25));
     r.next_u64();
     r
 }
 
-/// Writes `size` fresh random bytes to `w`.
-fn write_random(w: &mut impl Write, mut rng: Rng, size: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; (size.min(MIB)) as usize];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        rng.fill(&mut buf[..n]);
-        w.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    Ok(())
-}
-
 fn generate(kind: Kind, root: &Path, scale: f64, seed: u64) -> Res<Tree> {
-    let mut rng = Rng(seed ^ 0xC0FF_EE00 ^ kind as u64);
+    let mut rng = Rng::new(seed ^ 0xC0FF_EE00 ^ kind as u64);
     let (sizes, per_dir): (Vec<u64>, usize) = match kind {
         Kind::Mixed => {
             let n = ((20_000.0 * scale).round() as usize).max(20);
@@ -278,7 +254,7 @@ fn generate(kind: Kind, root: &Path, scale: f64, seed: u64) -> Res<Tree> {
     names.par_iter().enumerate().try_for_each(|(i, (rel, size))| -> Res<()> {
         let p = root.join(rel);
         let mut f = io::BufWriter::with_capacity(256 * 1024, File::create(&p).map_err(err(p.display()))?);
-        write_random(&mut f, content_rng(seed, 0, i as u64), *size).map_err(err(p.display()))?;
+        content_rng(seed, 0, i as u64).write_to(&mut f, *size).map_err(err(p.display()))?;
         f.flush().map_err(err(p.display()))
     })?;
     for (rel, size) in names {
@@ -371,7 +347,7 @@ fn change_one_percent(tree: &mut Tree, rng: &mut Rng) -> Res<Change> {
         };
         let full = tree.root.join(&p);
         let mut f = OpenOptions::new().append(true).open(&full).map_err(err(full.display()))?;
-        write_random(&mut f, content_rng(tree.seed, gen_, 1_000_000 + i), extra).map_err(err(full.display()))?;
+        content_rng(tree.seed, gen_, 1_000_000 + i).write_to(&mut f, extra).map_err(err(full.display()))?;
         i += 1;
         *tree.files.get_mut(&p).expect("known") += extra;
         ch.appended.push(p);
@@ -388,7 +364,7 @@ fn change_one_percent(tree: &mut Tree, rng: &mut Rng) -> Res<Change> {
         let rel = format!("{dir}/new-{gen_}-{n:05}.bin");
         let full = tree.root.join(&rel);
         let mut f = File::create(&full).map_err(err(full.display()))?;
-        write_random(&mut f, content_rng(tree.seed, gen_, 2_000_000 + n as u64), size).map_err(err(full.display()))?;
+        content_rng(tree.seed, gen_, 2_000_000 + n as u64).write_to(&mut f, size).map_err(err(full.display()))?;
         tree.files.insert(rel.clone(), size);
         ch.added.push(rel);
     }
@@ -413,7 +389,7 @@ fn insert_at_start(tree: &mut Tree) -> Res<Change> {
     let tmp = full.with_extension("insert-tmp");
     {
         let mut out = File::create(&tmp).map_err(err(tmp.display()))?;
-        write_random(&mut out, content_rng(tree.seed, gen_, 4_000_000), 100).map_err(err(tmp.display()))?;
+        content_rng(tree.seed, gen_, 4_000_000).write_to(&mut out, 100).map_err(err(tmp.display()))?;
         let mut src = File::open(&full).map_err(err(full.display()))?;
         io::copy(&mut src, &mut out).map_err(err(tmp.display()))?;
     }
@@ -1509,7 +1485,7 @@ fn run() -> Res<()> {
         base.display()
     );
     let started = Instant::now();
-    let mut rng = Rng(args.seed ^ 0xBE4C_0000);
+    let mut rng = Rng::new(args.seed ^ 0xBE4C_0000);
     let mut all = Vec::new();
     let mut trees = serde_json::Map::new();
     let mut outcome = Ok(());

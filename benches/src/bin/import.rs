@@ -31,10 +31,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dpsync_bench::Rng;
 use dpsync_hash::{ChunkParams, Entry, EntryKind, Manifest, digest_stream};
 use dpsync_library::{ImportBatch, Library};
 use dpsync_scan::{FilePlan, ScanCache, ScanEntry, ScanKind, SourceRoot};
+use dpsync_testkit::{Rng, lognormal_sizes};
 use rayon::prelude::*;
 
 const KIB: u64 = 1024;
@@ -118,18 +118,10 @@ fn main() {
 // ---------------------------------------------------------------------------------------
 // The tree
 
-/// File sizes: log-normal (σ = 2.3: median ≈ 50 KiB, a long tail of big files), clamped to 1 KiB … 64 MiB,
-/// scaled so that they add up to `total` (as nearly as the clamps allow).
+/// File sizes: log-normal (median ≈ 50 KiB, a long tail of big files), clamped to
+/// 1 KiB … 64 MiB, scaled so that they add up to `total` (as nearly as the clamps allow).
 fn file_sizes(n: usize, total: u64, rng: &mut Rng) -> Vec<u64> {
-    let raw: Vec<f64> = (0..n).map(|_| (2.3 * rng.normal()).exp()).collect();
-    let sized = |k: f64| -> Vec<u64> { raw.iter().map(|r| ((r * k) as u64).clamp(MIN_SIZE, MAX_SIZE)).collect() };
-    // The sum is monotonic in the scale: bisect it in log space.
-    let (mut lo, mut hi) = (1e-3f64, 1e12f64);
-    for _ in 0..200 {
-        let mid = (lo * hi).sqrt();
-        if sized(mid).iter().sum::<u64>() < total { lo = mid } else { hi = mid }
-    }
-    sized(hi)
+    lognormal_sizes(n, total, MIN_SIZE, MAX_SIZE, rng)
 }
 
 #[derive(Debug, Clone)]
@@ -161,7 +153,7 @@ fn tree_layout(root: &Path, sizes: &[u64]) -> Tree {
 /// a unique 16-byte header so no two files are equal. fsync'd so that no writeback of
 /// the source competes with the measurements.
 fn write_tree(tree: &Tree, seed: u64) -> Res<()> {
-    let mut rng = Rng(seed ^ 0x5EED_F00D);
+    let mut rng = Rng::new(seed ^ 0x5EED_F00D);
     let pool_len = (MAX_SIZE + MIB) as usize;
     let mut pool = vec![0u8; pool_len];
     for w in pool.chunks_exact_mut(8) {
@@ -423,7 +415,7 @@ fn run() -> Res<()> {
     let marker = base.join(MARKER);
     let tree_id = format!("v2 files={} total_mib={} seed={}\n", args.files, args.total_mib, args.seed);
 
-    let mut rng = Rng(args.seed);
+    let mut rng = Rng::new(args.seed);
     let sizes = file_sizes(args.files, args.total_mib * MIB, &mut rng);
     let tree = tree_layout(&src, &sizes);
 

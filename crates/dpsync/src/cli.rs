@@ -55,6 +55,7 @@ impl Cli {
         match &mut cli.command {
             Command::Server(a) => (a.settings.data_dir, a.settings.socket) = (data_dir, socket),
             Command::Agent(a) => a.settings.data_dir = data_dir,
+            Command::Quickstart { data_dir: dir, .. } => *dir = data_dir,
             _ => {}
         }
         cli
@@ -187,6 +188,9 @@ enum Command {
         /// Keep the temporary directory (source, data directories, logs) and print where it is.
         #[arg(long)]
         keep: bool,
+        /// The global --data-dir when given on the command line (not DPSYNC_DATA_DIR).
+        #[arg(skip)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -355,7 +359,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rollback { package, wait } => return rollback_cmd(&client()?, json, &package, wait).await,
         Command::Validate { package, target } => return validate_cmd(&client()?, json, &package, target).await,
         Command::Gc => gc_cmd(&client()?, json).await?,
-        Command::Quickstart { keep } => return crate::quickstart::run(keep, json).await,
+        Command::Quickstart { keep, data_dir } => return crate::quickstart::run(keep, data_dir, json).await,
         Command::Info => info_cmd(&client()?, json).await?,
         Command::Backup { dir, with_library } => return backup(&client()?, dir, with_library, json).await,
         Command::Restore { dir, database_url } => return restore(dir, data_dir, database_url, json).await,

@@ -91,9 +91,18 @@ where
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let prepare = Arc::new(prepare);
     tokio::spawn(async move {
+        // Ends (closing the socket) as soon as the server drops its end: a daemon run in
+        // a process that goes on (a test) must not keep its port.
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else { return };
-            let (stream, addr) = match tcp.accept().await {
+            let accepted = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = async {
+                    let permit = slots.clone().acquire_owned().await.ok()?;
+                    Some((permit, tcp.accept().await))
+                } => accepted,
+            };
+            let Some((permit, accepted)) = accepted else { return };
+            let (stream, addr) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("accept: {e}");
@@ -108,9 +117,6 @@ where
                     let _ = conn_tx.send((Counted { inner: io, _permit: permit }, addr)).await;
                 }
             });
-            if tx.is_closed() {
-                return;
-            }
         }
     });
     Ok(BoundedListener { rx, local })
