@@ -2,6 +2,7 @@
 
 mod beneath;
 mod distribute;
+mod hardening;
 mod harness;
 mod hostile;
 mod privacy;

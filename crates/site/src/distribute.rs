@@ -290,7 +290,14 @@ impl Site {
                 self.send_chunks(job, target, client, &manifest, against, missing).await?;
             }
             self.set_progress(&key, |p| p.phase = "committing".into());
-            match client.commit(pkg, version).await {
+            let committing = |p: &wire::CommitProgress| {
+                let phase = match p.files_total {
+                    0 => format!("committing: {}", p.phase),
+                    n => format!("committing: {} ({}/{n})", p.phase, p.files_done),
+                };
+                self.set_progress(&key, |x| x.phase = phase);
+            };
+            match client.commit_reporting(pkg, version, committing).await {
                 Ok(r) => {
                     tracing::info!(package = %pkg, target = %target.name, version, built = r.files_built, "installed on target");
                     return Ok(r.installed_version);
