@@ -1,16 +1,36 @@
 //! Hardening against what real package sources and networks do: a package of many
 //! identical files (one library object past the filesystem's link limit, a commit that
-//! takes long).
+//! takes long), and a refresh refused while a file keeps changing (it takes back what it
+//! stored).
 
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::harness::*;
 
+const MIB: u64 = 1 << 20;
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
+}
+
+/// The objects in a library (`objects/xx/<hash>`), by name.
+fn library_objects(lib: &Path) -> std::collections::BTreeSet<String> {
+    walkdir::WalkDir::new(lib.join("objects"))
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Files left in a library's `tmp/`.
+fn library_tmp_files(lib: &Path) -> usize {
+    fs::read_dir(lib.join("tmp")).map(|rd| rd.count()).unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -113,3 +133,71 @@ fn a_package_of_many_identical_files_installs_on_a_dp() {
     assert!(agent.log().contains("version installed"), "{}", agent.log());
 }
 
+// ---------------------------------------------------------------------------------------
+// 2. A refused refresh takes back what it stored
+
+/// A refresh refused because a file kept changing (a writer appends to it while it is
+/// read) leaves the site's library as it was: the content of every attempt at that file
+/// and of the new files it did read are removed again; the committed version's stay.
+#[test]
+fn a_refused_refresh_leaves_the_library_as_it_was() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    let mut tree = gen_tree(&src, 20, 61, 0..64 << 10);
+    set_old_mtimes(&src);
+    let server = Server::start(dir.join("d"), "PS1");
+    let lib = server.library();
+    let id = text(&server.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
+    assert_eq!(num(&server.cli_json(&["refresh", &id]), "source_version"), 1);
+    let before = library_objects(&lib);
+    assert!(before.len() > 5, "{before:?}");
+
+    // New content beside a file that keeps growing: small files and large ones (> 1 MiB
+    // objects are named by the library's finisher threads, smaller ones at the end).
+    for i in 0..6 {
+        tree.add_file(&src, &format!("new/{i}.bin"), if i % 2 == 0 { 3 * MIB } else { 40_000 }, 6100 + i);
+    }
+    let growing = src.join("growing.log");
+    write_random_file(&growing, 24 * MIB, 62);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, growing) = (stop.clone(), growing.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let chunk = random_bytes(4096, 63);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                append(&growing, &chunk);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            n
+        })
+    };
+    let out = server.cli(&["refresh", &id, "--json"]);
+    stop.store(true, Ordering::Relaxed);
+    let appended = writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the refresh must be refused; stderr: {stderr}");
+    assert!(stderr.contains("growing.log") && stderr.contains("kept changing"), "{stderr}");
+    assert!(appended > 0);
+
+    let after = library_objects(&lib);
+    let added: Vec<_> = after.difference(&before).collect();
+    let lost: Vec<_> = before.difference(&after).collect();
+    assert!(added.is_empty(), "the refused refresh left {} objects in the library: {added:?}", added.len());
+    assert!(lost.is_empty(), "objects of the committed version were removed: {lost:?}");
+    assert_eq!(library_tmp_files(&lib), 0, "nothing is left in the library's tmp/");
+    let show = server.cli_json(&["package", "show", &id]);
+    assert_eq!(version_numbers(&show), vec![1], "nothing was committed: {show:#}");
+    assert!(server.log().contains("the failed refresh's content was removed"), "{}", server.log());
+
+    // Once the writer stopped, the same refresh commits (and its content is there).
+    set_old_mtimes(&src);
+    let r = server.cli_json(&["refresh", &id]);
+    assert_eq!(num(&r, "source_version"), 2);
+    assert_eq!(num(&r, "files_added"), 7, "{r:#}");
+    let now = library_objects(&lib);
+    assert!(now.is_superset(&before));
+    assert_eq!(now.len(), before.len() + 7, "the six new files and the log");
+}

@@ -1,15 +1,16 @@
 //! `RefreshPkgSource`, first half: scan the source, read only what changed (hash, chunk
 //! and copy into the library in one pass), and commit the next source version.
 
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use dpsync_hash::{ChunkParams, DecodeLimits, Entry, EntryKind, FileDigest, Manifest};
-use dpsync_library::{ImportBatch, Library};
+use dpsync_hash::{ChunkParams, DecodeLimits, Entry, EntryKind, FileDigest, FileHash, Manifest};
+use dpsync_library::{ImportBatch, Imported, Library};
 use dpsync_scan::{FilePlan, FileStat, ScanCache, ScanEntry, ScanError, ScanKind, SourceChanged, SourceRoot};
 use dpsync_store::{NewVersion, VersionStats};
 use rayon::prelude::*;
@@ -24,7 +25,24 @@ const READ_ATTEMPTS: u32 = 3;
 const MAX_LISTED: usize = 1000;
 
 impl Site {
+    /// `RefreshPkgSource`. A refresh that fails takes back out of the library what it
+    /// stored there and no committed version names ([`Site::take_back_imports`]).
     pub async fn refresh(&self, pkg: &str, req: RefreshRequest) -> Result<RefreshReport, SiteError> {
+        let stored_new = Arc::new(StoredNew::default());
+        let result = self.refresh_storing(pkg, req, &stored_new).await;
+        if let Err(e) = &result {
+            let stored = std::mem::take(&mut *stored_new.0.lock().unwrap());
+            self.take_back_imports(pkg, stored, e).await;
+        }
+        result
+    }
+
+    async fn refresh_storing(
+        &self,
+        pkg: &str,
+        req: RefreshRequest,
+        stored_new: &Arc<StoredNew>,
+    ) -> Result<RefreshReport, SiteError> {
         let started = Instant::now();
         let package = self.find_package(pkg).await?;
         if package.source_site != self.cfg.site_code {
@@ -57,8 +75,9 @@ impl Site {
         let library = self.library.clone();
         let params = self.params;
         let id = package.id.clone();
+        let stored = stored_new.clone();
         let built = tokio::task::spawn_blocking(move || {
-            build(&library, &params, Path::new(&source), prev_manifest.as_ref(), &prev_cache, &req)
+            build(&library, &params, Path::new(&source), prev_manifest.as_ref(), &prev_cache, &req, &stored)
         })
         .await
         .context("refresh task")??;
@@ -150,6 +169,7 @@ fn build(
     previous: Option<&Manifest>,
     prev_cache: &ScanCache,
     req: &RefreshRequest,
+    stored: &StoredNew,
 ) -> Result<Built, SiteError> {
     let scan_started = now_ns();
     let clock = Instant::now();
@@ -230,7 +250,7 @@ fn build(
                     (entry_of(&entry, EntryKind::File { size, hash, chunks }), Some(entry.stat))
                 }
                 (ScanKind::File, _) => {
-                    let (digest, stat, mode, stored_new) = import_file(&batch, params, &root, &entry)?;
+                    let (digest, stat, mode, stored_new) = import_file(&batch, params, &root, &entry, stored)?;
                     bytes_read.fetch_add(digest.size, Ordering::Relaxed);
                     if stored_new {
                         bytes_stored.fetch_add(digest.size, Ordering::Relaxed);
@@ -338,6 +358,7 @@ fn import_file(
     params: &ChunkParams,
     root: &SourceRoot,
     entry: &ScanEntry,
+    stored: &StoredNew,
 ) -> Result<(FileDigest, FileStat, u32, bool), String> {
     for _ in 0..READ_ATTEMPTS {
         // A regular file, or a `SourceChanged` error that names the path.
@@ -354,6 +375,8 @@ fn import_file(
                 format!("{}: {e}", entry.path)
             }
         })?;
+        // Every attempt's content counts, also the ones of a file that kept changing.
+        stored.record(&imported);
         let after = file.metadata().map_err(|e| format!("{}: {e}", entry.path))?;
         let (b, a) = (FileStat::of(&before), FileStat::of(&after));
         if b == a && imported.digest.size == b.size {
@@ -365,4 +388,82 @@ fn import_file(
         "{}: kept changing while it was read ({READ_ATTEMPTS} attempts); stop writing to it, then refresh again",
         entry.path
     ))
+}
+
+/// Library objects a refresh stored that were not there when it read them: what it takes
+/// back out if it fails.
+#[derive(Debug, Default)]
+struct StoredNew(Mutex<Vec<FileHash>>);
+
+impl StoredNew {
+    fn record(&self, imported: &Imported) {
+        if imported.stored_new {
+            self.0.lock().unwrap().push(imported.digest.hash);
+        }
+    }
+}
+
+impl Site {
+    /// After a failed refresh of `pkg`: removes from the library the objects it stored
+    /// (`stored`) that no committed version names, so that a refused refresh leaves the
+    /// library as it found it (a file that kept changing left one object per attempt).
+    ///
+    /// It runs with the gc lock held exclusively, so no refresh is importing meanwhile: a
+    /// concurrent refresh that read the same content has committed it by then (and a
+    /// committed version keeps it) or failed and taken back its own; and no `gc` runs.
+    async fn take_back_imports(&self, pkg: &str, stored: Vec<FileHash>, why: &SiteError) {
+        if stored.is_empty() {
+            return;
+        }
+        let _exclusive = self.gc_lock.write().await;
+        let manifests = match self.store.live_file_hashes().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(
+                    package = pkg,
+                    "the failed refresh's content stays in the library until `dpsync gc`: {e}"
+                );
+                return;
+            }
+        };
+        let library = self.library.clone();
+        let taken = tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
+            let mut live = HashSet::<FileHash>::new();
+            for blob in manifests {
+                let m = Manifest::decode(&blob, &DecodeLimits::default())
+                    .map_err(|e| format!("a stored manifest is corrupt: {e}"))?;
+                live.extend(m.files().filter_map(|e| e.file_hash()));
+            }
+            let (mut objects, mut bytes) = (0, 0);
+            for h in stored.into_iter().collect::<HashSet<_>>() {
+                if live.contains(&h) {
+                    continue;
+                }
+                // Stored but never named (a batch that stopped before naming it): nothing to do.
+                let Ok(md) = std::fs::symlink_metadata(library.object_path(&h)) else { continue };
+                library.remove(&h).map_err(|e| e.to_string())?;
+                objects += 1;
+                bytes += md.len();
+            }
+            Ok((objects, bytes))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match taken {
+            Ok((0, _)) => {}
+            Ok((objects, bytes)) => tracing::info!(
+                package = pkg,
+                objects,
+                bytes,
+                "the failed refresh's content was removed from the library ({why})"
+            ),
+            Err(e) => {
+                tracing::warn!(
+                    package = pkg,
+                    "the failed refresh's content stays in the library until `dpsync gc`: {e}"
+                )
+            }
+        }
+    }
 }
