@@ -1,7 +1,7 @@
 //! Hardening against what real package sources and networks do: a package of many
 //! identical files (one library object past the filesystem's link limit, a commit that
-//! takes long), and a refresh refused while a file keeps changing (it takes back what it
-//! stored).
+//! takes long), a refresh refused while a file keeps changing (it takes back what it
+//! stored), and a source that is or holds the server's own data.
 
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
@@ -200,4 +200,52 @@ fn a_refused_refresh_leaves_the_library_as_it_was() {
     let now = library_objects(&lib);
     assert!(now.is_superset(&before));
     assert_eq!(now.len(), before.len() + 7, "the six new files and the log");
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. A source that is, holds or lies inside the server's own state
+
+/// `package add` refuses a source that is the data directory, contains it, lies inside
+/// the library, or is a symlink to the data directory, naming both paths; a package whose
+/// source is later replaced by a symlink to the data directory is refused at refresh,
+/// and nothing is committed.
+#[test]
+fn a_source_that_is_or_holds_the_servers_state_is_refused() {
+    let dir = TestDir::new();
+    // `--socket` elsewhere: nothing special in the data directory gives it away.
+    let opts = ServerOpts { socket: Some(dir.join("admin.sock")), ..ServerOpts::site("PS1") };
+    let server = Server::start_with(dir.join("d"), opts);
+    let data = server.data_dir.clone();
+    let link = dir.join("link-to-data");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let objects = data.join("library").join("objects");
+    let parent = format!("{}/..", data.display());
+    for (source, relation) in [
+        (s(&data), "is"),
+        (parent.as_str(), "contains"),
+        (s(&objects), "lies inside"),
+        (s(&link), "is"),
+        (s(dir.path()), "contains"),
+    ] {
+        let err = server.cli_fail(&["package", "add", "x", source]);
+        assert!(err.contains(source), "names the source {source}: {err}");
+        assert!(err.contains(&format!(" {relation} ")), "says the source {relation} the server's state: {err}");
+        assert!(err.contains(s(&data)) || err.contains(s(&data.join("library"))), "names the server's path: {err}");
+    }
+    let listed = server.cli_json(&["package", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "nothing was added: {listed:#}");
+
+    // A source that is fine at first, then swapped for a symlink to the data directory.
+    let src = dir.join("src");
+    gen_tree(&src, 5, 3, 0..4096);
+    set_old_mtimes(&src);
+    let id = text(&server.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
+    assert_eq!(num(&server.cli_json(&["refresh", &id]), "source_version"), 1);
+    fs::rename(&src, dir.join("src.old")).unwrap();
+    std::os::unix::fs::symlink(&data, &src).unwrap();
+    let err = server.cli_fail(&["refresh", &id]);
+    assert!(err.contains(s(&src)) && err.contains(s(&data)), "names both paths: {err}");
+    assert!(err.contains(" is "), "{err}");
+    let show = server.cli_json(&["package", "show", &id]);
+    assert_eq!(version_numbers(&show), vec![1], "nothing was committed: {show:#}");
 }

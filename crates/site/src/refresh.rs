@@ -1,9 +1,9 @@
 //! `RefreshPkgSource`, first half: scan the source, read only what changed (hash, chunk
 //! and copy into the library in one pass), and commit the next source version.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -54,6 +54,8 @@ impl Site {
         let Some(source) = package.source_path.clone() else {
             return Err(SiteError::Refused(format!("package {} has no source folder", package.id)));
         };
+        let own_state = self.own_state();
+        own_state.check_source(Path::new(&source))?;
         tracing::info!(package = %package.id, source = %source, verify = req.verify, dry_run = req.dry_run, "refresh started");
         let _gc_shared = self.gc_lock.read().await;
         let lock = self.package_lock(&package.id);
@@ -77,7 +79,9 @@ impl Site {
         let id = package.id.clone();
         let stored = stored_new.clone();
         let built = tokio::task::spawn_blocking(move || {
-            build(&library, &params, Path::new(&source), prev_manifest.as_ref(), &prev_cache, &req, &stored)
+            let source = Path::new(&source);
+            let apart = |scan: &[ScanEntry]| own_state.check_scan(source, scan);
+            build(&library, &params, source, prev_manifest.as_ref(), &prev_cache, &req, &apart, &stored)
         })
         .await
         .context("refresh task")??;
@@ -162,6 +166,7 @@ struct Built {
     version: Option<(Manifest, ScanCache)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build(
     library: &Arc<Library>,
     params: &ChunkParams,
@@ -169,6 +174,7 @@ fn build(
     previous: Option<&Manifest>,
     prev_cache: &ScanCache,
     req: &RefreshRequest,
+    apart: &dyn Fn(&[ScanEntry]) -> Result<(), SiteError>,
     stored: &StoredNew,
 ) -> Result<Built, SiteError> {
     let scan_started = now_ns();
@@ -183,6 +189,7 @@ fn build(
     // cross a symlink, so a writer racing the refresh cannot redirect them outside.
     let root = SourceRoot::open(source).map_err(refused)?;
     let scan = root.scan().map_err(refused)?;
+    apart(&scan.entries)?;
     if !scan.problems.is_empty() {
         let n = scan.problems.len();
         let shown: Vec<String> = scan.problems.iter().take(20).map(|p| p.to_string()).collect();
@@ -466,4 +473,121 @@ impl Site {
             }
         }
     }
+}
+
+/// The server's own state, which a package source must stay apart from: a source that
+/// is, contains or lies inside it would publish the site's signing key, its database
+/// (target tokens) and its content library to every target.
+#[derive(Debug, Default)]
+pub(super) struct OwnState {
+    /// Folders a source may not be, contain or lie inside: (what, path, canonical path).
+    dirs: Vec<(&'static str, PathBuf, PathBuf)>,
+    /// Files a source may not contain.
+    files: Vec<(&'static str, PathBuf, PathBuf)>,
+    /// The (device, inode) of each of them that exists, for the scan: a source that
+    /// reaches one through a bind mount or a rename still contains it.
+    ids: HashMap<(u64, u64), (&'static str, PathBuf)>,
+}
+
+impl Site {
+    /// The data directory, the content library and the TLS folder; the SQLite database
+    /// and the TLS key wherever they are.
+    pub(super) fn own_state(&self) -> OwnState {
+        let data = &self.cfg.data_dir;
+        let mut out = OwnState::default();
+        let mut add = |dir: bool, what: &'static str, path: PathBuf| {
+            // A path that does not exist (yet) is compared as written, under its
+            // canonical parent (the TLS folder is created on first use).
+            let canonical = std::fs::canonicalize(&path).ok().or_else(|| {
+                let parent = std::fs::canonicalize(path.parent()?).ok()?;
+                Some(parent.join(path.file_name()?))
+            });
+            let Some(canonical) = canonical else { return };
+            if let Ok(md) = std::fs::metadata(&canonical) {
+                out.ids.entry((md.dev(), md.ino())).or_insert((what, path.clone()));
+            }
+            let list = if dir { &mut out.dirs } else { &mut out.files };
+            list.push((what, path, canonical));
+        };
+        add(true, "the server's data directory", data.clone());
+        add(true, "the content library", self.library.root().to_owned());
+        add(true, "the TLS folder", data.join("tls"));
+        if let Some(db) = sqlite_file(&self.cfg.database_url) {
+            add(false, "the database", db);
+        }
+        if let Some(key) = &self.cfg.tls.key {
+            add(false, "the TLS key", key.clone());
+        }
+        out
+    }
+}
+
+impl OwnState {
+    /// Refuses a source folder that is, contains or lies inside one of these folders, or
+    /// contains one of these files (symlinks resolved on both sides). A source that does
+    /// not resolve is left to the caller, which names it.
+    pub(super) fn check_source(&self, source: &Path) -> Result<(), SiteError> {
+        let Ok(src) = std::fs::canonicalize(source) else { return Ok(()) };
+        let found = self
+            .dirs
+            .iter()
+            .find_map(|(what, path, dir)| {
+                let relation = if src == *dir {
+                    "is"
+                } else if dir.starts_with(&src) {
+                    "contains"
+                } else if src.starts_with(dir) {
+                    "lies inside"
+                } else {
+                    return None;
+                };
+                Some((relation, *what, path))
+            })
+            .or_else(|| {
+                self.files
+                    .iter()
+                    .find(|(_, _, file)| file.starts_with(&src))
+                    .map(|(what, path, _)| ("contains", *what, path))
+            });
+        match found {
+            Some((relation, what, path)) => Err(refuse_source(source, &src, relation, what, path)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a scanned tree holding one of these folders or files itself (reached
+    /// without a symlink, e.g. through a bind mount, or moved in since the path check).
+    fn check_scan(&self, source: &Path, entries: &[ScanEntry]) -> Result<(), SiteError> {
+        for e in entries {
+            if let Some((what, path)) = self.ids.get(&(e.stat.dev, e.stat.ino)) {
+                return Err(SiteError::Refused(format!(
+                    "source {} holds {what} {} (as {}); a refresh would publish the server's own \
+                     state to every target; nothing was committed: use a folder apart from it",
+                    source.display(),
+                    path.display(),
+                    e.path
+                )));
+            }
+        }
+        // The path again: it may have been pointed at the server's state since it was
+        // checked (a folder inside the library holds nothing the scan could recognize).
+        self.check_source(source)
+    }
+}
+
+fn refuse_source(source: &Path, canonical: &Path, relation: &str, what: &str, path: &Path) -> SiteError {
+    let resolved = if canonical == source { String::new() } else { format!(" (resolved to {})", canonical.display()) };
+    SiteError::Refused(format!(
+        "source {}{resolved} {relation} {what} {}; a refresh would publish the server's own state \
+         (keys, tokens, content library) to every target: use a folder apart from it",
+        source.display(),
+        path.display()
+    ))
+}
+
+/// The file of a `sqlite:` database URL.
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
 }
