@@ -1,7 +1,8 @@
 //! Hardening against what real package sources and networks do: a package of many
 //! identical files (one library object past the filesystem's link limit, a commit that
 //! takes long), a refresh refused while a file keeps changing (it takes back what it
-//! stored), and a source that is or holds the server's own data.
+//! stored), a source that is or holds the server's own data, and a removal queued while
+//! the DP is down (done once it is back, without another command).
 
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
@@ -249,3 +250,60 @@ fn a_source_that_is_or_holds_the_servers_state_is_refused() {
     let show = server.cli_json(&["package", "show", &id]);
     assert_eq!(version_numbers(&show), vec![1], "nothing was committed: {show:#}");
 }
+
+// ---------------------------------------------------------------------------------------
+// 4. A removal queued while the DP is down
+
+/// `remove PKG --dp dp1` while dp1's agent is stopped keeps retrying (with backoff) past
+/// the retry limit of installs, and once the agent is back (same data directory and
+/// port) the package is removed there and the state becomes `removed` without another
+/// command.
+#[test]
+fn a_remove_queued_while_the_dp_is_down_is_done_once_it_is_back() {
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    gen_tree(&src, 12, 71, 0..16 << 10);
+    set_old_mtimes(&src);
+    // One retry for installs: a removal that gave up like an install would be `failed`
+    // after its second attempt.
+    let opts = ServerOpts {
+        args: ["--retries", "1", "--retry-delay-ms", "100"].map(String::from).to_vec(),
+        ..ServerOpts::site("PS1")
+    };
+    let server = Server::start_with(dir.join("d"), opts);
+    let mut agent = Agent::start(dir.join("a1"), Some("token-dp1"));
+    let id = text(&server.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
+    server.cli_json(&["dp", "add", "dp1", &agent.url(), "--token", "token-dp1"]);
+    server.cli_json(&["distribute", &id, "--dp", "dp1"]);
+    server.cli_json(&["refresh", &id, "--wait", "--timeout", "60"]);
+    assert!(agent.current(&id).is_dir());
+
+    agent.terminate();
+    let r = server.cli_json(&["remove", &id, "--dp", "dp1"]);
+    assert_eq!(r["action"], "remove", "{r:#}");
+    // Past the install retry limit (1 retry: 2 attempts), still retrying.
+    let t = server.wait_status(&id, "the removal to be retried past the retry limit", WAIT, &[], |st| {
+        let t = target_of(st, "dp1");
+        t["attempts"].as_u64().is_some_and(|a| a >= 4)
+    });
+    let t = target_of(&t, "dp1");
+    assert_eq!(t["state"], "retrying", "a removal does not give up: {t:#}");
+    assert_eq!(t["action"], "remove", "{t:#}");
+    assert!(t["last_error"].as_str().is_some_and(|e| e.contains("unreachable")), "{t:#}");
+    assert!(agent.current(&id).exists(), "the stopped DP still has it");
+
+    agent.restart();
+    let st = server.wait_status(&id, "dp1 to be removed", WAIT, &[agent.daemon()], |st| {
+        target_of(st, "dp1")["state"] == "removed"
+    });
+    let t = target_of(&st, "dp1");
+    assert!(t["installed_version"].is_null(), "{t:#}");
+    assert!(t["last_error"].is_null(), "{t:#}");
+    assert!(!agent.package_dir(&id).exists(), "{} is still there", agent.package_dir(&id).display());
+    assert_eq!(agent.download(&id, "x").status, 404);
+    let objects = library_objects(&agent.library());
+    assert!(objects.is_empty(), "the DP's library still holds the package's files: {objects:?}");
+}
+
+/// Longest a state change may take in these tests.
+const WAIT: Duration = Duration::from_secs(60);

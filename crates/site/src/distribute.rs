@@ -2,8 +2,9 @@
 //!
 //! One job per (package, target) lives in the store. The runner claims due jobs up to
 //! the parallelism limit and runs each as a task; a job that fails with a retryable
-//! error is rescheduled with exponential backoff and jitter until its retries run out.
-//! Jobs that were running when the server stopped are claimable again at start.
+//! error is rescheduled with exponential backoff and jitter until its retries run out
+//! (a removal: until it succeeds). Jobs that were running when the server stopped are
+//! claimable again at start.
 //!
 //! A push: ask the target what it holds; if it already has this content, record the
 //! new version number there (O(1)); otherwise offer the manifest, read the chunks it
@@ -147,7 +148,9 @@ impl Site {
                 self.metrics.jobs_succeeded.fetch_add(1, Relaxed);
                 o
             }
-            Err(e) if e.retryable && job.attempts <= self.dist.retries => {
+            // A removal is retried until it succeeds, not only `retries` times: a DP that
+            // is down when it is asked must not keep the package for good once it is back.
+            Err(e) if e.retryable && (job.attempts <= self.dist.retries || job.action == Action::Remove) => {
                 let delay = backoff(&self.dist, job.attempts);
                 tracing::warn!(
                     package = %job.package_id,
