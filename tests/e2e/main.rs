@@ -5,6 +5,7 @@ mod beneath;
 mod cli;
 mod config;
 mod distribute;
+mod hardening;
 mod harness;
 mod hostile;
 mod privacy;

@@ -11,19 +11,19 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result};
 use dpsync_hash::path::resolve_symlink;
 use dpsync_hash::{ChunkId, DecodeLimits, EntryKind, FileHash, Manifest, RelPath};
 use dpsync_library::Library;
-use dpsync_transfer::service::{OfferMeta, ReceiveError, ServedFile};
+use dpsync_transfer::service::{CommitStage, OfferMeta, ReceiveError, ServedFile};
 use dpsync_transfer::wire::ValidateResponse;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::install::{self, InstallError, Installed, Source};
+use crate::install::{self, BuildProgress, InstallError, Installed, Source};
 use crate::metrics::PackageLabels;
 use crate::sink::{Arrived, VersionSink};
 use crate::{Core, blocking, forget_objects, internal, manifest_hashes};
@@ -41,6 +41,8 @@ struct Live {
 pub struct DpTrees {
     data_dir: PathBuf,
     live: RwLock<HashMap<String, Arc<Live>>>,
+    /// The progress of each package's latest build (read while its commit runs).
+    builds: Mutex<HashMap<String, Arc<BuildProgress>>>,
     files_served: AtomicU64,
     bytes_served: AtomicU64,
 }
@@ -52,6 +54,7 @@ impl DpTrees {
         let trees = Self {
             data_dir: core.data_dir().to_owned(),
             live: RwLock::new(HashMap::new()),
+            builds: Mutex::new(HashMap::new()),
             files_served: AtomicU64::new(0),
             bytes_served: AtomicU64::new(0),
         };
@@ -160,7 +163,17 @@ impl VersionSink for DpTrees {
         let pkg_dir = self.pkg_dir(pkg);
         std::fs::create_dir_all(&pkg_dir)
             .map_err(|source| InstallError::Io { context: format!("creating {}", pkg_dir.display()), source })?;
-        install::install(lib, &pkg_dir, version, manifest, sources, force)
+        let progress = Arc::new(BuildProgress::default());
+        self.builds.lock().unwrap().insert(pkg.to_owned(), progress.clone());
+        let built = install::install(lib, &pkg_dir, version, manifest, sources, force, &progress);
+        if built.is_err() {
+            self.builds.lock().unwrap().remove(pkg);
+        }
+        built
+    }
+
+    fn build_progress(&self, pkg: &str) -> Option<CommitStage> {
+        self.builds.lock().unwrap().get(pkg).map(|p| p.stage())
     }
 
     async fn commit(&self, core: &Core, arrived: Arrived) -> Result<(), ReceiveError> {
@@ -173,7 +186,9 @@ impl VersionSink for DpTrees {
         let dropped = p.previous_dir.as_ref().is_some_and(|d| Some(d) != p.installed_dir.as_ref() && *d != dir);
         let dropped_manifest =
             if dropped { core.db().previous_manifest(&pkg).await.map_err(internal("commit"))? } else { None };
-        core.record_install(&arrived, &dir).await?;
+        let recorded = core.record_install(&arrived, &dir).await;
+        self.builds.lock().unwrap().remove(&pkg);
+        recorded?;
         let Arrived { version, manifest, installed, written_on_arrival, guard, .. } = arrived;
         self.set_live(&pkg, Live { version, dir: installed.dir.clone(), manifest });
         tracing::info!(
@@ -381,6 +396,7 @@ mod tests {
             live: RwLock::new(HashMap::from([("PS100001".to_owned(), live(3)), ("PS100002".to_owned(), live(1))])),
             files_served: AtomicU64::new(2),
             bytes_served: AtomicU64::new(4096),
+            builds: Mutex::new(HashMap::new()),
         };
         let core = crate::Metrics::default();
         core.chunks_received.store(7, Ordering::Relaxed);

@@ -41,7 +41,7 @@ use bytes::Bytes;
 use dpsync_hash::{ChunkId, ContentRoot, DecodeLimits, FileHash, Manifest, RelPath};
 use dpsync_library::Library;
 use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged};
-use dpsync_transfer::service::{OfferMeta, ReceiveError, Receiver, ServedFile, ServiceConfig};
+use dpsync_transfer::service::{CommitStage, OfferMeta, ReceiveError, Receiver, ServedFile, ServiceConfig};
 use dpsync_transfer::trust::TrustStore;
 use dpsync_transfer::wire::{CommitResponse, PackageState, ValidateResponse};
 
@@ -632,6 +632,10 @@ impl<S: VersionSink> Receiver for Agent<S> {
         };
         self.sink.commit(core, arrived).await?;
         Ok(CommitResponse { installed_version: version, content_root, files_built, files_linked })
+    }
+
+    fn commit_progress(&self, pkg: &str) -> Option<CommitStage> {
+        self.sink.build_progress(pkg)
     }
 
     async fn relabel(

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use dpsync_hash::{ChunkId, ContentRoot, FileHash, Manifest, RelPath};
 use dpsync_library::Library;
-use dpsync_transfer::service::{OfferMeta, ReceiveError, ServedFile};
+use dpsync_transfer::service::{CommitStage, OfferMeta, ReceiveError, ServedFile};
 use dpsync_transfer::wire::ValidateResponse;
 use prometheus_client::registry::Registry;
 
@@ -68,6 +68,12 @@ pub trait VersionSink: Send + Sync + std::fmt::Debug + 'static {
         sources: &HashMap<ChunkId, Source>,
         force: bool,
     ) -> Result<Installed, InstallError>;
+
+    /// How far the running [`VersionSink::build`] of `pkg` has come, for a sender
+    /// following a long commit (`None`: not counted). Called without the package's lock.
+    fn build_progress(&self, _pkg: &str) -> Option<CommitStage> {
+        None
+    }
 
     /// Makes a built version live and records it with [`Core::record_install`].
     fn commit(&self, core: &Core, arrived: Arrived) -> impl Future<Output = Result<(), ReceiveError>> + Send;

@@ -195,10 +195,13 @@ impl ImportBatch {
 
 impl Drop for ImportBatch {
     /// A batch dropped unfinished (a failed refresh) still waits for its objects, so no
-    /// write of it outlives the caller's error.
+    /// write of it outlives the caller's error, and removes the small ones it never named.
     fn drop(&mut self) {
         let counts = self.state.counts.lock().unwrap();
         drop(self.state.changed.wait_while(counts, |c| c.0 > 0));
+        for (tmp, _) in std::mem::take(&mut *self.state.small.lock().unwrap()) {
+            let _ = fs::remove_file(tmp);
+        }
     }
 }
 

@@ -120,6 +120,7 @@ async fn add_package(State(site): State<Arc<Site>>, Json(req): Json<AddPackage>)
             )));
         }
     }
+    site.own_state().check_source(source)?;
     let p = site.store.create_package(&site.cfg.site_code, name, &req.source).await?;
     tracing::info!(package = %p.id, name = %p.name, source = %req.source, "package added");
     Ok(Json(package_info(&site, p).await?))

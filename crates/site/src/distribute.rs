@@ -2,8 +2,9 @@
 //!
 //! One job per (package, target) lives in the store. The runner claims due jobs up to
 //! the parallelism limit and runs each as a task; a job that fails with a retryable
-//! error is rescheduled with exponential backoff and jitter until its retries run out.
-//! Jobs that were running when the server stopped are claimable again at start.
+//! error is rescheduled with exponential backoff and jitter until its retries run out
+//! (a removal: until it succeeds). Jobs that were running when the server stopped are
+//! claimable again at start.
 //!
 //! A push: ask the target what it holds; if it already has this content, record the
 //! new version number there (O(1)); otherwise offer the manifest, read the chunks it
@@ -276,7 +277,9 @@ impl Site {
                 self.metrics.jobs_succeeded.fetch_add(1, Relaxed);
                 o
             }
-            Err(e) if e.is_retryable() && job.attempts <= self.dist.retries => {
+            // A removal is retried until it succeeds, not only `retries` times: a DP that
+            // is down when it is asked must not keep the package for good once it is back.
+            Err(e) if e.is_retryable() && (job.attempts <= self.dist.retries || job.action == Action::Remove) => {
                 let delay = backoff(&self.dist, job.attempts);
                 tracing::warn!(
                     package = %job.package_id,
@@ -409,7 +412,14 @@ impl Site {
                 self.send_chunks(job, target, client, &manifest, against, missing).await?;
             }
             self.set_progress(&key, |p| p.phase = Phase::Committing);
-            match client.commit(pkg, version).await {
+            let committing = |p: &wire::CommitProgress| {
+                let phase = match p.files_total {
+                    0 => format!("committing: {}", p.phase),
+                    n => format!("committing: {} ({}/{n})", p.phase, p.files_done),
+                };
+                self.set_progress(&key, |x| x.phase = Phase::Other(phase));
+            };
+            match client.commit_reporting(pkg, version, committing).await {
                 Ok(r) => {
                     tracing::info!(package = %pkg, target = %target.name, version, built = r.files_built, "installed on target");
                     return Ok(r.installed_version);

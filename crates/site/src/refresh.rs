@@ -1,16 +1,17 @@
 //! `RefreshPkgSource`, first half: scan the source, read only what changed (hash, chunk
 //! and copy into the library in one pass), and commit the next source version.
 
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
 use dpsync_hash::path::escape_controls;
-use dpsync_hash::{ChunkParams, DecodeLimits, Entry, EntryKind, FileDigest, Manifest};
-use dpsync_library::{ImportBatch, Library};
+use dpsync_hash::{ChunkParams, DecodeLimits, Entry, EntryKind, FileDigest, FileHash, Manifest};
+use dpsync_library::{ImportBatch, Imported, Library};
 use dpsync_scan::{
     FilePlan, FileStat, RACY_WINDOW_NS, ScanCache, ScanEntry, ScanError, ScanKind, SourceChanged, SourceRoot,
 };
@@ -27,7 +28,24 @@ const READ_ATTEMPTS: u32 = 3;
 const MAX_LISTED: usize = 1000;
 
 impl Site {
+    /// `RefreshPkgSource`. A refresh that fails takes back out of the library what it
+    /// stored there and no committed version names ([`Site::take_back_imports`]).
     pub async fn refresh(&self, pkg: &str, req: RefreshRequest) -> Result<RefreshReport, SiteError> {
+        let stored_new = Arc::new(StoredNew::default());
+        let result = self.refresh_storing(pkg, req, &stored_new).await;
+        if let Err(e) = &result {
+            let stored = std::mem::take(&mut *stored_new.0.lock().unwrap());
+            self.take_back_imports(pkg, stored, e).await;
+        }
+        result
+    }
+
+    async fn refresh_storing(
+        &self,
+        pkg: &str,
+        req: RefreshRequest,
+        stored_new: &Arc<StoredNew>,
+    ) -> Result<RefreshReport, SiteError> {
         let started = Instant::now();
         let package = self.find_package(pkg).await?;
         if package.source_site != self.cfg.site_code {
@@ -39,6 +57,8 @@ impl Site {
         let Some(source) = package.source_path.clone() else {
             return Err(SiteError::Refused(format!("package {} has no source folder", package.id)));
         };
+        let own_state = self.own_state();
+        own_state.check_source(Path::new(&source))?;
         tracing::info!(package = %package.id, source = %source, verify = req.verify, dry_run = req.dry_run, "refresh started");
         let _gc_shared = self.gc_lock.read().await;
         let lock = self.package_lock(&package.id);
@@ -60,8 +80,11 @@ impl Site {
         let library = self.library.clone();
         let params = self.params;
         let id = package.id.clone();
+        let stored = stored_new.clone();
         let built = tokio::task::spawn_blocking(move || {
-            build(&library, &params, Path::new(&source), prev_manifest.as_ref(), &prev_cache, &req)
+            let source = Path::new(&source);
+            let apart = |scan: &[ScanEntry]| own_state.check_scan(source, scan);
+            build(&library, &params, source, prev_manifest.as_ref(), &prev_cache, &req, &apart, &stored)
         })
         .await
         .context("refresh task")??;
@@ -147,6 +170,7 @@ struct Built {
     version: Option<(Manifest, ScanCache)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build(
     library: &Arc<Library>,
     params: &ChunkParams,
@@ -154,6 +178,8 @@ fn build(
     previous: Option<&Manifest>,
     prev_cache: &ScanCache,
     req: &RefreshRequest,
+    apart: &dyn Fn(&[ScanEntry]) -> Result<(), SiteError>,
+    stored: &StoredNew,
 ) -> Result<Built, SiteError> {
     let scan_started = now_ns();
     let clock = Instant::now();
@@ -167,6 +193,7 @@ fn build(
     // cross a symlink, so a writer racing the refresh cannot redirect them outside.
     let root = SourceRoot::open(source).map_err(refused)?;
     let scan = root.scan().map_err(refused)?;
+    apart(&scan.entries)?;
     if !scan.problems.is_empty() {
         let n = scan.problems.len();
         let shown: Vec<String> = scan.problems.iter().take(20).map(|p| p.to_string()).collect();
@@ -235,7 +262,7 @@ fn build(
                     (entry_of(&entry, EntryKind::File { size, hash, chunks }), Some(entry.stat))
                 }
                 (ScanKind::File, _) => {
-                    let (digest, stat, mode, stored_new) = import_file(&batch, params, &root, &entry)?;
+                    let (digest, stat, mode, stored_new) = import_file(&batch, params, &root, &entry, stored)?;
                     bytes_read.fetch_add(digest.size, Ordering::Relaxed);
                     if stored_new {
                         bytes_stored.fetch_add(digest.size, Ordering::Relaxed);
@@ -356,6 +383,7 @@ fn import_file(
     params: &ChunkParams,
     root: &SourceRoot,
     entry: &ScanEntry,
+    stored: &StoredNew,
 ) -> Result<(FileDigest, FileStat, u32, bool), String> {
     // Path rules refuse control characters, but not every character that reorders text.
     let name = escape_controls(entry.path.as_str());
@@ -374,6 +402,8 @@ fn import_file(
                 format!("{name}: {e}")
             }
         })?;
+        // Every attempt's content counts, also the ones of a file that kept changing.
+        stored.record(&imported);
         let after = file.metadata().map_err(|e| format!("{name}: {e}"))?;
         let (b, a) = (FileStat::of(&before), FileStat::of(&after));
         if b == a && imported.digest.size == b.size {
@@ -384,4 +414,199 @@ fn import_file(
     Err(format!(
         "{name}: kept changing while it was read ({READ_ATTEMPTS} attempts); stop writing to it, then refresh again"
     ))
+}
+
+/// Library objects a refresh stored that were not there when it read them: what it takes
+/// back out if it fails.
+#[derive(Debug, Default)]
+struct StoredNew(Mutex<Vec<FileHash>>);
+
+impl StoredNew {
+    fn record(&self, imported: &Imported) {
+        if imported.stored_new {
+            self.0.lock().unwrap().push(imported.digest.hash);
+        }
+    }
+}
+
+impl Site {
+    /// After a failed refresh of `pkg`: removes from the library the objects it stored
+    /// (`stored`) that no committed version names, so that a refused refresh leaves the
+    /// library as it found it (a file that kept changing left one object per attempt).
+    ///
+    /// It runs with the gc lock held exclusively, so no refresh is importing meanwhile: a
+    /// concurrent refresh that read the same content has committed it by then (and a
+    /// committed version keeps it) or failed and taken back its own; and no `gc` runs.
+    async fn take_back_imports(&self, pkg: &str, stored: Vec<FileHash>, why: &SiteError) {
+        if stored.is_empty() {
+            return;
+        }
+        let _exclusive = self.gc_lock.write().await;
+        let manifests = match self.store.live_file_hashes().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(
+                    package = pkg,
+                    "the failed refresh's content stays in the library until `dpsync gc`: {e}"
+                );
+                return;
+            }
+        };
+        let library = self.library.clone();
+        let taken = tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
+            let mut live = HashSet::<FileHash>::new();
+            for blob in manifests {
+                let m = Manifest::decode(&blob, &DecodeLimits::default())
+                    .map_err(|e| format!("a stored manifest is corrupt: {e}"))?;
+                live.extend(m.files().filter_map(|e| e.file_hash()));
+            }
+            let (mut objects, mut bytes) = (0, 0);
+            for h in stored.into_iter().collect::<HashSet<_>>() {
+                if live.contains(&h) {
+                    continue;
+                }
+                // Stored but never named (a batch that stopped before naming it): nothing to do.
+                let Ok(md) = std::fs::symlink_metadata(library.object_path(&h)) else { continue };
+                library.remove(&h).map_err(|e| e.to_string())?;
+                objects += 1;
+                bytes += md.len();
+            }
+            Ok((objects, bytes))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match taken {
+            Ok((0, _)) => {}
+            Ok((objects, bytes)) => tracing::info!(
+                package = pkg,
+                objects,
+                bytes,
+                "the failed refresh's content was removed from the library ({why})"
+            ),
+            Err(e) => {
+                tracing::warn!(
+                    package = pkg,
+                    "the failed refresh's content stays in the library until `dpsync gc`: {e}"
+                )
+            }
+        }
+    }
+}
+
+/// The server's own state, which a package source must stay apart from: a source that
+/// is, contains or lies inside it would publish the site's signing key, its database
+/// (target tokens) and its content library to every target.
+#[derive(Debug, Default)]
+pub(super) struct OwnState {
+    /// Folders a source may not be, contain or lie inside: (what, path, canonical path).
+    dirs: Vec<(&'static str, PathBuf, PathBuf)>,
+    /// Files a source may not contain.
+    files: Vec<(&'static str, PathBuf, PathBuf)>,
+    /// The (device, inode) of each of them that exists, for the scan: a source that
+    /// reaches one through a bind mount or a rename still contains it.
+    ids: HashMap<(u64, u64), (&'static str, PathBuf)>,
+}
+
+impl Site {
+    /// The data directory, the content library and the TLS folder; the SQLite database
+    /// and the TLS key wherever they are.
+    pub(super) fn own_state(&self) -> OwnState {
+        let data = &self.cfg.data_dir;
+        let mut out = OwnState::default();
+        let mut add = |dir: bool, what: &'static str, path: PathBuf| {
+            // A path that does not exist (yet) is compared as written, under its
+            // canonical parent (the TLS folder is created on first use).
+            let canonical = std::fs::canonicalize(&path).ok().or_else(|| {
+                let parent = std::fs::canonicalize(path.parent()?).ok()?;
+                Some(parent.join(path.file_name()?))
+            });
+            let Some(canonical) = canonical else { return };
+            if let Ok(md) = std::fs::metadata(&canonical) {
+                out.ids.entry((md.dev(), md.ino())).or_insert((what, path.clone()));
+            }
+            let list = if dir { &mut out.dirs } else { &mut out.files };
+            list.push((what, path, canonical));
+        };
+        add(true, "the server's data directory", data.clone());
+        add(true, "the content library", self.library.root().to_owned());
+        add(true, "the TLS folder", data.join("tls"));
+        if let Some(db) = sqlite_file(&self.cfg.database_url) {
+            add(false, "the database", db);
+        }
+        if let Some(key) = &self.cfg.tls.key {
+            add(false, "the TLS key", key.clone());
+        }
+        out
+    }
+}
+
+impl OwnState {
+    /// Refuses a source folder that is, contains or lies inside one of these folders, or
+    /// contains one of these files (symlinks resolved on both sides). A source that does
+    /// not resolve is left to the caller, which names it.
+    pub(super) fn check_source(&self, source: &Path) -> Result<(), SiteError> {
+        let Ok(src) = std::fs::canonicalize(source) else { return Ok(()) };
+        let found = self
+            .dirs
+            .iter()
+            .find_map(|(what, path, dir)| {
+                let relation = if src == *dir {
+                    "is"
+                } else if dir.starts_with(&src) {
+                    "contains"
+                } else if src.starts_with(dir) {
+                    "lies inside"
+                } else {
+                    return None;
+                };
+                Some((relation, *what, path))
+            })
+            .or_else(|| {
+                self.files
+                    .iter()
+                    .find(|(_, _, file)| file.starts_with(&src))
+                    .map(|(what, path, _)| ("contains", *what, path))
+            });
+        match found {
+            Some((relation, what, path)) => Err(refuse_source(source, &src, relation, what, path)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a scanned tree holding one of these folders or files itself (reached
+    /// without a symlink, e.g. through a bind mount, or moved in since the path check).
+    fn check_scan(&self, source: &Path, entries: &[ScanEntry]) -> Result<(), SiteError> {
+        for e in entries {
+            if let Some((what, path)) = self.ids.get(&(e.stat.dev, e.stat.ino)) {
+                return Err(SiteError::Refused(format!(
+                    "source {} holds {what} {} (as {}); a refresh would publish the server's own \
+                     state to every target; nothing was committed: use a folder apart from it",
+                    source.display(),
+                    path.display(),
+                    e.path
+                )));
+            }
+        }
+        // The path again: it may have been pointed at the server's state since it was
+        // checked (a folder inside the library holds nothing the scan could recognize).
+        self.check_source(source)
+    }
+}
+
+fn refuse_source(source: &Path, canonical: &Path, relation: &str, what: &str, path: &Path) -> SiteError {
+    let resolved = if canonical == source { String::new() } else { format!(" (resolved to {})", canonical.display()) };
+    SiteError::Refused(format!(
+        "source {}{resolved} {relation} {what} {}; a refresh would publish the server's own state \
+         (keys, tokens, content library) to every target: use a folder apart from it",
+        source.display(),
+        path.display()
+    ))
+}
+
+/// The file of a `sqlite:` database URL.
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
 }

@@ -2,14 +2,16 @@
 //! Every call counts the request bytes it put on the wire, so the site can report
 //! what each target cost.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dpsync_hash::ChunkId;
 use reqwest::{Method, StatusCode, header};
 use serde::de::DeserializeOwned;
 
-use crate::wire::{self, BatchResponse, CommitResponse, Hello, PackageState, ValidateResponse, WireError};
+use crate::wire::{
+    self, BatchResponse, CommitProgress, CommitResponse, Hello, PackageState, ValidateResponse, WireError,
+};
 
 /// Why a call to a target failed. [`TransferError::is_retryable`] drives the site's
 /// retry policy; a refusal says why in a [`RejectReason`], so no caller needs to know
@@ -170,6 +172,28 @@ pub struct TargetClient {
     base: String,
     name: String,
     token: Option<String>,
+    commit_polls: CommitPolls,
+}
+
+/// How a commit is followed: the target is asked to answer `202 Accepted` with its
+/// progress after `first_wait` rather than hold the request until a long commit ends,
+/// then polled (`GET …/commit`, each poll held up to `poll_wait`). A commit whose
+/// progress does not move for `stall` is given up (retryable).
+#[derive(Debug, Clone, Copy)]
+pub struct CommitPolls {
+    pub first_wait: Duration,
+    pub poll_wait: Duration,
+    pub stall: Duration,
+}
+
+impl Default for CommitPolls {
+    fn default() -> Self {
+        Self {
+            first_wait: Duration::from_secs(5),
+            poll_wait: Duration::from_secs(20),
+            stall: Duration::from_secs(30 * 60),
+        }
+    }
 }
 
 impl TargetClient {
@@ -195,7 +219,19 @@ impl TargetClient {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| TransferError::Client { target: name.into(), message: e.to_string() })?;
-        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), name: name.to_owned(), token })
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            name: name.to_owned(),
+            token,
+            commit_polls: CommitPolls::default(),
+        })
+    }
+
+    /// Follows commits with `polls` instead of the defaults.
+    pub fn with_commit_polls(mut self, polls: CommitPolls) -> Self {
+        self.commit_polls = polls;
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -331,8 +367,62 @@ impl TargetClient {
     }
 
     pub async fn commit(&self, pkg: &str, version: i64) -> Result<CommitResponse, TransferError> {
-        let r = self.send(Method::POST, &format!("/v1/packages/{pkg}/versions/{version}/commit"), None, &[]).await?;
-        self.json(r).await
+        self.commit_reporting(pkg, version, |_| {}).await
+    }
+
+    /// Asks the target to commit `version` and follows the commit to its end, however
+    /// long it takes while it makes progress, passing each progress report to
+    /// `on_progress`. A target that does not answer `202` (older ones) is simply waited
+    /// for, as far as the read timeout allows.
+    pub async fn commit_reporting(
+        &self,
+        pkg: &str,
+        version: i64,
+        mut on_progress: impl FnMut(&CommitProgress) + Send,
+    ) -> Result<CommitResponse, TransferError> {
+        let path = format!("/v1/packages/{pkg}/versions/{version}/commit");
+        let polls = self.commit_polls;
+        let ask = [("prefer", format!("{}, wait={}", wire::PREFER_RESPOND_ASYNC, polls.first_wait.as_secs()))];
+        let poll = [("prefer", format!("wait={}", polls.poll_wait.as_secs()))];
+        // A poll answered 404 means the target no longer knows the commit (it restarted):
+        // ask again (a commit of an installed version answers at once).
+        let mut asked = 0;
+        'ask: loop {
+            asked += 1;
+            let mut resp = self.send(Method::POST, &path, None, &ask).await?;
+            let mut seen: Option<(String, u64)> = None;
+            let mut moved = Instant::now();
+            loop {
+                if resp.status() != StatusCode::ACCEPTED {
+                    return self.json(resp).await;
+                }
+                let p: CommitProgress = self.json(resp).await?;
+                on_progress(&p);
+                let now = (p.phase.clone(), p.files_done);
+                if seen.as_ref() != Some(&now) {
+                    seen = Some(now);
+                    moved = Instant::now();
+                } else if moved.elapsed() >= polls.stall {
+                    return Err(TransferError::Timeout {
+                        target: self.name.clone(),
+                        message: format!(
+                            "the commit of {pkg} version {version} made no progress for {} s ({}, {}/{} files)",
+                            polls.stall.as_secs(),
+                            p.phase,
+                            p.files_done,
+                            p.files_total
+                        ),
+                    });
+                }
+                resp = match self.send(Method::GET, &path, None, &poll).await {
+                    Ok(r) => r,
+                    Err(TransferError::Rejected { reason: RejectReason::NotFound(_), .. }) if asked < 3 => {
+                        continue 'ask;
+                    }
+                    Err(e) => return Err(e),
+                };
+            }
+        }
     }
 
     /// Asks the target to record `version` for the content it already has (`root`).

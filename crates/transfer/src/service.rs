@@ -4,8 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::SeekFrom;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -18,7 +18,9 @@ use dpsync_hash::{ChunkId, ContentRoot, DecodeLimits, FileHash, Manifest, Manife
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::wire::{self, BatchResponse, CommitResponse, Hello, PackageState, ValidateResponse, WireError};
+use crate::wire::{
+    self, BatchResponse, CommitProgress, CommitResponse, Hello, PackageState, ValidateResponse, WireError,
+};
 
 /// An error a receiver reports; the variant picks the HTTP status.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -91,6 +93,14 @@ pub struct OfferMeta {
     pub site_key: Option<String>,
 }
 
+/// What a receiver says it is doing while a commit runs (see [`Receiver::commit_progress`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitStage {
+    pub phase: String,
+    pub files_done: u64,
+    pub files_total: u64,
+}
+
 /// What a DP agent or a child site does with verified input.
 pub trait Receiver: Send + Sync + 'static {
     fn package_state(&self, pkg: &str) -> impl Future<Output = Result<PackageState, ReceiveError>> + Send;
@@ -112,6 +122,10 @@ pub trait Receiver: Send + Sync + 'static {
         chunks: Vec<(ChunkId, Bytes)>,
     ) -> impl Future<Output = Result<(), ReceiveError>> + Send;
     fn commit(&self, pkg: &str, version: i64) -> impl Future<Output = Result<CommitResponse, ReceiveError>> + Send;
+    /// How far the running commit of `pkg` has come (`None`: the receiver does not say).
+    fn commit_progress(&self, _pkg: &str) -> Option<CommitStage> {
+        None
+    }
     /// Records `version` as installed when the installed content already has `root`
     /// (a refresh that changed nothing): O(1), no manifest on the wire.
     fn relabel(
@@ -177,12 +191,127 @@ impl std::fmt::Debug for ServiceConfig {
 struct Shared<R> {
     receiver: Arc<R>,
     cfg: ServiceConfig,
+    /// Commits running or recently finished, by (package, version): a commit runs as its
+    /// own task, which a request for the same version joins and `GET …/commit` polls.
+    commits: Mutex<HashMap<(String, i64), Arc<CommitTask>>>,
+}
+
+/// The outcome of a commit task, once it ended, and when.
+type CommitOutcome = Option<(Result<CommitResponse, ReceiveError>, Instant)>;
+
+/// One commit running as its own task.
+#[derive(Debug)]
+struct CommitTask {
+    started: Instant,
+    outcome: tokio::sync::watch::Receiver<CommitOutcome>,
+}
+
+impl CommitTask {
+    /// How long a finished commit's outcome stays available to `GET …/commit`.
+    const KEPT: Duration = Duration::from_secs(600);
+
+    fn finished_at(&self) -> Option<Instant> {
+        self.outcome.borrow().as_ref().map(|(_, at)| *at)
+    }
+
+    /// The outcome, waiting at most `wait` for it (`None`: as long as it takes);
+    /// `None` if it is still running then.
+    async fn outcome(&self, wait: Option<Duration>) -> Option<Result<CommitResponse, ReceiveError>> {
+        let mut rx = self.outcome.clone();
+        let done = async move {
+            match rx.wait_for(Option::is_some).await {
+                Ok(v) => v.as_ref().map(|(r, _)| r.clone()).expect("waited for an outcome"),
+                Err(_) => Err(ReceiveError::Internal("the commit task ended without an outcome".into())),
+            }
+        };
+        match wait {
+            None => Some(done.await),
+            Some(d) => tokio::time::timeout(d, done).await.ok(),
+        }
+    }
+}
+
+/// The commit task of `pkg` version `version`: the running one, or a new one.
+fn start_commit<R: Receiver>(s: &Arc<Shared<R>>, pkg: &str, version: i64) -> Arc<CommitTask> {
+    let mut commits = s.commits.lock().unwrap();
+    commits.retain(|_, t| t.finished_at().is_none_or(|at| at.elapsed() < CommitTask::KEPT));
+    let key = (pkg.to_owned(), version);
+    if let Some(t) = commits.get(&key)
+        && t.finished_at().is_none()
+    {
+        return t.clone();
+    }
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let task = Arc::new(CommitTask { started: Instant::now(), outcome: rx });
+    commits.insert(key, task.clone());
+    let (r, pkg) = (s.receiver.clone(), pkg.to_owned());
+    // Its own task (a client that goes away does not cancel it), inside another that
+    // records the outcome even if it panics.
+    tokio::spawn(async move {
+        let outcome = tokio::spawn(async move { r.commit(&pkg, version).await })
+            .await
+            .unwrap_or_else(|e| Err(ReceiveError::Internal(format!("receiver task: {e}"))));
+        tx.send_replace(Some((outcome, Instant::now())));
+    });
+    task
+}
+
+/// What a commit request asked for in its `Prefer` header(s): an early `202` answer
+/// (`respond-async`) and how long to wait before it (`wait=N`, seconds).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Prefer {
+    respond_async: bool,
+    wait: Option<Duration>,
+}
+
+impl Prefer {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut out = Self::default();
+        for v in headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()) {
+            for pref in v.split(',').map(str::trim) {
+                if pref.eq_ignore_ascii_case(wire::PREFER_RESPOND_ASYNC) {
+                    out.respond_async = true;
+                } else if let Some(n) = pref.strip_prefix("wait=").and_then(|n| n.trim().parse::<u64>().ok()) {
+                    out.wait = Some(Duration::from_secs(n.min(wire::MAX_COMMIT_WAIT_SECS)));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Waits for the commit's outcome at most `wait` (`None`: to the end) and answers it,
+/// or `202 Accepted` with its progress if it still runs.
+async fn commit_answer<R: Receiver>(
+    s: &Shared<R>,
+    pkg: &str,
+    version: i64,
+    task: &CommitTask,
+    wait: Option<Duration>,
+) -> Result<Response, ReceiveError> {
+    if let Some(outcome) = task.outcome(wait).await {
+        return Ok(Json(outcome?).into_response());
+    }
+    let stage = s
+        .receiver
+        .commit_progress(pkg)
+        .unwrap_or_else(|| CommitStage { phase: "running".into(), ..Default::default() });
+    let progress = CommitProgress {
+        package: pkg.to_owned(),
+        version,
+        phase: stage.phase,
+        files_done: stage.files_done,
+        files_total: stage.files_total,
+        elapsed_ms: task.started.elapsed().as_millis() as u64,
+    };
+    let location = format!("/v1/packages/{pkg}/versions/{version}/commit");
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(progress)).into_response())
 }
 
 /// The service's routes. Push routes require the token; `hello`, file downloads and
 /// `/metrics` do not.
 pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
-    let shared = Arc::new(Shared { receiver, cfg });
+    let shared = Arc::new(Shared { receiver, cfg, commits: Mutex::new(HashMap::new()) });
     let push = Router::new()
         .route("/v1/packages/{pkg}", get(state::<R>).delete(remove::<R>))
         .route(
@@ -197,7 +326,7 @@ pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
                 .layer(DefaultBodyLimit::max(wire::MAX_BATCH_BYTES))
                 .layer(middleware::from_fn_with_state(wire::MAX_BATCH_BYTES, refuse_announced_oversize)),
         )
-        .route("/v1/packages/{pkg}/versions/{version}/commit", post(commit::<R>))
+        .route("/v1/packages/{pkg}/versions/{version}/commit", post(commit::<R>).get(commit_state::<R>))
         .route("/v1/packages/{pkg}/versions/{version}/relabel", post(relabel::<R>))
         .route("/v1/packages/{pkg}/validate", post(validate::<R>))
         .route("/v1/packages/{pkg}/status", get(status::<R>))
@@ -490,14 +619,39 @@ async fn chunks<R: Receiver>(
     Ok(Json(BatchResponse { accepted, rejected }))
 }
 
+/// `POST …/commit`: runs the commit as its own task (or joins the one running for this
+/// version) and answers its outcome; with `Prefer: respond-async`, answers `202` with its
+/// progress if it is not done within `wait` seconds (default 5).
 async fn commit<R: Receiver>(
     State(s): State<Arc<Shared<R>>>,
     Path((pkg, version)): Path<(String, i64)>,
-) -> Result<Json<CommitResponse>, ReceiveError> {
+    headers: HeaderMap,
+) -> Result<Response, ReceiveError> {
     check_pkg(&pkg)?;
     check_version(version)?;
-    let r = s.receiver.clone();
-    Ok(Json(detached(async move { r.commit(&pkg, version).await }).await?))
+    let prefer = Prefer::of(&headers);
+    let task = start_commit(&s, &pkg, version);
+    let wait = prefer.respond_async.then(|| prefer.wait.unwrap_or(Duration::from_secs(5)));
+    commit_answer(&s, &pkg, version, &task, wait).await
+}
+
+/// `GET …/commit`: the outcome of this version's commit, waiting for it at most `wait`
+/// seconds (default 10), or `202` with its progress; `404` when no commit of it runs or
+/// ended in the last 10 minutes (the receiver restarted): the sender commits again.
+async fn commit_state<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path((pkg, version)): Path<(String, i64)>,
+    headers: HeaderMap,
+) -> Result<Response, ReceiveError> {
+    check_pkg(&pkg)?;
+    check_version(version)?;
+    let task = s.commits.lock().unwrap().get(&(pkg.clone(), version)).cloned().ok_or_else(|| {
+        ReceiveError::NotFound(format!(
+            "no commit of {pkg} version {version} runs here or ended recently; commit again"
+        ))
+    })?;
+    let wait = Prefer::of(&headers).wait.unwrap_or(Duration::from_secs(10));
+    commit_answer(&s, &pkg, version, &task, Some(wait)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -723,6 +877,25 @@ mod tests {
         assert!(if_range_holds(&date, &etag, Some(lm), lm + std::time::Duration::from_secs(1)));
         assert_eq!(http_time(lm + std::time::Duration::from_millis(999)), Some(lm));
         assert_eq!(http_time(std::time::UNIX_EPOCH - std::time::Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn prefer_header() {
+        let of = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("prefer", HeaderValue::from_str(v).unwrap());
+            }
+            Prefer::of(&h)
+        };
+        assert_eq!(of(&[]), Prefer::default());
+        assert_eq!(of(&["respond-async, wait=7"]), Prefer { respond_async: true, wait: Some(Duration::from_secs(7)) });
+        assert_eq!(
+            of(&["Respond-Async", "wait=3"]),
+            Prefer { respond_async: true, wait: Some(Duration::from_secs(3)) }
+        );
+        assert_eq!(of(&["wait=100000"]).wait, Some(Duration::from_secs(wire::MAX_COMMIT_WAIT_SECS)));
+        assert_eq!(of(&["wait=x, handling=lenient"]), Prefer::default());
     }
 
     #[test]

@@ -84,6 +84,29 @@ pub struct CommitResponse {
     pub files_linked: u64,
 }
 
+/// `Prefer` value of a commit request that would rather be answered `202 Accepted` with
+/// a [`CommitProgress`] after `wait=N` seconds than wait for the end of a long commit
+/// (RFC 7240). Receivers that do not know it ignore it and answer when done.
+pub const PREFER_RESPOND_ASYNC: &str = "respond-async";
+/// Longest a receiver lets a commit request wait (`Prefer: wait=N` is capped at it).
+pub const MAX_COMMIT_WAIT_SECS: u64 = 60;
+
+/// `202 Accepted` answer of `POST …/commit` (with `Prefer: respond-async`) and of
+/// `GET …/commit` while the commit still runs: how far it has come. The sender polls
+/// `GET …/commit` until it answers the [`CommitResponse`] (or an error).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommitProgress {
+    pub package: String,
+    pub version: i64,
+    /// What the receiver is doing, in words (e.g. "building the version tree").
+    pub phase: String,
+    /// Files (or entries) of the phase done so far, and in all (0: not counted).
+    pub files_done: u64,
+    pub files_total: u64,
+    /// Since the commit started.
+    pub elapsed_ms: u64,
+}
+
 /// `POST …/chunks` answer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BatchResponse {
