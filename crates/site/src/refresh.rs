@@ -183,62 +183,12 @@ fn build(
 ) -> Result<Built, SiteError> {
     let scan_started = now_ns();
     let clock = Instant::now();
-    let refused = |e: ScanError| match e {
-        ScanError::Missing(_) | ScanError::NotADirectory(_) => {
-            SiteError::Refused(format!("{e}; fix the source path or the folder, then refresh again"))
-        }
-        e => SiteError::Refused(e.to_string()),
-    };
-    // Opened once: the scan and every read below go through this descriptor and never
-    // cross a symlink, so a writer racing the refresh cannot redirect them outside.
-    let root = SourceRoot::open(source).map_err(refused)?;
-    let scan = root.scan().map_err(refused)?;
-    apart(&scan.entries)?;
-    if !scan.problems.is_empty() {
-        let n = scan.problems.len();
-        let shown: Vec<String> = scan.problems.iter().take(20).map(|p| p.to_string()).collect();
-        let more = if n > 20 { format!("; and {} more", n - 20) } else { String::new() };
-        return Err(SiteError::Refused(format!(
-            "{n} source entr{} refused, nothing was committed: {}{more}",
-            if n == 1 { "y" } else { "ies" },
-            shown.join("; ")
-        )));
-    }
-    let plan = dpsync_scan::plan(scan.entries, previous, prev_cache, req.verify);
+    let (root, plan) = scan_source(source, previous, prev_cache, req.verify, apart)?;
     let mut report = RefreshReport { dry_run: req.dry_run, ..Default::default() };
     report.phases.scan_ms = clock.elapsed().as_millis() as u64;
 
     if req.dry_run {
-        let prev = previous.map(|m| m.entries()).unwrap_or_default();
-        let mut seen = std::collections::HashSet::new();
-        for (entry, decision) in &plan.items {
-            if entry.kind == ScanKind::File {
-                seen.insert(entry.path.as_str());
-            }
-            count_kind(&mut report, entry);
-            // A path that was not a file before (a folder or a symlink) is a new file.
-            let old_file = previous.and_then(|m| m.get(entry.path.as_str())).filter(|e| e.is_file());
-            match (decision, old_file) {
-                (Some(FilePlan::Read), None) => {
-                    report.files_added += 1;
-                    push_listed(&mut report.added, entry);
-                }
-                (Some(FilePlan::Read), Some(_)) => {
-                    report.files_changed += 1;
-                    push_listed(&mut report.changed, entry);
-                }
-                (Some(FilePlan::Reuse { .. }), _) => report.files_unchanged += 1,
-                (None, _) => {}
-            }
-        }
-        // A file that is now a folder or a symlink was removed.
-        for e in prev.iter().filter(|e| e.is_file() && !seen.contains(e.path.as_str())) {
-            report.files_removed += 1;
-            if report.removed.len() < MAX_LISTED {
-                report.removed.push(e.path.to_string());
-            }
-        }
-        report.bytes_to_hash = plan.bytes_to_read;
+        dry_run_report(&plan, previous, &mut report);
         return Ok(Built { report, version: None });
     }
 
@@ -311,6 +261,85 @@ fn build(
             "the source tree cannot be published, nothing was committed: {e}; fix it, then refresh again"
         ))
     })?;
+    tally(&manifest, previous, &mut report);
+    report.files_read = plan.files_to_read;
+    report.bytes_hashed = bytes_read.into_inner();
+    report.bytes_stored = bytes_stored.into_inner();
+    report.files_recent = files_recent.into_inner();
+    report.recent_window_ms = (RACY_WINDOW_NS / 1_000_000) as u64;
+    report.phases.read_ms = clock.elapsed().as_millis() as u64 - report.phases.scan_ms;
+    Ok(Built { report, version: Some((manifest, cache)) })
+}
+
+/// Opens the source folder once and scans it through that descriptor (the scan and every
+/// read after it never cross a symlink, so a writer racing the refresh cannot redirect
+/// them outside), refusing a tree with entries it cannot publish; plans what to read.
+fn scan_source(
+    source: &Path,
+    previous: Option<&Manifest>,
+    prev_cache: &ScanCache,
+    verify: bool,
+    apart: &dyn Fn(&[ScanEntry]) -> Result<(), SiteError>,
+) -> Result<(SourceRoot, dpsync_scan::Plan), SiteError> {
+    let refused = |e: ScanError| match e {
+        ScanError::Missing(_) | ScanError::NotADirectory(_) => {
+            SiteError::Refused(format!("{e}; fix the source path or the folder, then refresh again"))
+        }
+        e => SiteError::Refused(e.to_string()),
+    };
+    let root = SourceRoot::open(source).map_err(refused)?;
+    let scan = root.scan().map_err(refused)?;
+    apart(&scan.entries)?;
+    if !scan.problems.is_empty() {
+        let n = scan.problems.len();
+        let shown: Vec<String> = scan.problems.iter().take(20).map(|p| p.to_string()).collect();
+        let more = if n > 20 { format!("; and {} more", n - 20) } else { String::new() };
+        return Err(SiteError::Refused(format!(
+            "{n} source entr{} refused, nothing was committed: {}{more}",
+            if n == 1 { "y" } else { "ies" },
+            shown.join("; ")
+        )));
+    }
+    let plan = dpsync_scan::plan(scan.entries, previous, prev_cache, verify);
+    Ok((root, plan))
+}
+
+/// What a refresh would change, without reading anything (`--dry-run`).
+fn dry_run_report(plan: &dpsync_scan::Plan, previous: Option<&Manifest>, report: &mut RefreshReport) {
+    let prev = previous.map(|m| m.entries()).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    for (entry, decision) in &plan.items {
+        if entry.kind == ScanKind::File {
+            seen.insert(entry.path.as_str());
+        }
+        count_kind(report, entry);
+        // A path that was not a file before (a folder or a symlink) is a new file.
+        let old_file = previous.and_then(|m| m.get(entry.path.as_str())).filter(|e| e.is_file());
+        match (decision, old_file) {
+            (Some(FilePlan::Read), None) => {
+                report.files_added += 1;
+                push_listed(&mut report.added, entry);
+            }
+            (Some(FilePlan::Read), Some(_)) => {
+                report.files_changed += 1;
+                push_listed(&mut report.changed, entry);
+            }
+            (Some(FilePlan::Reuse { .. }), _) => report.files_unchanged += 1,
+            (None, _) => {}
+        }
+    }
+    // A file that is now a folder or a symlink was removed.
+    for e in prev.iter().filter(|e| e.is_file() && !seen.contains(e.path.as_str())) {
+        report.files_removed += 1;
+        if report.removed.len() < MAX_LISTED {
+            report.removed.push(e.path.to_string());
+        }
+    }
+    report.bytes_to_hash = plan.bytes_to_read;
+}
+
+/// Counts the new manifest's entries, and what changed against the previous version.
+fn tally(manifest: &Manifest, previous: Option<&Manifest>, report: &mut RefreshReport) {
     for e in manifest.entries() {
         match e.kind {
             EntryKind::Dir => report.dirs += 1,
@@ -325,11 +354,11 @@ fn build(
     let diff = manifest.diff(previous.unwrap_or(&empty));
     let is_file = |m: &Manifest, p: &dpsync_hash::RelPath| m.get(p.as_str()).is_some_and(Entry::is_file);
     let was_file = |p: &dpsync_hash::RelPath| previous.is_some_and(|m| is_file(m, p));
-    report.files_added = diff.added.iter().filter(|p| is_file(&manifest, p)).count() as u64;
+    report.files_added = diff.added.iter().filter(|p| is_file(manifest, p)).count() as u64;
     report.files_removed = diff.removed.iter().filter(|p| was_file(p)).count() as u64;
     // A path whose kind changed counts as a removed file and/or an added one, not a change.
     for p in &diff.changed {
-        match (was_file(p), is_file(&manifest, p)) {
+        match (was_file(p), is_file(manifest, p)) {
             (true, true) => report.files_changed += 1,
             (false, true) => report.files_added += 1,
             (true, false) => report.files_removed += 1,
@@ -337,13 +366,6 @@ fn build(
         }
     }
     report.files_unchanged = report.files - report.files_added - report.files_changed;
-    report.files_read = plan.files_to_read;
-    report.bytes_hashed = bytes_read.into_inner();
-    report.bytes_stored = bytes_stored.into_inner();
-    report.files_recent = files_recent.into_inner();
-    report.recent_window_ms = (RACY_WINDOW_NS / 1_000_000) as u64;
-    report.phases.read_ms = clock.elapsed().as_millis() as u64 - report.phases.scan_ms;
-    Ok(Built { report, version: Some((manifest, cache)) })
 }
 
 /// Whether a file was read only because the previous refresh found it modified too
