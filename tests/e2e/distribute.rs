@@ -385,6 +385,47 @@ fn inserting_100_bytes_at_the_start_of_a_64_mib_file_sends_little() {
     }
 }
 
+/// Edits, then the original copied back (same content, new time), then more edits: each
+/// version's changed chunks go as deltas against what the DP holds, never the whole file
+/// again — also once the versions that first brought the unchanged chunks are gone.
+#[test]
+fn edits_after_a_revert_send_only_the_changed_chunks() {
+    const SIZE: u64 = 30_000_000;
+    let site = Site::with_dps(1, &[]);
+    let big = site.src.join("big.bin");
+    write_random_file(&big, SIZE, 41);
+    let original = fs::read(&big).unwrap();
+    set_old_mtimes(&site.src);
+    site.distribute_all();
+    site.refresh_wait();
+
+    // Five 4 KiB blocks spread through the file, at other places each round.
+    let edit = |round: u64| {
+        for k in 0..5u64 {
+            let offset = (k * 6_000_000 + round * 1_234_567) % (SIZE - 4096);
+            overwrite(&big, offset, 4096, 1000 * round + k);
+        }
+    };
+    let steps = ["edits", "revert", "new edits", "more edits", "yet more edits"];
+    for (round, step) in steps.iter().enumerate() {
+        match round {
+            1 => fs::write(&big, &original).unwrap(),
+            _ => edit(round as u64 + 1),
+        }
+        set_old_mtimes(&site.src);
+        let r = site.refresh_wait();
+        site.assert_all_match_source();
+        let sent = sent_last(target_of(&r["status"], &dp(0)));
+        eprintln!("{step}: sent {sent} bytes");
+        assert!(
+            sent <= 64 * KIB,
+            "{step}: sent {sent} bytes (> 64 KiB) for at most five 4 KiB blocks\n{}",
+            site.tails()
+        );
+    }
+    assert!(!site.tails().contains("sending them again without a base"), "a delta was refused:\n{}", site.tails());
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. SIGKILL an agent in the middle of a transfer
 

@@ -1013,10 +1013,10 @@ fn chunks_that_do_not_verify_are_never_installed() {
     assert_eq!(missing.len(), 1, "only the new file's chunk is needed");
     let id = missing[0];
     let forged = vec![
-        WireChunk { id, codec: Codec::Raw, raw_len: marker.len() as u32, base: None, data: marker.clone().into() },
+        WireChunk { id, codec: Codec::Raw, raw_len: marker.len() as u32, bases: vec![], data: marker.clone().into() },
         WireChunk::encode(id, &marker),
-        WireChunk { id, codec: Codec::Zstd, raw_len: 3000, base: None, data: b"not zstd".to_vec().into() },
-        WireChunk { id, codec: Codec::Raw, raw_len: 3001, base: None, data: v2.chunks[&id].clone().into() },
+        WireChunk { id, codec: Codec::Zstd, raw_len: 3000, bases: vec![], data: b"not zstd".to_vec().into() },
+        WireChunk { id, codec: Codec::Raw, raw_len: 3001, bases: vec![], data: v2.chunks[&id].clone().into() },
     ];
     for c in forged {
         let r = dp.chunks(PKG, 2, &wire::encode_batch(&[c]));
@@ -1156,15 +1156,21 @@ fn hostile_manifest_and_chunk_deltas_are_refused() {
     let tool_ids: Vec<ChunkId> = v2.manifest.get("bin/tool.bin").unwrap().chunks().iter().map(|c| c.id).collect();
     let edited = *missing.iter().find(|id| tool_ids.contains(id)).expect("the edited chunk is missing");
     let (base_id, base_bytes) = base_of(&edited);
-    let good = WireChunk::encode_against(edited, &v2.chunks[&edited], base_id, &base_bytes);
+    let good = WireChunk::encode_against(edited, &v2.chunks[&edited], &[base_id], &base_bytes);
     assert_eq!(good.codec, Codec::ZstdDelta, "a 100-byte edit compresses well against its base");
     let bogus_base = ChunkId::from_bytes([0x99; 32]);
     let mut wrong_base = good.clone();
-    wrong_base.base = Some(bogus_base);
+    wrong_base.bases = vec![bogus_base];
     let other_base = f.v1.manifest.get("bin/tool.bin").unwrap().chunks().iter().map(|c| c.id).find(|c| *c != base_id);
     let mut mismatched = good.clone();
-    mismatched.base = other_base;
-    for (case, c) in [("bogus base id", wrong_base), ("another held chunk as base", mismatched)] {
+    mismatched.bases = other_base.into_iter().collect();
+    // A run naming the right base and then a chunk the DP does not hold.
+    let mut run = good.clone();
+    run.codec = Codec::ZstdDeltaRun;
+    run.bases = vec![base_id, bogus_base];
+    for (case, c) in
+        [("bogus base id", wrong_base), ("another held chunk as base", mismatched), ("a run with an unknown base", run)]
+    {
         let r = dp.chunks(PKG, 2, &wire::encode_batch(&[c]));
         assert_eq!(r.status, 200, "{case}: {}", r.body_text());
         let resp: Value = serde_json::from_slice(&r.body).unwrap();

@@ -190,7 +190,8 @@ impl VersionSink for DpTrees {
         self.builds.lock().unwrap().remove(&pkg);
         recorded?;
         let Arrived { version, manifest, installed, written_on_arrival, guard, .. } = arrived;
-        self.set_live(&pkg, Live { version, dir: installed.dir.clone(), manifest });
+        let before = self.get_live(&pkg);
+        self.set_live(&pkg, Live { version, dir: installed.dir.clone(), manifest: manifest.clone() });
         tracing::info!(
             package = pkg,
             version,
@@ -218,7 +219,11 @@ impl VersionSink for DpTrees {
                 // written on arrival, only those of a replaced version have none.
                 let mut candidates = manifest_hashes(dropped_manifest.as_ref());
                 candidates.extend(written_on_arrival);
-                install::collect_unlinked(&lib, candidates)
+                let mut kept = vec![(installed.dir.as_path(), &*manifest)];
+                if let Some(b) = before.as_deref().filter(|b| b.dir != installed.dir) {
+                    kept.push((b.dir.as_path(), &*b.manifest));
+                }
+                install::collect_unlinked(&lib, candidates, &kept)
             })
             .await;
             match removed {
@@ -261,7 +266,7 @@ impl VersionSink for DpTrees {
                 _ => {}
             }
             install::remove_tree(&pkg_dir)?;
-            Ok(install::collect_unlinked(&lib, candidates))
+            Ok(install::collect_unlinked(&lib, candidates, &[]))
         })
         .await?
         .map_err(|e| ReceiveError::Internal(format!("removing {pkg}: {e}")))

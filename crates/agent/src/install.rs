@@ -15,7 +15,7 @@
 //! a handful of inodes: a new copy is started whenever one reaches the filesystem's link
 //! limit (`EMLINK`, 65,000 on ext4).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -438,15 +438,45 @@ pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
 
 /// Removes library objects no tree links any more (link count 1) among `candidates`.
 /// Returns the hashes removed.
-pub fn collect_unlinked(lib: &Library, candidates: impl IntoIterator<Item = FileHash>) -> Vec<FileHash> {
+///
+/// Content a `kept` tree (its folder and manifest) still holds in a copy of its own (made
+/// because the object's inode carried another mode or time) is not dropped: that copy
+/// becomes the library's object instead, so the content stays known to later deltas and
+/// installs without being stored twice.
+pub fn collect_unlinked(
+    lib: &Library,
+    candidates: impl IntoIterator<Item = FileHash>,
+    kept: &[(&Path, &Manifest)],
+) -> Vec<FileHash> {
+    let unlinked: Vec<FileHash> = candidates
+        .into_iter()
+        .filter(|h| fs::metadata(lib.object_path(h)).is_ok_and(|md| md.nlink() == 1))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let wanted: HashSet<FileHash> = unlinked.iter().copied().collect();
+    let mut holders: HashMap<FileHash, PathBuf> = HashMap::new();
+    for (dir, manifest) in kept {
+        for e in manifest.files() {
+            if let Some(h) = e.file_hash().filter(|h| wanted.contains(h)) {
+                holders.entry(h).or_insert_with(|| dir.join(e.path.as_str()));
+            }
+        }
+    }
     let mut removed = Vec::new();
-    for h in candidates {
-        if let Ok(md) = fs::metadata(lib.object_path(&h))
-            && md.nlink() == 1
-            && lib.remove(&h).is_ok()
-        {
+    for h in unlinked {
+        if let Some(holder) = holders.get(&h) {
+            match lib.adopt_link(holder, &h) {
+                Ok(()) => continue,
+                Err(e) => tracing::warn!(object = %h, "cannot keep a tree's copy as the library object: {e}"),
+            }
+        }
+        if lib.remove(&h).is_ok() {
             removed.push(h);
         }
+    }
+    if let Err(e) = lib.sync() {
+        tracing::warn!("syncing the library: {e}");
     }
     removed
 }

@@ -281,8 +281,11 @@ impl Core {
                 .collect()
         })
         .await?;
-        for loc in self.db.indexed_chunks(&wanted).await.map_err(internal("chunk index"))? {
-            sources.insert(loc.chunk, Source::Object { hash: loc.file, offset: loc.offset, len: loc.len });
+        let rows = self.db.indexed_chunks(&wanted).await.map_err(internal("chunk index"))?;
+        let lib = self.library.clone();
+        let rows = blocking(move || rows.into_iter().filter(|loc| lib.contains(&loc.file)).collect::<Vec<_>>()).await?;
+        for loc in rows {
+            sources.entry(loc.chunk).or_insert(Source::Object { hash: loc.file, offset: loc.offset, len: loc.len });
         }
         Ok(sources)
     }
@@ -313,7 +316,8 @@ impl Core {
     }
 }
 
-/// Chunk index rows of the files of `manifest` in `files`.
+/// Chunk index rows of the files of `manifest` in `files`: every chunk in every one of
+/// them (its first place in each), so that removing one file leaves the others indexed.
 fn chunk_index_rows(manifest: &Manifest, files: &HashSet<FileHash>) -> Vec<ChunkLocation> {
     let mut rows = Vec::new();
     let mut seen = HashSet::new();
@@ -324,7 +328,7 @@ fn chunk_index_rows(manifest: &Manifest, files: &HashSet<FileHash>) -> Vec<Chunk
         }
         let mut offset = 0u64;
         for c in e.chunks() {
-            if seen.insert(c.id) {
+            if seen.insert((c.id, h)) {
                 rows.push(ChunkLocation { chunk: c.id, file: h, offset, len: c.len });
             }
             offset += u64::from(c.len);
@@ -416,11 +420,16 @@ impl<S: VersionSink> Receiver for Agent<S> {
             let mut out = HashMap::new();
             let mut total = 0u64;
             for loc in rows {
+                // A chunk is indexed in every file that holds it: the first that reads
+                // back intact answers.
+                if out.contains_key(&loc.chunk) {
+                    continue;
+                }
+                let Ok(f) = lib.open_object(&loc.file) else { continue };
                 total += u64::from(loc.len);
                 if total > max_bytes {
                     break;
                 }
-                let Ok(f) = lib.open_object(&loc.file) else { continue };
                 let mut buf = vec![0u8; loc.len as usize];
                 if f.read_exact_at(&mut buf, loc.offset).is_ok() && ChunkId::from(blake3::hash(&buf)) == loc.chunk {
                     out.insert(loc.chunk, Bytes::from(buf));

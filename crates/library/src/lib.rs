@@ -372,6 +372,23 @@ impl Library {
         Ok(())
     }
 
+    /// Makes the existing file `holder` (a tree's own copy of the content `hash`, made
+    /// durable by its tree) the library's object for `hash`, by a hard link, replacing
+    /// the object there: no bytes are copied and `holder`'s mode and times are kept.
+    pub fn adopt_link(&self, holder: &Path, hash: &FileHash) -> Result<()> {
+        let dest = self.object_path(hash);
+        let tmp = self.temp_path();
+        fs::hard_link(holder, &tmp).at(holder)?;
+        let dir = dest.parent().expect("object paths have a parent");
+        let placed = fs::create_dir_all(dir).at(dir).and_then(|()| fs::rename(&tmp, &dest).at(&dest));
+        if placed.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        placed?;
+        self.dirty_dirs.lock().unwrap().insert(dir.to_owned());
+        Ok(())
+    }
+
     /// Verifies an assembled temp file against `expected` and adopts it.
     pub fn adopt_verified(&self, tmp: &Path, expected: &FileHash) -> Result<bool> {
         let actual = hash_file(tmp)?;

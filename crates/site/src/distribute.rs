@@ -617,7 +617,7 @@ impl Site {
     }
 }
 
-/// One chunk to read: where in the library, and the chunk of the target's version it
+/// One chunk to read: where in the library, and the chunks of the target's version it
 /// may be sent against. Kept small: a push holds one per chunk the target lacks.
 #[derive(Debug, Clone, Copy)]
 struct ReadItem {
@@ -635,19 +635,37 @@ struct ReadItem {
 struct ReadPlan {
     items: Vec<ReadItem>,
     files: Vec<FileHash>,
-    /// (chunk, its file, offset, length) of base chunks.
-    bases: Vec<(ChunkId, FileHash, u64, u32)>,
+    bases: Vec<BaseRun>,
+}
+
+/// Consecutive chunks of one file of the target's version that a new chunk overlaps:
+/// it is compressed against their bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BaseRun {
+    ids: Vec<ChunkId>,
+    /// The length of each chunk of `ids`.
+    lens: Vec<u32>,
+    file: FileHash,
+    /// Where the run starts in `file`.
+    offset: u64,
+}
+
+impl BaseRun {
+    fn len(&self) -> u64 {
+        self.lens.iter().map(|l| u64::from(*l)).sum()
+    }
 }
 
 impl ReadPlan {
-    fn base_of(&self, item: &ReadItem) -> Option<(ChunkId, FileHash, u64, u32)> {
-        item.base.map(|b| self.bases[b as usize])
+    fn base_of(&self, item: &ReadItem) -> Option<&BaseRun> {
+        item.base.map(|b| &self.bases[b as usize])
     }
 }
 
 /// Where to read each of `missing` (the first place it occurs in `manifest`), and, with
-/// `base`, the chunk of the base entry at the same path that covers the same offset (for an
-/// append past the old end: the old last chunk). `Err` when a chunk is not in `manifest`.
+/// `base`, the chunks of the base entry at the same path that overlap the same range (up
+/// to [`wire::MAX_BASES`]; for an append past the old end: the old last chunk), stopping
+/// at one the target lacks too. `Err` when a chunk is not in `manifest`.
 fn plan_reads(manifest: &Manifest, base: Option<&Manifest>, missing: &[ChunkId]) -> Result<ReadPlan, ChunkId> {
     let position: HashMap<ChunkId, u32> = missing.iter().enumerate().map(|(i, id)| (*id, i as u32)).collect();
     let mut slots: Vec<Option<ReadItem>> = vec![None; missing.len()];
@@ -675,12 +693,26 @@ fn plan_reads(manifest: &Manifest, base: Option<&Manifest>, missing: &[ChunkId])
                         })
                         .collect()
                 });
-                let covering = match old.partition_point(|(at, _, _)| *at <= off) {
-                    0 => None,
-                    i => old.get(i - 1),
-                };
-                let base = covering.filter(|(_, bc, _)| bc.id != c.id).map(|&(at, bc, bh)| {
-                    plan.bases.push((bc.id, bh, at, bc.len));
+                // From the old chunk covering this offset, the old chunks that overlap
+                // this one; a base the target lacks itself (it asked for it) would only
+                // be refused.
+                let first = old.partition_point(|(at, _, _)| *at <= off).saturating_sub(1);
+                let run: Vec<_> = old
+                    .iter()
+                    .skip(first)
+                    .enumerate()
+                    .take_while(|(i, (at, _, _))| *i == 0 || *at < off + u64::from(c.len))
+                    .map(|(_, x)| x)
+                    .take(wire::MAX_BASES)
+                    .take_while(|(_, bc, _)| bc.id != c.id && !position.contains_key(&bc.id))
+                    .collect();
+                let base = run.first().map(|&&(at, _, bh)| {
+                    plan.bases.push(BaseRun {
+                        ids: run.iter().map(|(_, bc, _)| bc.id).collect(),
+                        lens: run.iter().map(|(_, bc, _)| bc.len).collect(),
+                        file: bh,
+                        offset: at,
+                    });
                     (plan.bases.len() - 1) as u32
                 });
                 let file = *file_index.get_or_insert_with(|| {
@@ -785,22 +817,19 @@ fn read_batches(
             buf.resize(len as usize, 0);
             read(&mut buf).map(|()| {
                 let mut c = None;
-                if let Some((base_id, base_file, base_offset, base_len)) = base {
-                    if open_base.as_ref().map(|(h, _)| *h) != Some(base_file) {
-                        open_base = lib.open_object(&base_file).ok().map(|f| (base_file, f));
+                if let Some(run) = base {
+                    if open_base.as_ref().map(|(h, _)| *h) != Some(run.file) {
+                        open_base = lib.open_object(&run.file).ok().map(|f| (run.file, f));
                     }
-                    if let Some((_, bf)) = &open_base {
-                        base_buf.resize(base_len as usize, 0);
-                        if bf.read_exact_at(&mut base_buf, base_offset).is_ok()
-                            && ChunkId::from(blake3::hash(&base_buf)) == base_id
-                        {
-                            c = Some(WireChunk::encode_against(id, &buf, base_id, &base_buf));
-                        }
+                    if let Some((_, bf)) = &open_base
+                        && read_base_run(bf, run, &mut base_buf)
+                    {
+                        c = Some(WireChunk::encode_against(id, &buf, &run.ids, &base_buf));
                     }
                 }
                 let c = c.unwrap_or_else(|| WireChunk::encode(id, &buf));
-                if c.base.is_some() {
-                    held += base_len_of(base);
+                if !c.bases.is_empty() {
+                    held += base.map_or(0, BaseRun::len);
                 } else if c.is_compressed() {
                     misses = 0;
                 } else if len >= 4096 {
@@ -836,8 +865,20 @@ fn read_batches(
     }
 }
 
-fn base_len_of(base: Option<(ChunkId, FileHash, u64, u32)>) -> u64 {
-    base.map_or(0, |b| b.3 as u64)
+/// Reads the bytes of a run of base chunks into `buf`; false unless every chunk of it
+/// reads back intact (checked against its id).
+fn read_base_run(f: &std::fs::File, run: &BaseRun, buf: &mut Vec<u8>) -> bool {
+    use std::os::unix::fs::FileExt;
+    buf.resize(run.len() as usize, 0);
+    if f.read_exact_at(buf, run.offset).is_err() {
+        return false;
+    }
+    let mut rest = &buf[..];
+    run.ids.iter().zip(&run.lens).all(|(id, len)| {
+        let (piece, tail) = rest.split_at(*len as usize);
+        rest = tail;
+        ChunkId::from(blake3::hash(piece)) == *id
+    })
 }
 
 #[cfg(test)]
@@ -882,11 +923,17 @@ mod tests {
         let ids = |v: &[u8]| v.iter().map(|n| ChunkId::from_bytes([*n; 32])).collect::<Vec<_>>();
         let plan = plan_reads(&new, Some(&base), &ids(&[11, 13, 14, 21])).unwrap();
         let items = &plan.items;
-        let bases: Vec<Option<(u8, u64)>> =
-            items.iter().map(|i| plan.base_of(i).map(|(id, _, off, _)| (id.as_bytes()[0], off))).collect();
-        // 11 at 0 → old 1 at 0; 13 at 220 → old 3 at 200; 14 at 280 (past the old end) →
-        // the old last chunk; a new file has no base.
-        assert_eq!(bases, vec![Some((1, 0)), Some((3, 200)), Some((3, 200)), None]);
+        let bases: Vec<Option<(Vec<u8>, u64)>> = items
+            .iter()
+            .map(|i| plan.base_of(i).map(|r| (r.ids.iter().map(|id| id.as_bytes()[0]).collect(), r.offset)))
+            .collect();
+        // 11 at 0..120 → old 1 at 0..100 and old 2 at 100..200; 13 at 220 → old 3 at 200;
+        // 14 at 280 (past the old end) → the old last chunk; a new file has no base.
+        let run = |ids: &[u8], at| Some((ids.to_vec(), at));
+        assert_eq!(bases, vec![run(&[1, 2], 0), run(&[3], 200), run(&[3], 200), None]);
+        // A base chunk the target lacks too (2, asked for) is not used, nor any after it.
+        let lacking = plan_reads(&new, Some(&base), &ids(&[11, 2])).unwrap();
+        assert_eq!(lacking.base_of(&lacking.items[0]).map(|r| r.ids.len()), Some(1));
         assert_eq!(items.iter().map(|i| i.offset).collect::<Vec<_>>(), vec![0, 220, 280, 0]);
         // Without a base manifest, no chunk has a base; an unknown chunk is refused.
         assert!(plan_reads(&new, None, &ids(&[11, 13])).unwrap().items.iter().all(|i| i.base.is_none()));

@@ -390,7 +390,7 @@ impl AgentDb {
             .collect()
     }
 
-    /// Of `ids`, those the chunk index knows, with where they are (in batches).
+    /// Of `ids`, those the chunk index knows, with every file they are in (in batches).
     pub async fn indexed_chunks(&self, ids: &[ChunkId]) -> Result<Vec<ChunkLocation>> {
         let mut out = Vec::new();
         for batch in ids.chunks(500) {
@@ -486,7 +486,7 @@ async fn insert_index(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, rows: &[Chun
             .map(|i| format!("(${}, ${}, ${}, ${})", 4 * i + 1, 4 * i + 2, 4 * i + 3, 4 * i + 4))
             .collect();
         let sql = format!(
-            "INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES {} ON CONFLICT (chunk_id) DO NOTHING",
+            "INSERT INTO chunk_index (chunk_id, file_hash, offset, len) VALUES {} ON CONFLICT (chunk_id, file_hash) DO NOTHING",
             values.join(",")
         );
         // Only generated placeholders are interpolated; values are bound.

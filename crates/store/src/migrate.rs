@@ -73,7 +73,11 @@ pub(crate) const SITE_POSTGRES: Schema = Schema {
 pub(crate) const AGENT: Schema = Schema {
     what: "agent database",
     backend: Backend::Sqlite,
-    migrations: &[migration!(1, "init", "agent/0001_init.sql"), migration!(2, "signature", "agent/0002_signature.sql")],
+    migrations: &[
+        migration!(1, "init", "agent/0001_init.sql"),
+        migration!(2, "signature", "agent/0002_signature.sql"),
+        migration!(3, "chunk locations", "agent/0003_chunk_locations.sql"),
+    ],
     user_version: true,
 };
 

@@ -1175,7 +1175,15 @@ async fn agent_rows_round_trip() {
     let p = db.package(PKG).await.unwrap().unwrap();
     assert_eq!((p.installed_version, p.installed_root, p.broken), (Some(3), Some(root("c")), false));
     assert!(db.staged_chunks(PKG).await.unwrap().is_empty(), "an install forgets the staged chunks");
+    // A chunk held by two files is indexed in both: removing one leaves the other.
+    let also = ChunkLocation { chunk: cid(3), file: fh(8), offset: 5, len: 7 };
+    db.index_chunks(&[also, also]).await.unwrap();
+    let mut both = db.indexed_chunks(&[cid(3)]).await.unwrap();
+    both.sort_by_key(|l| l.file);
+    assert_eq!(both, vec![also, index[0]]);
     db.unindex_file(&fh(9)).await.unwrap();
+    assert_eq!(db.indexed_chunks(&[cid(3)]).await.unwrap(), vec![also]);
+    db.unindex_file(&fh(8)).await.unwrap();
     assert!(db.indexed_chunks(&[cid(3)]).await.unwrap().is_empty());
     db.close().await;
 }

@@ -584,7 +584,7 @@ async fn chunks<R: Receiver>(
     .map_err(|e| ReceiveError::Internal(format!("batch task: {e}")))??;
     // Chunks encoded against a base chunk: the receiver reads the bases from what it
     // holds, and each is checked against its id here before it is used.
-    let base_ids: HashSet<ChunkId> = batch.iter().filter_map(|c| c.base).collect();
+    let base_ids: HashSet<ChunkId> = batch.iter().flat_map(|c| c.bases.iter().copied()).collect();
     let bases = if base_ids.is_empty() {
         HashMap::new()
     } else {
@@ -598,7 +598,19 @@ async fn chunks<R: Receiver>(
         let mut good = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for c in batch {
-            let base = c.base.and_then(|b| bases.get(&b)).map(|b| &b[..]);
+            // A run of bases is their bytes in order; any one missing and there is none.
+            let joined;
+            let base = match &c.bases[..] {
+                [] => None,
+                [one] => bases.get(one).map(|b| &b[..]),
+                run => match run.iter().map(|id| bases.get(id)).collect::<Option<Vec<_>>>() {
+                    Some(parts) => {
+                        joined = parts.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>();
+                        Some(&joined[..])
+                    }
+                    None => None,
+                },
+            };
             match c.decode_with_base(base) {
                 Ok(raw) if ChunkId::from(blake3::hash(&raw)) == c.id => good.push((c.id, raw)),
                 _ => rejected.push(c.id),

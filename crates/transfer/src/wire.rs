@@ -5,13 +5,18 @@
 //!
 //! ```text
 //! "DPSB" u16 format=2 u32 count
-//! count × ( [32] chunk BLAKE3, u8 codec (0 raw, 1 zstd, 2 zstd against a base chunk),
-//!           u32 raw_len, u32 data_len, codec 2 only: [32] base chunk BLAKE3, data )
+//! count × ( [32] chunk BLAKE3, u8 codec (0 raw, 1 zstd, 2 zstd against a base chunk,
+//!           3 zstd against a run of base chunks), u32 raw_len, u32 data_len,
+//!           codec 2 only: [32] base chunk BLAKE3,
+//!           codec 3 only: u8 n (2..=4), n × [32] base chunk BLAKE3,
+//!           data )
 //! ```
 //!
 //! Codec 2 is zstd with the bytes of a chunk the receiver already holds (the base chunk)
 //! as a raw-content prefix: a chunk that differs from the chunk it replaces by a small
-//! edit costs about the size of the edit.
+//! edit costs about the size of the edit. Codec 3 takes the bytes of several chunks, in
+//! order, as the prefix: a new chunk whose edit moved a chunk boundary covers parts of
+//! two old chunks, and against only one of them the rest would travel in full.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use dpsync_hash::ChunkId;
@@ -147,9 +152,14 @@ pub struct WireError {
 pub enum Codec {
     Raw = 0,
     Zstd = 1,
-    /// zstd with a base chunk's bytes as prefix ([`WireChunk::base`]).
+    /// zstd with a base chunk's bytes as prefix ([`WireChunk::bases`], one).
     ZstdDelta = 2,
+    /// zstd with the bytes of several base chunks, in order, as prefix.
+    ZstdDeltaRun = 3,
 }
+
+/// Base chunks a chunk may be encoded against ([`Codec::ZstdDeltaRun`]).
+pub const MAX_BASES: usize = 4;
 
 /// Why a batch body was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -172,6 +182,8 @@ pub enum BatchError {
     TooMuchData,
     #[error("chunk {0} is encoded against a base chunk the receiver does not hold")]
     BaseUnavailable(ChunkId),
+    #[error("chunk is encoded against {0} base chunks (2 to {MAX_BASES} allowed)")]
+    BadBaseCount(u8),
 }
 
 /// One chunk as carried in a batch (possibly compressed).
@@ -180,8 +192,9 @@ pub struct WireChunk {
     pub id: ChunkId,
     pub codec: Codec,
     pub raw_len: u32,
-    /// The chunk whose bytes are the zstd prefix (codec [`Codec::ZstdDelta`] only).
-    pub base: Option<ChunkId>,
+    /// The chunks whose bytes, in order, are the zstd prefix: one for
+    /// [`Codec::ZstdDelta`], 2 to [`MAX_BASES`] for [`Codec::ZstdDeltaRun`], else none.
+    pub bases: Vec<ChunkId>,
     pub data: Bytes,
 }
 
@@ -209,15 +222,15 @@ impl WireChunk {
         if let Some(z) = compressed
             && z.len() < raw.len() - raw.len() / 16
         {
-            return Self { id, codec: Codec::Zstd, raw_len, base: None, data: Bytes::from(z) };
+            return Self { id, codec: Codec::Zstd, raw_len, bases: Vec::new(), data: Bytes::from(z) };
         }
-        Self { id, codec: Codec::Raw, raw_len, base: None, data: Bytes::copy_from_slice(raw) }
+        Self { id, codec: Codec::Raw, raw_len, bases: Vec::new(), data: Bytes::copy_from_slice(raw) }
     }
 
     /// Wraps raw chunk bytes as they are, without trying to compress them (for data
     /// already known not to compress, such as the rest of a file whose first chunk did not).
     pub fn stored(id: ChunkId, raw: &[u8]) -> Self {
-        Self { id, codec: Codec::Raw, raw_len: raw.len() as u32, base: None, data: Bytes::copy_from_slice(raw) }
+        Self { id, codec: Codec::Raw, raw_len: raw.len() as u32, bases: Vec::new(), data: Bytes::copy_from_slice(raw) }
     }
 
     /// True when the chunk travels compressed.
@@ -225,10 +238,11 @@ impl WireChunk {
         self.codec != Codec::Raw
     }
 
-    /// Encodes `raw` as zstd against `base_raw` (the bytes of chunk `base`, which the
-    /// receiver holds) when that is smaller than [`WireChunk::encode`]; otherwise the plain
-    /// encoding.
-    pub fn encode_against(id: ChunkId, raw: &[u8], base: ChunkId, base_raw: &[u8]) -> Self {
+    /// Encodes `raw` as zstd against `base_raw` (the bytes of the chunks `bases`, in
+    /// order, which the receiver holds) when that is smaller than [`WireChunk::encode`];
+    /// otherwise the plain encoding. `bases` holds 1 to [`MAX_BASES`] chunks.
+    pub fn encode_against(id: ChunkId, raw: &[u8], bases: &[ChunkId], base_raw: &[u8]) -> Self {
+        assert!((1..=MAX_BASES).contains(&bases.len()), "1 to {MAX_BASES} base chunks");
         let plain = Self::encode(id, raw);
         let delta = (|| {
             let mut cctx = zstd::zstd_safe::CCtx::create();
@@ -241,9 +255,10 @@ impl WireChunk {
             cctx.compress2(&mut out, raw).ok()?;
             Some(out)
         })();
+        let codec = if bases.len() == 1 { Codec::ZstdDelta } else { Codec::ZstdDeltaRun };
         match delta {
-            Some(z) if z.len() + 32 < plain.data.len() => {
-                Self { id, codec: Codec::ZstdDelta, raw_len: raw.len() as u32, base: Some(base), data: Bytes::from(z) }
+            Some(z) if z.len() + base_header_len(codec, bases.len()) < plain.data.len() => {
+                Self { id, codec, raw_len: raw.len() as u32, bases: bases.to_vec(), data: Bytes::from(z) }
             }
             _ => plain,
         }
@@ -255,11 +270,12 @@ impl WireChunk {
         self.decode_with_base(None)
     }
 
-    /// The raw bytes; `base_raw` is the base chunk's (verified) bytes for
-    /// [`Codec::ZstdDelta`]. Output is bounded by the declared length.
+    /// The raw bytes; `base_raw` is the base chunks' (verified) bytes, in order, for
+    /// [`Codec::ZstdDelta`] and [`Codec::ZstdDeltaRun`]. Output is bounded by the declared
+    /// length.
     pub fn decode_with_base(&self, base_raw: Option<&[u8]>) -> Result<Bytes, BatchError> {
         match self.codec {
-            Codec::ZstdDelta => {
+            Codec::ZstdDelta | Codec::ZstdDeltaRun => {
                 let base_raw = base_raw.ok_or(BatchError::BaseUnavailable(self.id))?;
                 let bad = || BatchError::BadCompression(self.id);
                 let mut dctx = zstd::zstd_safe::DCtx::create();
@@ -287,7 +303,16 @@ impl WireChunk {
 
     /// Bytes this chunk takes in a batch.
     pub fn wire_len(&self) -> usize {
-        41 + if self.base.is_some() { 32 } else { 0 } + self.data.len()
+        41 + base_header_len(self.codec, self.bases.len()) + self.data.len()
+    }
+}
+
+/// Bytes naming the base chunks of a chunk with `codec` and `n` bases.
+fn base_header_len(codec: Codec, n: usize) -> usize {
+    match codec {
+        Codec::ZstdDelta => 32,
+        Codec::ZstdDeltaRun => 1 + 32 * n,
+        Codec::Raw | Codec::Zstd => 0,
     }
 }
 
@@ -323,8 +348,13 @@ impl BatchBuilder {
         self.out.put_u8(c.codec as u8);
         self.out.put_u32_le(c.raw_len);
         self.out.put_u32_le(c.data.len() as u32);
-        if let Some(base) = &c.base {
-            self.out.put_slice(base.as_bytes());
+        if c.codec == Codec::ZstdDeltaRun {
+            self.out.put_u8(c.bases.len() as u8);
+        }
+        if matches!(c.codec, Codec::ZstdDelta | Codec::ZstdDeltaRun) {
+            for base in &c.bases {
+                self.out.put_slice(base.as_bytes());
+            }
         }
         self.out.put_slice(&c.data);
         self.count += 1;
@@ -402,6 +432,7 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
             0 => Codec::Raw,
             1 => Codec::Zstd,
             2 => Codec::ZstdDelta,
+            3 => Codec::ZstdDeltaRun,
             c => return Err(BatchError::UnknownCodec(c)),
         };
         let raw_len = u32::from_le_bytes(b[pos + 33..pos + 37].try_into().unwrap());
@@ -414,19 +445,28 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
             return Err(BatchError::TooMuchData);
         }
         pos += 41;
-        let base = if codec == Codec::ZstdDelta {
-            if b.len() - pos < 32 {
-                return Err(BatchError::Truncated);
+        let n = match codec {
+            Codec::ZstdDelta => 1,
+            Codec::ZstdDeltaRun => {
+                let n = *b.get(pos).ok_or(BatchError::Truncated)?;
+                if !(2..=MAX_BASES).contains(&(n as usize)) {
+                    return Err(BatchError::BadBaseCount(n));
+                }
+                pos += 1;
+                n as usize
             }
-            pos += 32;
-            Some(ChunkId::from_slice(&b[pos - 32..pos]).expect("32 bytes"))
-        } else {
-            None
+            Codec::Raw | Codec::Zstd => 0,
         };
+        if b.len() - pos < 32 * n {
+            return Err(BatchError::Truncated);
+        }
+        let bases =
+            (0..n).map(|i| ChunkId::from_slice(&b[pos + 32 * i..pos + 32 * (i + 1)]).expect("32 bytes")).collect();
+        pos += 32 * n;
         if b.len() - pos < data_len {
             return Err(BatchError::Truncated);
         }
-        out.push(WireChunk { id, codec, raw_len, base, data: body.slice(pos..pos + data_len) });
+        out.push(WireChunk { id, codec, raw_len, bases, data: body.slice(pos..pos + data_len) });
         pos += data_len;
     }
     if pos != b.len() {
@@ -544,7 +584,7 @@ mod tests {
         edited[30_000..30_100].fill(0xAA);
         edited.extend_from_slice(b"appended");
         let (id, base_id) = (ChunkId::from(blake3::hash(&edited)), ChunkId::from(blake3::hash(&base)));
-        let c = WireChunk::encode_against(id, &edited, base_id, &base);
+        let c = WireChunk::encode_against(id, &edited, &[base_id], &base);
         assert_eq!(c.codec, Codec::ZstdDelta);
         assert!(c.data.len() < 400, "{} bytes", c.data.len());
         let back = decode_batch(&encode_batch(std::slice::from_ref(&c))).unwrap();
@@ -556,12 +596,44 @@ mod tests {
         assert!(back[0].decode_with_base(Some(&wrong)).map(|b| b[..] != edited[..]).unwrap_or(true));
         // Unrelated content is sent plainly.
         let other: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(40503) >> 7) as u8).collect();
-        let plain = WireChunk::encode_against(ChunkId::from(blake3::hash(&other)), &other, base_id, &base);
+        let plain = WireChunk::encode_against(ChunkId::from(blake3::hash(&other)), &other, &[base_id], &base);
         assert_ne!(plain.codec, Codec::ZstdDelta);
         // A declared length smaller than the output is refused, not overrun.
         let mut short = c.clone();
         short.raw_len = 1000;
         assert!(short.decode_with_base(Some(&base)).is_err());
+    }
+
+    #[test]
+    fn a_chunk_across_an_old_boundary_costs_little_against_both_old_chunks() {
+        let mut old = vec![0u8; 96 << 10];
+        blake3::Hasher::new().update(b"two chunks").finalize_xof().fill(&mut old);
+        let (a, b) = old.split_at(40 << 10);
+        let ids = [ChunkId::from(blake3::hash(a)), ChunkId::from(blake3::hash(b))];
+        // The edit moved the boundary: the new chunk is the end of `a` and all of `b`.
+        let mut new = old[20 << 10..].to_vec();
+        new[30_000..30_100].fill(0xAA);
+        let id = ChunkId::from(blake3::hash(&new));
+        let c = WireChunk::encode_against(id, &new, &ids, &old);
+        assert_eq!((c.codec, &c.bases[..]), (Codec::ZstdDeltaRun, &ids[..]));
+        assert!(c.data.len() < 400, "{} bytes", c.data.len());
+        let back = decode_batch(&encode_batch(std::slice::from_ref(&c))).unwrap();
+        assert_eq!(back, vec![c.clone()]);
+        assert_eq!(&back[0].decode_with_base(Some(&old)).unwrap()[..], &new[..]);
+        assert_eq!(back[0].decode(), Err(BatchError::BaseUnavailable(id)));
+        // Against the first chunk alone, most of it travels.
+        let one = WireChunk::encode_against(id, &new, &ids[..1], a);
+        assert!(one.data.len() > 50_000, "{} bytes", one.data.len());
+        // A count outside 2..=4 is refused; a run cut short is truncated.
+        let body = encode_batch(std::slice::from_ref(&c));
+        for n in [0u8, 1, 5, 255] {
+            let mut v = body.to_vec();
+            v[10 + 41] = n;
+            assert_eq!(decode_batch(&Bytes::from(v)), Err(BatchError::BadBaseCount(n)));
+        }
+        for cut in [10 + 41, 10 + 42, 10 + 42 + 63] {
+            assert_eq!(decode_batch(&body.slice(..cut)), Err(BatchError::Truncated));
+        }
     }
 
     #[test]
@@ -574,7 +646,7 @@ mod tests {
             id: ChunkId::from_bytes([1; 32]),
             codec: Codec::Zstd,
             raw_len: 100,
-            base: None,
+            bases: Vec::new(),
             data: Bytes::from_static(b"junk"),
         };
         let body = encode_batch(std::slice::from_ref(&c));

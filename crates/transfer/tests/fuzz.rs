@@ -259,7 +259,7 @@ proptest! {
     /// panics and returns exactly the declared length or an error.
     #[test]
     fn wire_chunk_decode_survives_anything(
-        codec in prop_oneof![Just(Codec::Raw), Just(Codec::Zstd), Just(Codec::ZstdDelta)],
+        codec in prop_oneof![Just(Codec::Raw), Just(Codec::Zstd), Just(Codec::ZstdDelta), Just(Codec::ZstdDeltaRun)],
         base in prop::option::of(chunk_data()),
         raw_len in prop_oneof![1u32..5000, Just(MAX_CHUNK_LEN), 1u32..=MAX_CHUNK_LEN],
         data in prop_oneof![
@@ -271,8 +271,12 @@ proptest! {
             }),
         ],
     ) {
-        let base_id = (codec == Codec::ZstdDelta).then(|| ChunkId::from_bytes([8; 32]));
-        let c = WireChunk { id: ChunkId::from_bytes([7; 32]), codec, raw_len, base: base_id, data: Bytes::from(data) };
+        let bases = match codec {
+            Codec::ZstdDelta => vec![ChunkId::from_bytes([8; 32])],
+            Codec::ZstdDeltaRun => vec![ChunkId::from_bytes([8; 32]), ChunkId::from_bytes([9; 32])],
+            Codec::Raw | Codec::Zstd => vec![],
+        };
+        let c = WireChunk { id: ChunkId::from_bytes([7; 32]), codec, raw_len, bases, data: Bytes::from(data) };
         // zstd's own decompression context (about 100 KiB, plus a window for a prefix)
         // is allowed on top of the declared length.
         let (r, peak) = heap::peak_during(|| c.decode_with_base(base.as_deref()));
@@ -292,7 +296,7 @@ fn delta_chunks_in_batches() {
     let c = WireChunk::encode_against(
         ChunkId::from(blake3::hash(&edited)),
         &edited,
-        ChunkId::from(blake3::hash(&base)),
+        &[ChunkId::from(blake3::hash(&base))],
         &base,
     );
     assert_eq!(c.codec, Codec::ZstdDelta);
