@@ -28,11 +28,17 @@ pub const BODY_FAULT_MIN_OFFSET: u64 = 64 * 1024;
 const BUF_SIZE: usize = 16 * 1024;
 const MAX_LINE: usize = 16 * 1024;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     stopping: AtomicBool,
     refuse: AtomicBool,
     delay_ms: AtomicU64,
+    /// Bytes per second each direction may carry, over all connections (0 = no limit).
+    rate: AtomicU64,
+    /// (Since when, bytes forwarded since) per direction, for `rate`.
+    paced: [Mutex<(Instant, u64)>; 2],
+    /// While set, nothing is forwarded (connections stay open): a peer that hangs.
+    stalled: AtomicBool,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     faults: AtomicU64,
@@ -44,6 +50,27 @@ struct Shared {
     next_id: AtomicU64,
     /// Pump threads still running.
     pumps: AtomicUsize,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            stopping: AtomicBool::default(),
+            refuse: AtomicBool::default(),
+            delay_ms: AtomicU64::default(),
+            rate: AtomicU64::default(),
+            paced: [Mutex::new((Instant::now(), 0)), Mutex::new((Instant::now(), 0))],
+            stalled: AtomicBool::default(),
+            bytes_up: AtomicU64::default(),
+            bytes_down: AtomicU64::default(),
+            faults: AtomicU64::default(),
+            flip_after: Mutex::default(),
+            body_fault_armed: AtomicBool::default(),
+            live: Mutex::default(),
+            next_id: AtomicU64::default(),
+            pumps: AtomicUsize::default(),
+        }
+    }
 }
 
 /// Lock ignoring poisoning: a panicking test thread must not wedge the proxy.
@@ -139,6 +166,21 @@ impl Proxy {
         self.shared.delay_ms.store(ms, SeqCst);
     }
 
+    /// Limits each direction to `bytes_per_s` over all connections, like a slow link
+    /// (0 = no limit).
+    pub fn set_rate(&self, bytes_per_s: u64) {
+        for p in &self.shared.paced {
+            *lock(p) = (Instant::now(), 0);
+        }
+        self.shared.rate.store(bytes_per_s, SeqCst);
+    }
+
+    /// While `true`, nothing is forwarded in either direction and connections stay
+    /// open: the peer looks alive and says nothing.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, SeqCst);
+    }
+
     /// Number of connections currently being forwarded.
     pub fn live_connections(&self) -> usize {
         lock(&self.shared.live).len()
@@ -216,7 +258,9 @@ fn pump(is_up: bool, mut src: TcpStream, mut dst: TcpStream, shared: &Shared) {
     let mut buf = vec![0u8; BUF_SIZE];
     let mut http = HttpTracker::default();
     loop {
-        let n = match src.read(&mut buf) {
+        // A slow link takes little at a time, so that pacing is smooth.
+        let want = if shared.rate.load(SeqCst) > 0 { 1024 } else { BUF_SIZE };
+        let n = match src.read(&mut buf[..want]) {
             Ok(0) => {
                 let _ = dst.shutdown(Shutdown::Write);
                 return;
@@ -228,6 +272,20 @@ fn pump(is_up: bool, mut src: TcpStream, mut dst: TcpStream, shared: &Shared) {
         let delay = shared.delay_ms.load(SeqCst);
         if delay > 0 {
             thread::sleep(Duration::from_millis(delay));
+        }
+        while shared.stalled.load(SeqCst) && !shared.stopping.load(SeqCst) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let rate = shared.rate.load(SeqCst);
+        if rate > 0 {
+            let due = {
+                let mut p = lock(&shared.paced[usize::from(is_up)]);
+                p.1 += n as u64;
+                p.0 + Duration::from_secs_f64(p.1 as f64 / rate as f64)
+            };
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
         }
         let chunk = &mut buf[..n];
         // Count before writing, so a peer that has received the bytes always

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use dpsync_store::Target;
 use dpsync_transfer::client::{TargetClient, TransferError};
@@ -13,11 +14,18 @@ use dpsync_transfer::client::{TargetClient, TransferError};
 type Settings = [u8; 32];
 
 /// The clients of the targets, by target id.
-#[derive(Default)]
 pub(crate) struct Clients {
     by_target: Mutex<HashMap<i64, (Settings, TargetClient)>>,
     /// Clients built so far (a cache miss or changed settings).
     built: AtomicU64,
+    /// How long a call may make no progress (see [`TargetClient`]).
+    stall: Duration,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Self::new(dpsync_transfer::client::DEFAULT_STALL)
+    }
 }
 
 impl std::fmt::Debug for Clients {
@@ -29,6 +37,10 @@ impl std::fmt::Debug for Clients {
 }
 
 impl Clients {
+    pub(crate) fn new(stall: Duration) -> Self {
+        Self { by_target: Mutex::default(), built: AtomicU64::new(0), stall }
+    }
+
     /// The client of `target` as it is configured now (the caller has just read it from
     /// the store): the cached one while its settings are unchanged, else a new one.
     pub(crate) fn get(&self, target: &Target) -> Result<TargetClient, TransferError> {
@@ -40,7 +52,8 @@ impl Clients {
         }
         // Built outside the lock (it reads the system's root certificates); two jobs that
         // race here each build one, and the last one stays.
-        let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?;
+        let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?
+            .with_stall(self.stall);
         self.built.fetch_add(1, Ordering::Relaxed);
         self.by_target.lock().unwrap().insert(target.id, (settings, client.clone()));
         Ok(client)

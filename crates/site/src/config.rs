@@ -45,6 +45,11 @@ pub struct ServerSettings {
     /// to 5 minutes [default: 2000].
     #[arg(long, value_name = "MS", allow_negative_numbers = true)]
     pub retry_delay_ms: Option<i64>,
+    /// Seconds a transfer to a target may make no progress (no byte moving, no answer)
+    /// before it is given up and retried, 1–3600; a transfer that moves is never cut,
+    /// however slow its link [default: 60].
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    pub stall_timeout_secs: Option<i64>,
     /// Source versions kept per package, at least 2 (the current one and the one before,
     /// for rollback); older ones are pruned and `dpsync gc` collects their content
     /// [default: 5].
@@ -171,6 +176,12 @@ impl ServerConfig {
                 defaults.retry_base.as_millis() as i64,
                 1..=max_delay_ms,
             )? as u64),
+            stall: Duration::from_secs(l.number(
+                "stall_timeout_secs",
+                s.stall_timeout_secs,
+                defaults.stall.as_secs() as i64,
+                1..=3600,
+            )? as u64),
             ..defaults
         };
         let disk_reserve_mib = l.number("disk_reserve_mib", s.disk_reserve_mib, 256, 0..=MAX_DISK_RESERVE_MIB)?;
@@ -242,6 +253,11 @@ mod tests {
         assert_eq!(c.database_url, format!("sqlite://{}", dir.path().join("dpsync.db").display()));
         assert_eq!((c.keep_versions, c.disk_reserve), (5, 256 << 20));
         assert_eq!((c.dist.parallel, c.dist.retries, c.dist.retry_base.as_millis()), (8, 5, 2000));
+        assert_eq!(c.dist.stall.as_secs(), 60);
+        let quick = resolve(dir.path(), Some("stall_timeout_secs = 5\n"), &[], &[]).unwrap();
+        assert_eq!(quick.dist.stall.as_secs(), 5);
+        let e = err(resolve(dir.path(), None, &[], &["--stall-timeout-secs", "0"]));
+        assert!(e.starts_with("stall_timeout_secs: 0 is out of range (1–3600)"), "{e}");
         assert_eq!((c.listen, c.metrics_listen, c.listen_token), (None, None, None));
         assert!(!c.tls.insecure_http && !c.strict_trust && c.trust.is_empty());
     }

@@ -14,6 +14,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,6 +45,9 @@ pub struct DistConfig {
     /// Bytes of batches (being read, queued, in flight) all pushes may hold at once: the
     /// server's memory stays bounded whatever the number of targets.
     pub batch_memory: usize,
+    /// How long a call to a target may make no progress before it is given up (and
+    /// retried); there is no limit on a call that moves.
+    pub stall: Duration,
 }
 
 impl Default for DistConfig {
@@ -54,6 +59,7 @@ impl Default for DistConfig {
             retry_max: Duration::from_secs(300),
             batch_bytes: 4 << 20,
             batch_memory: 40 << 20,
+            stall: dpsync_transfer::client::DEFAULT_STALL,
         }
     }
 }
@@ -271,7 +277,7 @@ impl Site {
             Err(e) => Err(e.into()),
         };
         self.progress.lock().unwrap().remove(&key);
-        use std::sync::atomic::Ordering::Relaxed;
+
         let outcome = match result {
             Ok(o) => {
                 self.metrics.jobs_succeeded.fetch_add(1, Relaxed);
@@ -553,10 +559,9 @@ impl Site {
             p.bytes_planned += planned;
         });
         let rate = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
-        let batch_bytes = match rate {
-            Some(r) => (r as usize / 4).clamp(64 << 10, self.dist.batch_bytes),
-            None => self.dist.batch_bytes,
-        };
+        let size =
+            |client: &TargetClient| batch_size(client.measured_rate(), rate, self.dist.stall, self.dist.batch_bytes);
+        let batch_bytes = Arc::new(AtomicUsize::new(size(client)));
         let started = Instant::now();
         let mut sent_on_wire = 0u64;
         for round in 0..4 {
@@ -565,12 +570,13 @@ impl Site {
             let package = pkg.clone();
             let budget = self.batch_memory.clone();
             let items = std::mem::take(&mut todo);
+            let (sizing, most) = (batch_bytes.clone(), self.dist.batch_bytes);
             // The target checks every chunk against its id, so the first round does not
             // hash what it reads; chunks sent again are checked here first, so a damaged
             // library object fails the job naming it instead of being sent again.
             let verify = round > 0;
             let reader = tokio::task::spawn_blocking(move || {
-                read_batches(&lib, &package, items, batch_bytes, verify, &budget, tx)
+                read_batches(&lib, &package, items, (&sizing, most), verify, &budget, tx)
             });
             let mut rejected_all = Vec::new();
             while let Some(batch) = rx.recv().await {
@@ -596,6 +602,7 @@ impl Site {
                     Err(e) => return Err(refused(e)),
                 };
                 sent_on_wire += len;
+                batch_bytes.store(size(client), Relaxed);
                 self.count_sent(job, len).await;
                 self.set_progress(&key, |p| p.bytes_done += raw);
                 rejected_all.extend(resp.rejected);
@@ -757,23 +764,44 @@ impl Budget {
     }
 }
 
+/// The size of the next batch to a target: what its link carries in a few seconds (at
+/// most a quarter of the stall timeout, so that a batch always crosses well within it),
+/// at its measured rate or its rate limit, whichever is lower; a first batch to a link
+/// not measured yet is small. Within 64 KiB and `most`.
+fn batch_size(measured: Option<u64>, limit: Option<u64>, stall: Duration, most: usize) -> usize {
+    const FIRST: usize = 256 << 10;
+    const LEAST: usize = 64 << 10;
+    let secs = (stall.as_secs_f64() / 4.0).clamp(0.25, 10.0);
+    let rate = match (measured, limit) {
+        (Some(m), Some(l)) => Some(m.min(l)),
+        (m, l) => m.or(l),
+    };
+    match rate {
+        None => FIRST.min(most),
+        Some(r) => ((r as f64 * secs) as usize).clamp(LEAST.min(most), most),
+    }
+}
+
+/// `sizing`: the size of the next batch (read at each batch's start) and the largest.
 fn read_batches(
     lib: &dpsync_library::Library,
     package: &str,
     plan: ReadPlan,
-    batch_bytes: usize,
+    sizing: (&AtomicUsize, usize),
     verify: bool,
     budget: &Budget,
     tx: tokio::sync::mpsc::Sender<Result<Batch, PushError>>,
 ) {
     use std::os::unix::fs::FileExt;
-    let capacity = batch_bytes + (256 << 10);
+    let (next_size, most) = sizing;
+    let mut batch_bytes = next_size.load(Relaxed);
+    let capacity = most + (256 << 10);
     // The permit covers the batch's capacity (it may outgrow it by one chunk and its
     // base), capped at the whole budget so that one batch can always start.
     let kib = ((capacity >> 10) as u32).clamp(1, budget.kib);
     let handle = tokio::runtime::Handle::current();
     let Ok(mut permit) = handle.block_on(budget.permits.clone().acquire_many_owned(kib)) else { return };
-    let mut batch = BatchBuilder::with_capacity(capacity);
+    let mut batch = BatchBuilder::with_capacity(batch_bytes + (256 << 10));
     let mut open: Option<(FileHash, std::fs::File)> = None;
     let mut open_base: Option<(FileHash, std::fs::File)> = None;
     // Raw bytes the receiver holds in memory for this batch: chunks and their bases.
@@ -855,7 +883,8 @@ fn read_batches(
                 return;
             }
             let Ok(next) = handle.block_on(budget.permits.clone().acquire_many_owned(kib)) else { return };
-            (batch, permit) = (BatchBuilder::with_capacity(capacity), next);
+            batch_bytes = next_size.load(Relaxed);
+            (batch, permit) = (BatchBuilder::with_capacity(batch_bytes + (256 << 10)), next);
             held = 0;
         }
     }
@@ -908,6 +937,18 @@ mod tests {
                 .collect(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn batches_are_sized_to_the_link() {
+        let (minute, most) = (Duration::from_secs(60), 4 << 20);
+        assert_eq!(batch_size(None, None, minute, most), 256 << 10, "not measured yet");
+        assert_eq!(batch_size(Some(5_000), None, minute, most), 64 << 10, "at least 64 KiB");
+        assert_eq!(batch_size(Some(100_000), None, minute, most), 1_000_000, "10 s of the link");
+        assert_eq!(batch_size(Some(1 << 30), None, minute, most), most);
+        assert_eq!(batch_size(Some(1 << 30), Some(200_000), minute, most), 2_000_000, "the rate limit");
+        assert_eq!(batch_size(Some(100_000), None, Duration::from_secs(3), most), 75_000, "a quarter of the stall");
+        assert_eq!(batch_size(Some(5_000), None, minute, 32 << 10), 32 << 10, "never above the largest");
     }
 
     #[test]
@@ -1090,8 +1131,9 @@ mod tests {
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, PushError>>(1);
                 let plan = plan_reads(&m, None, &missing).unwrap();
                 let b2 = budget.clone();
-                let reader =
-                    tokio::task::spawn_blocking(move || read_batches(&lib, "PS100001", plan, 64 << 10, true, &b2, tx));
+                let reader = tokio::task::spawn_blocking(move || {
+                    read_batches(&lib, "PS100001", plan, (&AtomicUsize::new(64 << 10), 64 << 10), true, &b2, tx)
+                });
                 let mut raw = 0;
                 while let Some(batch) = rx.recv().await {
                     let (_body, n, _permit) = batch.unwrap();

@@ -126,6 +126,7 @@ impl Site {
         }
         let lib_dir = cfg.data_dir.join("library");
         let library = tokio::task::spawn_blocking(move || Library::open(&lib_dir)).await??;
+        let clients = clients::Clients::new(cfg.dist.stall);
         Ok(Self {
             metrics: SiteMetrics::default(),
             cfg,
@@ -142,7 +143,7 @@ impl Site {
             delta_cache: Mutex::new(HashMap::new()),
             site_key,
             trust,
-            clients: clients::Clients::default(),
+            clients,
             backup: Default::default(),
         })
     }

@@ -2,6 +2,8 @@
 //! Every call counts the request bytes it put on the wire, so the site can report
 //! what each target cost.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -166,6 +168,14 @@ impl RejectReason {
 }
 
 /// A connection to one target's receiving service.
+///
+/// No call has a deadline for the whole request: a call fails when it stops making
+/// progress. While a request body is being sent, that is `stall` without a byte taken
+/// (and, in the kernel, `stall` with sent data unacknowledged: `TCP_USER_TIMEOUT`);
+/// once it is sent, the answer must come within the time the bytes still queued need
+/// at the link's measured rate, plus what the call itself may take on the target, plus
+/// `stall`. A slow link therefore never times out while it moves, and a peer that
+/// hangs (TLS done, then silence) is given up after about `stall`.
 #[derive(Debug, Clone)]
 pub struct TargetClient {
     http: reqwest::Client,
@@ -173,6 +183,72 @@ pub struct TargetClient {
     name: String,
     token: Option<String>,
     commit_polls: CommitPolls,
+    stall: Duration,
+    /// Bytes per second the link carried on recent large requests (0 = not measured
+    /// yet); shared by the clones of this client.
+    rate: Arc<AtomicU64>,
+}
+
+/// How long a target may take to act on a call before it answers, beyond moving the
+/// bytes: most calls answer at once; validating or removing a large tree takes longer.
+const ACT_QUICKLY: Duration = Duration::ZERO;
+const ACT_AT_LENGTH: Duration = Duration::from_secs(30 * 60);
+/// A manifest of many files takes a while to check against what the target holds.
+const ACT_ON_MANIFEST: Duration = Duration::from_secs(5 * 60);
+
+/// [`TargetClient::with_stall`]'s default.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
+
+/// The rate assumed for a link not measured yet, to bound the wait for an answer after
+/// a body was handed to the kernel (whose buffers may still hold all of it).
+const UNMEASURED_RATE: u64 = 4 << 10;
+
+/// Requests with bodies at least this large measure the link's rate.
+const MEASURED_BODY: usize = 32 << 10;
+
+/// Where a request body stands: bytes taken by the connection, and when the last were.
+#[derive(Debug)]
+struct BodyProgress {
+    started: Instant,
+    taken: AtomicU64,
+    /// Milliseconds after `started` that bytes were last taken.
+    last_ms: AtomicU64,
+}
+
+impl BodyProgress {
+    fn new() -> Arc<Self> {
+        Arc::new(Self { started: Instant::now(), taken: AtomicU64::new(0), last_ms: AtomicU64::new(0) })
+    }
+
+    fn took(&self, n: usize) {
+        self.taken.fetch_add(n as u64, Ordering::Relaxed);
+        self.last_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    fn last(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A request body handed to the connection in slices, recording its progress.
+fn progress_body(body: Bytes, progress: Arc<BodyProgress>) -> reqwest::Body {
+    const SLICE: usize = 16 << 10;
+    let slices = futures::stream::unfold(0usize, move |at| {
+        let (body, progress) = (body.clone(), progress.clone());
+        async move {
+            if at >= body.len() {
+                return None;
+            }
+            let end = (at + SLICE).min(body.len());
+            progress.took(end - at);
+            Some((Ok::<Bytes, std::io::Error>(body.slice(at..end)), end))
+        }
+    });
+    reqwest::Body::wrap_stream(slices)
 }
 
 /// How a commit is followed: the target is asked to answer `202 Accepted` with its
@@ -212,9 +288,10 @@ impl TargetClient {
                 .map_err(|e| TransferError::Client { target: name.into(), message: e.to_string() })?;
             builder = builder.tls_backend_preconfigured(cfg);
         }
+        let stall = DEFAULT_STALL;
         let http = builder
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(300))
+            .tcp_user_timeout(stall)
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .build()
@@ -225,7 +302,32 @@ impl TargetClient {
             name: name.to_owned(),
             token,
             commit_polls: CommitPolls::default(),
+            stall,
+            rate: Arc::default(),
         })
+    }
+
+    /// Gives up a call after `stall` without progress (see [`TargetClient`]) instead
+    /// of [`DEFAULT_STALL`]. Commit polls are held for less than that.
+    pub fn with_stall(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self.commit_polls.poll_wait = self.commit_polls.poll_wait.min(stall / 2);
+        self.commit_polls.first_wait = self.commit_polls.first_wait.min(stall / 2);
+        self
+    }
+
+    /// The link's measured rate in bytes per second, once a large request has crossed it.
+    pub fn measured_rate(&self) -> Option<u64> {
+        Some(self.rate.load(Ordering::Relaxed)).filter(|r| *r > 0)
+    }
+
+    /// Folds one request's rate into the measurement (a moving average that follows a
+    /// link that got slower within a few requests).
+    fn measure(&self, bytes: usize, took: Duration) {
+        let now = (bytes as f64 / took.as_secs_f64().max(1e-3)) as u64;
+        let _ = self.rate.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 { now.max(1) } else { (old / 2 + now / 2).max(1) })
+        });
     }
 
     /// Follows commits with `polls` instead of the defaults.
@@ -242,12 +344,15 @@ impl TargetClient {
         format!("{}{path}", self.base)
     }
 
+    /// Sends one request and waits for its answer's head while it makes progress; the
+    /// target may take `acting` (beyond moving the bytes) before it answers.
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<(Bytes, &'static str)>,
         extra: &[(&str, String)],
+        acting: Duration,
     ) -> Result<reqwest::Response, TransferError> {
         let mut req = self.http.request(method, self.url(path));
         if let Some(t) = &self.token {
@@ -256,16 +361,82 @@ impl TargetClient {
         for (k, v) in extra {
             req = req.header(*k, v);
         }
+        let progress = BodyProgress::new();
+        let len = body.as_ref().map_or(0, |(b, _)| b.len());
         if let Some((b, ct)) = body {
-            req = req.header(header::CONTENT_TYPE, ct).body(b);
+            req = req
+                .header(header::CONTENT_TYPE, ct)
+                .header(header::CONTENT_LENGTH, b.len())
+                .body(progress_body(b, progress.clone()));
         }
-        let resp = req.send().await.map_err(|e| self.net_error(e))?;
+        let answer = req.send();
+        tokio::pin!(answer);
+        let resp = loop {
+            let deadline = self.give_up_at(&progress, len, acting);
+            tokio::select! {
+                r = &mut answer => break r.map_err(|e| self.net_error(e))?,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if self.give_up_at(&progress, len, acting) <= Instant::now() {
+                        return Err(self.stalled(&progress, len, path));
+                    }
+                }
+            }
+        };
+        if len >= MEASURED_BODY {
+            self.measure(len, progress.started.elapsed());
+        }
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
-        let bytes = resp.bytes().await.unwrap_or_default();
+        let bytes = self.body_of(resp).await.unwrap_or_default();
         Err(TransferError::Rejected { target: self.name.clone(), reason: RejectReason::from_answer(status, &bytes) })
+    }
+
+    /// When a call whose body is `len` bytes and stands at `progress` stops being
+    /// waited for.
+    fn give_up_at(&self, progress: &BodyProgress, len: usize, acting: Duration) -> Instant {
+        let last = progress.last();
+        if progress.taken() < len as u64 {
+            return last + self.stall;
+        }
+        // The whole body may still sit in the kernel's buffers: give it the time to
+        // cross the link at its measured rate.
+        let rate = self.measured_rate().unwrap_or(UNMEASURED_RATE);
+        last + self.stall + acting + Duration::from_secs_f64(len as f64 / rate as f64)
+    }
+
+    fn stalled(&self, progress: &BodyProgress, len: usize, path: &str) -> TransferError {
+        let call = path.split('?').next().unwrap_or(path);
+        let message = if progress.taken() < len as u64 {
+            format!(
+                "no progress for {} s sending {call} ({} of {len} bytes sent); the link or the target is stuck",
+                self.stall.as_secs(),
+                progress.taken()
+            )
+        } else {
+            format!("no answer to {call} within {} s after sending it", progress.last().elapsed().as_secs())
+        };
+        TransferError::Timeout { target: self.name.clone(), message }
+    }
+
+    /// An answer's body, as long as it keeps coming.
+    async fn body_of(&self, resp: reqwest::Response) -> Result<Bytes, TransferError> {
+        let mut resp = resp;
+        let mut out = bytes::BytesMut::new();
+        loop {
+            match tokio::time::timeout(self.stall, resp.chunk()).await {
+                Ok(Ok(Some(piece))) => out.extend_from_slice(&piece),
+                Ok(Ok(None)) => return Ok(out.freeze()),
+                Ok(Err(e)) => return Err(self.net_error(e)),
+                Err(_) => {
+                    return Err(TransferError::Timeout {
+                        target: self.name.clone(),
+                        message: format!("the answer stopped coming for {} s", self.stall.as_secs()),
+                    });
+                }
+            }
+        }
     }
 
     fn net_error(&self, e: reqwest::Error) -> TransferError {
@@ -283,18 +454,18 @@ impl TargetClient {
     }
 
     async fn json<T: DeserializeOwned>(&self, resp: reqwest::Response) -> Result<T, TransferError> {
-        let bytes = resp.bytes().await.map_err(|e| self.net_error(e))?;
+        let bytes = self.body_of(resp).await?;
         serde_json::from_slice(&bytes)
             .map_err(|e| TransferError::Protocol { target: self.name.clone(), message: e.to_string() })
     }
 
     pub async fn hello(&self) -> Result<Hello, TransferError> {
-        let r = self.send(Method::GET, "/v1/hello", None, &[]).await?;
+        let r = self.send(Method::GET, "/v1/hello", None, &[], ACT_QUICKLY).await?;
         self.json(r).await
     }
 
     pub async fn package_state(&self, pkg: &str) -> Result<PackageState, TransferError> {
-        let r = self.send(Method::GET, &format!("/v1/packages/{pkg}"), None, &[]).await?;
+        let r = self.send(Method::GET, &format!("/v1/packages/{pkg}"), None, &[], ACT_QUICKLY).await?;
         self.json(r).await
     }
 
@@ -346,9 +517,15 @@ impl TargetClient {
             signed.query()
         );
         let r = self
-            .send(Method::PUT, &path, Some((compressed, content_type)), &[(wire::HEADER_CONTENT_ROOT, root.to_owned())])
+            .send(
+                Method::PUT,
+                &path,
+                Some((compressed, content_type)),
+                &[(wire::HEADER_CONTENT_ROOT, root.to_owned())],
+                ACT_ON_MANIFEST,
+            )
             .await?;
-        let bytes = r.bytes().await.map_err(|e| self.net_error(e))?;
+        let bytes = self.body_of(r).await?;
         wire::decode_ids(&bytes)
             .ok_or_else(|| TransferError::Protocol { target: self.name.clone(), message: "bad chunk id list".into() })
     }
@@ -361,6 +538,7 @@ impl TargetClient {
                 &format!("/v1/packages/{pkg}/versions/{version}/chunks"),
                 Some((body, wire::CONTENT_TYPE_CHUNKS)),
                 &[],
+                ACT_QUICKLY,
             )
             .await?;
         self.json(r).await
@@ -389,7 +567,7 @@ impl TargetClient {
         let mut asked = 0;
         'ask: loop {
             asked += 1;
-            let mut resp = self.send(Method::POST, &path, None, &ask).await?;
+            let mut resp = self.send(Method::POST, &path, None, &ask, polls.first_wait).await?;
             let mut seen: Option<(String, u64)> = None;
             let mut moved = Instant::now();
             loop {
@@ -414,7 +592,7 @@ impl TargetClient {
                         ),
                     });
                 }
-                resp = match self.send(Method::GET, &path, None, &poll).await {
+                resp = match self.send(Method::GET, &path, None, &poll, polls.poll_wait).await {
                     Ok(r) => r,
                     Err(TransferError::Rejected { reason: RejectReason::NotFound(_), .. }) if asked < 3 => {
                         continue 'ask;
@@ -434,22 +612,22 @@ impl TargetClient {
         signed: &Signed,
     ) -> Result<CommitResponse, TransferError> {
         let path = format!("/v1/packages/{pkg}/versions/{version}/relabel?root={root}&{}", signed.query());
-        let r = self.send(Method::POST, &path, None, &[]).await?;
+        let r = self.send(Method::POST, &path, None, &[], ACT_AT_LENGTH).await?;
         self.json(r).await
     }
 
     pub async fn remove(&self, pkg: &str) -> Result<(), TransferError> {
-        self.send(Method::DELETE, &format!("/v1/packages/{pkg}"), None, &[]).await.map(|_| ())
+        self.send(Method::DELETE, &format!("/v1/packages/{pkg}"), None, &[], ACT_AT_LENGTH).await.map(|_| ())
     }
 
     /// The target's own status of a package (a child site's view of its targets).
     pub async fn status(&self, pkg: &str) -> Result<serde_json::Value, TransferError> {
-        let r = self.send(Method::GET, &format!("/v1/packages/{pkg}/status"), None, &[]).await?;
+        let r = self.send(Method::GET, &format!("/v1/packages/{pkg}/status"), None, &[], ACT_QUICKLY).await?;
         self.json(r).await
     }
 
     pub async fn validate(&self, pkg: &str) -> Result<ValidateResponse, TransferError> {
-        let r = self.send(Method::POST, &format!("/v1/packages/{pkg}/validate"), None, &[]).await?;
+        let r = self.send(Method::POST, &format!("/v1/packages/{pkg}/validate"), None, &[], ACT_AT_LENGTH).await?;
         self.json(r).await
     }
 }

@@ -567,13 +567,58 @@ async fn manifest_from_delta<R: Receiver>(
     .map_err(|e| ReceiveError::Internal(format!("manifest task: {e}")))?
 }
 
+/// A batch body as far as it came: the bytes, and why it ended early (the connection
+/// broke, or nothing came for [`BODY_STALL`]) if it did.
+async fn read_batch_body(body: axum::body::Body) -> Result<(Bytes, Option<String>), ReceiveError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut out = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(BODY_STALL, stream.next()).await {
+            Ok(Some(Ok(piece))) => {
+                if out.len() + piece.len() > wire::MAX_BATCH_BYTES {
+                    return Err(ReceiveError::PayloadTooLarge(format!(
+                        "chunk batch is over the limit of {} bytes",
+                        wire::MAX_BATCH_BYTES
+                    )));
+                }
+                out.extend_from_slice(&piece);
+            }
+            Ok(None) => return Ok((out.freeze(), None)),
+            Ok(Some(Err(e))) => return Ok((out.freeze(), Some(format!("the connection broke: {e}")))),
+            Err(_) => return Ok((out.freeze(), Some(format!("nothing came for {} s", BODY_STALL.as_secs())))),
+        }
+    }
+}
+
+/// How long a batch body may send nothing before the receiver gives up on it.
+const BODY_STALL: Duration = Duration::from_secs(120);
+
 async fn chunks<R: Receiver>(
     State(s): State<Arc<Shared<R>>>,
     Path((pkg, version)): Path<(String, i64)>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Json<BatchResponse>, ReceiveError> {
     check_pkg(&pkg)?;
     check_version(version)?;
+    let (body, cut) = read_batch_body(body).await?;
+    if let Some(why) = cut {
+        // The sender is gone: what arrived whole is kept (in a task of its own, as the
+        // connection's handler may be dropped), so that it is not sent again.
+        let received = body.len();
+        let kept = detached(async move {
+            let batch = tokio::task::spawn_blocking(move || wire::decode_batch_prefix(&body))
+                .await
+                .map_err(|e| ReceiveError::Internal(format!("batch task: {e}")))?;
+            if batch.is_empty() {
+                return Ok(0);
+            }
+            accept_batch(&s, &pkg, version, batch).await.map(|r| r.accepted)
+        })
+        .await?;
+        tracing::warn!(received, kept, "a chunk batch was cut short ({why}); kept its whole chunks");
+        return Err(ReceiveError::BadRequest(format!("the chunk batch was cut short: {why}")));
+    }
     let batch = tokio::task::spawn_blocking(move || {
         wire::decode_batch(&body).map_err(|e| match e {
             wire::BatchError::TooMuchData => ReceiveError::PayloadTooLarge(e.to_string()),
@@ -582,6 +627,18 @@ async fn chunks<R: Receiver>(
     })
     .await
     .map_err(|e| ReceiveError::Internal(format!("batch task: {e}")))??;
+    accept_batch(&s, &pkg, version, batch).await.map(Json)
+}
+
+/// Verifies the chunks of a batch (decoding those sent against base chunks) and stores
+/// the good ones; answers which were accepted and which must come again.
+async fn accept_batch<R: Receiver>(
+    s: &Arc<Shared<R>>,
+    pkg: &str,
+    version: i64,
+    batch: Vec<wire::WireChunk>,
+) -> Result<BatchResponse, ReceiveError> {
+    let pkg = pkg.to_owned();
     // Chunks encoded against a base chunk: the receiver reads the bases from what it
     // holds, and each is checked against its id here before it is used.
     let base_ids: HashSet<ChunkId> = batch.iter().flat_map(|c| c.bases.iter().copied()).collect();
@@ -628,7 +685,7 @@ async fn chunks<R: Receiver>(
         let (r, p) = (s.receiver.clone(), pkg.clone());
         detached(async move { r.store_chunks(&p, version, good).await }).await?;
     }
-    Ok(Json(BatchResponse { accepted, rejected }))
+    Ok(BatchResponse { accepted, rejected })
 }
 
 /// `POST …/commit`: runs the commit as its own task (or joins the one running for this

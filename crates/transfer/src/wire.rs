@@ -408,6 +408,23 @@ impl BatchBuilder {
 /// Decodes a batch without copying chunk data. Lengths are checked against the body,
 /// so a hostile count or length cannot cause a large allocation.
 pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
+    let mut out = Vec::new();
+    decode_into(body, &mut out)?;
+    Ok(out)
+}
+
+/// The whole chunks at the start of a batch whose body was cut short (the connection
+/// broke): what a receiver can keep of it. Stops at the first chunk that is incomplete
+/// or malformed.
+pub fn decode_batch_prefix(body: &Bytes) -> Vec<WireChunk> {
+    let mut out = Vec::new();
+    let _ = decode_into(body, &mut out);
+    out
+}
+
+/// Decodes `body` into `out`, chunk by chunk: on an error, `out` holds the chunks
+/// before it.
+fn decode_into(body: &Bytes, out: &mut Vec<WireChunk>) -> Result<(), BatchError> {
     let b = &body[..];
     if b.len() < 10 {
         return Err(BatchError::Truncated);
@@ -421,7 +438,7 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
     }
     let count = u32::from_le_bytes(b[6..10].try_into().unwrap()) as usize;
     let mut pos = 10;
-    let mut out = Vec::with_capacity(count.min(b.len() / 41));
+    out.reserve(count.min(b.len() / 41));
     let mut raw_total = 0u64;
     for _ in 0..count {
         if b.len() - pos < 41 {
@@ -472,7 +489,7 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<WireChunk>, BatchError> {
     if pos != b.len() {
         return Err(BatchError::TrailingBytes(b.len() - pos));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Encodes a list of chunk ids (32 bytes each).
@@ -634,6 +651,28 @@ mod tests {
         for cut in [10 + 41, 10 + 42, 10 + 42 + 63] {
             assert_eq!(decode_batch(&body.slice(..cut)), Err(BatchError::Truncated));
         }
+    }
+
+    #[test]
+    fn the_whole_chunks_of_a_cut_batch_are_kept() {
+        let chunks: Vec<WireChunk> = (0..4u8)
+            .map(|i| {
+                let raw = vec![i; 1000 + i as usize];
+                WireChunk::stored(ChunkId::from(blake3::hash(&raw)), &raw)
+            })
+            .collect();
+        let body = encode_batch(&chunks);
+        assert_eq!(decode_batch_prefix(&body), chunks);
+        let mut end = 10;
+        for (i, c) in chunks.iter().enumerate() {
+            // Cut anywhere inside chunk i: the chunks before it are kept.
+            for cut in [end, end + 1, end + 40, end + c.wire_len() - 1] {
+                assert_eq!(decode_batch_prefix(&body.slice(..cut)), chunks[..i], "cut at {cut}");
+                assert_eq!(decode_batch(&body.slice(..cut)), Err(BatchError::Truncated));
+            }
+            end += c.wire_len();
+        }
+        assert!(decode_batch_prefix(&body.slice(..5)).is_empty());
     }
 
     #[test]
