@@ -426,6 +426,61 @@ fn edits_after_a_revert_send_only_the_changed_chunks() {
     assert!(!site.tails().contains("sending them again without a base"), "a delta was refused:\n{}", site.tails());
 }
 
+/// A DP's rate limit holds for the DP, not per package: two packages pushed to it at
+/// once share it, measured on the wire over every 1 s window.
+#[test]
+fn a_rate_limit_holds_across_packages() {
+    const LIMIT: u64 = 1_000_000;
+    let mut site = Site::new(&[]);
+    let token = "token-dp1";
+    let agent = Agent::start(site.dir.join("a1"), Some(token));
+    let proxy = Proxy::start(agent.addr());
+    site.agents.push(agent);
+    site.register(0, &proxy.url(), Some(token), Some(LIMIT));
+    write_random_file(&site.src.join("one.bin"), 3 * MIB, 51);
+    let src2 = site.dir.join("src2");
+    write_random_file(&src2.join("two.bin"), 3 * MIB, 52);
+    set_old_mtimes(&site.src);
+    set_old_mtimes(&src2);
+    let id2 = text(&site.cli_ok(&["package", "add", "app2", s(&src2)]), "id").to_owned();
+    for id in [site.id.as_str(), id2.as_str()] {
+        site.cli_ok(&["distribute", id, "--dp", "dp1"]);
+    }
+
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let samples = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut v = vec![(std::time::Instant::now(), proxy.bytes_up())];
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                v.push((std::time::Instant::now(), proxy.bytes_up()));
+            }
+            v
+        });
+        for id in [site.id.as_str(), id2.as_str()] {
+            site.cli_ok(&["refresh", id]);
+        }
+        for id in [site.id.as_str(), id2.as_str()] {
+            site.server.wait_installed(id, "dp1", 1, WAIT, &site.daemons()[1..]);
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        sampler.join().unwrap()
+    });
+    // The fastest second on the wire, and the whole transfer's average.
+    let mut fastest = 0f64;
+    for (i, (t0, b0)) in samples.iter().enumerate() {
+        if let Some((t1, b1)) = samples[i..].iter().find(|(t, _)| t.duration_since(*t0) >= Duration::from_secs(1)) {
+            fastest = fastest.max((b1 - b0) as f64 / t1.duration_since(*t0).as_secs_f64());
+        }
+    }
+    let (first, last) = (samples.first().unwrap(), samples.last().unwrap());
+    let average = (last.1 - first.1) as f64 / last.0.duration_since(first.0).as_secs_f64();
+    eprintln!("limit {LIMIT} B/s: fastest second {fastest:.0} B/s, average {average:.0} B/s");
+    assert!(last.1 >= 6 * MIB, "only {} bytes crossed for two packages of 3 MiB", last.1);
+    assert!(fastest <= 1.1 * LIMIT as f64, "{fastest:.0} B/s in one second, over 1.1 × the limit of {LIMIT}");
+    assert!(average >= 0.5 * LIMIT as f64, "{average:.0} B/s on average: the limit was not used");
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. SIGKILL an agent in the middle of a transfer
 

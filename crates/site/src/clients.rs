@@ -45,15 +45,18 @@ impl Clients {
     /// the store): the cached one while its settings are unchanged, else a new one.
     pub(crate) fn get(&self, target: &Target) -> Result<TargetClient, TransferError> {
         let settings = settings_of(target);
+        let limit = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
         if let Some((s, client)) = self.by_target.lock().unwrap().get(&target.id)
             && *s == settings
         {
+            client.set_rate_limit(limit);
             return Ok(client.clone());
         }
         // Built outside the lock (it reads the system's root certificates); two jobs that
         // race here each build one, and the last one stays.
         let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?
             .with_stall(self.stall);
+        client.set_rate_limit(limit);
         self.built.fetch_add(1, Ordering::Relaxed);
         self.by_target.lock().unwrap().insert(target.id, (settings, client.clone()));
         Ok(client)

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use dpsync_hash::{ChunkId, ContentRoot, DecodeError, DecodeLimits, FileHash, Manifest};
@@ -562,8 +562,8 @@ impl Site {
         let size =
             |client: &TargetClient| batch_size(client.measured_rate(), rate, self.dist.stall, self.dist.batch_bytes);
         let batch_bytes = Arc::new(AtomicUsize::new(size(client)));
-        let started = Instant::now();
-        let mut sent_on_wire = 0u64;
+        // A rate limit holds across all packages to the target: the target's client
+        // paces every body it sends (see `TargetClient::set_rate_limit`).
         for round in 0..4 {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Batch, PushError>>(1);
             let lib = self.library.clone();
@@ -582,12 +582,6 @@ impl Site {
             while let Some(batch) = rx.recv().await {
                 // The batch's memory permit is held until the target has answered.
                 let (body, raw, _permit) = batch?;
-                if let Some(r) = rate {
-                    let due = Duration::from_secs_f64((sent_on_wire + body.len() as u64) as f64 / r as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(wait).await;
-                    }
-                }
                 let len = body.len() as u64;
                 let resp = match client.send_batch(pkg, job.desired_version, body).await {
                     Ok(r) => r,
@@ -601,7 +595,6 @@ impl Site {
                     }
                     Err(e) => return Err(refused(e)),
                 };
-                sent_on_wire += len;
                 batch_bytes.store(size(client), Relaxed);
                 self.count_sent(job, len).await;
                 self.set_progress(&key, |p| p.bytes_done += raw);

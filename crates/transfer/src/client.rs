@@ -187,6 +187,35 @@ pub struct TargetClient {
     /// Bytes per second the link carried on recent large requests (0 = not measured
     /// yet); shared by the clones of this client.
     rate: Arc<AtomicU64>,
+    /// Spaces the bytes of every request body to the target (shared by the clones).
+    pacer: Arc<Pacer>,
+}
+
+/// Holds the bytes sent to one target to a rate across all its calls (every package,
+/// every connection): each slice of a request body is scheduled after the ones before
+/// it, `len / rate` apart, with no credit saved up while idle. In any one second the
+/// target gets at most the rate plus one slice.
+#[derive(Debug, Default)]
+struct Pacer {
+    /// Bytes per second; 0: not limited.
+    rate: AtomicU64,
+    /// When the next slice may go.
+    next: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Pacer {
+    /// When `n` bytes may go (`None`: now, not limited); reserves their time.
+    fn reserve(&self, n: usize) -> Option<Instant> {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let mut next = self.next.lock().unwrap();
+        let start = next.map_or(now, |t| t.max(now));
+        *next = Some(start + Duration::from_secs_f64(n as f64 / rate as f64));
+        Some(start)
+    }
 }
 
 /// How long a target may take to act on a call before it answers, beyond moving the
@@ -225,6 +254,12 @@ impl BodyProgress {
         self.last_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// The body waits for its turn until `at`: that is not a lack of progress.
+    fn held_until(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.started).as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
     fn taken(&self) -> u64 {
         self.taken.load(Ordering::Relaxed)
     }
@@ -234,16 +269,21 @@ impl BodyProgress {
     }
 }
 
-/// A request body handed to the connection in slices, recording its progress.
-fn progress_body(body: Bytes, progress: Arc<BodyProgress>) -> reqwest::Body {
+/// A request body handed to the connection in slices, each when `pacer` lets it go,
+/// recording its progress.
+fn progress_body(body: Bytes, progress: Arc<BodyProgress>, pacer: Arc<Pacer>) -> reqwest::Body {
     const SLICE: usize = 16 << 10;
     let slices = futures::stream::unfold(0usize, move |at| {
-        let (body, progress) = (body.clone(), progress.clone());
+        let (body, progress, pacer) = (body.clone(), progress.clone(), pacer.clone());
         async move {
             if at >= body.len() {
                 return None;
             }
             let end = (at + SLICE).min(body.len());
+            if let Some(when) = pacer.reserve(end - at) {
+                progress.held_until(when);
+                tokio::time::sleep_until(when.into()).await;
+            }
             progress.took(end - at);
             Some((Ok::<Bytes, std::io::Error>(body.slice(at..end)), end))
         }
@@ -304,7 +344,14 @@ impl TargetClient {
             commit_polls: CommitPolls::default(),
             stall,
             rate: Arc::default(),
+            pacer: Arc::default(),
         })
+    }
+
+    /// Holds what is sent to the target, over all calls of this client and its clones,
+    /// to `bytes_per_s` (`None`: no limit). Takes effect at the next slice of a body.
+    pub fn set_rate_limit(&self, bytes_per_s: Option<u64>) {
+        self.pacer.rate.store(bytes_per_s.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Gives up a call after `stall` without progress (see [`TargetClient`]) instead
@@ -364,10 +411,11 @@ impl TargetClient {
         let progress = BodyProgress::new();
         let len = body.as_ref().map_or(0, |(b, _)| b.len());
         if let Some((b, ct)) = body {
-            req = req
-                .header(header::CONTENT_TYPE, ct)
-                .header(header::CONTENT_LENGTH, b.len())
-                .body(progress_body(b, progress.clone()));
+            req = req.header(header::CONTENT_TYPE, ct).header(header::CONTENT_LENGTH, b.len()).body(progress_body(
+                b,
+                progress.clone(),
+                self.pacer.clone(),
+            ));
         }
         let answer = req.send();
         tokio::pin!(answer);
