@@ -45,6 +45,10 @@ pub struct ServerSettings {
     /// to 5 minutes [default: 2000].
     #[arg(long, value_name = "MS", allow_negative_numbers = true)]
     pub retry_delay_ms: Option<i64>,
+    /// After the fast retries (--retries), how often a failing target is tried again, as
+    /// a duration: 30s, 15m, 6h, 7d; from 1s to 7d [default: 30m].
+    #[arg(long, value_name = "DUR")]
+    pub slow_retry: Option<String>,
     /// Source versions kept per package, at least 2 (the current one and the one before,
     /// for rollback); older ones are pruned and `dpsync gc` collects their content
     /// [default: 5].
@@ -171,6 +175,14 @@ impl ServerConfig {
                 defaults.retry_base.as_millis() as i64,
                 1..=max_delay_ms,
             )? as u64),
+            slow_retry: match s.slow_retry.as_deref() {
+                None => defaults.slow_retry,
+                Some(text) => match dpsync_api::parse_duration(text) {
+                    Ok(d) if (1..=7 * 86_400).contains(&d.as_secs()) => d,
+                    Ok(_) => return Err(l.invalid("slow_retry", format!("{text} is out of range (1s–7d)"))),
+                    Err(e) => return Err(l.invalid("slow_retry", e)),
+                },
+            },
             ..defaults
         };
         let disk_reserve_mib = l.number("disk_reserve_mib", s.disk_reserve_mib, 256, 0..=MAX_DISK_RESERVE_MIB)?;

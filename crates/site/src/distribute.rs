@@ -38,6 +38,9 @@ pub struct DistConfig {
     /// First retry delay; doubles each attempt, with ±25 % jitter, up to `retry_max`.
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// After the fast retries, a failing job is tried again this often (±10 %) instead of
+    /// being given up: a DP that is down for a day is installed when it comes back.
+    pub slow_retry: Duration,
     /// Chunk bytes per batch request.
     pub batch_bytes: usize,
     /// Bytes of batches (being read, queued, in flight) all pushes may hold at once: the
@@ -52,6 +55,7 @@ impl Default for DistConfig {
             retries: 5,
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
+            slow_retry: Duration::from_secs(30 * 60),
             batch_bytes: 4 << 20,
             batch_memory: 40 << 20,
         }
@@ -291,10 +295,21 @@ impl Site {
                 self.metrics.jobs_retried.fetch_add(1, Relaxed);
                 Outcome::Retry { error: e.to_string(), next_attempt_at: now_ms() + delay.as_millis() as i64 }
             }
+            // Past the fast retries, or an error an administrator must fix: `failed`, and
+            // tried again slowly, so a target that comes back (or is fixed without a word
+            // to this site) gets the package without anyone asking.
             Err(e) => {
-                tracing::error!(package = %job.package_id, target = %job.target_name, attempts = job.attempts, retryable = e.is_retryable(), "failed: {e}");
+                let delay = self.dist.slow_retry.mul_f64(0.9 + rand::random::<f64>() * 0.2);
+                tracing::error!(
+                    package = %job.package_id,
+                    target = %job.target_name,
+                    attempts = job.attempts,
+                    retryable = e.is_retryable(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "failed: {e}"
+                );
                 self.metrics.jobs_failed.fetch_add(1, Relaxed);
-                Outcome::Failed { error: e.to_string() }
+                Outcome::Failed { error: e.to_string(), next_attempt_at: now_ms() + delay.as_millis() as i64 }
             }
         };
         match self.store.finish(&job.package_id, job.target_id, outcome).await {
