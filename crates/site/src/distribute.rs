@@ -76,7 +76,7 @@ pub(crate) enum PushError {
     #[error("{}", rejected_message(target, *kind, package, reason))]
     Rejected { target: String, kind: TargetKind, package: String, reason: RejectReason },
     /// The target's TLS certificate is not the pinned one (or not trusted).
-    #[error("{source}; then re-pin it with `dpsync {kind} set {} --fingerprint FP`", source.target())]
+    #[error("{}", certificate_message(*kind, source))]
     Certificate { kind: TargetKind, source: TransferError },
     /// Any other failure of the transfer (an answer this site does not understand, a
     /// client that cannot be set up).
@@ -170,6 +170,21 @@ impl PushError {
 impl From<tokio::task::JoinError> for PushError {
     fn from(e: tokio::task::JoinError) -> Self {
         if e.is_cancelled() { PushError::Cancelled } else { PushError::Task(e.to_string()) }
+    }
+}
+
+/// A certificate that is not the pinned one, said as such, with the command that re-pins
+/// the one the target presents (after checking it is the target's own).
+fn certificate_message(kind: TargetKind, source: &TransferError) -> String {
+    let target = source.target();
+    let TransferError::Certificate { message, .. } = source else { return source.to_string() };
+    match dpsync_transfer::trust::presented_fingerprint(message) {
+        Some(presented) => format!(
+            "{target}'s TLS certificate fingerprint does not match the pinned one: it presents {presented}; if \
+             {target} has a new certificate (check its DATA_DIR/tls/fingerprint), re-pin it with \
+             `dpsync {kind} set {target} --fingerprint {presented}`"
+        ),
+        None => format!("{source}; then re-pin it with `dpsync {kind} set {target} --fingerprint FP`"),
     }
 }
 
@@ -1056,6 +1071,13 @@ mod tests {
         let pin = PushError::transfer(e, &site, "PS100001").to_string();
         assert!(pin.contains("re-pin it with `dpsync site set dp1 --fingerprint FP`"), "{pin}");
         assert!(pin.contains("DATA_DIR/tls/fingerprint"), "{pin}");
+        // A pin mismatch names the presented fingerprint and the exact command.
+        let (presented, pinned) = ("ab".repeat(32), "cd".repeat(32));
+        let message = format!("invalid peer certificate: certificate fingerprint {presented} is not the pinned {pinned}");
+        let e = TransferError::Certificate { target: "dp1".into(), message };
+        let pin = PushError::transfer(e, &target(TargetKind::Dp), "PS100001").to_string();
+        assert!(pin.contains("does not match the pinned one"), "{pin}");
+        assert!(pin.contains(&format!("`dpsync dp set dp1 --fingerprint {presented}`")), "{pin}");
         let damaged = PushError::Damaged { package: "PS100001".into(), file: FileHash::from_bytes([2; 32]) };
         assert!(damaged.to_string().contains("dpsync refresh PS100001 --verify"), "{damaged}");
     }
