@@ -332,6 +332,21 @@ mod tests {
     }
 
     #[test]
+    fn slow_retry_is_a_duration_from_one_second_to_a_week() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(resolve(d, None, &[], &[]).unwrap().dist.slow_retry.as_secs(), 30 * 60);
+        assert_eq!(resolve(d, None, &[], &["--slow-retry", "2s"]).unwrap().dist.slow_retry.as_secs(), 2);
+        assert_eq!(resolve(d, Some("slow_retry = \"6h\"\n"), &[], &[]).unwrap().dist.slow_retry.as_secs(), 6 * 3600);
+        let e = err(resolve(d, None, &[("DPSYNC_SLOW_RETRY", "0s")], &[]));
+        assert!(e.starts_with("slow_retry: 0s is out of range (1s–7d)") && e.contains("DPSYNC_SLOW_RETRY"), "{e}");
+        let e = err(resolve(d, None, &[], &["--slow-retry", "8d"]));
+        assert!(e.starts_with("slow_retry: 8d is out of range"), "{e}");
+        let e = err(resolve(d, None, &[], &["--slow-retry", "soon"]));
+        assert!(e.starts_with("slow_retry: \"soon\" is not a duration") && e.contains("--slow-retry"), "{e}");
+    }
+
+    #[test]
     fn variables_of_no_setting_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let env =
