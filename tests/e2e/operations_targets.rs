@@ -110,7 +110,11 @@ fn dp_set_show_and_remove_then_the_name_is_free_again() {
     assert_eq!((shown["name"].as_str(), shown["has_token"].as_bool()), (Some("dp1"), Some(true)), "{shown:#}");
     assert!(!shown.to_string().contains(TOKEN), "the token is never shown: {shown:#}");
     let p = &shown["packages"][0];
-    assert_eq!((p["package"].as_str(), p["state"].as_str(), p["installed_version"].as_u64()), (Some(&*ops.id), Some("installed"), Some(1)), "{shown:#}");
+    assert_eq!(
+        (p["package"].as_str(), p["state"].as_str(), p["installed_version"].as_u64()),
+        (Some(&*ops.id), Some("installed"), Some(1)),
+        "{shown:#}"
+    );
     assert_eq!(shown["counts"]["installed"], 1, "{shown:#}");
     let (code, text, _) = ops.run(&["dp", "show", "dp1"]);
     assert_eq!(code, 0);
@@ -120,7 +124,11 @@ fn dp_set_show_and_remove_then_the_name_is_free_again() {
     // set: only what is given changes; --no-… clears.
     let r = ops.server.cli_json(&["dp", "set", "dp1", "--rate-limit", "1048576", "--group", "east"]);
     assert_eq!(r["changed"], serde_json::json!(["group", "rate_limit"]), "{r:#}");
-    assert_eq!((r["rate_limit"].as_u64(), r["group"].as_str(), r["has_token"].as_bool()), (Some(1048576), Some("east"), Some(true)), "{r:#}");
+    assert_eq!(
+        (r["rate_limit"].as_u64(), r["group"].as_str(), r["has_token"].as_bool()),
+        (Some(1048576), Some("east"), Some(true)),
+        "{r:#}"
+    );
     let r = ops.server.cli_json(&["dp", "set", "dp1", "--no-rate-limit", "--no-group"]);
     assert!(r["rate_limit"].is_null() && r["group"].is_null(), "{r:#}");
     assert_eq!(r["url"].as_str(), Some(&*ops.agents[a1].url()), "{r:#}");
@@ -244,7 +252,8 @@ fn a_certificate_that_no_longer_matches_its_pin_names_the_command_that_repins() 
     ops.server.cli_json(&["dp", "add", "dp1", &url, "--token", TOKEN, "--fingerprint", &old]);
     ops.server.cli_json(&["distribute", &ops.id, "--dp", "dp1"]);
     ops.refresh();
-    let s = ops.server.wait_status(&ops.id, "dp1 to fail", WAIT, &[&agent], |s| target_of(s, "dp1")["state"] == "failed");
+    let s =
+        ops.server.wait_status(&ops.id, "dp1 to fail", WAIT, &[&agent], |s| target_of(s, "dp1")["state"] == "failed");
     let error = target_of(&s, "dp1")["last_error"].as_str().unwrap().to_owned();
     assert!(error.contains("does not match the pinned one") && error.contains(&fingerprint), "{error}");
     assert!(error.contains(&format!("`dpsync dp set dp1 --fingerprint {fingerprint}`")), "{error}");
@@ -330,7 +339,10 @@ fn a_child_site_sends_received_packages_to_dps_added_later() {
     // The parent sees it through the child.
     let st = ps1.status(&id);
     let nested = &target_of(&st, "CH1")["targets"];
-    assert!(nested.as_array().is_some_and(|a| a.iter().any(|t| t["name"] == "dp5" && t["state"] == "installed")), "{st:#}");
+    assert!(
+        nested.as_array().is_some_and(|a| a.iter().any(|t| t["name"] == "dp5" && t["state"] == "installed")),
+        "{st:#}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -355,7 +367,10 @@ fn a_dp_down_longer_than_the_fast_retries_is_installed_by_the_slow_retry() {
 
     // Down for longer than the fast retries: still failing, tried every ~2 s.
     let failed = ops.wait_state("dp2", "failed");
-    assert!(failed["next_retry_at"].as_i64().is_some_and(|at| at > failed["last_error_at"].as_i64().unwrap()), "{failed:#}");
+    assert!(
+        failed["next_retry_at"].as_i64().is_some_and(|at| at > failed["last_error_at"].as_i64().unwrap()),
+        "{failed:#}"
+    );
     let tries = num(&failed, "attempts");
     let again = ops.server.wait_status(&ops.id, "another slow retry", WAIT, &ops.daemons(), |s| {
         let t = target_of(s, "dp2");

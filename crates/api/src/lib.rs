@@ -108,7 +108,8 @@ wire_enum! {
         Installed => "installed",
         /// The last attempt failed for a reason that may heal; tried again at `next_attempt_at`.
         Retrying => "retrying",
-        /// Given up: `last_error` says why and what to do.
+        /// Still failing after the fast retries: `last_error` says why and what to do,
+        /// `next_retry_at` when it is tried again (slowly, until it works).
         Failed => "failed",
         /// The target reported damaged content; a repair is queued.
         ValidationFailed => "validation_failed",

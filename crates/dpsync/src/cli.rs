@@ -15,8 +15,8 @@ use dpsync_agent::{AgentConfig, AgentSettings};
 use dpsync_api::AdminClient;
 use dpsync_api::{
     ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, GcReport, PackageDetail, PackageInfo,
-    RefreshReport, RefreshRequest, RetryReport, RetryRequest, RollbackReport, SetTarget,
-    SetTargetReport, StatusReport, TargetDetail, TargetInfo, TargetRequest, ValidateReport,
+    RefreshReport, RefreshRequest, RetryReport, RetryRequest, RollbackReport, SetTarget, SetTargetReport, StatusReport,
+    TargetDetail, TargetInfo, TargetRequest, ValidateReport,
 };
 use dpsync_api::{BackupProgress, BackupReport, BackupRequest};
 use dpsync_hash::path::escape_controls;
@@ -620,11 +620,7 @@ fn print_set_target(r: &SetTargetReport) {
         outln!("  retrying now: {}", r.retried.join(", "));
     }
     if !r.assigned.is_empty() {
-        outln!(
-            "  joined group {}: receives {}",
-            t.group.as_deref().unwrap_or("-"),
-            r.assigned.join(", ")
-        );
+        outln!("  joined group {}: receives {}", t.group.as_deref().unwrap_or("-"), r.assigned.join(", "));
     }
 }
 
@@ -646,14 +642,7 @@ fn print_target_detail(d: &TargetDetail) {
     let counts: Vec<String> = d.counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
     outln!("  packages     {} ({})", d.packages.len(), counts.join(", "));
     outln!();
-    outln!(
-        "  {:<10} {:<20} {:<17} {:>9} {:>11}  LAST ERROR",
-        "PACKAGE",
-        "NAME",
-        "STATE",
-        "INSTALLED",
-        "SENT TOTAL"
-    );
+    outln!("  {:<10} {:<20} {:<17} {:>9} {:>11}  LAST ERROR", "PACKAGE", "NAME", "STATE", "INSTALLED", "SENT TOTAL");
     for p in &d.packages {
         let mut error = p.last_error.clone().unwrap_or_default();
         if let Some(at) = p.next_retry_at {
@@ -1013,11 +1002,7 @@ async fn follow<T: Followable>(
 
 fn print_distribute(r: &DistributeReport) {
     if !r.groups.is_empty() {
-        outln!(
-            "{} is assigned to group {}: DPs that join it later receive it too",
-            r.package,
-            r.groups.join(", ")
-        );
+        outln!("{} is assigned to group {}: DPs that join it later receive it too", r.package, r.groups.join(", "));
     }
     if r.targets.is_empty() {
         outln!("{}: no DP is in group {} yet", r.package, r.groups.join(", "));

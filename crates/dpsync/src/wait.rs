@@ -216,7 +216,8 @@ pub async fn remove_target(
                 .map(|p| format!("{}: {}", p.package, p.last_error.as_deref().unwrap_or(p.state.as_str())))
                 .collect();
             r.removing = open.iter().map(|p| p.package.clone()).collect();
-            r.removed = d.packages.iter().filter(|p| p.state == DistState::Removed).map(|p| p.package.clone()).collect();
+            r.removed =
+                d.packages.iter().filter(|p| p.state == DistState::Removed).map(|p| p.package.clone()).collect();
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -3,8 +3,10 @@
 //! One job per (package, target) lives in the store. The runner claims due jobs up to
 //! the parallelism limit and runs each as a task; a job that fails with a retryable
 //! error is rescheduled with exponential backoff and jitter until its retries run out
-//! (a removal: until it succeeds). Jobs that were running when the server stopped are
-//! claimable again at start.
+//! (a removal: until it succeeds). Then it is `failed`, which is not the end: it is
+//! tried again every `slow_retry` (30 min by default) until it works, or at once on
+//! request (`retry`, `distribute`, a changed connection setting). Jobs that were running
+//! when the server stopped are claimable again at start.
 //!
 //! A push: ask the target what it holds; if it already has this content, record the
 //! new version number there (O(1)); otherwise offer the manifest, read the chunks it
@@ -1073,7 +1075,8 @@ mod tests {
         assert!(pin.contains("DATA_DIR/tls/fingerprint"), "{pin}");
         // A pin mismatch names the presented fingerprint and the exact command.
         let (presented, pinned) = ("ab".repeat(32), "cd".repeat(32));
-        let message = format!("invalid peer certificate: certificate fingerprint {presented} is not the pinned {pinned}");
+        let message =
+            format!("invalid peer certificate: certificate fingerprint {presented} is not the pinned {pinned}");
         let e = TransferError::Certificate { target: "dp1".into(), message };
         let pin = PushError::transfer(e, &target(TargetKind::Dp), "PS100001").to_string();
         assert!(pin.contains("does not match the pinned one"), "{pin}");

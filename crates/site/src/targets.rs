@@ -7,8 +7,8 @@ use dpsync_store::{Action, DistState, Distribution, NewTarget, NewVersion, Targe
 
 use super::{Site, SiteError};
 use dpsync_api::{
-    ActionReport, AddTarget, DistributeReport, DistributeRequest, RemoveTarget, RetryReport, RollbackReport,
-    SetTarget, SetTargetReport, StatusReport, TargetDetail, TargetInfo, TargetPackage, TargetRemoval, TargetStatus,
+    ActionReport, AddTarget, DistributeReport, DistributeRequest, RemoveTarget, RetryReport, RollbackReport, SetTarget,
+    SetTargetReport, StatusReport, TargetDetail, TargetInfo, TargetPackage, TargetRemoval, TargetStatus,
     TargetValidation, ValidateReport,
 };
 
@@ -63,7 +63,9 @@ fn store_kind(k: &dpsync_api::TargetKind) -> Result<TargetKind, SiteError> {
     match k {
         dpsync_api::TargetKind::Dp => Ok(TargetKind::Dp),
         dpsync_api::TargetKind::Site => Ok(TargetKind::Site),
-        dpsync_api::TargetKind::Other(k) => Err(SiteError::Invalid(format!("target kind {k:?} is neither dp nor site"))),
+        dpsync_api::TargetKind::Other(k) => {
+            Err(SiteError::Invalid(format!("target kind {k:?} is neither dp nor site")))
+        }
     }
 }
 
@@ -130,11 +132,10 @@ impl Site {
         let want = kind.map(store_kind).transpose()?;
         let noun = want.map(kind_noun).unwrap_or("target");
         let list = want.map(TargetKind::as_str).unwrap_or("dp");
-        let t = self
-            .store
-            .target(name)
-            .await?
-            .ok_or_else(|| SiteError::NotFound(format!("no {noun} named {name:?}; `dpsync {list} list` shows them")))?;
+        let t =
+            self.store.target(name).await?.ok_or_else(|| {
+                SiteError::NotFound(format!("no {noun} named {name:?}; `dpsync {list} list` shows them"))
+            })?;
         if let Some(want) = want
             && t.kind != want
         {

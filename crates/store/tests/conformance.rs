@@ -436,7 +436,9 @@ async fn commit_resets_distributions_to_pending(db: &Db) {
     let claimed = db.claim_due(soon(), 10).await.unwrap();
     assert_eq!(claimed.len(), 3);
     db.finish(&id, t_ok, Outcome::Installed { version: 1 }).await.unwrap();
-    db.finish(&id, t_fail, Outcome::Failed { error: "disk full".into(), next_attempt_at: now() + 3_600_000 }).await.unwrap();
+    db.finish(&id, t_fail, Outcome::Failed { error: "disk full".into(), next_attempt_at: now() + 3_600_000 })
+        .await
+        .unwrap();
     db.finish(&id, t_gone, Outcome::Installed { version: 1 }).await.unwrap();
     db.record_progress(&id, t_ok, 500).await.unwrap();
     db.request_action(&id, t_gone, Action::Remove, 0).await.unwrap();
@@ -566,10 +568,8 @@ async fn retry_and_failure_flow(db: &Db) {
     let slow_try = db.claim_due(slow, 10).await.unwrap();
     assert_eq!(slow_try.len(), 1, "a failed row is claimed at its slow retry");
     assert_eq!(slow_try[0].attempts, 3);
-    let failed = db
-        .finish(&id, t, Outcome::Failed { error: "still down".into(), next_attempt_at: slow * 2 })
-        .await
-        .unwrap();
+    let failed =
+        db.finish(&id, t, Outcome::Failed { error: "still down".into(), next_attempt_at: slow * 2 }).await.unwrap();
     assert_eq!((failed.state, failed.last_error.as_deref()), (DistState::Failed, Some("still down")));
 
     // `retry_now` makes it due at once, attempts 0, keeping the error until the next outcome.
@@ -1066,7 +1066,9 @@ async fn aggregate_counts_for_metrics(db: &Db) {
     let claimed = db.claim_due(soon(), 10).await.unwrap();
     assert_eq!(claimed.len(), 3, "only office's rows are claimable: {claimed:?}");
     db.finish(&office, dp1, Outcome::Installed { version: 1 }).await.unwrap();
-    db.finish(&office, dp2, Outcome::Failed { error: "refused".into(), next_attempt_at: now() + 3_600_000 }).await.unwrap();
+    db.finish(&office, dp2, Outcome::Failed { error: "refused".into(), next_attempt_at: now() + 3_600_000 })
+        .await
+        .unwrap();
 
     let count = |kind, state, count| StateCount { kind, state, count };
     let counts = db.distribution_state_counts().await.unwrap();
