@@ -343,6 +343,22 @@ fn a_child_site_sends_received_packages_to_dps_added_later() {
         nested.as_array().is_some_and(|a| a.iter().any(|t| t["name"] == "dp5" && t["state"] == "installed")),
         "{st:#}"
     );
+
+    // `site set` / `site show` / `site remove` work on child sites like their `dp` twins.
+    let r = ps1.cli_json(&["site", "set", "CH1", "--fingerprint", &fp.to_ascii_uppercase()]);
+    assert!(r["changed"].as_array().unwrap().is_empty() && r["retried"].as_array().unwrap().is_empty(), "{r:#}");
+    let e = ps1.cli_fail(&["dp", "remove", "CH1"]);
+    assert!(e.contains("CH1 is a child site") && e.contains("dpsync site"), "{e}");
+    let shown = ps1.cli_json(&["site", "show", "CH1"]);
+    assert_eq!((shown["kind"].as_str(), shown["packages"][0]["state"].as_str()), (Some("site"), Some("installed")));
+    let r = ps1.cli_json(&["site", "remove", "CH1"]);
+    assert_eq!((r["forgotten"].as_bool(), r["removed"].clone()), (Some(true), serde_json::json!([id])), "{r:#}");
+    assert!(ps1.cli_json(&["site", "list"]).as_array().unwrap().is_empty());
+    // The child took the package off its own DP.
+    ch1.wait_status(&id, "dp5 to lose the package", WAIT, &[dp.daemon()], |s| {
+        target_of(s, "dp5")["state"] == "removed"
+    });
+    assert!(!dp.package_dir(&id).exists());
 }
 
 // ---------------------------------------------------------------------------------------
