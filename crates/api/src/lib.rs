@@ -4,7 +4,9 @@
 //! These are the wire types; they are also what `--json` prints, so field names are
 //! part of the command-line contract (add fields freely, never rename).
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -106,7 +108,8 @@ wire_enum! {
         Installed => "installed",
         /// The last attempt failed for a reason that may heal; tried again at `next_attempt_at`.
         Retrying => "retrying",
-        /// Given up: `last_error` says why and what to do.
+        /// Still failing after the fast retries: `last_error` says why and what to do,
+        /// `next_retry_at` when it is tried again (slowly, until it works).
         Failed => "failed",
         /// The target reported damaged content; a repair is queued.
         ValidationFailed => "validation_failed",
@@ -321,6 +324,115 @@ pub struct TargetInfo {
     pub created_at: i64,
 }
 
+/// `POST /v1/targets/{name}` — `dpsync dp set` / `site set`. A field left out is left as
+/// it is; `null` clears an optional setting (`--no-group`, `--no-rate-limit`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetTarget {
+    /// The kind the caller means (`dp set` on a child site is refused); any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<TargetKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some")]
+    pub token: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some")]
+    pub fingerprint: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some")]
+    pub group: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some")]
+    pub rate_limit: Option<Option<i64>>,
+}
+
+/// A field that is present is `Some`, even when it is `null` (which clears the setting).
+fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// What `dp set` changed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetTargetReport {
+    #[serde(flatten)]
+    pub target: TargetInfo,
+    /// Names of the settings that changed (`url`, `token`, `fingerprint`, `group`, `rate_limit`).
+    pub changed: Vec<String>,
+    /// Packages whose failing jobs on it were retried at once (a connection setting changed).
+    pub retried: Vec<String>,
+    /// Packages it received by joining its new group.
+    pub assigned: Vec<String>,
+}
+
+/// `GET /v1/targets/{name}` — `dpsync dp show` / `site show`: its settings and every
+/// package's state on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetDetail {
+    #[serde(flatten)]
+    pub target: TargetInfo,
+    pub packages: Vec<TargetPackage>,
+    /// How many of `packages` are in each state.
+    #[serde(default)]
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// One package on one target (a row of [`TargetDetail`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetPackage {
+    pub package: String,
+    pub name: String,
+    pub source_version: i64,
+    pub state: DistState,
+    pub action: Action,
+    pub installed_version: Option<i64>,
+    pub desired_version: i64,
+    pub bytes_sent_last: i64,
+    pub bytes_sent_total: i64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<i64>,
+    pub attempts: i64,
+    pub next_retry_at: Option<i64>,
+    pub updated_at: i64,
+    pub progress: Option<Progress>,
+}
+
+/// `POST /v1/targets/{name}/remove` — `dpsync dp remove` / `site remove`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RemoveTarget {
+    /// The kind the caller means (`dp remove` on a child site is refused); any when absent.
+    #[serde(default)]
+    pub kind: Option<TargetKind>,
+    /// Forget the target now, without asking it to delete this site's packages.
+    #[serde(default)]
+    pub forget: bool,
+}
+
+/// Where the removal of a target stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetRemoval {
+    pub name: String,
+    pub kind: TargetKind,
+    /// The target is forgotten (its name is free again).
+    pub forgotten: bool,
+    /// Packages whose removal from it is still under way.
+    pub removing: Vec<String>,
+    /// Packages taken off it (by this call or earlier ones).
+    pub removed: Vec<String>,
+}
+
+/// `POST /v1/packages/{pkg}/retry` — `dpsync retry`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RetryRequest {
+    /// Only this target (default: every failing target of the package).
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetryReport {
+    pub package: String,
+    pub source_version: i64,
+    /// The failing targets now tried again.
+    pub targets: Vec<String>,
+}
+
 /// `POST /v1/packages/{pkg}/distribute`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DistributeRequest {
@@ -337,6 +449,9 @@ pub struct DistributeReport {
     pub package: String,
     pub source_version: i64,
     pub targets: Vec<String>,
+    /// Groups the package is now assigned to: their DPs that join later receive it too.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// `POST /v1/packages/{pkg}/{redistribute,remove,validate}`.
@@ -375,6 +490,43 @@ pub struct StatusReport {
     pub source_version: i64,
     pub content_root: Option<String>,
     pub targets: Vec<TargetStatus>,
+    /// How many of `targets` are in each state (the state names of `targets[].state`).
+    #[serde(default)]
+    pub counts: BTreeMap<String, u64>,
+}
+
+impl StatusReport {
+    /// Counts `targets` by state into `counts`.
+    pub fn count_states(&mut self) {
+        self.counts.clear();
+        for t in &self.targets {
+            *self.counts.entry(t.state.as_str().to_owned()).or_default() += 1;
+        }
+    }
+}
+
+impl StatusReport {
+    /// Keeps only the failing targets, and the child sites with failing targets of their
+    /// own (with only those): what `status --failed` shows.
+    pub fn retain_failing(&mut self) {
+        fn keep(targets: Vec<TargetStatus>) -> Vec<TargetStatus> {
+            targets
+                .into_iter()
+                .filter_map(|mut t| {
+                    t.targets = keep(std::mem::take(&mut t.targets));
+                    (t.is_failing() || !t.targets.is_empty()).then_some(t)
+                })
+                .collect()
+        }
+        self.targets = keep(std::mem::take(&mut self.targets));
+    }
+}
+
+impl TargetStatus {
+    /// Still failing: `failed`, `retrying` or `validation_failed`.
+    pub fn is_failing(&self) -> bool {
+        matches!(self.state, DistState::Failed | DistState::Retrying | DistState::ValidationFailed)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -388,8 +540,14 @@ pub struct TargetStatus {
     pub bytes_sent_last: i64,
     pub bytes_sent_total: i64,
     pub last_error: Option<String>,
+    /// Unix milliseconds of `last_error`.
+    #[serde(default)]
+    pub last_error_at: Option<i64>,
     pub attempts: i64,
     pub next_attempt_at: i64,
+    /// While `retrying` or `failed`: when it is tried again (Unix milliseconds).
+    #[serde(default)]
+    pub next_retry_at: Option<i64>,
     pub updated_at: i64,
     /// Live progress while the target's job runs.
     pub progress: Option<Progress>,
@@ -532,6 +690,23 @@ pub struct RestoreReport {
     pub notes: Vec<String>,
 }
 
+/// Parses a duration as the command line writes it: a whole number and a unit, `s`, `m`,
+/// `h` or `d` (`30s`, `15m`, `6h`, `7d`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a duration; write a number and s, m, h or d, e.g. 30s, 15m, 6h, 7d");
+    let unit = t.chars().last().ok_or_else(bad)?;
+    let secs: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    let n: u64 = t[..t.len() - 1].parse().map_err(|_| bad())?;
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,8 +738,8 @@ mod tests {
         let json = serde_json::json!({
             "name": "dp1", "kind": "dp", "state": "installed", "action": "install",
             "installed_version": 3, "desired_version": 3, "bytes_sent_last": 10,
-            "bytes_sent_total": 20, "last_error": null, "attempts": 1, "next_attempt_at": 0,
-            "updated_at": 5,
+            "bytes_sent_total": 20, "last_error": null, "last_error_at": null, "attempts": 1,
+            "next_attempt_at": 0, "next_retry_at": null, "updated_at": 5,
             "progress": {"phase": "sending", "bytes_planned": 4, "bytes_done": 2, "started_ms": 1},
         });
         let t: TargetStatus = serde_json::from_value(json.clone()).unwrap();
@@ -574,5 +749,25 @@ mod tests {
         );
         assert_eq!(t.progress.as_ref().unwrap().phase, Phase::Sending);
         assert_eq!(serde_json::to_value(&t).unwrap(), json);
+    }
+
+    #[test]
+    fn durations_parse_with_their_unit() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(6 * 3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in ["", "s", "30", "1.5m", "-1s", "10w", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// `dp set`'s body tells "leave it" (absent) from "clear it" (null).
+    #[test]
+    fn set_target_tells_absent_from_null() {
+        let s: SetTarget = serde_json::from_str(r#"{"group": null, "rate_limit": 2048}"#).unwrap();
+        assert_eq!((s.group, s.rate_limit, s.token, s.url, s.kind), (Some(None), Some(Some(2048)), None, None, None));
+        let back = serde_json::to_value(SetTarget { group: Some(None), ..SetTarget::default() }).unwrap();
+        assert_eq!(back, serde_json::json!({"group": null}));
     }
 }

@@ -9,13 +9,14 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::util::{human_bytes, outln, plural};
+use crate::util::{human_bytes, outln, plural, when};
 use dpsync_agent::daemon::{read_secret, write_private};
 use dpsync_agent::{AgentConfig, AgentSettings};
 use dpsync_api::AdminClient;
 use dpsync_api::{
     ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, GcReport, PackageDetail, PackageInfo,
-    RefreshReport, RefreshRequest, RollbackReport, StatusReport, TargetInfo, TargetRequest, ValidateReport,
+    RefreshReport, RefreshRequest, RetryReport, RetryRequest, RollbackReport, SetTarget, SetTargetReport, StatusReport,
+    TargetDetail, TargetInfo, TargetRequest, ValidateReport,
 };
 use dpsync_api::{BackupProgress, BackupReport, BackupRequest};
 use dpsync_hash::path::escape_controls;
@@ -116,10 +117,24 @@ enum Command {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Per-target distribution state of one package, or of all.
+    /// Per-target distribution state of one package, or one line per package.
     Status {
-        /// Package id or name (default: every package).
+        /// Package id or name (default: every package, one line each).
         package: Option<String>,
+        /// Only what is failing: every package's failing targets, with their error and
+        /// next retry.
+        #[arg(long)]
+        failed: bool,
+    },
+    /// Try a package's failing targets again now (instead of at their next retry).
+    Retry {
+        /// Package id (e.g. PS100001) or name.
+        package: String,
+        /// Only this DP (or, as --site, child site); default: every failing target.
+        #[arg(long = "dp", alias = "site", value_name = "NAME")]
+        target: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Send the current version to a DP again, whole, ignoring what it reports.
     Redistribute {
@@ -271,6 +286,57 @@ enum TargetCmd {
     },
     /// List targets.
     List,
+    /// Change a target's settings; only those given change. A new URL, token or
+    /// fingerprint retries its failing packages at once; joining a group sends it the
+    /// group's packages (leaving one removes nothing).
+    Set(SetArgs),
+    /// Show a target's settings and the state of every package on it.
+    Show {
+        /// The target's name.
+        name: String,
+    },
+    /// Remove this site's packages from a target, wait for it, then forget the target
+    /// (its name can be added again).
+    Remove {
+        /// The target's name.
+        name: String,
+        /// Forget it now without asking it to delete anything (e.g. it is gone for good).
+        #[arg(long)]
+        forget: bool,
+        /// Give up waiting for the removals after this many seconds (the target is kept).
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        timeout: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SetArgs {
+    /// The target's name.
+    name: String,
+    /// New receiving address, e.g. https://dp1.example:8443.
+    #[arg(long)]
+    url: Option<String>,
+    /// New token the target expects.
+    #[arg(long, hide_env_values = true, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// File holding the new token (mode 0600).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Pin this SHA-256 of the target's TLS certificate (re-pin after it changed).
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// Join this DP group (and receive its packages).
+    #[arg(long, conflicts_with = "no_group")]
+    group: Option<String>,
+    /// Leave its group (content stays on it).
+    #[arg(long)]
+    no_group: bool,
+    /// Bandwidth limit in bytes per second.
+    #[arg(long, value_name = "BYTES_PER_S", conflicts_with = "no_rate_limit")]
+    rate_limit: Option<i64>,
+    /// No bandwidth limit.
+    #[arg(long)]
+    no_rate_limit: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,12 +410,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             return refresh_cmd(&client()?, json, &package, RefreshRequest { verify, dry_run }, wait).await;
         }
         Command::Cert(cmd) => cert_cmd(json, cmd)?,
-        Command::Dp(cmd) => target_cmd(&client()?, json, "dp", cmd).await?,
-        Command::Site(cmd) => target_cmd(&client()?, json, "site", cmd).await?,
+        Command::Dp(cmd) => return target_cmd(&client()?, json, "dp", cmd).await,
+        Command::Site(cmd) => return target_cmd(&client()?, json, "site", cmd).await,
         Command::Distribute { package, dps, groups, sites, wait } => {
             return distribute_cmd(&client()?, json, &package, DistributeRequest { dps, groups, sites }, wait).await;
         }
-        Command::Status { package } => status_cmd(&client()?, json, package).await?,
+        Command::Status { package, failed } => status_cmd(&client()?, json, package, failed).await?,
+        Command::Retry { package, target, wait } => return retry_cmd(&client()?, json, &package, target, wait).await,
         Command::Redistribute { package, target, wait } => {
             return action(&client()?, json, &package, "redistribute", target, wait).await;
         }
@@ -475,7 +542,7 @@ fn cert_cmd(json: bool, cmd: CertCmd) -> Result<()> {
 }
 
 /// `dp …` and `site …`: `kind` is "dp" or "site".
-async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> Result<()> {
+async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> Result<ExitCode> {
     match cmd {
         TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint } => {
             let token = match token_file {
@@ -504,8 +571,115 @@ async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> 
                 }
             });
         }
+        TargetCmd::Set(a) => {
+            let token = match &a.token_file {
+                Some(p) => Some(Some(read_secret(p)?)),
+                None => a.token.clone().map(Some),
+            };
+            let req = SetTarget {
+                kind: Some(kind.into()),
+                url: a.url.clone(),
+                token,
+                fingerprint: a.fingerprint.clone().map(Some),
+                group: if a.no_group { Some(None) } else { a.group.clone().map(Some) },
+                rate_limit: if a.no_rate_limit { Some(None) } else { a.rate_limit.map(Some) },
+            };
+            if req.url.is_none()
+                && req.token.is_none()
+                && req.fingerprint.is_none()
+                && req.group.is_none()
+                && req.rate_limit.is_none()
+            {
+                anyhow::bail!(
+                    "nothing to change: give --url, --token, --token-file, --fingerprint, --group, --no-group, \
+                     --rate-limit or --no-rate-limit"
+                );
+            }
+            let r: SetTargetReport = c.post(&format!("/v1/targets/{}", enc(&a.name)), &req).await?;
+            emit(json, &r, print_set_target);
+        }
+        TargetCmd::Show { name } => {
+            let d: TargetDetail = c.get(&format!("/v1/targets/{}", enc(&name))).await?;
+            emit(json, &d, print_target_detail);
+        }
+        TargetCmd::Remove { name, forget, timeout } => {
+            return crate::wait::remove_target(c, json, kind, &name, forget, timeout).await;
+        }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_set_target(r: &SetTargetReport) {
+    let t = &r.target;
+    if r.changed.is_empty() {
+        outln!("{}: nothing changed", t.name);
+    } else {
+        outln!("{}: changed {}", t.name, r.changed.join(", "));
+    }
+    if !r.retried.is_empty() {
+        outln!("  retrying now: {}", r.retried.join(", "));
+    }
+    if !r.assigned.is_empty() {
+        outln!("  joined group {}: receives {}", t.group.as_deref().unwrap_or("-"), r.assigned.join(", "));
+    }
+}
+
+fn print_target_detail(d: &TargetDetail) {
+    let t = &d.target;
+    let what = if t.kind == dpsync_api::TargetKind::Site { "child site" } else { "DP" };
+    outln!("{what} {}  {}", t.name, t.url);
+    outln!("  group        {}", t.group.as_deref().unwrap_or("-"));
+    outln!(
+        "  rate limit   {}",
+        t.rate_limit.map(|r| format!("{}/s", human_bytes(r as u64))).unwrap_or_else(|| "none".into())
+    );
+    outln!("  token        {}", if t.has_token { "set" } else { "none" });
+    outln!("  fingerprint  {}", t.fingerprint.as_deref().unwrap_or("none (not pinned)"));
+    if d.packages.is_empty() {
+        outln!("  no package is distributed to it");
+        return;
+    }
+    let counts: Vec<String> = d.counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    outln!("  packages     {} ({})", d.packages.len(), counts.join(", "));
+    outln!();
+    outln!("  {:<10} {:<20} {:<17} {:>9} {:>11}  LAST ERROR", "PACKAGE", "NAME", "STATE", "INSTALLED", "SENT TOTAL");
+    for p in &d.packages {
+        let mut error = p.last_error.clone().unwrap_or_default();
+        if let Some(at) = p.next_retry_at {
+            error.push_str(&format!(" (next try {})", when(at)));
+        }
+        outln!(
+            "  {:<10} {:<20} {:<17} {:>9} {:>11}  {}",
+            p.package,
+            p.name,
+            p.state,
+            p.installed_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            human_bytes(p.bytes_sent_total.max(0) as u64),
+            error.trim()
+        );
+    }
+}
+
+async fn retry_cmd(
+    c: &AdminClient,
+    json: bool,
+    package: &str,
+    target: Option<String>,
+    wait: WaitArgs,
+) -> Result<ExitCode> {
+    let r: RetryReport = c.post(&format!("/v1/packages/{}/retry", enc(package)), &RetryRequest { target }).await?;
+    let text = |r: &RetryReport| {
+        if r.targets.is_empty() {
+            outln!("{}: nothing is failing", r.package);
+        } else {
+            outln!("{}: retrying {} now", r.package, r.targets.join(", "));
+        }
+    };
+    if wait.wait && r.source_version > 0 {
+        return follow(c, json, &r, text, wait.timeout).await;
+    }
+    emit(json, &r, text);
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn distribute_cmd(
@@ -529,20 +703,25 @@ async fn distribute_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status_cmd(c: &AdminClient, json: bool, package: Option<String>) -> Result<()> {
-    match package {
-        Some(p) => {
+async fn status_cmd(c: &AdminClient, json: bool, package: Option<String>, failed: bool) -> Result<()> {
+    match (package, failed) {
+        (Some(p), false) => {
             let s: StatusReport = c.get(&format!("/v1/packages/{}/status", enc(&p))).await?;
             emit(json, &s, crate::wait::print_status);
         }
-        None => {
+        (Some(p), true) => {
+            let mut s: StatusReport = c.get(&format!("/v1/packages/{}/status", enc(&p))).await?;
+            s.retain_failing();
+            let list = if s.targets.is_empty() { vec![] } else { vec![s] };
+            emit(json, &list, |list| crate::wait::print_failing(list));
+        }
+        (None, true) => {
+            let all: Vec<StatusReport> = c.get("/v1/status?failed=true").await?;
+            emit(json, &all, |all| crate::wait::print_failing(all));
+        }
+        (None, false) => {
             let all: Vec<StatusReport> = c.get("/v1/status").await?;
-            emit(json, &all, |all| {
-                for s in all {
-                    crate::wait::print_status(s);
-                    outln!();
-                }
-            });
+            emit(json, &all, |all| crate::wait::print_rollup(all));
         }
     }
     Ok(())
@@ -790,7 +969,13 @@ macro_rules! followable {
         }
     )*};
 }
-followable!(RefreshReport => true, RollbackReport => true, DistributeReport => false, ActionReport => false);
+followable!(
+    RefreshReport => true,
+    RollbackReport => true,
+    DistributeReport => false,
+    ActionReport => false,
+    RetryReport => false
+);
 
 /// `--wait`: shows the report, follows the distribution to its end, and prints one JSON
 /// document (the report with the final `status`) with `--json`.
@@ -816,7 +1001,12 @@ async fn follow<T: Followable>(
 }
 
 fn print_distribute(r: &DistributeReport) {
-    if r.source_version == 0 {
+    if !r.groups.is_empty() {
+        outln!("{} is assigned to group {}: DPs that join it later receive it too", r.package, r.groups.join(", "));
+    }
+    if r.targets.is_empty() {
+        outln!("{}: no DP is in group {} yet", r.package, r.groups.join(", "));
+    } else if r.source_version == 0 {
         outln!(
             "{} → {}: no version yet: run `dpsync refresh {}` to send the first one",
             r.package,

@@ -37,6 +37,19 @@ pub fn human_bytes(n: u64) -> String {
 
 /// `1 target`, `3 targets`: a count and its noun, for output people read (the nouns
 /// used take an `s`).
+/// A moment (Unix milliseconds) relative to now, for people: `in 29 min`, `12 s ago`.
+pub fn when(at_ms: i64) -> String {
+    let now = dpsync_store::now_ms();
+    let d = (at_ms - now).abs() / 1000;
+    let span = match d {
+        0..=119 => format!("{d} s"),
+        120..=7199 => format!("{} min", d / 60),
+        7200..=172_799 => format!("{} h", d / 3600),
+        _ => format!("{} d", d / 86_400),
+    };
+    if at_ms >= now { format!("in {span}") } else { format!("{span} ago") }
+}
+
 pub fn plural(n: u64, noun: &str) -> String {
     if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
 }

@@ -99,18 +99,149 @@ pub async fn wait(c: &AdminClient, pkg: &str, version: i64, timeout: Option<u64>
                     .collect();
                 eprintln!("dpsync: timed out waiting for {}", pending.join(", "));
             } else if !json {
-                let secs = started.elapsed().as_secs_f64();
-                match total {
-                    0 => eprintln!("{pkg} is not distributed to any target: nothing to wait for"),
-                    1 => eprintln!("{pkg} version {version} is on 1 target ({secs:.1} s)"),
-                    n => eprintln!("{pkg} version {version} is on all {n} targets ({secs:.1} s)"),
-                }
+                eprintln!("{}", done_message(pkg, version, &status.targets, started.elapsed()));
             }
             return Ok(WaitOutcome { status, failed, timed_out: timed_out && !done });
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(slowest);
     }
+}
+
+/// What a wait that ended well says: where the version is, and where the package was
+/// removed (a removed target does not hold it).
+fn done_message(pkg: &str, version: i64, targets: &[TargetStatus], took: Duration) -> String {
+    let secs = took.as_secs_f64();
+    let removed: Vec<&str> =
+        targets.iter().filter(|t| t.state == DistState::Removed).map(|t| t.name.as_str()).collect();
+    let on = targets.len() - removed.len();
+    let holding = match (on, removed.len()) {
+        (0, 0) => return format!("{pkg} is not distributed to any target: nothing to wait for"),
+        (0, _) => format!("{pkg} is on no target"),
+        (1, 0) => format!("{pkg} version {version} is on 1 target"),
+        (n, 0) => format!("{pkg} version {version} is on all {n} targets"),
+        (n, _) => format!("{pkg} version {version} is on {}", plural(n as u64, "target")),
+    };
+    if removed.is_empty() {
+        format!("{holding} ({secs:.1} s)")
+    } else {
+        format!("{holding}; removed from {} ({secs:.1} s)", removed.join(", "))
+    }
+}
+
+/// `status` without a package: one line per package with its targets counted by state.
+pub fn print_rollup(all: &[StatusReport]) {
+    if all.is_empty() {
+        outln!("no packages; `dpsync package add NAME SOURCE_DIR` adds one");
+        return;
+    }
+    outln!("{:<10} {:<24} {:>7} {:>7}  STATES", "PACKAGE", "NAME", "VERSION", "TARGETS");
+    for s in all {
+        let states: Vec<String> = s.counts.iter().map(|(state, n)| format!("{n} {state}")).collect();
+        outln!(
+            "{:<10} {:<24} {:>7} {:>7}  {}",
+            s.package,
+            s.name,
+            s.source_version,
+            s.targets.len(),
+            if states.is_empty() { "not distributed".to_owned() } else { states.join(", ") }
+        );
+    }
+}
+
+/// `status --failed`: every failing target of every package, with its error and next try.
+pub fn print_failing(all: &[StatusReport]) {
+    if all.is_empty() {
+        outln!("nothing is failing");
+        return;
+    }
+    fn row(pkg: &str, t: &TargetStatus, prefix: &str) {
+        let name = format!("{prefix}{}", t.name);
+        if t.is_failing() {
+            let next = t.next_retry_at.map(|at| format!("next try {}", crate::util::when(at))).unwrap_or_default();
+            let since = t.last_error_at.map(|at| format!("since {}", crate::util::when(at))).unwrap_or_default();
+            outln!("{pkg:<10} {name:<18} {:<17} {since:<16} {next}", t.state);
+            outln!("    {}", t.last_error.as_deref().unwrap_or("(no error recorded)"));
+        }
+        for c in &t.targets {
+            row(pkg, c, &format!("{name}/"));
+        }
+    }
+    for s in all {
+        for t in &s.targets {
+            row(&s.package, t, "");
+        }
+    }
+}
+
+/// `dp remove NAME` / `site remove NAME`: queues the removal of every package from the
+/// target, follows it (progress on stderr), and forgets the target once all are removed.
+/// Exits 1 naming the packages that could not be removed, keeping the target.
+pub async fn remove_target(
+    c: &AdminClient,
+    json: bool,
+    kind: &str,
+    name: &str,
+    forget: bool,
+    timeout: u64,
+) -> Result<ExitCode> {
+    use dpsync_api::{RemoveTarget, TargetDetail, TargetRemoval};
+    let path = format!("/v1/targets/{}/remove", enc(name));
+    let req = RemoveTarget { kind: Some(kind.into()), forget };
+    let what = if kind == "site" { "child site" } else { "DP" };
+    let mut r: TargetRemoval = c.post(&path, &req).await?;
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let mut last_line = String::new();
+    let mut stuck: Vec<String> = Vec::new();
+    while !r.forgotten {
+        let d: TargetDetail = c.get(&format!("/v1/targets/{}", enc(name))).await?;
+        let total = d.packages.len();
+        let done = d.packages.iter().filter(|p| p.state == DistState::Removed).count();
+        let line = format!("removing {} from {name}: {done} of {total} removed", plural(total as u64, "package"));
+        if !json && line != last_line {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        let open: Vec<_> = d.packages.iter().filter(|p| p.state != DistState::Removed).collect();
+        if open.is_empty() {
+            r = c.post(&path, &req).await?;
+            continue;
+        }
+        // A removal that failed for a reason that needs an administrator (e.g. a wrong
+        // token) will not succeed by waiting.
+        let hopeless = open.iter().all(|p| p.state == DistState::Failed);
+        if hopeless || Instant::now() >= deadline {
+            stuck = open
+                .iter()
+                .map(|p| format!("{}: {}", p.package, p.last_error.as_deref().unwrap_or(p.state.as_str())))
+                .collect();
+            r.removing = open.iter().map(|p| p.package.clone()).collect();
+            r.removed =
+                d.packages.iter().filter(|p| p.state == DistState::Removed).map(|p| p.package.clone()).collect();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    if !r.forgotten {
+        eprintln!(
+            "dpsync: could not remove {} from {name}: {}; {name} is kept: run `dpsync {kind} remove {name}` again once \
+             it answers, or `dpsync {kind} remove {name} --forget` to forget it without removing them",
+            plural(stuck.len() as u64, "package"),
+            stuck.join("; ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    if !json {
+        if forget {
+            outln!("forgot {what} {name} (nothing was removed from it)");
+        } else {
+            outln!("removed {what} {name} ({} taken off it)", plural(r.removed.len() as u64, "package"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How `--wait` shows progress on stderr.

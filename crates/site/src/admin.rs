@@ -12,8 +12,9 @@ use axum::{Json, Router};
 use super::{Site, SiteError};
 use dpsync_api::{
     ActionReport, AddPackage, AddTarget, BackupProgress, BackupReport, BackupRequest, DistributeReport,
-    DistributeRequest, ErrorBody, GcReport, PackageDetail, PackageInfo, RefreshReport, RefreshRequest, RollbackReport,
-    SiteInfo, StatusReport, TargetInfo, TargetRequest, ValidateReport, VersionInfo,
+    DistributeRequest, ErrorBody, GcReport, PackageDetail, PackageInfo, RefreshReport, RefreshRequest, RemoveTarget,
+    RetryReport, RetryRequest, RollbackReport, SetTarget, SetTargetReport, SiteInfo, StatusReport, TargetDetail,
+    TargetInfo, TargetRemoval, TargetRequest, ValidateReport, VersionInfo,
 };
 use dpsync_store::Action;
 
@@ -27,6 +28,8 @@ pub fn router(site: Arc<Site>) -> Router {
         .route("/v1/gc", post(gc))
         .route("/v1/backup", get(backup_progress).post(backup))
         .route("/v1/targets", get(list_targets).post(add_target))
+        .route("/v1/targets/{name}", get(show_target).post(set_target))
+        .route("/v1/targets/{name}/remove", post(remove_target))
         .route("/v1/status", get(status_all))
         .route("/v1/packages/{pkg}/status", get(status))
         .route("/v1/packages/{pkg}/distribute", post(distribute))
@@ -34,6 +37,7 @@ pub fn router(site: Arc<Site>) -> Router {
         .route("/v1/packages/{pkg}/remove", post(remove))
         .route("/v1/packages/{pkg}/rollback", post(rollback))
         .route("/v1/packages/{pkg}/validate", post(validate))
+        .route("/v1/packages/{pkg}/retry", post(retry))
         .with_state(site)
 }
 
@@ -184,16 +188,64 @@ async fn add_target(State(site): State<Arc<Site>>, Json(req): Json<AddTarget>) -
     Ok(Json(site.add_target(req).await?))
 }
 
+async fn show_target(State(site): State<Arc<Site>>, Path(name): Path<String>) -> ApiResult<TargetDetail> {
+    Ok(Json(site.show_target(&name).await?))
+}
+
+async fn set_target(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    Json(req): Json<SetTarget>,
+) -> ApiResult<SetTargetReport> {
+    Ok(Json(site.set_target(&name, req).await?))
+}
+
+async fn remove_target(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    body: Option<Json<RemoveTarget>>,
+) -> ApiResult<TargetRemoval> {
+    let req = body.map(|Json(r)| r).unwrap_or_default();
+    Ok(Json(site.remove_target(&name, req).await?))
+}
+
 async fn status(State(site): State<Arc<Site>>, Path(pkg): Path<String>) -> ApiResult<StatusReport> {
     Ok(Json(site.status(&pkg).await?))
 }
 
-async fn status_all(State(site): State<Arc<Site>>) -> ApiResult<Vec<StatusReport>> {
+#[derive(Debug, Default, serde::Deserialize)]
+struct StatusQuery {
+    /// Only failing targets (`failed`, `retrying`, `validation_failed`, at any depth), and
+    /// only the packages that have some.
+    #[serde(default)]
+    failed: bool,
+}
+
+async fn status_all(
+    State(site): State<Arc<Site>>,
+    axum::extract::Query(q): axum::extract::Query<StatusQuery>,
+) -> ApiResult<Vec<StatusReport>> {
     let mut out = Vec::new();
     for p in site.store.packages().await? {
-        out.push(site.status(&p.id).await?);
+        let mut s = site.status(&p.id).await?;
+        if q.failed {
+            s.retain_failing();
+            if s.targets.is_empty() {
+                continue;
+            }
+        }
+        out.push(s);
     }
     Ok(Json(out))
+}
+
+async fn retry(
+    State(site): State<Arc<Site>>,
+    Path(pkg): Path<String>,
+    body: Option<Json<RetryRequest>>,
+) -> ApiResult<RetryReport> {
+    let req = body.map(|Json(r)| r).unwrap_or_default();
+    Ok(Json(site.retry(&pkg, req.target.as_deref()).await?))
 }
 
 async fn distribute(

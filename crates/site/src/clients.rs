@@ -63,6 +63,13 @@ impl Clients {
     }
 }
 
+impl Clients {
+    /// Drops the client of a target that was removed.
+    pub(crate) fn forget(&self, target_id: i64) {
+        self.by_target.lock().unwrap().remove(&target_id);
+    }
+}
+
 fn settings_of(t: &Target) -> Settings {
     let mut h = blake3::Hasher::new();
     for field in [Some(t.name.as_str()), Some(t.url.as_str()), t.token.as_deref(), t.fingerprint.as_deref()] {

@@ -50,6 +50,10 @@ pub struct ServerSettings {
     /// however slow its link [default: 60].
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub stall_timeout_secs: Option<i64>,
+    /// After the fast retries (--retries), how often a failing target is tried again, as
+    /// a duration: 30s, 15m, 6h, 7d; from 1s to 7d [default: 30m].
+    #[arg(long, value_name = "DUR")]
+    pub slow_retry: Option<String>,
     /// Source versions kept per package, at least 2 (the current one and the one before,
     /// for rollback); older ones are pruned and `dpsync gc` collects their content
     /// [default: 5].
@@ -182,6 +186,14 @@ impl ServerConfig {
                 defaults.stall.as_secs() as i64,
                 1..=3600,
             )? as u64),
+            slow_retry: match s.slow_retry.as_deref() {
+                None => defaults.slow_retry,
+                Some(text) => match dpsync_api::parse_duration(text) {
+                    Ok(d) if (1..=7 * 86_400).contains(&d.as_secs()) => d,
+                    Ok(_) => return Err(l.invalid("slow_retry", format!("{text} is out of range (1s–7d)"))),
+                    Err(e) => return Err(l.invalid("slow_retry", e)),
+                },
+            },
             ..defaults
         };
         let disk_reserve_mib = l.number("disk_reserve_mib", s.disk_reserve_mib, 256, 0..=MAX_DISK_RESERVE_MIB)?;
@@ -333,6 +345,21 @@ mod tests {
         assert!(e.contains(&dir.path().join("server.toml").display().to_string()), "{e}");
         let e = err(resolve(dir.path(), Some("retries = \"many\"\n"), &[], &[]));
         assert!(e.contains("retries") && e.contains("server.toml"), "{e}");
+    }
+
+    #[test]
+    fn slow_retry_is_a_duration_from_one_second_to_a_week() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(resolve(d, None, &[], &[]).unwrap().dist.slow_retry.as_secs(), 30 * 60);
+        assert_eq!(resolve(d, None, &[], &["--slow-retry", "2s"]).unwrap().dist.slow_retry.as_secs(), 2);
+        assert_eq!(resolve(d, Some("slow_retry = \"6h\"\n"), &[], &[]).unwrap().dist.slow_retry.as_secs(), 6 * 3600);
+        let e = err(resolve(d, None, &[("DPSYNC_SLOW_RETRY", "0s")], &[]));
+        assert!(e.starts_with("slow_retry: 0s is out of range (1s–7d)") && e.contains("DPSYNC_SLOW_RETRY"), "{e}");
+        let e = err(resolve(d, None, &[], &["--slow-retry", "8d"]));
+        assert!(e.starts_with("slow_retry: 8d is out of range"), "{e}");
+        let e = err(resolve(d, None, &[], &["--slow-retry", "soon"]));
+        assert!(e.starts_with("slow_retry: \"soon\" is not a duration") && e.contains("--slow-retry"), "{e}");
     }
 
     #[test]

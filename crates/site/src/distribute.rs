@@ -3,8 +3,10 @@
 //! One job per (package, target) lives in the store. The runner claims due jobs up to
 //! the parallelism limit and runs each as a task; a job that fails with a retryable
 //! error is rescheduled with exponential backoff and jitter until its retries run out
-//! (a removal: until it succeeds). Jobs that were running when the server stopped are
-//! claimable again at start.
+//! (a removal: until it succeeds). Then it is `failed`, which is not the end: it is
+//! tried again every `slow_retry` (30 min by default) until it works, or at once on
+//! request (`retry`, `distribute`, a changed connection setting). Jobs that were running
+//! when the server stopped are claimable again at start.
 //!
 //! A push: ask the target what it holds; if it already has this content, record the
 //! new version number there (O(1)); otherwise offer the manifest, read the chunks it
@@ -40,6 +42,9 @@ pub struct DistConfig {
     /// First retry delay; doubles each attempt, with ±25 % jitter, up to `retry_max`.
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// After the fast retries, a failing job is tried again this often (±10 %) instead of
+    /// being given up: a DP that is down for a day is installed when it comes back.
+    pub slow_retry: Duration,
     /// Chunk bytes per batch request.
     pub batch_bytes: usize,
     /// Bytes of batches (being read, queued, in flight) all pushes may hold at once: the
@@ -57,6 +62,7 @@ impl Default for DistConfig {
             retries: 5,
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
+            slow_retry: Duration::from_secs(30 * 60),
             batch_bytes: 4 << 20,
             batch_memory: 40 << 20,
             stall: dpsync_transfer::client::DEFAULT_STALL,
@@ -78,7 +84,7 @@ pub(crate) enum PushError {
     #[error("{}", rejected_message(target, *kind, package, reason))]
     Rejected { target: String, kind: TargetKind, package: String, reason: RejectReason },
     /// The target's TLS certificate is not the pinned one (or not trusted).
-    #[error("{source}; then re-pin it with `dpsync {kind} set {} --fingerprint FP`", source.target())]
+    #[error("{}", certificate_message(*kind, source))]
     Certificate { kind: TargetKind, source: TransferError },
     /// Any other failure of the transfer (an answer this site does not understand, a
     /// client that cannot be set up).
@@ -172,6 +178,21 @@ impl PushError {
 impl From<tokio::task::JoinError> for PushError {
     fn from(e: tokio::task::JoinError) -> Self {
         if e.is_cancelled() { PushError::Cancelled } else { PushError::Task(e.to_string()) }
+    }
+}
+
+/// A certificate that is not the pinned one, said as such, with the command that re-pins
+/// the one the target presents (after checking it is the target's own).
+fn certificate_message(kind: TargetKind, source: &TransferError) -> String {
+    let target = source.target();
+    let TransferError::Certificate { message, .. } = source else { return source.to_string() };
+    match dpsync_transfer::trust::presented_fingerprint(message) {
+        Some(presented) => format!(
+            "{target}'s TLS certificate fingerprint does not match the pinned one: it presents {presented}; if \
+             {target} has a new certificate (check its DATA_DIR/tls/fingerprint), re-pin it with \
+             `dpsync {kind} set {target} --fingerprint {presented}`"
+        ),
+        None => format!("{source}; then re-pin it with `dpsync {kind} set {target} --fingerprint FP`"),
     }
 }
 
@@ -297,10 +318,21 @@ impl Site {
                 self.metrics.jobs_retried.fetch_add(1, Relaxed);
                 Outcome::Retry { error: e.to_string(), next_attempt_at: now_ms() + delay.as_millis() as i64 }
             }
+            // Past the fast retries, or an error an administrator must fix: `failed`, and
+            // tried again slowly, so a target that comes back (or is fixed without a word
+            // to this site) gets the package without anyone asking.
             Err(e) => {
-                tracing::error!(package = %job.package_id, target = %job.target_name, attempts = job.attempts, retryable = e.is_retryable(), "failed: {e}");
+                let delay = self.dist.slow_retry.mul_f64(0.9 + rand::random::<f64>() * 0.2);
+                tracing::error!(
+                    package = %job.package_id,
+                    target = %job.target_name,
+                    attempts = job.attempts,
+                    retryable = e.is_retryable(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "failed: {e}"
+                );
                 self.metrics.jobs_failed.fetch_add(1, Relaxed);
-                Outcome::Failed { error: e.to_string() }
+                Outcome::Failed { error: e.to_string(), next_attempt_at: now_ms() + delay.as_millis() as i64 }
             }
         };
         match self.store.finish(&job.package_id, job.target_id, outcome).await {
@@ -1075,6 +1107,14 @@ mod tests {
         let pin = PushError::transfer(e, &site, "PS100001").to_string();
         assert!(pin.contains("re-pin it with `dpsync site set dp1 --fingerprint FP`"), "{pin}");
         assert!(pin.contains("DATA_DIR/tls/fingerprint"), "{pin}");
+        // A pin mismatch names the presented fingerprint and the exact command.
+        let (presented, pinned) = ("ab".repeat(32), "cd".repeat(32));
+        let message =
+            format!("invalid peer certificate: certificate fingerprint {presented} is not the pinned {pinned}");
+        let e = TransferError::Certificate { target: "dp1".into(), message };
+        let pin = PushError::transfer(e, &target(TargetKind::Dp), "PS100001").to_string();
+        assert!(pin.contains("does not match the pinned one"), "{pin}");
+        assert!(pin.contains(&format!("`dpsync dp set dp1 --fingerprint {presented}`")), "{pin}");
         let damaged = PushError::Damaged { package: "PS100001".into(), file: FileHash::from_bytes([2; 32]) };
         assert!(damaged.to_string().contains("dpsync refresh PS100001 --verify"), "{damaged}");
     }

@@ -296,6 +296,6 @@ impl Site {
 
 /// Store meta key: the targets (ids, comma-separated) the parent's removal of `pkg` took
 /// it off.
-fn parent_removed_key(pkg: &str) -> String {
+pub(crate) fn parent_removed_key(pkg: &str) -> String {
     format!("parent_removed:{pkg}")
 }

@@ -1,13 +1,15 @@
-//! Targets and the administrator's actions on distributions: assign, redistribute,
-//! remove, rollback, validate, status.
+//! Targets and the administrator's actions on distributions: add, change, show and remove
+//! targets; assign (to targets and to groups), redistribute, remove, retry, rollback,
+//! validate, status.
 
 use dpsync_hash::{DecodeLimits, Manifest};
-use dpsync_store::{Action, DistState, NewTarget, NewVersion, Target, TargetKind};
+use dpsync_store::{Action, DistState, Distribution, NewTarget, NewVersion, Target, TargetKind, TargetUpdate};
 
 use super::{Site, SiteError};
 use dpsync_api::{
-    ActionReport, AddTarget, DistributeReport, DistributeRequest, RollbackReport, StatusReport, TargetInfo,
-    TargetStatus, TargetValidation, ValidateReport,
+    ActionReport, AddTarget, DistributeReport, DistributeRequest, RemoveTarget, RetryReport, RollbackReport, SetTarget,
+    SetTargetReport, StatusReport, TargetDetail, TargetInfo, TargetPackage, TargetRemoval, TargetStatus,
+    TargetValidation, ValidateReport,
 };
 
 // The admin API has its own enums (it depends on no other dpsync crate); these say which
@@ -57,31 +59,53 @@ pub fn target_info(t: &Target) -> TargetInfo {
     }
 }
 
+fn store_kind(k: &dpsync_api::TargetKind) -> Result<TargetKind, SiteError> {
+    match k {
+        dpsync_api::TargetKind::Dp => Ok(TargetKind::Dp),
+        dpsync_api::TargetKind::Site => Ok(TargetKind::Site),
+        dpsync_api::TargetKind::Other(k) => {
+            Err(SiteError::Invalid(format!("target kind {k:?} is neither dp nor site")))
+        }
+    }
+}
+
+/// "DP" or "child site", for messages.
+fn kind_noun(k: TargetKind) -> &'static str {
+    match k {
+        TargetKind::Dp => "DP",
+        TargetKind::Site => "child site",
+    }
+}
+
+/// The `next_retry_at` of a row: when a failing row is tried again.
+fn next_retry_at(d: &Distribution) -> Option<i64> {
+    matches!(d.state, DistState::Retrying | DistState::Failed).then_some(d.next_attempt_at)
+}
+
+/// A pinned fingerprint as stored (lower-case hex) or a clear error.
+fn fingerprint_of(fp: &str) -> Result<String, SiteError> {
+    dpsync_transfer::trust::normalize_fingerprint(fp).map_err(|e| SiteError::Invalid(e.to_string()))
+}
+
+fn check_rate_limit(rate: Option<i64>) -> Result<(), SiteError> {
+    if rate.is_some_and(|r| r < 1024) {
+        return Err(SiteError::Invalid("rate limit must be at least 1024 bytes per second".into()));
+    }
+    Ok(())
+}
+
 impl Site {
     pub async fn add_target(&self, req: AddTarget) -> Result<TargetInfo, SiteError> {
-        let kind = match &req.kind {
-            dpsync_api::TargetKind::Dp => TargetKind::Dp,
-            dpsync_api::TargetKind::Site => TargetKind::Site,
-            dpsync_api::TargetKind::Other(k) => {
-                return Err(SiteError::Invalid(format!("target kind {k:?} is neither dp nor site")));
-            }
-        };
+        let kind = store_kind(&req.kind)?;
         let name = req.name.trim().to_owned();
         if name.is_empty() || name.len() > 100 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(SiteError::Invalid(format!("target name {name:?}: use letters, digits, '-', '_' and '.'")));
         }
-        let fingerprint = req
-            .fingerprint
-            .as_deref()
-            .map(dpsync_transfer::trust::normalize_fingerprint)
-            .transpose()
-            .map_err(|e| SiteError::Invalid(e.to_string()))?;
+        let fingerprint = req.fingerprint.as_deref().map(fingerprint_of).transpose()?;
         let url =
             dpsync_transfer::client::check_target_url(&req.url, fingerprint.is_some()).map_err(SiteError::Invalid)?;
-        if req.rate_limit.is_some_and(|r| r < 1024) {
-            return Err(SiteError::Invalid("rate limit must be at least 1024 bytes per second".into()));
-        }
+        check_rate_limit(req.rate_limit)?;
         let t = self
             .store
             .add_target(NewTarget {
@@ -95,7 +119,214 @@ impl Site {
             })
             .await?;
         tracing::info!(target = %t.name, kind = %t.kind, url = %t.url, "target added");
+        let mut assigned = self.join_group(&t).await?;
+        assigned.extend(self.relay_received_to(&t).await?);
+        if !assigned.is_empty() {
+            self.kick_jobs();
+        }
         Ok(target_info(&t))
+    }
+
+    /// A target by name, of the kind the caller means (if it says).
+    async fn named_target(&self, name: &str, kind: Option<&dpsync_api::TargetKind>) -> Result<Target, SiteError> {
+        let want = kind.map(store_kind).transpose()?;
+        let noun = want.map(kind_noun).unwrap_or("target");
+        let list = want.map(TargetKind::as_str).unwrap_or("dp");
+        let t =
+            self.store.target(name).await?.ok_or_else(|| {
+                SiteError::NotFound(format!("no {noun} named {name:?}; `dpsync {list} list` shows them"))
+            })?;
+        if let Some(want) = want
+            && t.kind != want
+        {
+            return Err(SiteError::Invalid(format!(
+                "{name} is a {}, not a {}; use `dpsync {} …`",
+                kind_noun(t.kind),
+                kind_noun(want),
+                t.kind.as_str()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Assigns the packages of the target's group to it (a target that joins a group gets
+    /// every package assigned to the group). Returns the packages assigned.
+    async fn join_group(&self, t: &Target) -> Result<Vec<String>, SiteError> {
+        let Some(group) = &t.group else { return Ok(vec![]) };
+        let packages = self.store.group_packages(group).await?;
+        for p in &packages {
+            self.store.assign(p, t.id).await?;
+        }
+        if !packages.is_empty() {
+            tracing::info!(target = %t.name, group = %group, packages = packages.len(), "joined a group: its packages assigned");
+        }
+        Ok(packages)
+    }
+
+    /// On a child site: packages received from the parent go to every target of this site,
+    /// including targets added after they arrived (but not packages the parent took off
+    /// this site). Returns the packages assigned.
+    async fn relay_received_to(&self, t: &Target) -> Result<Vec<String>, SiteError> {
+        let mut assigned = Vec::new();
+        for p in self.store.packages().await? {
+            if p.source_site == self.cfg.site_code
+                || self.store.meta_get(&super::receive::parent_removed_key(&p.id)).await?.is_some_and(|v| !v.is_empty())
+            {
+                continue;
+            }
+            self.store.assign(&p.id, t.id).await?;
+            assigned.push(p.id);
+        }
+        if !assigned.is_empty() {
+            tracing::info!(target = %t.name, packages = assigned.len(), "packages from the parent site assigned");
+        }
+        Ok(assigned)
+    }
+
+    /// `dp set` / `site set`: changes the settings given. A changed URL, token or
+    /// fingerprint retries the target's failing jobs at once; joining a group assigns the
+    /// group's packages. Leaving a group takes nothing off the target.
+    pub async fn set_target(&self, name: &str, req: SetTarget) -> Result<SetTargetReport, SiteError> {
+        let before = self.named_target(name, req.kind.as_ref()).await?;
+        let token = match req.token {
+            Some(Some(t)) if t.trim().is_empty() => {
+                return Err(SiteError::Invalid("the token is empty; give the one the target was started with".into()));
+            }
+            other => other,
+        };
+        let group = match req.group {
+            Some(Some(g)) if g.trim().is_empty() => {
+                return Err(SiteError::Invalid("the group name is empty; use --no-group to leave a group".into()));
+            }
+            other => other,
+        };
+        let fingerprint = match req.fingerprint {
+            Some(Some(fp)) => Some(Some(fingerprint_of(&fp)?)),
+            other => other,
+        };
+        if let Some(rate) = req.rate_limit {
+            check_rate_limit(rate)?;
+        }
+        let mut update = TargetUpdate { url: None, token, fingerprint, group, rate_limit: req.rate_limit };
+        let pinned = update.apply(before.clone()).fingerprint.is_some();
+        if let Some(url) = &req.url {
+            update.url = Some(dpsync_transfer::client::check_target_url(url, pinned).map_err(SiteError::Invalid)?);
+        } else if update.fingerprint.is_some() {
+            dpsync_transfer::client::check_target_url(&before.url, pinned).map_err(SiteError::Invalid)?;
+        }
+        let (before, after) = self.store.update_target(&before.name, &update).await?;
+        let mut changed = Vec::new();
+        for (field, differs) in [
+            ("url", before.url != after.url),
+            ("token", before.token != after.token),
+            ("fingerprint", before.fingerprint != after.fingerprint),
+            ("group", before.group != after.group),
+            ("rate_limit", before.rate_limit != after.rate_limit),
+        ] {
+            if differs {
+                changed.push(field.to_owned());
+            }
+        }
+        let mut retried = Vec::new();
+        if update.changes_connection(&before) {
+            retried = self.store.retry_now(None, Some(after.id)).await?.into_iter().map(|d| d.package_id).collect();
+        }
+        let assigned = if before.group != after.group { self.join_group(&after).await? } else { vec![] };
+        if !retried.is_empty() || !assigned.is_empty() {
+            self.kick_jobs();
+        }
+        tracing::info!(target = %after.name, changed = ?changed, retried = retried.len(), assigned = assigned.len(), "target changed");
+        Ok(SetTargetReport { target: target_info(&after), changed, retried, assigned })
+    }
+
+    /// `dp show` / `site show`: the target's settings and every package's state on it.
+    pub async fn show_target(&self, name: &str) -> Result<TargetDetail, SiteError> {
+        let t = self.named_target(name, None).await?;
+        let progress = self.progress.lock().unwrap().clone();
+        let mut packages = Vec::new();
+        for d in self.store.distributions_to_target(t.id).await? {
+            let Some(p) = self.store.package(&d.package_id).await? else { continue };
+            packages.push(TargetPackage {
+                progress: progress.get(&(d.package_id.clone(), d.target_id)).cloned(),
+                next_retry_at: next_retry_at(&d),
+                package: d.package_id,
+                name: p.name,
+                source_version: p.current_version,
+                state: api_state(d.state),
+                action: api_action(d.action),
+                installed_version: d.installed_version,
+                desired_version: d.desired_version,
+                bytes_sent_last: d.bytes_sent_last,
+                bytes_sent_total: d.bytes_sent_total,
+                last_error: d.last_error,
+                last_error_at: d.last_error_at,
+                attempts: d.attempts,
+                updated_at: d.updated_at,
+            });
+        }
+        let mut counts = std::collections::BTreeMap::new();
+        for p in &packages {
+            *counts.entry(p.state.as_str().to_owned()).or_default() += 1;
+        }
+        Ok(TargetDetail { target: target_info(&t), packages, counts })
+    }
+
+    /// `dp remove` / `site remove`: queues the removal of every package from the target and
+    /// forgets it once they are all removed (call again to see how far it is); with
+    /// `forget`, forgets it at once without asking it.
+    pub async fn remove_target(&self, name: &str, req: RemoveTarget) -> Result<TargetRemoval, SiteError> {
+        let t = self.named_target(name, req.kind.as_ref()).await?;
+        let mut removing = Vec::new();
+        let mut removed = Vec::new();
+        if !req.forget {
+            for d in self.store.distributions_to_target(t.id).await? {
+                match (d.state, d.action) {
+                    (DistState::Removed, _) => removed.push(d.package_id),
+                    // A failed removal is tried again now.
+                    (DistState::Failed | DistState::Retrying, Action::Remove) => {
+                        self.store.retry_now(Some(&d.package_id), Some(t.id)).await?;
+                        removing.push(d.package_id);
+                    }
+                    (_, Action::Remove) => removing.push(d.package_id),
+                    _ => {
+                        self.store.request_action(&d.package_id, t.id, Action::Remove, d.desired_version).await?;
+                        removing.push(d.package_id);
+                    }
+                }
+            }
+        }
+        let forgotten = removing.is_empty();
+        if forgotten {
+            self.store.delete_target(t.id).await?;
+            self.clients.forget(t.id);
+            tracing::info!(target = %t.name, kind = %t.kind, forced = req.forget, "target forgotten");
+        } else {
+            self.kick_jobs();
+            tracing::info!(target = %t.name, packages = removing.len(), "removing every package from the target");
+        }
+        Ok(TargetRemoval { name: t.name, kind: api_kind(t.kind), forgotten, removing, removed })
+    }
+
+    /// `retry PKG [--dp NAME]`: tries the package's failing targets again now.
+    pub async fn retry(&self, pkg: &str, only: Option<&str>) -> Result<RetryReport, SiteError> {
+        let p = self.find_package(pkg).await?;
+        let target = match only {
+            Some(name) => {
+                let (_, t) = self.assigned_target(&p.id, name).await?;
+                Some(t.id)
+            }
+            None => None,
+        };
+        let revived = self.store.retry_now(Some(&p.id), target).await?;
+        if !revived.is_empty() {
+            self.kick_jobs();
+        }
+        tracing::info!(package = %p.id, targets = revived.len(), "failing targets retried on request");
+        Ok(RetryReport {
+            package: p.id,
+            source_version: p.current_version,
+            targets: revived.into_iter().map(|d| d.target_name).collect(),
+        })
     }
 
     pub async fn distribute(&self, pkg: &str, req: DistributeRequest) -> Result<DistributeReport, SiteError> {
@@ -113,15 +344,21 @@ impl Site {
                 targets.push(t);
             }
         }
-        for g in &req.groups {
-            let members = self.store.targets_in_group(g).await?;
-            if members.is_empty() {
-                return Err(SiteError::NotFound(format!("no DP is in group {g:?}")));
+        let mut groups = req.groups.clone();
+        groups.sort();
+        groups.dedup();
+        for g in &groups {
+            if g.trim().is_empty() {
+                return Err(SiteError::Invalid("a group name is empty".into()));
             }
-            targets.extend(members);
+            targets.extend(self.store.targets_in_group(g).await?);
         }
-        if targets.is_empty() {
+        if targets.is_empty() && groups.is_empty() {
             return Err(SiteError::Invalid("name at least one --dp, --group or --site".into()));
+        }
+        // The package belongs to the groups themselves: DPs that join them later get it.
+        for g in &groups {
+            self.store.assign_group(g, &p.id).await?;
         }
         targets.sort_by(|a, b| a.name.cmp(&b.name));
         targets.dedup_by(|a, b| a.id == b.id);
@@ -134,6 +371,7 @@ impl Site {
             package: p.id,
             source_version: p.current_version,
             targets: targets.into_iter().map(|t| t.name).collect(),
+            groups,
         })
     }
 
@@ -238,6 +476,7 @@ impl Site {
             .into_iter()
             .map(|d| TargetStatus {
                 progress: progress.get(&(d.package_id.clone(), d.target_id)).cloned(),
+                next_retry_at: next_retry_at(&d),
                 name: d.target_name,
                 kind: api_kind(d.target_kind),
                 state: api_state(d.state),
@@ -247,6 +486,7 @@ impl Site {
                 bytes_sent_last: d.bytes_sent_last,
                 bytes_sent_total: d.bytes_sent_total,
                 last_error: d.last_error,
+                last_error_at: d.last_error_at,
                 attempts: d.attempts,
                 next_attempt_at: d.next_attempt_at,
                 updated_at: d.updated_at,
@@ -255,14 +495,17 @@ impl Site {
             .collect();
         let mut targets: Vec<TargetStatus> = targets;
         self.pull_child_status(&p.id, &mut targets).await;
-        Ok(StatusReport {
+        let mut report = StatusReport {
             package: p.id,
             name: p.name,
             source_site: p.source_site,
             source_version: p.current_version,
             content_root: root,
             targets,
-        })
+            counts: Default::default(),
+        };
+        report.count_states();
+        Ok(report)
     }
 
     /// Fills in each child site's own targets, asked on demand (a child that cannot be

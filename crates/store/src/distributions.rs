@@ -23,15 +23,16 @@ macro_rules! dist_select {
     () => {
         "SELECT d.package_id, d.target_id, t.name AS target_name, t.kind AS target_kind, \
          d.state, d.action, d.desired_version, d.installed_version, d.attempts, \
-         d.next_attempt_at, d.last_error, d.bytes_sent_last, d.bytes_sent_total, d.updated_at \
+         d.next_attempt_at, d.last_error, d.last_error_at, d.bytes_sent_last, d.bytes_sent_total, d.updated_at \
          FROM distributions d JOIN targets t ON t.id = d.target_id "
     };
 }
 
-/// Rows a worker may claim (when due).
+/// Rows a worker may claim (when due). A `failed` row is one whose fast retries are spent:
+/// it is claimable again at its slow retry.
 macro_rules! claimable {
     () => {
-        "state IN ('pending', 'retrying', 'removing') \
+        "state IN ('pending', 'retrying', 'removing', 'failed') \
          AND (desired_version > 0 OR action = 'remove')"
     };
 }
@@ -52,6 +53,7 @@ fn dist_from_row(row: &AnyRow) -> Result<Distribution> {
         attempts: row.try_get("attempts")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_error: row.try_get("last_error")?,
+        last_error_at: row.try_get("last_error_at")?,
         bytes_sent_last: row.try_get("bytes_sent_last")?,
         bytes_sent_total: row.try_get("bytes_sent_total")?,
         updated_at: row.try_get("updated_at")?,
@@ -80,6 +82,8 @@ impl Store {
     /// * Existing row being or already removed (state `removing`/`removed`, or action
     ///   `remove`): back to `install` of the current version, `pending` (an `in_progress`
     ///   removal stays `in_progress` and is re-queued when it finishes), attempts 0.
+    /// * Existing row that is `failed` or `retrying`: tried again now (see
+    ///   [`Store::retry_now`]).
     /// * Any other existing row: unchanged.
     ///
     /// `NotFound` if the package or target does not exist.
@@ -110,7 +114,7 @@ impl Store {
             sqlx::query(
                 "UPDATE distributions SET action = 'install', desired_version = $3, \
                    state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, \
-                   attempts = 0, next_attempt_at = $4, last_error = NULL, bytes_sent_last = 0, \
+                   attempts = 0, next_attempt_at = $4, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, \
                    generation = generation + 1, updated_at = $4 \
                  WHERE package_id = $1 AND target_id = $2 \
                    AND (state IN ('removing', 'removed') OR action = 'remove')",
@@ -121,6 +125,13 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            // The filter is a literal of this file.
+            sqlx::query(sqlx::AssertSqlSafe(retry_sql("package_id = $2 AND target_id = $3")))
+                .bind(now)
+                .bind(&id)
+                .bind(target_id)
+                .execute(&mut *tx)
+                .await?;
         }
         let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
         tx.commit().await?;
@@ -159,7 +170,7 @@ impl Store {
         let done = sqlx::query(
             "UPDATE distributions SET action = $3, desired_version = $4, \
                state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE $5 END, \
-               attempts = 0, next_attempt_at = $6, last_error = NULL, bytes_sent_last = 0, \
+               attempts = 0, next_attempt_at = $6, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, \
                generation = generation + 1, updated_at = $6 \
              WHERE package_id = $1 AND target_id = $2",
         )
@@ -177,6 +188,41 @@ impl Store {
         let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
         tx.commit().await?;
         Ok(dist)
+    }
+
+    /// Tries failing rows again now: every row that is `failed` or `retrying` (of
+    /// `package_id`, of `target_id`, or of both) becomes `pending` (`removing` for a
+    /// removal), due now, attempts 0, so the fast retries start over; the last error stays
+    /// until the next outcome. Returns the rows it revived, ordered by package then target
+    /// name.
+    pub async fn retry_now(&self, package_id: Option<&str>, target_id: Option<i64>) -> Result<Vec<Distribution>> {
+        let id = package_id.map(normalize_id);
+        let mut tx = self.begin_write().await?;
+        let mut filter = String::from("1 = 1");
+        if id.is_some() {
+            filter.push_str(" AND package_id = $2");
+        }
+        if target_id.is_some() {
+            filter.push_str(if id.is_some() { " AND target_id = $3" } else { " AND target_id = $2" });
+        }
+        let sql = format!("{} RETURNING package_id, target_id", retry_sql(&filter));
+        // Only literals of this function and `retry_sql` go into `sql`.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now_ms());
+        if let Some(p) = &id {
+            q = q.bind(p.clone());
+        }
+        if let Some(t) = target_id {
+            q = q.bind(t);
+        }
+        let keys = q.fetch_all(&mut *tx).await?;
+        let mut revived = Vec::new();
+        for k in keys {
+            let (p, t): (String, i64) = (k.try_get("package_id")?, k.try_get("target_id")?);
+            revived.extend(select_one(&mut tx, &p, t).await?);
+        }
+        tx.commit().await?;
+        revived.sort_by(|a, b| (&a.package_id, &a.target_name).cmp(&(&b.package_id, &b.target_name)));
+        Ok(revived)
     }
 
     /// The distributions of a package with their target's name and kind, ordered by target
@@ -378,7 +424,10 @@ impl Store {
                 next_attempt_at = at;
                 (DistState::Retrying, Some(error))
             }
-            Outcome::Failed { error } => (DistState::Failed, Some(error)),
+            Outcome::Failed { error, next_attempt_at: at } => {
+                next_attempt_at = at;
+                (DistState::Failed, Some(error))
+            }
             Outcome::ValidationFailed { error } => (DistState::ValidationFailed, Some(error)),
             Outcome::Removed => {
                 installed = None;
@@ -391,9 +440,10 @@ impl Store {
             next_attempt_at = next_attempt_at.min(now);
         }
 
+        let last_error_at = last_error.as_ref().map(|_| now);
         sqlx::query(
             "UPDATE distributions SET state = $3, installed_version = $4, attempts = $5, \
-               next_attempt_at = $6, last_error = $7, claim_token = NULL, updated_at = $8 \
+               next_attempt_at = $6, last_error = $7, last_error_at = $9, claim_token = NULL, updated_at = $8 \
              WHERE package_id = $1 AND target_id = $2",
         )
         .bind(&id)
@@ -404,12 +454,24 @@ impl Store {
         .bind(next_attempt_at)
         .bind(last_error)
         .bind(now)
+        .bind(last_error_at)
         .execute(&mut *tx)
         .await?;
         let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
         tx.commit().await?;
         Ok(dist)
     }
+}
+
+/// The update that makes failing rows (`failed`, `retrying`) matching `filter` due now
+/// (`$1`) with attempts 0: pending, or removing for a removal.
+fn retry_sql(filter: &str) -> String {
+    format!(
+        "UPDATE distributions SET \
+           state = CASE WHEN action = 'remove' THEN 'removing' ELSE 'pending' END, \
+           attempts = 0, next_attempt_at = $1, generation = generation + 1, updated_at = $1 \
+         WHERE ({filter}) AND state IN ('failed', 'retrying')"
+    )
 }
 
 async fn select_one(

@@ -43,7 +43,7 @@ pub use error::{Result, StoreError};
 pub use snapshot::snapshot_sqlite_file;
 pub use types::{
     Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageVersion, StateCount,
-    Target, TargetKind, VersionRecord, VersionStats, VersionSummary,
+    Target, TargetKind, TargetUpdate, VersionRecord, VersionStats, VersionSummary,
 };
 
 /// Newest schema version this build knows (the highest migration number).

@@ -57,7 +57,11 @@ macro_rules! migration {
 pub(crate) const SITE_SQLITE: Schema = Schema {
     what: "site store",
     backend: Backend::Sqlite,
-    migrations: &[migration!(1, "init", "sqlite/0001_init.sql"), migration!(2, "trust", "sqlite/0002_trust.sql")],
+    migrations: &[
+        migration!(1, "init", "sqlite/0001_init.sql"),
+        migration!(2, "trust", "sqlite/0002_trust.sql"),
+        migration!(3, "operations", "sqlite/0003_operations.sql"),
+    ],
     user_version: false,
 };
 
@@ -65,7 +69,11 @@ pub(crate) const SITE_SQLITE: Schema = Schema {
 pub(crate) const SITE_POSTGRES: Schema = Schema {
     what: "site store",
     backend: Backend::Postgres,
-    migrations: &[migration!(1, "init", "postgres/0001_init.sql"), migration!(2, "trust", "postgres/0002_trust.sql")],
+    migrations: &[
+        migration!(1, "init", "postgres/0001_init.sql"),
+        migration!(2, "trust", "postgres/0002_trust.sql"),
+        migration!(3, "operations", "postgres/0003_operations.sql"),
+    ],
     user_version: false,
 };
 

@@ -4,7 +4,8 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::error::{Result, StoreError, is_unique_violation};
-use crate::{NewTarget, Store, Target, now_ms};
+use crate::packages::normalize_id;
+use crate::{NewTarget, Store, Target, TargetUpdate, now_ms};
 
 macro_rules! target_columns {
     () => {
@@ -112,5 +113,87 @@ impl Store {
             .iter()
             .map(target_from_row)
             .collect()
+    }
+
+    /// Changes a target's settings in one transaction; returns it before and after.
+    /// `NotFound` if there is no target of that name.
+    pub async fn update_target(&self, name: &str, update: &TargetUpdate) -> Result<(Target, Target)> {
+        let mut tx = self.begin_write().await?;
+        let before = sqlx::query(concat!("SELECT ", target_columns!(), " FROM targets WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(target_from_row)
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(format!("target {name:?}")))?;
+        let after = update.apply(before.clone());
+        if after.url.trim().is_empty() {
+            return Err(StoreError::InvalidInput(format!("target {name}: URL is empty")));
+        }
+        sqlx::query(
+            "UPDATE targets SET url = $2, token = $3, grp = $4, rate_limit = $5, tls_fingerprint = $6 \
+             WHERE id = $1",
+        )
+        .bind(after.id)
+        .bind(&after.url)
+        .bind(&after.token)
+        .bind(&after.group)
+        .bind(after.rate_limit)
+        .bind(&after.fingerprint)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((before, after))
+    }
+
+    /// Forgets a target and its distribution rows (its name is free again; its id is never
+    /// reused). `NotFound` if it does not exist.
+    pub async fn delete_target(&self, id: i64) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM distributions WHERE target_id = $1").bind(id).execute(&mut *tx).await?;
+        let done = sqlx::query("DELETE FROM targets WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("target id {id}")));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Assigns a package to a group itself (`distribute PKG --group G`): targets that join
+    /// the group later receive it. Idempotent. `NotFound` if the package does not exist.
+    pub async fn assign_group(&self, group: &str, package_id: &str) -> Result<()> {
+        let id = normalize_id(package_id);
+        if self.package(&id).await?.is_none() {
+            return Err(StoreError::NotFound(format!("package {id}")));
+        }
+        sqlx::query(
+            "INSERT INTO group_packages (grp, package_id, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (grp, package_id) DO NOTHING",
+        )
+        .bind(group)
+        .bind(&id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The packages assigned to a group, ordered by id.
+    pub async fn group_packages(&self, group: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT package_id FROM group_packages WHERE grp = $1 ORDER BY package_id")
+            .bind(group)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("package_id")?)).collect()
+    }
+
+    /// The groups a package is assigned to, ordered by name.
+    pub async fn package_groups(&self, package_id: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT grp FROM group_packages WHERE package_id = $1 ORDER BY grp")
+            .bind(normalize_id(package_id))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("grp")?)).collect()
     }
 }

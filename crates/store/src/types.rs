@@ -92,7 +92,8 @@ string_enum! {
         Installed => "installed",
         /// The last attempt failed transiently; claimable again at `next_attempt_at`.
         Retrying => "retrying",
-        /// Gave up; needs an explicit request to try again.
+        /// Still failing after the fast retries; tried again slowly, at `next_attempt_at`
+        /// (or at once on request: `dpsync retry`, `distribute`, a changed connection setting).
         Failed => "failed",
         /// The target reported broken content.
         ValidationFailed => "validation_failed",
@@ -300,6 +301,53 @@ impl fmt::Debug for NewTarget {
     }
 }
 
+/// Changes to a target ([`Store::update_target`](crate::Store::update_target)): `None`
+/// leaves a setting as it is; for the optional settings `Some(None)` clears it. A new
+/// setting is one field here and one line in [`TargetUpdate::apply`].
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetUpdate {
+    pub url: Option<String>,
+    pub token: Option<Option<String>>,
+    pub fingerprint: Option<Option<String>>,
+    pub group: Option<Option<String>>,
+    pub rate_limit: Option<Option<i64>>,
+}
+
+impl TargetUpdate {
+    /// The target with these changes made.
+    pub fn apply(&self, mut t: Target) -> Target {
+        fn set<T: Clone>(field: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *field = v.clone();
+            }
+        }
+        set(&mut t.url, &self.url);
+        set(&mut t.token, &self.token);
+        set(&mut t.fingerprint, &self.fingerprint);
+        set(&mut t.group, &self.group);
+        set(&mut t.rate_limit, &self.rate_limit);
+        t
+    }
+
+    /// Whether it changes how the target is reached (its failed jobs are then retried at once).
+    pub fn changes_connection(&self, before: &Target) -> bool {
+        let after = self.apply(before.clone());
+        after.url != before.url || after.token != before.token || after.fingerprint != before.fingerprint
+    }
+}
+
+impl fmt::Debug for TargetUpdate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TargetUpdate")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(redact))
+            .field("fingerprint", &self.fingerprint)
+            .field("group", &self.group)
+            .field("rate_limit", &self.rate_limit)
+            .finish()
+    }
+}
+
 /// One durable job row per (package, target).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Distribution {
@@ -325,6 +373,8 @@ pub struct Distribution {
     pub next_attempt_at: i64,
     /// Error of the last failed attempt.
     pub last_error: Option<String>,
+    /// Unix milliseconds of `last_error`.
+    pub last_error_at: Option<i64>,
     /// Bytes sent by the current/last job.
     pub bytes_sent_last: i64,
     /// Bytes sent to this target for this package, ever.
@@ -367,10 +417,13 @@ pub enum Outcome {
         /// Unix milliseconds of the next attempt.
         next_attempt_at: i64,
     },
-    /// Permanent failure: state `failed`.
+    /// The fast retries are spent (or the error needs an administrator): state `failed`,
+    /// tried again slowly at `next_attempt_at`.
     Failed {
         /// What went wrong.
         error: String,
+        /// Unix milliseconds of the slow retry.
+        next_attempt_at: i64,
     },
     /// The target found broken content: state `validation_failed`.
     ValidationFailed {

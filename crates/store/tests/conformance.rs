@@ -19,7 +19,7 @@ use dpsync_hash::{ChunkId, ContentRoot, FileHash};
 use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged, StagedChunk};
 use dpsync_store::{
     Action, Backend, DistState, NewTarget, NewVersion, Outcome, PackageVersion, StateCount, Store, StoreError,
-    TargetKind, VersionStats,
+    TargetKind, TargetUpdate, VersionStats,
 };
 use sqlx::Connection;
 
@@ -167,6 +167,9 @@ conformance!(
     newer_schema_is_refused,
     meta_get_set,
     targets_and_debug_redacts_token,
+    update_and_delete_targets,
+    retry_now_by_target,
+    group_assignments,
     garbled_content_root_is_an_error_naming_the_table,
     aggregate_counts_for_metrics,
 );
@@ -433,7 +436,9 @@ async fn commit_resets_distributions_to_pending(db: &Db) {
     let claimed = db.claim_due(soon(), 10).await.unwrap();
     assert_eq!(claimed.len(), 3);
     db.finish(&id, t_ok, Outcome::Installed { version: 1 }).await.unwrap();
-    db.finish(&id, t_fail, Outcome::Failed { error: "disk full".into() }).await.unwrap();
+    db.finish(&id, t_fail, Outcome::Failed { error: "disk full".into(), next_attempt_at: now() + 3_600_000 })
+        .await
+        .unwrap();
     db.finish(&id, t_gone, Outcome::Installed { version: 1 }).await.unwrap();
     db.record_progress(&id, t_ok, 500).await.unwrap();
     db.request_action(&id, t_gone, Action::Remove, 0).await.unwrap();
@@ -549,11 +554,41 @@ async fn retry_and_failure_flow(db: &Db) {
     assert_eq!(again[0].attempts, 2, "attempts count claims");
     assert_eq!(again[0].state, DistState::InProgress);
 
-    let failed = db.finish(&id, t, Outcome::Failed { error: "gave up".into() }).await.unwrap();
+    let slow = later + 1_800_000;
+    let failed = db.finish(&id, t, Outcome::Failed { error: "gave up".into(), next_attempt_at: slow }).await.unwrap();
     assert_eq!(failed.state, DistState::Failed);
     assert_eq!(failed.attempts, 2);
     assert_eq!(failed.last_error.as_deref(), Some("gave up"));
-    assert!(db.claim_due(later + 1, 10).await.unwrap().is_empty(), "failed rows wait");
+    assert!(failed.last_error_at.is_some_and(|at| at >= d.updated_at), "{failed:?}");
+    assert_eq!(failed.next_attempt_at, slow);
+    assert!(db.claim_due(later + 1, 10).await.unwrap().is_empty(), "failed rows wait for their slow retry");
+    assert_eq!(db.next_due_at().await.unwrap(), Some(slow));
+
+    // The slow retry: claimable when due, and failing again keeps it failed.
+    let slow_try = db.claim_due(slow, 10).await.unwrap();
+    assert_eq!(slow_try.len(), 1, "a failed row is claimed at its slow retry");
+    assert_eq!(slow_try[0].attempts, 3);
+    let failed =
+        db.finish(&id, t, Outcome::Failed { error: "still down".into(), next_attempt_at: slow * 2 }).await.unwrap();
+    assert_eq!((failed.state, failed.last_error.as_deref()), (DistState::Failed, Some("still down")));
+
+    // `retry_now` makes it due at once, attempts 0, keeping the error until the next outcome.
+    let revived = db.retry_now(Some(&id), Some(t)).await.unwrap();
+    assert_eq!(revived.len(), 1, "{revived:?}");
+    assert_eq!((revived[0].state, revived[0].attempts), (DistState::Pending, 0));
+    assert_eq!(revived[0].last_error.as_deref(), Some("still down"));
+    assert!(db.retry_now(Some(&id), None).await.unwrap().is_empty(), "nothing is failing any more");
+    let c = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(c.len(), 1);
+    db.finish(&id, t, Outcome::Failed { error: "gave up".into(), next_attempt_at: slow }).await.unwrap();
+    // `assign` (distribute again) revives a failed row too.
+    let again = db.assign(&id, t).await.unwrap();
+    assert_eq!((again.state, again.attempts), (DistState::Pending, 0));
+    let c = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(c.len(), 1);
+    let ok = db.finish(&id, t, Outcome::Installed { version: 1 }).await.unwrap();
+    assert_eq!((ok.last_error, ok.last_error_at), (None, None));
+    db.finish(&id, t, Outcome::Failed { error: "gave up".into(), next_attempt_at: slow }).await.unwrap();
 
     // An explicit request revives it.
     let req = db.request_action(&id, t, Action::Redistribute, 1).await.unwrap();
@@ -904,6 +939,81 @@ async fn targets_and_debug_redacts_token(db: &Db) {
     assert!(db.targets_in_group("apac").await.unwrap().is_empty());
 }
 
+async fn update_and_delete_targets(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t = target(db, "dp1").await;
+    db.assign(&id, t).await.unwrap();
+    let update = TargetUpdate {
+        url: Some("https://dp1.new:8443".into()),
+        token: Some(None),
+        group: Some(Some("east".into())),
+        rate_limit: Some(Some(2048)),
+        ..TargetUpdate::default()
+    };
+    let (before, after) = db.update_target("dp1", &update).await.unwrap();
+    assert!(update.changes_connection(&before));
+    assert_eq!(before.token.as_deref(), Some("token-of-dp1"));
+    assert_eq!(
+        (after.url.as_str(), after.token.as_deref(), after.group.as_deref(), after.rate_limit),
+        ("https://dp1.new:8443", None, Some("east"), Some(2048))
+    );
+    assert_eq!(db.target("dp1").await.unwrap().unwrap(), after);
+    // Nothing given: nothing changes, and no connection setting changed.
+    let (_, same) = db.update_target("dp1", &TargetUpdate::default()).await.unwrap();
+    assert_eq!(same, after);
+    assert!(!TargetUpdate { group: Some(None), ..TargetUpdate::default() }.changes_connection(&same));
+    assert!(db.update_target("nope", &update).await.unwrap_err().is_not_found());
+
+    // Deleting frees the name; the new target has a new id and no distributions.
+    db.delete_target(t).await.unwrap();
+    assert!(db.target("dp1").await.unwrap().is_none());
+    assert!(db.distributions(&id).await.unwrap().is_empty());
+    assert!(db.delete_target(t).await.unwrap_err().is_not_found());
+    let again = target(db, "dp1").await;
+    assert_ne!(again, t, "ids are never reused");
+}
+
+async fn retry_now_by_target(db: &Db) {
+    let office = package_v1(db, "Office").await;
+    let chrome = package_v1(db, "Chrome").await;
+    let (dp1, dp2) = (target(db, "dp1").await, target(db, "dp2").await);
+    for p in [&office, &chrome] {
+        for t in [dp1, dp2] {
+            db.assign(p, t).await.unwrap();
+        }
+    }
+    assert_eq!(db.claim_due(soon(), 10).await.unwrap().len(), 4);
+    let far = now() + 3_600_000;
+    for p in [&office, &chrome] {
+        db.finish(p, dp1, Outcome::Failed { error: "down".into(), next_attempt_at: far }).await.unwrap();
+        db.finish(p, dp2, Outcome::Retry { error: "down".into(), next_attempt_at: far }).await.unwrap();
+    }
+    let revived = db.retry_now(None, Some(dp1)).await.unwrap();
+    let got: Vec<(&str, &str)> = revived.iter().map(|d| (d.package_id.as_str(), d.target_name.as_str())).collect();
+    let mut want = vec![(office.as_str(), "dp1"), (chrome.as_str(), "dp1")];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(db.claim_due(soon(), 10).await.unwrap().len(), 2, "only dp1's rows are due now");
+    let all = db.retry_now(None, None).await.unwrap();
+    assert_eq!(all.len(), 2, "dp2's retrying rows: {all:?}");
+}
+
+async fn group_assignments(db: &Db) {
+    let office = package_v1(db, "Office").await;
+    let chrome = package_v1(db, "Chrome").await;
+    db.assign_group("east", &office).await.unwrap();
+    db.assign_group("east", &office).await.unwrap();
+    db.assign_group("east", &chrome.to_ascii_lowercase()).await.unwrap();
+    db.assign_group("west", &chrome).await.unwrap();
+    let mut want = vec![office.clone(), chrome.clone()];
+    want.sort();
+    assert_eq!(db.group_packages("east").await.unwrap(), want);
+    assert_eq!(db.group_packages("west").await.unwrap(), vec![chrome.clone()]);
+    assert!(db.group_packages("north").await.unwrap().is_empty());
+    assert_eq!(db.package_groups(&chrome).await.unwrap(), vec!["east", "west"]);
+    assert!(db.assign_group("east", "PS1FFFFF").await.unwrap_err().is_not_found());
+}
+
 async fn garbled_content_root_is_an_error_naming_the_table(db: &Db) {
     let p = db.create_package("PS1", "Office", "/src").await.unwrap();
     db.commit_version(&p.id, new_version("a")).await.unwrap();
@@ -956,7 +1066,9 @@ async fn aggregate_counts_for_metrics(db: &Db) {
     let claimed = db.claim_due(soon(), 10).await.unwrap();
     assert_eq!(claimed.len(), 3, "only office's rows are claimable: {claimed:?}");
     db.finish(&office, dp1, Outcome::Installed { version: 1 }).await.unwrap();
-    db.finish(&office, dp2, Outcome::Failed { error: "refused".into() }).await.unwrap();
+    db.finish(&office, dp2, Outcome::Failed { error: "refused".into(), next_attempt_at: now() + 3_600_000 })
+        .await
+        .unwrap();
 
     let count = |kind, state, count| StateCount { kind, state, count };
     let counts = db.distribution_state_counts().await.unwrap();

@@ -236,6 +236,18 @@ pub fn normalize_fingerprint(s: &str) -> Result<String, TrustError> {
     }
 }
 
+/// How a pin mismatch starts; [`presented_fingerprint`] reads the fingerprint after it.
+const PRESENTED: &str = "certificate fingerprint ";
+
+/// The fingerprint a target presented instead of the pinned one, from the message of a
+/// failed pinned handshake (somewhere in an error chain), so that the administrator can be
+/// told the exact command that re-pins it.
+pub fn presented_fingerprint(message: &str) -> Option<&str> {
+    let at = message.find(PRESENTED)? + PRESENTED.len();
+    let fp = message.get(at..at + 64)?;
+    fp.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()).then_some(fp)
+}
+
 /// Accepts exactly the server certificate with the pinned SHA-256; the handshake
 /// signatures are still checked, so the peer must hold the certificate's key.
 #[derive(Debug)]
@@ -257,7 +269,7 @@ impl ServerCertVerifier for PinnedCert {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
-                "certificate fingerprint {} is not the pinned {}",
+                "{PRESENTED}{} is not the pinned {}",
                 fingerprint(end_entity.as_ref()),
                 self.fingerprint
             )))
