@@ -137,6 +137,7 @@ fn store(c: &mut Criterion) {
                     group: None,
                     rate_limit: None,
                     fingerprint: None,
+                    windows: None,
                 })
                 .await
                 .unwrap();

@@ -13,5 +13,6 @@ mod privacy;
 mod quickstart;
 mod refresh;
 mod sites;
+mod windows;
 
 mod proxy;

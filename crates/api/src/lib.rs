@@ -108,6 +108,8 @@ wire_enum! {
         Installed => "installed",
         /// The last attempt failed for a reason that may heal; tried again at `next_attempt_at`.
         Retrying => "retrying",
+        /// Outside the target's send windows: resumes when the next opens (`next_window_at`).
+        WaitingWindow => "waiting_window",
         /// Still failing after the fast retries: `last_error` says why and what to do,
         /// `next_retry_at` when it is tried again (slowly, until it works).
         Failed => "failed",
@@ -309,6 +311,9 @@ pub struct AddTarget {
     /// SHA-256 of the target's TLS certificate, pinned.
     #[serde(default)]
     pub fingerprint: Option<String>,
+    /// Send windows, `DAYS HH:MM-HH:MM[@RATE]` each (none: always open).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<String>,
 }
 
 /// A target as shown to administrators (never its token).
@@ -322,6 +327,9 @@ pub struct TargetInfo {
     pub has_token: bool,
     pub fingerprint: Option<String>,
     pub created_at: i64,
+    /// Send windows in canonical form (none: always open).
+    #[serde(default)]
+    pub windows: Vec<String>,
 }
 
 /// `POST /v1/targets/{name}` — `dpsync dp set` / `site set`. A field left out is left as
@@ -341,6 +349,9 @@ pub struct SetTarget {
     pub group: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some")]
     pub rate_limit: Option<Option<i64>>,
+    /// New send windows (`DAYS HH:MM-HH:MM[@RATE]` each); an empty list: always open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<String>>,
 }
 
 /// A field that is present is `Some`, even when it is `null` (which clears the setting).
@@ -549,6 +560,9 @@ pub struct TargetStatus {
     #[serde(default)]
     pub next_retry_at: Option<i64>,
     pub updated_at: i64,
+    /// While `waiting_window`: when the target's next send window opens (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_window_at: Option<i64>,
     /// Live progress while the target's job runs.
     pub progress: Option<Progress>,
     /// For a child site: its own targets (when it could be asked).

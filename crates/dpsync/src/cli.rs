@@ -283,6 +283,10 @@ enum TargetCmd {
         /// the target's DATA_DIR/tls/fingerprint) instead of trusting certificate authorities.
         #[arg(long)]
         fingerprint: Option<String>,
+        /// A send window, "DAYS HH:MM-HH:MM[@RATE]" in the server's local time, e.g.
+        /// "mon-fri 22:00-06:00@2MiB" (repeatable; none: always open).
+        #[arg(long = "window", value_name = "SPEC")]
+        windows: Vec<String>,
     },
     /// List targets.
     List,
@@ -337,6 +341,13 @@ struct SetArgs {
     /// No bandwidth limit.
     #[arg(long)]
     no_rate_limit: bool,
+    /// A send window, "DAYS HH:MM-HH:MM[@RATE]" in the server's local time (repeatable;
+    /// replaces the windows it had).
+    #[arg(long = "window", value_name = "SPEC", conflicts_with = "no_window")]
+    windows: Vec<String>,
+    /// No send window: content may go at any time.
+    #[arg(long)]
+    no_window: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -544,12 +555,12 @@ fn cert_cmd(json: bool, cmd: CertCmd) -> Result<()> {
 /// `dp …` and `site …`: `kind` is "dp" or "site".
 async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> Result<ExitCode> {
     match cmd {
-        TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint } => {
+        TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint, windows } => {
             let token = match token_file {
                 Some(p) => Some(read_secret(&p)?),
                 None => token,
             };
-            let req = AddTarget { name, kind: kind.into(), url, token, group, rate_limit, fingerprint };
+            let req = AddTarget { name, kind: kind.into(), url, token, group, rate_limit, fingerprint, windows };
             let t: TargetInfo = c.post("/v1/targets", &req).await?;
             let what = if kind == "dp" { "DP" } else { "child site" };
             emit(json, &t, |t| outln!("added {what} {} at {}", t.name, t.url));
@@ -583,16 +594,18 @@ async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> 
                 fingerprint: a.fingerprint.clone().map(Some),
                 group: if a.no_group { Some(None) } else { a.group.clone().map(Some) },
                 rate_limit: if a.no_rate_limit { Some(None) } else { a.rate_limit.map(Some) },
+                windows: if a.no_window { Some(vec![]) } else { Some(a.windows.clone()).filter(|w| !w.is_empty()) },
             };
             if req.url.is_none()
                 && req.token.is_none()
                 && req.fingerprint.is_none()
                 && req.group.is_none()
                 && req.rate_limit.is_none()
+                && req.windows.is_none()
             {
                 anyhow::bail!(
                     "nothing to change: give --url, --token, --token-file, --fingerprint, --group, --no-group, \
-                     --rate-limit or --no-rate-limit"
+                     --rate-limit, --no-rate-limit, --window or --no-window"
                 );
             }
             let r: SetTargetReport = c.post(&format!("/v1/targets/{}", enc(&a.name)), &req).await?;

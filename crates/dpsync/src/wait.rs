@@ -29,14 +29,15 @@ impl WaitOutcome {
     }
 }
 
-/// A target is settled when it holds `version` (or was removed), or has failed.
+/// A target is settled when it holds `version` (or was removed), or has failed, or
+/// waits for its next send window (which may be hours away: `--wait` says so and ends).
 fn settled(t: &TargetStatus, version: i64) -> Option<bool> {
     let done_here = match t.state {
         DistState::Installed => {
             t.installed_version.is_some_and(|v| v >= version) && t.desired_version <= t.installed_version.unwrap_or(0)
         }
         DistState::Removed => true,
-        DistState::Failed => return Some(false),
+        DistState::Failed | DistState::WaitingWindow => return Some(false),
         _ => false,
     };
     if !done_here {
@@ -60,6 +61,10 @@ fn collect_failed(t: &TargetStatus, prefix: &str, out: &mut Vec<String>) {
     let name = format!("{prefix}{}", t.name);
     if t.state == DistState::Failed {
         out.push(format!("{name}: {}", t.last_error.as_deref().unwrap_or("failed")));
+    }
+    if t.state == DistState::WaitingWindow {
+        let opens = t.next_window_at.map(|at| format!(" (opens {})", crate::util::when(at))).unwrap_or_default();
+        out.push(format!("{name}: outside its send windows; sent when the next opens{opens}"));
     }
     for c in &t.targets {
         collect_failed(c, &format!("{name}/"), out);
@@ -417,7 +422,10 @@ pub fn print_status(s: &StatusReport) {
             t.installed_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
             human_bytes(t.bytes_sent_last.max(0) as u64),
             human_bytes(t.bytes_sent_total.max(0) as u64),
-            t.last_error.as_deref().unwrap_or("")
+            match t.next_window_at {
+                Some(at) => format!("next send window opens {}", crate::util::when(at)),
+                None => t.last_error.clone().unwrap_or_default(),
+            }
         );
         for c in &t.targets {
             row(c, indent + 2);

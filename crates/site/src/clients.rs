@@ -104,6 +104,7 @@ mod tests {
             rate_limit: None,
             created_at: 0,
             fingerprint: None,
+            windows: None,
         }
     }
 

@@ -29,6 +29,7 @@ use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
 use tokio_util::sync::CancellationToken;
 
 use super::Site;
+use crate::windows::{Gate, Windows};
 use dpsync_api::{Phase, Progress};
 use dpsync_store::now_ms;
 
@@ -93,6 +94,9 @@ pub(crate) enum PushError {
     /// The site's own database.
     #[error("site database: {0}")]
     Store(#[from] StoreError),
+    /// The target's send windows closed during the transfer: it resumes in the next.
+    #[error("{target}: its send window closed")]
+    WindowClosed { target: String, opens_at: Option<i64> },
     /// The site's content library cannot give what a version names.
     #[error("site content library: {source}; run `dpsync refresh {package} --verify`")]
     Library { package: String, source: LibraryError },
@@ -149,6 +153,7 @@ impl PushError {
             | PushError::StillMissing { .. }
             | PushError::KeptRejecting { .. }
             | PushError::Cancelled
+            | PushError::WindowClosed { .. }
             | PushError::Task(_) => true,
             PushError::Library { .. }
             | PushError::Damaged { .. }
@@ -345,7 +350,14 @@ impl Site {
 
     async fn run_action(&self, job: &Distribution, target: &Target) -> Result<Outcome, PushError> {
         let client = self.clients.get(target).map_err(|e| PushError::transfer(e, target, &job.package_id))?;
-        match job.action {
+        // Content goes only within the target's send windows (a removal sends none).
+        if job.action != Action::Remove {
+            match self.window_gate(target, &client) {
+                Gate::Open { .. } => {}
+                Gate::Closed { opens_at } => return Ok(wait_for_window(job, target, opens_at)),
+            }
+        }
+        let pushed = match job.action {
             Action::Install | Action::Validate => {
                 self.push(job, target, &client, false).await.map(|version| Outcome::Installed { version })
             }
@@ -358,6 +370,31 @@ impl Site {
                 tracing::info!(package = %job.package_id, target = %target.name, "removed from target");
                 Ok(Outcome::Removed)
             }
+        };
+        match pushed {
+            Err(PushError::WindowClosed { opens_at, .. }) => Ok(wait_for_window(job, target, opens_at)),
+            other => other,
+        }
+    }
+
+    /// Whether content may go to `target` now; while open, sets its client's rate to
+    /// the lower of its rate limit and the open window's rate.
+    fn window_gate(&self, target: &Target, client: &TargetClient) -> Gate {
+        let gate = Windows::from_stored(target.windows.as_deref()).at(now_ms());
+        if let Gate::Open { rate: Some(w) } = gate {
+            let limit = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
+            client.set_rate_limit(Some(limit.map_or(w, |l| l.min(w))));
+        }
+        gate
+    }
+
+    /// Between batches: `Err(WindowClosed)` when the target's windows (read again, they
+    /// may have been changed) closed meanwhile. What was sent stays staged there.
+    async fn check_window(&self, job: &Distribution, client: &TargetClient) -> Result<(), PushError> {
+        let Some(target) = self.store.target_by_id(job.target_id).await? else { return Ok(()) };
+        match self.window_gate(&target, client) {
+            Gate::Open { .. } => Ok(()),
+            Gate::Closed { opens_at } => Err(PushError::WindowClosed { target: target.name, opens_at }),
         }
     }
 
@@ -614,6 +651,7 @@ impl Site {
             while let Some(batch) = rx.recv().await {
                 // The batch's memory permit is held until the target has answered.
                 let (body, raw, _permit) = batch?;
+                self.check_window(job, client).await?;
                 let len = body.len() as u64;
                 let resp = match client.send_batch(pkg, job.desired_version, body).await {
                     Ok(r) => r,
@@ -774,6 +812,20 @@ fn plan_reads(manifest: &Manifest, base: Option<&Manifest>, missing: &[ChunkId])
 /// intact and that is smaller.
 /// A batch body, its raw chunk bytes, and its share of the push memory budget.
 type Batch = (Bytes, u64, tokio::sync::OwnedSemaphorePermit);
+
+/// The outcome of a job whose target's send windows are closed: it waits, without
+/// counting an attempt, until the next opens (or a day, if none ever does, and is then
+/// looked at again).
+fn wait_for_window(job: &Distribution, target: &Target, opens_at: Option<i64>) -> Outcome {
+    let next_window_at = opens_at.unwrap_or_else(|| now_ms() + 24 * 3600 * 1000);
+    tracing::info!(
+        package = %job.package_id,
+        target = %target.name,
+        next_window_at,
+        "outside the target's send windows; waiting for the next"
+    );
+    Outcome::WaitWindow { next_window_at }
+}
 
 /// The memory all pushes' batches may hold at once, in KiB permits.
 #[derive(Debug, Clone)]
@@ -1021,6 +1073,7 @@ mod tests {
             rate_limit: None,
             created_at: 0,
             fingerprint: None,
+            windows: None,
         }
     }
 

@@ -16,6 +16,7 @@ mod metrics;
 mod receive;
 mod refresh;
 mod targets;
+pub mod windows;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

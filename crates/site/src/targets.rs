@@ -30,6 +30,7 @@ pub(crate) fn api_state(s: DistState) -> dpsync_api::DistState {
         DistState::InProgress => Api::InProgress,
         DistState::Installed => Api::Installed,
         DistState::Retrying => Api::Retrying,
+        DistState::WaitingWindow => Api::WaitingWindow,
         DistState::Failed => Api::Failed,
         DistState::ValidationFailed => Api::ValidationFailed,
         DistState::Removing => Api::Removing,
@@ -56,6 +57,7 @@ pub fn target_info(t: &Target) -> TargetInfo {
         has_token: t.token.is_some(),
         fingerprint: t.fingerprint.clone(),
         created_at: t.created_at,
+        windows: crate::windows::Windows::from_stored(t.windows.as_deref()).specs(),
     }
 }
 
@@ -106,6 +108,7 @@ impl Site {
         let url =
             dpsync_transfer::client::check_target_url(&req.url, fingerprint.is_some()).map_err(SiteError::Invalid)?;
         check_rate_limit(req.rate_limit)?;
+        let windows = crate::windows::Windows::parse_all(&req.windows).map_err(SiteError::Invalid)?;
         let t = self
             .store
             .add_target(NewTarget {
@@ -116,6 +119,7 @@ impl Site {
                 group: req.group,
                 rate_limit: req.rate_limit,
                 fingerprint,
+                windows: windows.to_stored(),
             })
             .await?;
         tracing::info!(target = %t.name, kind = %t.kind, url = %t.url, "target added");
@@ -207,7 +211,11 @@ impl Site {
         if let Some(rate) = req.rate_limit {
             check_rate_limit(rate)?;
         }
-        let mut update = TargetUpdate { url: None, token, fingerprint, group, rate_limit: req.rate_limit };
+        let windows = match &req.windows {
+            Some(specs) => Some(crate::windows::Windows::parse_all(specs).map_err(SiteError::Invalid)?.to_stored()),
+            None => None,
+        };
+        let mut update = TargetUpdate { url: None, token, fingerprint, group, rate_limit: req.rate_limit, windows };
         let pinned = update.apply(before.clone()).fingerprint.is_some();
         if let Some(url) = &req.url {
             update.url = Some(dpsync_transfer::client::check_target_url(url, pinned).map_err(SiteError::Invalid)?);
@@ -222,6 +230,7 @@ impl Site {
             ("fingerprint", before.fingerprint != after.fingerprint),
             ("group", before.group != after.group),
             ("rate_limit", before.rate_limit != after.rate_limit),
+            ("windows", before.windows != after.windows),
         ] {
             if differs {
                 changed.push(field.to_owned());
@@ -232,7 +241,7 @@ impl Site {
             retried = self.store.retry_now(None, Some(after.id)).await?.into_iter().map(|d| d.package_id).collect();
         }
         let assigned = if before.group != after.group { self.join_group(&after).await? } else { vec![] };
-        if !retried.is_empty() || !assigned.is_empty() {
+        if !retried.is_empty() || !assigned.is_empty() || before.windows != after.windows {
             self.kick_jobs();
         }
         tracing::info!(target = %after.name, changed = ?changed, retried = retried.len(), assigned = assigned.len(), "target changed");
@@ -489,6 +498,7 @@ impl Site {
                 last_error_at: d.last_error_at,
                 attempts: d.attempts,
                 next_attempt_at: d.next_attempt_at,
+                next_window_at: (d.state == DistState::WaitingWindow).then_some(d.next_attempt_at),
                 updated_at: d.updated_at,
                 targets: vec![],
             })

@@ -204,6 +204,7 @@ impl Cluster {
                 group: None,
                 rate_limit: None,
                 fingerprint: None,
+                windows: vec![],
             };
             let _: TargetInfo = c.call("dp add", c.client.post("/v1/targets", &add)).await;
         }

@@ -23,7 +23,8 @@ macro_rules! dist_select {
     () => {
         "SELECT d.package_id, d.target_id, t.name AS target_name, t.kind AS target_kind, \
          d.state, d.action, d.desired_version, d.installed_version, d.attempts, \
-         d.next_attempt_at, d.last_error, d.last_error_at, d.bytes_sent_last, d.bytes_sent_total, d.updated_at \
+         d.next_attempt_at, d.last_error, d.last_error_at, d.bytes_sent_last, d.bytes_sent_total, d.updated_at, \
+         d.window_wait \
          FROM distributions d JOIN targets t ON t.id = d.target_id "
     };
 }
@@ -41,12 +42,17 @@ fn dist_from_row(row: &AnyRow) -> Result<Distribution> {
     let kind: String = row.try_get("target_kind")?;
     let state: String = row.try_get("state")?;
     let action: String = row.try_get("action")?;
+    let window_wait: i64 = row.try_get("window_wait")?;
+    let state = match state.parse()? {
+        DistState::Retrying if window_wait != 0 => DistState::WaitingWindow,
+        s => s,
+    };
     Ok(Distribution {
         package_id: row.try_get("package_id")?,
         target_id: row.try_get("target_id")?,
         target_name: row.try_get("target_name")?,
         target_kind: kind.parse()?,
-        state: state.parse()?,
+        state,
         action: action.parse()?,
         desired_version: row.try_get("desired_version")?,
         installed_version: row.try_get("installed_version")?,
@@ -242,16 +248,18 @@ impl Store {
     /// (kind, state) pairs that occur, ordered by kind then state.
     pub async fn distribution_state_counts(&self) -> Result<Vec<StateCount>> {
         sqlx::query(
-            "SELECT t.kind AS target_kind, d.state, COUNT(*) AS n \
+            "SELECT t.kind AS target_kind, \
+               CASE WHEN d.state = 'retrying' AND d.window_wait <> 0 THEN 'waiting_window' ELSE d.state END \
+                 AS shown, COUNT(*) AS n \
              FROM distributions d JOIN targets t ON t.id = d.target_id \
-             GROUP BY t.kind, d.state ORDER BY t.kind, d.state",
+             GROUP BY t.kind, shown ORDER BY t.kind, shown",
         )
         .fetch_all(&self.pool)
         .await?
         .iter()
         .map(|row| {
             let kind: String = row.try_get("target_kind")?;
-            let state: String = row.try_get("state")?;
+            let state: String = row.try_get("shown")?;
             let n: i64 = row.try_get("n")?;
             Ok(StateCount { kind: kind.parse()?, state: state.parse()?, count: n.max(0) as u64 })
         })
@@ -392,12 +400,12 @@ impl Store {
         let sql = match self.backend {
             Backend::Sqlite => {
                 "SELECT state, action, installed_version, attempts, next_attempt_at, \
-                   generation, claimed_generation \
+                   generation, claimed_generation, last_error, last_error_at \
                  FROM distributions WHERE package_id = $1 AND target_id = $2"
             }
             Backend::Postgres => {
                 "SELECT state, action, installed_version, attempts, next_attempt_at, \
-                   generation, claimed_generation \
+                   generation, claimed_generation, last_error, last_error_at \
                  FROM distributions WHERE package_id = $1 AND target_id = $2 FOR UPDATE"
             }
         };
@@ -415,10 +423,20 @@ impl Store {
         let generation: i64 = row.try_get("generation")?;
         let claimed: i64 = row.try_get("claimed_generation")?;
 
+        let previous_error: Option<String> = row.try_get("last_error")?;
+        let previous_error_at: Option<i64> = row.try_get("last_error_at")?;
+        let mut window_wait = 0i64;
         let (mut new_state, last_error) = match outcome {
             Outcome::Installed { version } => {
                 installed = Some(version);
                 (DistState::Installed, None)
+            }
+            Outcome::WaitWindow { next_window_at } => {
+                next_attempt_at = next_window_at;
+                window_wait = 1;
+                // Waiting is not an attempt.
+                attempts = (attempts - 1).max(0);
+                (DistState::Retrying, previous_error)
             }
             Outcome::Retry { error, next_attempt_at: at } => {
                 next_attempt_at = at;
@@ -438,12 +456,15 @@ impl Store {
             new_state = if action == Action::Remove { DistState::Removing } else { DistState::Pending };
             attempts = 0;
             next_attempt_at = next_attempt_at.min(now);
+            window_wait = 0;
         }
 
-        let last_error_at = last_error.as_ref().map(|_| now);
+        // A wait for a window keeps the last error as it was, with its time.
+        let last_error_at = if window_wait != 0 { previous_error_at } else { last_error.as_ref().map(|_| now) };
         sqlx::query(
             "UPDATE distributions SET state = $3, installed_version = $4, attempts = $5, \
-               next_attempt_at = $6, last_error = $7, last_error_at = $9, claim_token = NULL, updated_at = $8 \
+               next_attempt_at = $6, last_error = $7, last_error_at = $9, claim_token = NULL, updated_at = $8, \
+               window_wait = $10 \
              WHERE package_id = $1 AND target_id = $2",
         )
         .bind(&id)
@@ -455,6 +476,7 @@ impl Store {
         .bind(last_error)
         .bind(now)
         .bind(last_error_at)
+        .bind(window_wait)
         .execute(&mut *tx)
         .await?;
         let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;

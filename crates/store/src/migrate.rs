@@ -61,6 +61,7 @@ pub(crate) const SITE_SQLITE: Schema = Schema {
         migration!(1, "init", "sqlite/0001_init.sql"),
         migration!(2, "trust", "sqlite/0002_trust.sql"),
         migration!(3, "operations", "sqlite/0003_operations.sql"),
+        migration!(4, "windows", "sqlite/0004_windows.sql"),
     ],
     user_version: false,
 };
@@ -73,6 +74,7 @@ pub(crate) const SITE_POSTGRES: Schema = Schema {
         migration!(1, "init", "postgres/0001_init.sql"),
         migration!(2, "trust", "postgres/0002_trust.sql"),
         migration!(3, "operations", "postgres/0003_operations.sql"),
+        migration!(4, "windows", "postgres/0004_windows.sql"),
     ],
     user_version: false,
 };

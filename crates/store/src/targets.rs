@@ -9,7 +9,7 @@ use crate::{NewTarget, Store, Target, TargetUpdate, now_ms};
 
 macro_rules! target_columns {
     () => {
-        "id, name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint"
+        "id, name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint, windows"
     };
 }
 
@@ -25,6 +25,7 @@ fn target_from_row(row: &AnyRow) -> Result<Target> {
         rate_limit: row.try_get("rate_limit")?,
         created_at: row.try_get("created_at")?,
         fingerprint: row.try_get("tls_fingerprint")?,
+        windows: row.try_get("windows")?,
     })
 }
 
@@ -39,8 +40,8 @@ impl Store {
         }
         let now = now_ms();
         let row = sqlx::query(
-            "INSERT INTO targets (name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+            "INSERT INTO targets (name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint, windows) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
         )
         .bind(&new.name)
         .bind(new.kind.as_str())
@@ -50,6 +51,7 @@ impl Store {
         .bind(new.rate_limit)
         .bind(now)
         .bind(&new.fingerprint)
+        .bind(&new.windows)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| {
@@ -69,7 +71,22 @@ impl Store {
             rate_limit: new.rate_limit,
             created_at: now,
             fingerprint: new.fingerprint,
+            windows: new.windows,
         })
+    }
+
+    /// Replaces a target's send windows (`None`: always open). `NotFound` if no target
+    /// has that id.
+    pub async fn set_target_windows(&self, id: i64, windows: Option<&str>) -> Result<()> {
+        let done = sqlx::query("UPDATE targets SET windows = $2 WHERE id = $1")
+            .bind(id)
+            .bind(windows)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("no target with id {id}")));
+        }
+        Ok(())
     }
 
     /// All targets, ordered by name.
@@ -132,7 +149,8 @@ impl Store {
             return Err(StoreError::InvalidInput(format!("target {name}: URL is empty")));
         }
         sqlx::query(
-            "UPDATE targets SET url = $2, token = $3, grp = $4, rate_limit = $5, tls_fingerprint = $6 \
+            "UPDATE targets SET url = $2, token = $3, grp = $4, rate_limit = $5, tls_fingerprint = $6, \
+               windows = $7 \
              WHERE id = $1",
         )
         .bind(after.id)
@@ -141,8 +159,20 @@ impl Store {
         .bind(&after.group)
         .bind(after.rate_limit)
         .bind(&after.fingerprint)
+        .bind(&after.windows)
         .execute(&mut *tx)
         .await?;
+        if after.windows != before.windows {
+            // Jobs waiting for a window look at the new ones now.
+            sqlx::query(
+                "UPDATE distributions SET next_attempt_at = $2 \
+                 WHERE target_id = $1 AND state = 'retrying' AND window_wait <> 0",
+            )
+            .bind(after.id)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok((before, after))
     }

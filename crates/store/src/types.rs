@@ -92,6 +92,9 @@ string_enum! {
         Installed => "installed",
         /// The last attempt failed transiently; claimable again at `next_attempt_at`.
         Retrying => "retrying",
+        /// Nothing may be sent to the target now: claimable again when its next send
+        /// window opens (`next_attempt_at`). Stored as `retrying` with `window_wait` set.
+        WaitingWindow => "waiting_window",
         /// Still failing after the fast retries; tried again slowly, at `next_attempt_at`
         /// (or at once on request: `dpsync retry`, `distribute`, a changed connection setting).
         Failed => "failed",
@@ -238,6 +241,9 @@ pub struct NewTarget {
     /// SHA-256 of the target's TLS certificate (hex), pinned instead of CA validation.
     #[serde(default)]
     pub fingerprint: Option<String>,
+    /// Send windows, one canonical spec per line (`None`: always open).
+    #[serde(default)]
+    pub windows: Option<String>,
 }
 
 /// A distribution point or child site.
@@ -265,6 +271,9 @@ pub struct Target {
     /// SHA-256 of the target's TLS certificate (hex), pinned instead of CA validation.
     #[serde(default)]
     pub fingerprint: Option<String>,
+    /// Send windows, one canonical spec per line (`None`: always open).
+    #[serde(default)]
+    pub windows: Option<String>,
 }
 
 const REDACTED: &str = "<redacted>";
@@ -297,6 +306,7 @@ impl fmt::Debug for NewTarget {
             .field("token", &redact(&self.token))
             .field("group", &self.group)
             .field("rate_limit", &self.rate_limit)
+            .field("windows", &self.windows)
             .finish()
     }
 }
@@ -311,6 +321,8 @@ pub struct TargetUpdate {
     pub fingerprint: Option<Option<String>>,
     pub group: Option<Option<String>>,
     pub rate_limit: Option<Option<i64>>,
+    /// Send windows as stored (one canonical spec per line; `Some(None)`: none).
+    pub windows: Option<Option<String>>,
 }
 
 impl TargetUpdate {
@@ -326,6 +338,7 @@ impl TargetUpdate {
         set(&mut t.fingerprint, &self.fingerprint);
         set(&mut t.group, &self.group);
         set(&mut t.rate_limit, &self.rate_limit);
+        set(&mut t.windows, &self.windows);
         t
     }
 
@@ -416,6 +429,12 @@ pub enum Outcome {
         error: String,
         /// Unix milliseconds of the next attempt.
         next_attempt_at: i64,
+    },
+    /// Nothing may be sent now: shown `waiting_window`, claimable at `next_window_at`
+    /// (the attempt does not count, the last error is kept).
+    WaitWindow {
+        /// Unix milliseconds when the target's next window opens.
+        next_window_at: i64,
     },
     /// The fast retries are spent (or the error needs an administrator): state `failed`,
     /// tried again slowly at `next_attempt_at`.

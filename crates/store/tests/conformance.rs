@@ -172,6 +172,7 @@ conformance!(
     group_assignments,
     garbled_content_root_is_an_error_naming_the_table,
     aggregate_counts_for_metrics,
+    waiting_for_a_send_window,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -224,6 +225,7 @@ async fn target(db: &Db, name: &str) -> i64 {
         group: None,
         rate_limit: None,
         fingerprint: None,
+        windows: None,
     })
     .await
     .expect("add target")
@@ -617,6 +619,36 @@ async fn retry_and_failure_flow(db: &Db) {
     assert!(db.request_action(&id, t2, Action::Install, 1).await.unwrap_err().is_not_found());
 }
 
+async fn waiting_for_a_send_window(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t = target(db, "dp1").await;
+    db.set_target_windows(t, Some("mon-fri 22:00-06:00")).await.unwrap();
+    assert_eq!(db.target_by_id(t).await.unwrap().unwrap().windows.as_deref(), Some("mon-fri 22:00-06:00"));
+    assert!(db.set_target_windows(9999, None).await.unwrap_err().is_not_found());
+    db.assign(&id, t).await.unwrap();
+    db.claim_due(soon(), 10).await.unwrap();
+    db.finish(&id, t, Outcome::Retry { error: "dp1 is unreachable".into(), next_attempt_at: now() }).await.unwrap();
+    let c = db.claim_due(soon(), 10).await.unwrap();
+    assert_eq!(c[0].attempts, 2);
+
+    // Waiting does not count as an attempt, keeps the last error, and shows as its own state.
+    let opens = now() + 3_600_000;
+    let d = db.finish(&id, t, Outcome::WaitWindow { next_window_at: opens }).await.unwrap();
+    assert_eq!((d.state, d.attempts, d.next_attempt_at), (DistState::WaitingWindow, 1, opens));
+    assert_eq!(d.last_error.as_deref(), Some("dp1 is unreachable"));
+    assert_eq!(db.distribution(&id, t).await.unwrap().unwrap().state, DistState::WaitingWindow);
+    let counts = db.distribution_state_counts().await.unwrap();
+    assert!(counts.iter().any(|c| c.state == DistState::WaitingWindow && c.count == 1), "{counts:?}");
+    assert!(db.claim_due(soon(), 10).await.unwrap().is_empty(), "not before the window opens");
+    assert_eq!(db.next_due_at().await.unwrap(), Some(opens));
+
+    // Claimed when it opens; any other outcome ends the wait.
+    let c = db.claim_due(opens, 10).await.unwrap();
+    assert_eq!((c.len(), c[0].state), (1, DistState::InProgress));
+    let r = db.finish(&id, t, Outcome::Retry { error: "again".into(), next_attempt_at: opens }).await.unwrap();
+    assert_eq!(r.state, DistState::Retrying);
+}
+
 async fn remove_flow(db: &Db) {
     let id = package_v1(db, "Office").await;
     let t = target(db, "dp1").await;
@@ -902,6 +934,7 @@ async fn targets_and_debug_redacts_token(db: &Db) {
         group: Some("emea".into()),
         rate_limit: Some(1_000_000),
         fingerprint: None,
+        windows: None,
     };
     assert!(!format!("{new:?}").contains("s3cr3t"));
     let t = db.add_target(new.clone()).await.unwrap();
@@ -924,6 +957,7 @@ async fn targets_and_debug_redacts_token(db: &Db) {
             group: Some("emea".into()),
             rate_limit: None,
             fingerprint: None,
+            windows: None,
         })
         .await
         .unwrap();
@@ -1053,6 +1087,7 @@ async fn aggregate_counts_for_metrics(db: &Db) {
             group: None,
             rate_limit: None,
             fingerprint: None,
+            windows: None,
         })
         .await
         .unwrap()
@@ -1202,6 +1237,7 @@ async fn site_database_at_an_older_schema_is_upgraded() {
             group: None,
             rate_limit: None,
             fingerprint: Some("ab".repeat(32)),
+            windows: None,
         })
         .await
         .unwrap();
