@@ -330,13 +330,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     };
     match command {
         Command::Server(a) => {
-            crate::logging::init();
             let cfg = ServerConfig::load(a.config.as_deref(), &a.settings)?;
+            crate::logging::init(cfg.log_format);
             crate::daemon::server(cfg).await?;
         }
         Command::Agent(a) => {
-            crate::logging::init();
             let cfg = AgentConfig::load(a.config.as_deref(), &a.settings)?;
+            crate::logging::init(cfg.log_format);
             crate::daemon::agent(cfg).await?;
         }
         Command::Package(cmd) => package_cmd(&client()?, json, cmd).await?,

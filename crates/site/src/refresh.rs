@@ -188,7 +188,7 @@ fn build(
     report.phases.scan_ms = clock.elapsed().as_millis() as u64;
 
     if req.dry_run {
-        dry_run_report(&plan, previous, &mut report);
+        dry_run_report(&root, &plan, previous, &mut report);
         return Ok(Built { report, version: None });
     }
 
@@ -304,8 +304,18 @@ fn scan_source(
     Ok((root, plan))
 }
 
-/// What a refresh would change, without reading anything (`--dry-run`).
-fn dry_run_report(plan: &dpsync_scan::Plan, previous: Option<&Manifest>, report: &mut RefreshReport) {
+/// What a refresh would change (`--dry-run`), reading only the files the scan cache
+/// cannot vouch for although their size, time and mode still match the previous version
+/// (files modified too recently at the last refresh to trust their stat, or versions
+/// restored by `rollback` with the older version's cache): the real refresh reads them,
+/// finds their content unchanged and commits them as unchanged, so the dry run hashes
+/// them too instead of listing them as changed.
+fn dry_run_report(
+    root: &SourceRoot,
+    plan: &dpsync_scan::Plan,
+    previous: Option<&Manifest>,
+    report: &mut RefreshReport,
+) {
     let prev = previous.map(|m| m.entries()).unwrap_or_default();
     let mut seen = std::collections::HashSet::new();
     for (entry, decision) in &plan.items {
@@ -320,6 +330,7 @@ fn dry_run_report(plan: &dpsync_scan::Plan, previous: Option<&Manifest>, report:
                 report.files_added += 1;
                 push_listed(&mut report.added, entry);
             }
+            (Some(FilePlan::Read), Some(old)) if same_content(root, entry, old) => report.files_unchanged += 1,
             (Some(FilePlan::Read), Some(_)) => {
                 report.files_changed += 1;
                 push_listed(&mut report.changed, entry);
@@ -336,6 +347,22 @@ fn dry_run_report(plan: &dpsync_scan::Plan, previous: Option<&Manifest>, report:
         }
     }
     report.bytes_to_hash = plan.bytes_to_read;
+}
+
+/// Whether a file the refresh must read would come out equal to its previous entry: same
+/// size, modification time and mode, and (read now, beneath the source root) the same
+/// BLAKE3. Any doubt (an unreadable file) counts as a change.
+fn same_content(root: &SourceRoot, entry: &ScanEntry, old: &Entry) -> bool {
+    let EntryKind::File { size, hash, .. } = &old.kind else { return false };
+    if *size != entry.stat.size || old.mtime_ns != entry.stat.mtime_ns || old.mode != entry.mode {
+        return false;
+    }
+    let Ok(file) = root.open_file(&entry.path) else { return false };
+    let mut hasher = blake3::Hasher::new();
+    match hasher.update_reader(&file) {
+        Ok(_) => FileHash::from(hasher.finalize()) == *hash,
+        Err(_) => false,
+    }
 }
 
 /// Counts the new manifest's entries, and what changed against the previous version.

@@ -769,21 +769,26 @@ async fn prune_versions_keeps_current_and_wanted(db: &Db) {
     db.assign(&p.id, t).await.unwrap();
     db.request_action(&p.id, t, Action::Install, 4).await.unwrap();
     assert_eq!(db.prune_versions(&p.id, 1).await.unwrap(), 0);
-    db.request_action(&p.id, t, Action::Install, 5).await.unwrap();
+    // A removal (queued for a DP that is down) sends no content: it pins no version.
+    db.request_action(&p.id, t, Action::Remove, 4).await.unwrap();
+    assert_eq!(db.prune_versions(&p.id, 1).await.unwrap(), 1, "a queued removal does not keep version 4");
+    db.commit_version(&p.id, new_version("v5 again")).await.unwrap();
+    db.assign(&p.id, t).await.unwrap();
+    db.request_action(&p.id, t, Action::Install, 6).await.unwrap();
 
     // keep_last 0 never deletes the current version.
     assert_eq!(db.prune_versions(&p.id, 0).await.unwrap(), 1);
     let left: Vec<i64> = db.versions(&p.id).await.unwrap().iter().map(|v| v.version).collect();
-    assert_eq!(left, vec![5]);
-    assert!(db.version(&p.id, 4).await.unwrap().is_none());
+    assert_eq!(left, vec![6]);
+    assert!(db.version(&p.id, 5).await.unwrap().is_none());
 
     // Pruning never makes numbers repeat.
-    let v = db.commit_version(&p.id, new_version("v6")).await.unwrap();
-    assert_eq!(v.summary.version, 6);
+    let v = db.commit_version(&p.id, new_version("v7")).await.unwrap();
+    assert_eq!(v.summary.version, 7);
 
     let mut live = db.live_file_hashes().await.unwrap();
     live.sort();
-    let mut want = vec![b"manifest v5".to_vec(), b"manifest v6".to_vec(), b"manifest a".to_vec()];
+    let mut want = vec![b"manifest v5 again".to_vec(), b"manifest v7".to_vec(), b"manifest a".to_vec()];
     want.sort();
     assert_eq!(live, want);
     assert_eq!(db.versions(&other).await.unwrap().len(), 1, "other packages untouched");
