@@ -189,6 +189,10 @@ pub struct RefreshReport {
     pub content_root: Option<String>,
     pub previous_content_root: Option<String>,
     pub content_changed: bool,
+    /// Whether a version was committed: always for a manual refresh, only when the
+    /// content changed for a scheduled one, never for a dry run.
+    #[serde(default)]
+    pub committed: bool,
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
@@ -250,6 +254,90 @@ pub struct PackageInfo {
     pub source_version: i64,
     pub content_root: Option<String>,
     pub created_at: i64,
+    /// `active`, or `deleting` from `package delete` until every target dropped it.
+    #[serde(default = "active")]
+    pub state: String,
+    /// `high`, `medium` or `low`: jobs of higher priority are claimed first.
+    #[serde(default = "medium")]
+    pub priority: String,
+    /// Scheduled refresh interval (`package set --refresh-every`), if any.
+    #[serde(default)]
+    pub refresh_every_ms: Option<i64>,
+    /// When the next scheduled refresh is due (unix ms).
+    #[serde(default)]
+    pub next_refresh_at: Option<i64>,
+    /// Why the last scheduled refresh failed; `null` once one succeeds.
+    #[serde(default)]
+    pub schedule_error: Option<String>,
+}
+
+fn active() -> String {
+    "active".into()
+}
+
+fn medium() -> String {
+    "medium".into()
+}
+
+/// `PATCH /v1/packages/{pkg}` (`package set`): each field left out is unchanged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetPackage {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Absolute path of the new source folder.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// `high`, `medium` or `low`.
+    #[serde(default)]
+    pub priority: Option<String>,
+    /// Refresh on a schedule, every so many milliseconds.
+    #[serde(default)]
+    pub refresh_every_ms: Option<i64>,
+    /// Remove the refresh schedule.
+    #[serde(default)]
+    pub no_schedule: bool,
+}
+
+/// `DELETE /v1/packages/{pkg}` (`package delete`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteReport {
+    pub package: String,
+    /// `deleting` (targets still to drop it) or `deleted` (its rows are gone).
+    pub state: String,
+    /// Targets the package is still being removed from.
+    pub targets: Vec<String>,
+}
+
+/// Parses a duration as the CLI takes it: a whole number and a unit, `30s`, `15m`, `6h`,
+/// `7d` (also `500ms`). Returns milliseconds.
+pub fn parse_duration(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: i64 = digits.parse().map_err(|_| format!("{text:?} is not a duration: use e.g. 30s, 15m, 6h or 7d"))?;
+    let unit_ms: i64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?} is not a duration: use e.g. 30s, 15m, 6h or 7d")),
+    };
+    match n.checked_mul(unit_ms) {
+        Some(ms) if ms > 0 => Ok(ms),
+        Some(_) => Err(format!("{text:?}: a duration must be longer than 0")),
+        None => Err(format!("{text:?} is too long a duration")),
+    }
+}
+
+/// Milliseconds in the largest unit that divides them: `7d`, `90m`, `2s`, `1500ms`.
+pub fn format_duration(ms: i64) -> String {
+    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -306,6 +394,9 @@ pub struct AddTarget {
     /// SHA-256 of the target's TLS certificate, pinned.
     #[serde(default)]
     pub fingerprint: Option<String>,
+    /// Validate the target's content on a schedule, every so many milliseconds.
+    #[serde(default)]
+    pub validate_every_ms: Option<i64>,
 }
 
 /// A target as shown to administrators (never its token).
@@ -319,6 +410,9 @@ pub struct TargetInfo {
     pub has_token: bool,
     pub fingerprint: Option<String>,
     pub created_at: i64,
+    /// Scheduled validation interval, if any.
+    #[serde(default)]
+    pub validate_every_ms: Option<i64>,
 }
 
 /// `POST /v1/packages/{pkg}/distribute`.
@@ -391,6 +485,9 @@ pub struct TargetStatus {
     pub attempts: i64,
     pub next_attempt_at: i64,
     pub updated_at: i64,
+    /// When a validation last checked this package's content there (unix ms).
+    #[serde(default)]
+    pub last_validated_at: Option<i64>,
     /// Live progress while the target's job runs.
     pub progress: Option<Progress>,
     /// For a child site: its own targets (when it could be asked).

@@ -81,6 +81,7 @@ mod tests {
             rate_limit: None,
             created_at: 0,
             fingerprint: None,
+            validate_every_ms: None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod backup;
 mod clients;
 mod config;
 mod distribute;
+mod lifecycle;
 mod metrics;
 mod receive;
 mod refresh;
@@ -79,6 +80,10 @@ pub struct Site {
     pub dist: DistConfig,
     /// Wakes the job runner.
     jobs: tokio::sync::Notify,
+    /// Wakes the scheduler (a schedule changed).
+    schedules: tokio::sync::Notify,
+    /// Scheduled validations running at once (see `lifecycle`).
+    validation_slots: tokio::sync::Semaphore,
     /// Live progress of running jobs, by (package, target id).
     pub progress: Mutex<HashMap<(String, i64), Progress>>,
     manifest_cache: Mutex<HashMap<(String, i64), WireManifest>>,
@@ -137,6 +142,8 @@ impl Site {
             batch_memory: distribute::Budget::new(dist.batch_memory),
             dist,
             jobs: tokio::sync::Notify::new(),
+            schedules: tokio::sync::Notify::new(),
+            validation_slots: tokio::sync::Semaphore::new(lifecycle::VALIDATIONS_AT_ONCE),
             progress: Mutex::new(HashMap::new()),
             manifest_cache: Mutex::new(HashMap::new()),
             delta_cache: Mutex::new(HashMap::new()),
@@ -277,6 +284,7 @@ async fn serve(
         "dpsync server ready"
     );
     tokio::spawn(distribute::run_jobs(site.clone(), stop.clone()));
+    tokio::spawn(lifecycle::run_schedules(site.clone(), stop.clone()));
     if let Some(tcp) = listeners.receive {
         serve_receiving(&site, tcp, stop.clone()).await?;
     }

@@ -31,8 +31,23 @@ impl Site {
     /// `RefreshPkgSource`. A refresh that fails takes back out of the library what it
     /// stored there and no committed version names ([`Site::take_back_imports`]).
     pub async fn refresh(&self, pkg: &str, req: RefreshRequest) -> Result<RefreshReport, SiteError> {
+        self.refresh_taking_back(pkg, req, false).await
+    }
+
+    /// A scheduled refresh: the same, but a version is committed only when the content
+    /// root changed (`committed` says which).
+    pub(crate) async fn refresh_if_changed(&self, pkg: &str, req: RefreshRequest) -> Result<RefreshReport, SiteError> {
+        self.refresh_taking_back(pkg, req, true).await
+    }
+
+    async fn refresh_taking_back(
+        &self,
+        pkg: &str,
+        req: RefreshRequest,
+        only_if_changed: bool,
+    ) -> Result<RefreshReport, SiteError> {
         let stored_new = Arc::new(StoredNew::default());
-        let result = self.refresh_storing(pkg, req, &stored_new).await;
+        let result = self.refresh_storing(pkg, req, &stored_new, only_if_changed).await;
         if let Err(e) = &result {
             let stored = std::mem::take(&mut *stored_new.0.lock().unwrap());
             self.take_back_imports(pkg, stored, e).await;
@@ -45,9 +60,10 @@ impl Site {
         pkg: &str,
         req: RefreshRequest,
         stored_new: &Arc<StoredNew>,
+        only_if_changed: bool,
     ) -> Result<RefreshReport, SiteError> {
         let started = Instant::now();
-        let package = self.find_package(pkg).await?;
+        let package = self.find_live_package(pkg).await?;
         if package.source_site != self.cfg.site_code {
             return Err(SiteError::Refused(format!(
                 "package {} is owned by site {}; refresh it there (this site, {}, only relays it)",
@@ -107,6 +123,12 @@ impl Site {
         })
         .await
         .context("encoding task")?;
+        if only_if_changed && prev_root.as_deref() == Some(root.to_hex().as_str()) {
+            report.source_version = package.current_version;
+            report.content_root = prev_root.clone();
+            report.duration_ms = started.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
         let stats = VersionStats {
             files: report.files as i64,
             dirs: report.dirs as i64,
@@ -137,6 +159,7 @@ impl Site {
         report.source_version = record.summary.version;
         let root = root.to_hex();
         report.content_changed = prev_root.as_deref() != Some(root.as_str());
+        report.committed = true;
         report.content_root = Some(root);
         report.targets_queued = self.queued_targets(&id).await?;
         self.metrics.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

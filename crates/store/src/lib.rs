@@ -42,8 +42,8 @@ use crate::migrate::{SITE_POSTGRES, SITE_SQLITE};
 pub use error::{Result, StoreError};
 pub use snapshot::snapshot_sqlite_file;
 pub use types::{
-    Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageVersion, StateCount,
-    Target, TargetKind, VersionRecord, VersionStats, VersionSummary,
+    Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageUpdate, PackageVersion,
+    Priority, StateCount, Target, TargetKind, ValidationSchedule, VersionRecord, VersionStats, VersionSummary,
 };
 
 /// Newest schema version this build knows (the highest migration number).
