@@ -142,3 +142,203 @@ fn dry_run_after_rollback_agrees_with_the_refresh() {
         assert_eq!(num(&dry, key), num(&real, key), "{key}: dry run {dry:#} vs refresh {real:#}");
     }
 }
+
+/// `package set` renames, moves the source (checked like `package add`), and says what
+/// to pass when given nothing.
+#[test]
+fn package_set_renames_and_moves_the_source_with_the_add_checks() {
+    let f = fixture(&[]);
+    f.server.cli_json(&["refresh", &f.id]);
+    let p = f.server.cli_json(&["package", "set", "app", "--name", "app2"]);
+    assert_eq!((text(&p, "id"), text(&p, "name")), (f.id.as_str(), "app2"), "{p}");
+    assert_eq!(text(&f.server.cli_json(&["package", "show", "app2"]), "id"), f.id);
+
+    let other = f.dir.join("other");
+    fs::create_dir_all(&other).unwrap();
+    fs::write(other.join("c.txt"), b"charlie\n").unwrap();
+    let p = f.server.cli_json(&["package", "set", &f.id, "--source", s(&other)]);
+    assert_eq!(text(&p, "source_path"), s(&other), "{p}");
+    let v2 = f.server.cli_json(&["refresh", &f.id]);
+    assert_eq!(
+        (num(&v2, "source_version"), num(&v2, "files_added"), num(&v2, "files_removed"), num(&v2, "files")),
+        (2, 1, 2, 1),
+        "{v2}"
+    );
+
+    let missing = f.dir.join("missing");
+    let e = f.server.cli_fail(&["package", "set", &f.id, "--source", s(&missing)]);
+    assert!(e.contains("cannot be used") && e.contains("missing"), "{e}");
+    let e = f.server.cli_fail(&["package", "set", &f.id, "--source", s(&other.join("c.txt"))]);
+    assert!(e.contains("is not a folder"), "{e}");
+    let e = f.server.cli_fail(&["package", "set", &f.id, "--source", s(&f.server.library())]);
+    assert!(e.contains("lies inside the server's data directory"), "{e}");
+    let e = f.server.cli_fail(&["package", "set", &f.id, "--source", s(f.dir.path())]);
+    assert!(e.contains("contains the server's data directory"), "{e}");
+    let e = f.server.cli_fail(&["package", "set", &f.id]);
+    assert!(e.contains("nothing to change") && e.contains("--priority"), "{e}");
+    let e = f.server.cli_fail(&["package", "set", &f.id, "--refresh-every", "500ms"]);
+    assert!(e.contains("at least 1s"), "{e}");
+    let out = f.server.cli(&["package", "set", &f.id, "--refresh-every", "soon"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("not a duration: use e.g. 30s"), "{e}");
+    // A refused change changed nothing.
+    assert_eq!(text(&f.server.cli_json(&["package", "show", &f.id]), "source_path"), s(&other));
+}
+
+/// With one job at a time, due jobs of a high-priority package are claimed before the
+/// medium ones queued earlier.
+#[test]
+fn jobs_of_higher_priority_packages_are_claimed_first() {
+    let f = fixture(&["--parallel-targets", "1"]);
+    let agent = Agent::start(f.dir.join("a1"), Some("t1"));
+    f.server.cli_json(&["dp", "add", "dp1", &agent.url(), "--token", "t1", "--rate-limit", "1048576"]);
+    // The blocker keeps the only job slot busy for ~3 s while the others are queued.
+    write_random_file(&f.src.join("big.bin"), 3 << 20, 7);
+    f.server.cli_json(&["refresh", &f.id]);
+    let mut ids = Vec::new();
+    for name in ["first-queued", "urgent"] {
+        let src = f.dir.join(name);
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("readme.txt"), name).unwrap();
+        let id = text(&f.server.cli_json(&["package", "add", name, s(&src)]), "id").to_owned();
+        f.server.cli_json(&["refresh", &id]);
+        ids.push(id);
+    }
+    let p = f.server.cli_json(&["package", "set", "urgent", "--priority", "high"]);
+    assert_eq!(text(&p, "priority"), "high");
+    f.server.cli_json(&["distribute", &f.id, "--dp", "dp1"]);
+    f.server.wait_status(&f.id, "the blocker to be sent", WAIT, &[agent.daemon()], |s| {
+        target_of(s, "dp1")["state"] == "in_progress"
+    });
+    for id in &ids {
+        f.server.cli_json(&["distribute", id, "--dp", "dp1"]);
+    }
+    let installed: Vec<Value> =
+        ids.iter().map(|id| f.server.wait_installed(id, "dp1", 1, WAIT, &[agent.daemon()])).collect();
+    let (first_queued, urgent) = (num(&installed[0], "updated_at"), num(&installed[1], "updated_at"));
+    assert!(urgent < first_queued, "the high-priority package went second: {installed:#?}");
+    let blocker = f.server.target_status(&f.id, "dp1");
+    assert!(num(&blocker, "updated_at") <= urgent, "nothing overtook the running job: {blocker}");
+}
+
+/// The version and the due time of a package's scheduled refresh.
+fn schedule_of(server: &Server, id: &str) -> (u64, i64) {
+    let show = server.cli_json(&["package", "show", id]);
+    (num(&show, "source_version"), show["next_refresh_at"].as_i64().unwrap_or(-1))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// `--refresh-every 2s`: a version is committed when the content changed and only then;
+/// the schedule survives a restart, and runs missed while the server was down run once.
+#[test]
+fn scheduled_refresh_commits_only_changes_and_survives_restarts() {
+    let mut f = fixture(&[]);
+    let p = f.server.cli_json(&["package", "set", "app", "--refresh-every", "2s"]);
+    assert_eq!(p["refresh_every_ms"], 2000, "{p}");
+    let deadline = Duration::from_secs(30);
+    let wait_version = |server: &Server, v: u64| {
+        poll_until(deadline, || (schedule_of(server, &f.id).0 == v).then_some(()))
+            .unwrap_or_else(|| panic!("no version {v} within {deadline:?}{}", log_tails(&[server.daemon()])))
+    };
+    wait_version(&f.server, 1);
+    // Two more runs with nothing changed: no new version.
+    for _ in 0..2 {
+        let (_, due) = schedule_of(&f.server, &f.id);
+        poll_until(deadline, || (schedule_of(&f.server, &f.id).1 > due).then_some(())).expect("the schedule moves on");
+    }
+    assert_eq!(schedule_of(&f.server, &f.id).0, 1, "an unchanged scheduled refresh commits nothing");
+    let show = f.server.cli_json(&["package", "show", &f.id]);
+    assert!(show["schedule_error"].is_null(), "{show}");
+
+    fs::write(f.src.join("a.txt"), b"alpha two\n").unwrap();
+    wait_version(&f.server, 2);
+
+    // Down for more than two intervals, with a change: one run after the restart.
+    f.server.terminate();
+    let stopped_at = now_ms();
+    fs::write(f.src.join("a.txt"), b"alpha three\n").unwrap();
+    poll_until(deadline, || (now_ms() > stopped_at + 3 * 2000).then_some(())).unwrap();
+    f.server.restart();
+    let restarted = now_ms();
+    wait_version(&f.server, 3);
+    let (_, next) = schedule_of(&f.server, &f.id);
+    assert!(next >= restarted + 1000, "the next run is an interval after the missed one ran: {next} vs {restarted}");
+    let runs = f.server.log().matches("refresh started").count();
+    assert_eq!(runs, 1, "the missed runs ran once:\n{}", f.server.log());
+
+    // Failures are kept for `package show`, and the schedule can be removed.
+    fs::rename(&f.src, f.dir.join("gone")).unwrap();
+    poll_until(deadline, || {
+        f.server.cli_json(&["package", "show", &f.id])["schedule_error"].as_str().map(str::to_owned)
+    })
+    .expect("the failure of a scheduled refresh is recorded");
+    let p = f.server.cli_json(&["package", "set", &f.id, "--no-schedule"]);
+    assert!(p["refresh_every_ms"].is_null() && p["next_refresh_at"].is_null(), "{p}");
+}
+
+/// `package delete`: off every target (a target that is down keeps the removal queued
+/// and the package `deleting`), then its rows go and `gc` reclaims its content.
+#[test]
+fn package_delete_removes_from_every_target_then_forgets() {
+    let f = fixture(&["--retry-delay-ms", "200"]);
+    let a1 = Agent::start(f.dir.join("a1"), Some("t1"));
+    let mut a2 = Agent::start(f.dir.join("a2"), Some("t2"));
+    f.server.cli_json(&["dp", "add", "dp1", &a1.url(), "--token", "t1"]);
+    f.server.cli_json(&["dp", "add", "dp2", &a2.url(), "--token", "t2"]);
+    write_random_file(&f.src.join("only-here.bin"), 200_000, 3);
+    f.server.cli_json(&["distribute", &f.id, "--dp", "dp1", "--dp", "dp2"]);
+    f.server.cli_json(&["refresh", &f.id]);
+    for dp in ["dp1", "dp2"] {
+        f.server.wait_installed(&f.id, dp, 1, WAIT, &[a1.daemon(), a2.daemon()]);
+    }
+    let object = library_object(&f.server.library(), &blake3_hex(&fs::read(f.src.join("only-here.bin")).unwrap()));
+    assert!(object.exists());
+
+    a2.terminate();
+    let r = f.server.cli_json(&["package", "delete", "app"]);
+    assert_eq!(text(&r, "state"), "deleting", "{r}");
+    f.server.wait_status(&f.id, "dp1 to drop it", WAIT, &[a1.daemon()], |s| target_of(s, "dp1")["state"] == "removed");
+    assert!(!a1.current(&f.id).exists(), "dp1 dropped the tree");
+    let list = f.server.cli_json(&["package", "list"]);
+    assert_eq!(list[0]["state"], "deleting", "{list}");
+    let e = f.server.cli_fail(&["refresh", &f.id]);
+    assert!(e.contains("being deleted"), "{e}");
+    let e = f.server.cli_fail(&["distribute", &f.id, "--dp", "dp1"]);
+    assert!(e.contains("being deleted"), "{e}");
+    f.server.cli_json(&["gc"]);
+    assert!(object.exists(), "content stays while the package is not gone");
+
+    a2.restart();
+    poll_until(WAIT, || f.server.cli_json(&["package", "list"]).as_array().unwrap().is_empty().then_some(()))
+        .unwrap_or_else(|| panic!("the package is still listed{}", log_tails(&[f.server.daemon(), a2.daemon()])));
+    assert!(!a2.current(&f.id).exists(), "dp2 dropped the tree once back");
+    let e = f.server.cli_fail(&["package", "show", &f.id]);
+    assert!(e.contains("no package"), "{e}");
+    let gc = f.server.cli_json(&["gc"]);
+    assert!(num(&gc, "objects_removed") >= 1 && !object.exists(), "gc reclaims the content: {gc}");
+
+    // --wait follows the removals to the end; a package on no target goes at once.
+    let src2 = f.dir.join("src2");
+    fs::create_dir_all(&src2).unwrap();
+    fs::write(src2.join("x.txt"), b"x").unwrap();
+    let id2 = text(&f.server.cli_json(&["package", "add", "second", s(&src2)]), "id").to_owned();
+    f.server.cli_json(&["distribute", &id2, "--dp", "dp1", "--dp", "dp2"]);
+    f.server.cli_json(&["refresh", &id2]);
+    for dp in ["dp1", "dp2"] {
+        f.server.wait_installed(&id2, dp, 1, WAIT, &[a1.daemon(), a2.daemon()]);
+    }
+    let out = f.server.cli(&["package", "delete", &id2, "--wait"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("dp1") && stdout.contains("removed") && stdout.contains(&format!("deleted {id2}")),
+        "{stdout}"
+    );
+    assert!(!a1.current(&id2).exists() && !a2.current(&id2).exists());
+    let id3 = text(&f.server.cli_json(&["package", "add", "third", s(&src2)]), "id").to_owned();
+    let r = f.server.cli_json(&["package", "delete", &id3]);
+    assert_eq!(text(&r, "state"), "deleted", "{r}");
+}

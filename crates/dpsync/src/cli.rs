@@ -528,6 +528,14 @@ async fn delete_package(c: &AdminClient, json: bool, package: &str, wait: bool) 
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    // The rows went with the last removal: every target seen holding it dropped it.
+    if !json {
+        let mut left: Vec<_> = shown.iter().filter(|(_, line)| line.as_str() != "removed").collect();
+        left.sort();
+        for (name, _) in left {
+            outln!("{name:<16} removed");
+        }
+    }
     let done = DeleteReport { package: id, state: "deleted".into(), targets: vec![] };
     emit(json, &done, |r| outln!("deleted {}; `dpsync gc` reclaims its content", r.package));
     Ok(ExitCode::SUCCESS)

@@ -455,12 +455,13 @@ impl Store {
     /// `NotFound` if not assigned.
     pub async fn record_validated(&self, package_id: &str, target_id: i64, at: i64) -> Result<()> {
         let id = normalize_id(package_id);
-        let done = sqlx::query("UPDATE distributions SET last_validated_at = $3 WHERE package_id = $1 AND target_id = $2")
-            .bind(&id)
-            .bind(target_id)
-            .bind(at)
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("UPDATE distributions SET last_validated_at = $3 WHERE package_id = $1 AND target_id = $2")
+                .bind(&id)
+                .bind(target_id)
+                .bind(at)
+                .execute(&self.pool)
+                .await?;
         if done.rows_affected() == 0 {
             return Err(not_assigned(&id, target_id));
         }

@@ -276,7 +276,11 @@ impl Store {
                 .map_err(|e| name_conflict(e, name, &id))?;
         }
         if let Some(path) = &update.source_path {
-            sqlx::query("UPDATE packages SET source_path = $2 WHERE id = $1").bind(&id).bind(path).execute(&mut *tx).await?;
+            sqlx::query("UPDATE packages SET source_path = $2 WHERE id = $1")
+                .bind(&id)
+                .bind(path)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(p) = update.priority {
             sqlx::query("UPDATE packages SET priority = $2 WHERE id = $1")
@@ -428,11 +432,12 @@ impl Store {
         if since.is_none() {
             return Ok(false);
         }
-        let left: i64 = sqlx::query("SELECT COUNT(*) AS n FROM distributions WHERE package_id = $1 AND state <> 'removed'")
-            .bind(&id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("n")?;
+        let left: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM distributions WHERE package_id = $1 AND state <> 'removed'")
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
         if left > 0 {
             return Ok(false);
         }

@@ -201,7 +201,9 @@ impl FromStr for Priority {
             "low" => Ok(Priority::Low),
             "medium" => Ok(Priority::Medium),
             "high" => Ok(Priority::High),
-            other => Err(StoreError::InvalidInput(format!("unknown priority {other:?} (expected high, medium or low)"))),
+            other => {
+                Err(StoreError::InvalidInput(format!("unknown priority {other:?} (expected high, medium or low)")))
+            }
         }
     }
 }
