@@ -2,7 +2,7 @@
 //! `package delete`, scheduled refreshes, JSON logs, and the regression tests of pruning
 //! and of `refresh --dry-run` after a rollback.
 
-use std::fs;
+use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -341,4 +341,137 @@ fn package_delete_removes_from_every_target_then_forgets() {
     let id3 = text(&f.server.cli_json(&["package", "add", "third", s(&src2)]), "id").to_owned();
     let r = f.server.cli_json(&["package", "delete", &id3]);
     assert_eq!(text(&r, "state"), "deleted", "{r}");
+}
+
+fn mode_of(path: &Path) -> u32 {
+    fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Every kind of damage in `current/` is found: what needs no content (extra entries,
+/// modes, times, links) is put right by the DP at once, also on the library object and
+/// the previous version's tree that share the inode; missing and damaged files are
+/// repaired by the site, which sends only what the DP no longer holds.
+#[test]
+fn validation_finds_and_repairs_every_kind_of_damage() {
+    let f = fixture(&[]);
+    let agent = Agent::start(f.dir.join("a1"), Some("t1"));
+    f.server.cli_json(&["dp", "add", "dp1", &agent.url(), "--token", "t1"]);
+    fs::create_dir_all(f.src.join("sub")).unwrap();
+    write_random_file(&f.src.join("sub/c.bin"), 1 << 20, 11);
+    write_random_file(&f.src.join("d.bin"), 64 << 10, 12);
+    std::os::unix::fs::symlink("a.txt", f.src.join("ln")).unwrap();
+    set_old_mtimes(&f.src);
+    f.server.cli_json(&["distribute", &f.id, "--dp", "dp1"]);
+    f.server.cli_json(&["refresh", &f.id]);
+    f.server.wait_installed(&f.id, "dp1", 1, WAIT, &[agent.daemon()]);
+    // A second version, so that a previous tree shares the inodes of unchanged files.
+    fs::write(f.src.join("b.txt"), b"bravo changed\n").unwrap();
+    set_old_mtime(&f.src.join("b.txt"));
+    f.server.cli_json(&["refresh", &f.id]);
+    f.server.wait_installed(&f.id, "dp1", 2, WAIT, &[agent.daemon()]);
+    let current = agent.current(&f.id);
+    assert_same_tree_and_times(&f.src, &current);
+    let versions = agent.package_dir(&f.id).join("versions");
+    let live = fs::canonicalize(&current).unwrap();
+    let previous =
+        fs::read_dir(&versions).unwrap().map(|e| e.unwrap().path()).find(|p| *p != live).expect("previous tree");
+    let a_mode = mode_of(&f.src.join("a.txt"));
+    let a_object = library_object(&agent.library(), &blake3_hex(&fs::read(f.src.join("a.txt")).unwrap()));
+
+    // The damage.
+    fs::write(current.join("extra.txt"), b"not ours").unwrap();
+    fs::create_dir_all(current.join("junk/deeper")).unwrap();
+    fs::write(current.join("junk/deeper/x"), b"x").unwrap();
+    fs::set_permissions(current.join("a.txt"), fs::Permissions::from_mode(0o777)).unwrap();
+    assert_eq!(mode_of(&a_object), 0o777, "a chmod in current/ reaches the library object (one inode)");
+    assert_eq!(mode_of(&previous.join("a.txt")), 0o777, "… and the previous version's tree");
+    filetime_now(&current.join("b.txt"));
+    fs::remove_file(current.join("ln")).unwrap();
+    std::os::unix::fs::symlink("b.txt", current.join("ln")).unwrap();
+    let c_bytes = fs::read(current.join("sub/c.bin")).unwrap();
+    fs::remove_file(current.join("sub/c.bin")).unwrap();
+    let d = current.join("d.bin");
+    let d_mode = mode_of(&d);
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(&d, b"garbage").unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(d_mode)).unwrap();
+
+    let out = f.server.cli(&["validate", &f.id, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "damage found: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = target_of(&v, "dp1");
+    assert_eq!(t["broken"], serde_json::json!(["d.bin", "sub/c.bin"]), "{v:#}");
+    assert_eq!(t["repair_queued"], true, "{v:#}");
+    let repaired: Vec<&str> = t["repaired"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    for (path, what) in [
+        ("extra.txt:", "extra file removed"),
+        ("junk:", "extra folder removed"),
+        ("a.txt:", "mode 0777 set back"),
+        ("b.txt:", "modification time set back"),
+        ("ln:", "link pointed at b.txt"),
+    ] {
+        assert!(repaired.iter().any(|r| r.starts_with(path) && r.contains(what)), "{path} {what}: {repaired:#?}");
+    }
+    // Put right at once, on every link of the inode.
+    assert!(!current.join("extra.txt").exists() && !current.join("junk").exists());
+    assert_eq!(fs::read_link(current.join("ln")).unwrap(), Path::new("a.txt"));
+    assert_eq!((mode_of(&current.join("a.txt")), mode_of(&a_object)), (a_mode, a_mode));
+    assert_eq!(mode_of(&previous.join("a.txt")), a_mode, "the previous tree's link is right again");
+
+    // The site repairs the rest, sending the damaged file but not the deleted one, whose
+    // library object the DP still holds.
+    let before = num(&f.server.target_status(&f.id, "dp1"), "bytes_sent_total");
+    let t = f.server.wait_installed(&f.id, "dp1", 2, WAIT, &[agent.daemon()]);
+    assert_same_tree_and_times(&f.src, &current);
+    assert_eq!(fs::read(current.join("sub/c.bin")).unwrap(), c_bytes);
+    let sent = num(&t, "bytes_sent_total") - before;
+    assert!(
+        sent < c_bytes.len() as u64 / 2,
+        "the repair sent {sent} bytes: the missing file's content was still there"
+    );
+    let again = f.server.cli_json(&["validate", &f.id]);
+    let t = target_of(&again, "dp1");
+    assert!(t["ok"] == true && t["repaired"].is_null(), "nothing left to repair: {again:#}");
+    assert!(f.server.target_status(&f.id, "dp1")["last_validated_at"].as_i64().is_some());
+}
+
+/// Sets a file's modification time to now (as `touch` does).
+fn filetime_now(path: &Path) {
+    File::options().append(true).open(path).and_then(|f| f.set_modified(std::time::SystemTime::now())).unwrap();
+}
+
+/// `dp add --validate-every 2s`: a DP's content is checked on its own and what broke is
+/// repaired without a command; `status --json` carries when it was last checked.
+#[test]
+fn scheduled_validation_repairs_without_a_command() {
+    let f = fixture(&[]);
+    let agent = Agent::start(f.dir.join("a1"), Some("t1"));
+    let t = f.server.cli_json(&["dp", "add", "dp1", &agent.url(), "--token", "t1", "--validate-every", "2s"]);
+    assert_eq!(t["validate_every_ms"], 2000, "{t}");
+    set_old_mtimes(&f.src);
+    f.server.cli_json(&["distribute", &f.id, "--dp", "dp1"]);
+    f.server.cli_json(&["refresh", &f.id]);
+    f.server.wait_installed(&f.id, "dp1", 1, WAIT, &[agent.daemon()]);
+    let first = f.server.wait_status(&f.id, "a scheduled validation", WAIT, &[agent.daemon()], |s| {
+        target_of(s, "dp1")["last_validated_at"].is_i64()
+    });
+    let first = target_of(&first, "dp1")["last_validated_at"].as_i64().unwrap();
+
+    let current = agent.current(&f.id);
+    fs::write(current.join("dropped-in.txt"), b"x").unwrap();
+    let a = current.join("a.txt");
+    fs::set_permissions(&a, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(&a, b"tampered").unwrap();
+    let s = f.server.wait_status(&f.id, "the next validation to repair dp1", WAIT, &[agent.daemon()], |s| {
+        let t = target_of(s, "dp1");
+        t["last_validated_at"].as_i64() > Some(first)
+            && t["state"] == "installed"
+            && !current.join("dropped-in.txt").exists()
+            && fs::read(&a).ok().as_deref() == Some(b"alpha one\n".as_slice())
+    });
+    assert_same_tree_and_times(&f.src, &current);
+    assert!(f.server.log().contains("scheduled validation found damage"), "{s:#}");
+
+    let e = f.server.cli_fail(&["dp", "add", "dp2", &agent.url(), "--validate-every", "100ms"]);
+    assert!(e.contains("at least 1s"), "{e}");
 }

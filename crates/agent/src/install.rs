@@ -262,7 +262,7 @@ fn assemble(
     Ok(Ok(*size))
 }
 
-fn system_time(ns: i64) -> SystemTime {
+pub(crate) fn system_time(ns: i64) -> SystemTime {
     if ns >= 0 {
         UNIX_EPOCH + Duration::from_nanos(ns as u64)
     } else {

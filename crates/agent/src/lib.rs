@@ -23,6 +23,7 @@
 //! completes; the binary binds, parses and handles signals.
 
 mod arrival;
+mod check;
 mod config;
 pub mod daemon;
 mod dp;
