@@ -634,7 +634,10 @@ fn validate_at_the_top_covers_the_dps_of_child_sites() {
 
     let want = tree_digest(&t.src);
     poll_until(WAIT_DURATION, || {
-        ["dp2", "dp3", "dp4"].iter().all(|n| try_tree_digest(&t.dp(n).current(&t.pkg)).is_ok_and(|d| d == want)).then_some(())
+        ["dp2", "dp3", "dp4"]
+            .iter()
+            .all(|n| try_tree_digest(&t.dp(n).current(&t.pkg)).is_ok_and(|d| d == want))
+            .then_some(())
     })
     .unwrap_or_else(|| panic!("the child sites did not repair their DPs{}", log_tails(&t.all())));
     let again = t.ps1.cli_json(&["validate", &t.pkg]);

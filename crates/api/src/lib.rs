@@ -631,6 +631,19 @@ pub struct RestoreReport {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn durations_parse_as_the_cli_documents_them() {
+        for (text, ms) in [("30s", 30_000), ("15m", 900_000), ("6h", 21_600_000), ("7d", 604_800_000), ("500ms", 500)] {
+            assert_eq!(parse_duration(text), Ok(ms), "{text}");
+            assert_eq!(format_duration(ms), text);
+        }
+        assert_eq!(format_duration(90_000), "90s");
+        for bad in ["", "s", "10", "1.5h", "-1s", "0s", "3w", "99999999999999999d"] {
+            let e = parse_duration(bad).expect_err(bad);
+            assert!(e.contains(bad) || bad.is_empty(), "{e}");
+        }
+    }
     use super::*;
 
     /// The enums travel as the strings scripts rely on, and a string this build does not
@@ -661,7 +674,7 @@ mod tests {
             "name": "dp1", "kind": "dp", "state": "installed", "action": "install",
             "installed_version": 3, "desired_version": 3, "bytes_sent_last": 10,
             "bytes_sent_total": 20, "last_error": null, "attempts": 1, "next_attempt_at": 0,
-            "updated_at": 5,
+            "updated_at": 5, "last_validated_at": null,
             "progress": {"phase": "sending", "bytes_planned": 4, "bytes_done": 2, "started_ms": 1},
         });
         let t: TargetStatus = serde_json::from_value(json.clone()).unwrap();

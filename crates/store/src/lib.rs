@@ -49,6 +49,12 @@ pub use types::{
 /// Newest schema version this build knows (the highest migration number).
 pub const SCHEMA_VERSION: i64 = SITE_SQLITE.latest();
 
+/// Every site-store schema version this build applies, in order (what
+/// `schema_migrations` holds once a database is up to date).
+pub fn schema_versions() -> Vec<i64> {
+    SITE_SQLITE.migrations.iter().map(|m| m.version).collect()
+}
+
 const SQLITE_POOL_SIZE: u32 = 4;
 const POSTGRES_POOL_SIZE: u32 = 5;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dpsync_hash::{ChunkId, ContentRoot, FileHash};
 use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged, StagedChunk};
 use dpsync_store::{
-    Action, Backend, DistState, NewTarget, NewVersion, Outcome, PackageVersion, StateCount, Store, StoreError,
-    TargetKind, VersionStats,
+    Action, Backend, DistState, NewTarget, NewVersion, Outcome, PackageUpdate, PackageVersion, Priority, StateCount,
+    Store, StoreError, TargetKind, VersionStats,
 };
 use sqlx::Connection;
 
@@ -169,6 +169,10 @@ conformance!(
     targets_and_debug_redacts_token,
     garbled_content_root_is_an_error_naming_the_table,
     aggregate_counts_for_metrics,
+    package_settings_and_schedules,
+    higher_priority_jobs_are_claimed_first,
+    deleting_a_package_waits_for_every_target,
+    validation_schedules,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -832,7 +836,7 @@ async fn migrations_are_idempotent(db: &Db) {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(rows, (1..=dpsync_store::SCHEMA_VERSION).collect::<Vec<_>>());
+    assert_eq!(rows, dpsync_store::schema_versions());
     conn.close().await.unwrap();
 }
 
@@ -1103,7 +1107,7 @@ async fn site_database_at_an_older_schema_is_upgraded() {
         .fetch_all(&mut raw_sqlite(&path).await)
         .await
         .unwrap();
-    assert_eq!(applied, (1..=dpsync_store::SCHEMA_VERSION).collect::<Vec<_>>());
+    assert_eq!(applied, dpsync_store::schema_versions());
     store.close().await;
 }
 
@@ -1327,4 +1331,133 @@ async fn agent_newer_schema_is_refused() {
         .await;
     raw.close().await.unwrap();
     refused(AgentDb::open(&path).await);
+}
+
+async fn package_settings_and_schedules(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    assert_eq!((p.priority, p.refresh_every_ms, p.deleting_since), (Priority::Medium, None, None));
+    db.create_package("PS1", "Taken", "/src2").await.unwrap();
+    let before = now();
+    let update = PackageUpdate {
+        name: Some("Office 2".into()),
+        source_path: Some("/new".into()),
+        priority: Some(Priority::High),
+        refresh_every_ms: Some(Some(60_000)),
+    };
+    let u = db.update_package(&p.id, &update).await.unwrap();
+    assert_eq!((u.name.as_str(), u.source_path.as_deref(), u.priority), ("Office 2", Some("/new"), Priority::High));
+    let due = u.next_refresh_at.unwrap();
+    assert!(due >= before + 60_000 && u.refresh_every_ms == Some(60_000), "{u:?}");
+    assert_eq!(db.package(&p.id).await.unwrap().unwrap(), u, "what update_package returns is what is stored");
+    let taken = PackageUpdate { name: Some("Taken".into()), ..Default::default() };
+    assert!(matches!(db.update_package(&p.id, &taken).await, Err(StoreError::Conflict(_))));
+    assert!(db.update_package("PS1FFFFF", &taken).await.unwrap_err().is_not_found());
+
+    // Due, taken once (compare-and-set on the due time), then due again an interval later.
+    assert!(db.due_refreshes(due - 1).await.unwrap().is_empty());
+    assert_eq!(db.due_refreshes(due).await.unwrap().len(), 1);
+    assert_eq!(db.next_scheduled_at().await.unwrap(), Some(due));
+    assert!(db.take_scheduled_refresh(&p.id, due, due + 500).await.unwrap());
+    assert!(!db.take_scheduled_refresh(&p.id, due, due + 900).await.unwrap(), "taken twice");
+    assert!(db.due_refreshes(due).await.unwrap().is_empty());
+    db.set_schedule_error(&p.id, Some("source missing")).await.unwrap();
+    assert_eq!(db.package(&p.id).await.unwrap().unwrap().schedule_error.as_deref(), Some("source missing"));
+
+    let off =
+        db.update_package(&p.id, &PackageUpdate { refresh_every_ms: Some(None), ..Default::default() }).await.unwrap();
+    assert_eq!((off.refresh_every_ms, off.next_refresh_at, off.schedule_error), (None, None, None));
+    assert_eq!(db.next_scheduled_at().await.unwrap(), None);
+}
+
+async fn higher_priority_jobs_are_claimed_first(db: &Db) {
+    let t = target(db, "dp1").await;
+    let low = package_v1(db, "A low").await;
+    let medium = package_v1(db, "B medium").await;
+    let high = package_v1(db, "C high").await;
+    for (id, p) in [(&low, Priority::Low), (&high, Priority::High)] {
+        db.update_package(id, &PackageUpdate { priority: Some(p), ..Default::default() }).await.unwrap();
+    }
+    // Assigned oldest first: low, medium, high.
+    for id in [&low, &medium, &high] {
+        db.assign(id, t).await.unwrap();
+    }
+    let order: Vec<String> = {
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            out.extend(db.claim_due(soon(), 1).await.unwrap().into_iter().map(|d| d.package_id));
+        }
+        out
+    };
+    assert_eq!(order, [high.clone(), medium.clone(), low.clone()]);
+    // Within one claim, the same order.
+    for id in [&low, &medium, &high] {
+        db.finish(id, t, Outcome::Installed { version: 1 }).await.unwrap();
+        db.request_action(id, t, Action::Redistribute, 1).await.unwrap();
+    }
+    let all: Vec<String> = db.claim_due(soon(), 3).await.unwrap().into_iter().map(|d| d.package_id).collect();
+    assert_eq!(all, [high, medium, low]);
+}
+
+async fn deleting_a_package_waits_for_every_target(db: &Db) {
+    let (t1, t2) = (target(db, "dp1").await, target(db, "dp2").await);
+    let id = package_v1(db, "Office").await;
+    let other = package_v1(db, "Other").await;
+    db.assign(&id, t1).await.unwrap();
+    db.assign(&id, t2).await.unwrap();
+    db.update_package(&id, &PackageUpdate { refresh_every_ms: Some(Some(1000)), ..Default::default() }).await.unwrap();
+    let claimed = db.claim_due(soon(), 1).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+
+    let p = db.start_deleting(&id).await.unwrap();
+    assert!(p.deleting_since.is_some() && p.refresh_every_ms.is_none() && p.next_refresh_at.is_none(), "{p:?}");
+    let rows = db.distributions(&id).await.unwrap();
+    assert!(rows.iter().all(|d| d.action == Action::Remove), "{rows:?}");
+    assert!(rows.iter().any(|d| d.state == DistState::InProgress), "a running job keeps running: {rows:?}");
+    assert!(matches!(db.assign(&id, t1).await, Err(StoreError::Conflict(_))), "no new assignment");
+    assert!(!db.finish_deleting(&id).await.unwrap(), "targets still hold it");
+    assert!(!db.finish_deleting(&other).await.unwrap(), "not being deleted");
+
+    // The running install finishes, superseded: it becomes a removal.
+    let d = db.finish(&id, claimed[0].target_id, Outcome::Installed { version: 1 }).await.unwrap();
+    assert_eq!(d.state, DistState::Removing);
+    for d in db.claim_due(soon(), 10).await.unwrap() {
+        assert_eq!(d.action, Action::Remove);
+        db.finish(&id, d.target_id, Outcome::Removed).await.unwrap();
+        let gone = db.finish_deleting(&id).await.unwrap();
+        assert_eq!(gone, db.distributions(&id).await.unwrap().is_empty(), "gone with the last removal");
+    }
+    assert!(db.package(&id).await.unwrap().is_none());
+    assert!(db.versions(&id).await.unwrap().is_empty());
+    assert!(db.distributions(&id).await.unwrap().is_empty());
+    assert_eq!(db.deleting_packages().await.unwrap(), Vec::<String>::new());
+    assert!(db.package(&other).await.unwrap().is_some(), "other packages untouched");
+    assert!(!db.finish_deleting(&id).await.unwrap(), "deleting twice is no error");
+
+    // A package on no target goes at once.
+    let lone = package_v1(db, "Lone").await;
+    db.start_deleting(&lone).await.unwrap();
+    assert!(db.finish_deleting(&lone).await.unwrap());
+}
+
+async fn validation_schedules(db: &Db) {
+    let t = target(db, "dp1").await;
+    let id = package_v1(db, "Office").await;
+    db.assign(&id, t).await.unwrap();
+    assert_eq!(db.validation_schedule(t).await.unwrap(), None);
+    let at = now() + 5_000;
+    db.set_validation_schedule(t, Some((10_000, at))).await.unwrap();
+    assert_eq!(db.target("dp1").await.unwrap().unwrap().validate_every_ms, Some(10_000));
+    let s = db.validation_schedule(t).await.unwrap().unwrap();
+    assert_eq!((s.target_name.as_str(), s.every_ms, s.next_at), ("dp1", 10_000, at));
+    assert!(db.due_validations(at - 1).await.unwrap().is_empty());
+    assert_eq!(db.due_validations(at).await.unwrap(), vec![s]);
+    assert_eq!(db.next_scheduled_at().await.unwrap(), Some(at));
+    assert!(db.take_scheduled_validation(t, at, at + 10_000).await.unwrap());
+    assert!(!db.take_scheduled_validation(t, at, at + 10_000).await.unwrap());
+    db.record_validated(&id, t, at).await.unwrap();
+    assert_eq!(db.distribution(&id, t).await.unwrap().unwrap().last_validated_at, Some(at));
+    db.set_validation_schedule(t, None).await.unwrap();
+    assert_eq!(db.validation_schedule(t).await.unwrap(), None);
+    assert!(db.set_validation_schedule(999_999, None).await.unwrap_err().is_not_found());
+    assert!(db.set_validation_schedule(t, Some((0, at))).await.is_err());
 }
