@@ -204,6 +204,7 @@ impl Cluster {
                 group: None,
                 rate_limit: None,
                 fingerprint: None,
+                validate_every_ms: None,
             };
             let _: TargetInfo = c.call("dp add", c.client.post("/v1/targets", &add)).await;
         }
