@@ -475,3 +475,21 @@ fn scheduled_validation_repairs_without_a_command() {
     let e = f.server.cli_fail(&["dp", "add", "dp2", &agent.url(), "--validate-every", "100ms"]);
     assert!(e.contains("at least 1s"), "{e}");
 }
+
+/// A DP reads no faster than `--validate-read-mib-s` while validating, so a check of a
+/// large tree leaves its disk to clients.
+#[test]
+fn validation_reads_at_the_dp_rate_limit() {
+    let f = fixture(&[]);
+    let agent = Agent::start_with(f.dir.join("a1"), Some("t1"), &["--validate-read-mib-s", "1"]);
+    f.server.cli_json(&["dp", "add", "dp1", &agent.url(), "--token", "t1"]);
+    write_random_file(&f.src.join("three.bin"), 3 << 20, 21);
+    f.server.cli_json(&["distribute", &f.id, "--dp", "dp1"]);
+    f.server.cli_json(&["refresh", &f.id]);
+    f.server.wait_installed(&f.id, "dp1", 1, WAIT, &[agent.daemon()]);
+    let started = std::time::Instant::now();
+    let v = f.server.cli_json(&["validate", &f.id]);
+    let took = started.elapsed();
+    assert_eq!(target_of(&v, "dp1")["ok"], true, "{v:#}");
+    assert!(took >= Duration::from_millis(2500), "3 MiB at 1 MiB/s took only {took:?}");
+}

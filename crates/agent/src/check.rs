@@ -31,6 +31,43 @@ use dpsync_transfer::service::ReceiveError;
 
 use crate::install::{self, open_nofollow, system_time};
 
+/// Paces the reads of a validation: after each block, sleeps as long as it takes for the
+/// bytes read so far to stay under the rate (this runs on a blocking thread).
+struct Pace {
+    rate: Option<u64>,
+    started: std::time::Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    const BLOCK: usize = 1 << 20;
+
+    fn new(rate: Option<u64>) -> Self {
+        Self { rate, started: std::time::Instant::now(), bytes: 0 }
+    }
+
+    /// The BLAKE3 of what `f` holds, read in blocks at the pace.
+    fn hash(&mut self, mut f: &File) -> std::io::Result<FileHash> {
+        use std::io::Read;
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; Self::BLOCK];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(FileHash::from(h.finalize()));
+            }
+            h.update(&buf[..n]);
+            self.bytes += n as u64;
+            if let Some(rate) = self.rate {
+                let due = std::time::Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+}
+
 /// What a validation found and did.
 #[derive(Debug, Default)]
 pub(crate) struct TreeCheck {
@@ -49,9 +86,16 @@ fn internal(what: String) -> impl FnOnce(std::io::Error) -> ReceiveError {
     move |e| ReceiveError::Internal(format!("{what}: {e}"))
 }
 
-/// Checks (and where it can, repairs) the tree at `dir` against `manifest`.
-pub(crate) fn check_tree(lib: &Library, dir: &Path, manifest: &Manifest) -> Result<TreeCheck, ReceiveError> {
+/// Checks (and where it can, repairs) the tree at `dir` against `manifest`, reading at
+/// most `read_rate` bytes per second.
+pub(crate) fn check_tree(
+    lib: &Library,
+    dir: &Path,
+    manifest: &Manifest,
+    read_rate: Option<u64>,
+) -> Result<TreeCheck, ReceiveError> {
     let mut out = TreeCheck::default();
+    let mut pace = Pace::new(read_rate);
     // Folders' metadata as found, before removing extras moves their times.
     let found: HashMap<&str, fs::Metadata> = manifest
         .entries()
@@ -65,7 +109,7 @@ pub(crate) fn check_tree(lib: &Library, dir: &Path, manifest: &Manifest) -> Resu
         match &e.kind {
             EntryKind::Dir => check_dir(&path, e, &mut out)?,
             EntryKind::Symlink { target } => check_symlink(&path, e, target, &mut out)?,
-            EntryKind::File { .. } => check_file(lib, &path, e, &mut out)?,
+            EntryKind::File { .. } => check_file(lib, &path, e, &mut pace, &mut out)?,
         }
     }
     // Folders last, deepest first: a folder's mode may forbid changes inside it, and
@@ -206,14 +250,13 @@ fn aside(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn check_file(lib: &Library, path: &Path, e: &Entry, out: &mut TreeCheck) -> Result<(), ReceiveError> {
+fn check_file(lib: &Library, path: &Path, e: &Entry, pace: &mut Pace, out: &mut TreeCheck) -> Result<(), ReceiveError> {
     out.checked += 1;
     let expected = e.file_hash().expect("a file entry");
     let opened = open_nofollow(path).ok().and_then(|f| {
         let md = f.metadata().ok().filter(|md| md.is_file())?;
-        let mut h = blake3::Hasher::new();
-        h.update_reader(&f).ok()?;
-        Some((f, md.clone(), FileHash::from(h.finalize()) == expected && md.len() == e.size()))
+        let hash = pace.hash(&f).ok()?;
+        Some((f, md.clone(), hash == expected && md.len() == e.size()))
     });
     if let Some((f, md, true)) = &opened {
         if let Some(what) = metadata_difference(md, e) {

@@ -47,12 +47,14 @@ pub struct DpTrees {
     bytes_served: AtomicU64,
     /// Held while a tree is validated.
     validating: tokio::sync::Mutex<()>,
+    /// Bytes per second a validation reads at most.
+    validate_read_rate: Option<u64>,
 }
 
 impl DpTrees {
     /// Loads the installed versions recorded in `core`'s database, putting `current`
     /// back where an interrupted install left it elsewhere and removing stray trees.
-    pub async fn load(core: &Core) -> Result<Self> {
+    pub async fn load(core: &Core, validate_read_rate: Option<u64>) -> Result<Self> {
         let trees = Self {
             data_dir: core.data_dir().to_owned(),
             live: RwLock::new(HashMap::new()),
@@ -60,6 +62,7 @@ impl DpTrees {
             files_served: AtomicU64::new(0),
             bytes_served: AtomicU64::new(0),
             validating: tokio::sync::Mutex::new(()),
+            validate_read_rate,
         };
         for p in core.db().packages().await? {
             if let (Some(v), Some(dir), Some(m)) = (p.installed_version, &p.installed_dir, &p.installed_manifest) {
@@ -290,7 +293,8 @@ impl VersionSink for DpTrees {
         let mut repaired = self.check_current(pkg, &live)?;
         let lib = core.library().clone();
         let l2 = live.clone();
-        let found = blocking(move || crate::check::check_tree(&lib, &l2.dir, &l2.manifest)).await??;
+        let rate = self.validate_read_rate;
+        let found = blocking(move || crate::check::check_tree(&lib, &l2.dir, &l2.manifest, rate)).await??;
         if !found.broken.is_empty() {
             core.db().set_broken(pkg, true).await.map_err(internal("validate"))?;
             tracing::warn!(package = pkg, broken = found.broken.len(), "validation found damaged files");
@@ -374,6 +378,7 @@ mod tests {
             bytes_served: AtomicU64::new(4096),
             builds: Mutex::new(HashMap::new()),
             validating: tokio::sync::Mutex::new(()),
+            validate_read_rate: None,
         };
         let core = crate::Metrics::default();
         core.chunks_received.store(7, Ordering::Relaxed);

@@ -736,7 +736,7 @@ pub async fn open_dp(cfg: &AgentConfig) -> Result<Agent<DpTrees>> {
         disk_reserve: cfg.disk_reserve,
     })
     .await?;
-    let trees = DpTrees::load(&core).await?;
+    let trees = DpTrees::load(&core, cfg.validate_read_rate).await?;
     Ok(Agent::new(core, trees))
 }
 
