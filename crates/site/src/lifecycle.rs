@@ -322,3 +322,42 @@ impl Site {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use dpsync_agent::daemon::layer;
+
+    use super::*;
+    use crate::ServerSettings;
+
+    async fn site(dir: &std::path::Path) -> Site {
+        let settings = ServerSettings { data_dir: Some(dir.join("data")), ..Default::default() };
+        let cfg =
+            crate::ServerConfig::resolve(layer(None, std::iter::empty::<(&str, &str)>(), &settings).unwrap()).unwrap();
+        Site::open(cfg).await.unwrap()
+    }
+
+    /// `package delete` does not wait behind a refresh or rollback of the package (they
+    /// hold its lock): it refuses at once and says what to do.
+    #[tokio::test]
+    async fn delete_refuses_while_a_refresh_holds_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = site(dir.path()).await;
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let p = site.store.create_package("PS1", "app", src.to_str().unwrap()).await.unwrap();
+
+        let lock = site.package_lock(&p.id);
+        let refreshing = lock.lock().await;
+        let e = site.delete_package(&p.id).await.unwrap_err();
+        assert!(matches!(e, SiteError::Conflict(_)), "{e}");
+        assert!(e.to_string().contains("refresh or rollback") && e.to_string().contains("delete again"), "{e}");
+        assert!(site.store.package(&p.id).await.unwrap().unwrap().deleting_since.is_none(), "nothing changed");
+
+        drop(refreshing);
+        let r = site.delete_package(&p.id).await.unwrap();
+        assert_eq!(r.state, "deleted", "a package on no target goes at once");
+        assert!(site.store.package(&p.id).await.unwrap().is_none());
+        site.store.close().await;
+    }
+}
