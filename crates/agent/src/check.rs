@@ -287,3 +287,80 @@ fn check_file(lib: &Library, path: &Path, e: &Entry, pace: &mut Pace, out: &mut 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use dpsync_hash::{ChunkParams, RelPath};
+
+    use super::*;
+    use crate::install::{BuildProgress, build_tree};
+
+    fn entry(path: &str, mode: u32, mtime_ns: i64, kind: EntryKind) -> Entry {
+        Entry { path: RelPath::new(path).unwrap(), mode, mtime_ns, kind }
+    }
+
+    /// A read-only folder with an extra file in it, a file where a folder should be, a
+    /// folder where a link should be, a missing link, and a folder's mode and time: all
+    /// put right in place, each reported once; nothing is `broken`, and a second check
+    /// finds nothing.
+    #[test]
+    fn what_needs_no_content_is_put_right_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::open(&dir.path().join("library")).unwrap();
+        let d = lib.import(&b"hello"[..], &ChunkParams::default()).unwrap().digest;
+        let file = EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.clone() };
+        let manifest = Manifest::new(vec![
+            entry("locked", 0o555, 1_000_000_000, EntryKind::Dir),
+            entry("locked/f", 0o444, 2_000_000_000, file.clone()),
+            entry("sub", 0o755, 3_000_000_000, EntryKind::Dir),
+            entry("sub/g", 0o644, 4_000_000_000, file),
+            entry("to-f", 0o777, 0, EntryKind::Symlink { target: "locked/f".into() }),
+            entry("to-g", 0o777, 0, EntryKind::Symlink { target: "sub/g".into() }),
+        ])
+        .unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir(&tree).unwrap();
+        build_tree(&lib, &tree, &manifest, &BuildProgress::default(), u64::MAX).unwrap();
+        assert!(check_tree(&lib, &tree, &manifest, None).unwrap().repaired.is_empty(), "a fresh tree is whole");
+
+        let writable = |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        writable(&tree.join("locked"));
+        fs::write(tree.join("locked/extra"), b"x").unwrap();
+        fs::set_permissions(tree.join("locked"), fs::Permissions::from_mode(0o555)).unwrap();
+        install::remove_tree(&tree.join("sub")).unwrap();
+        fs::write(tree.join("sub"), b"not a folder").unwrap();
+        fs::remove_file(tree.join("to-f")).unwrap();
+        fs::create_dir(tree.join("to-f")).unwrap();
+        fs::remove_file(tree.join("to-g")).unwrap();
+
+        let found = check_tree(&lib, &tree, &manifest, None).unwrap();
+        assert_eq!(found.broken, ["sub/g"], "the file inside the lost folder needs its content: {found:?}");
+        assert!(found.dropped.is_empty(), "its library object is whole and kept: {found:?}");
+        for (path, what) in [
+            ("locked/extra:", "extra file removed"),
+            ("sub:", "missing folder made again"),
+            ("to-f:", "a folder stood in place of the link"),
+            ("to-g:", "missing link made again"),
+        ] {
+            let n = found.repaired.iter().filter(|r| r.starts_with(path) && r.contains(what)).count();
+            assert_eq!(n, 1, "{path} {what}: {:#?}", found.repaired);
+        }
+        // Writing the extra moved the folder's time (damage, reported once; removing it
+        // moves it again, which is not reported twice).
+        let locked: Vec<_> = found.repaired.iter().filter(|r| r.starts_with("locked:")).collect();
+        assert_eq!(locked, ["locked: modification time set back"], "{:#?}", found.repaired);
+        let md = fs::metadata(tree.join("locked")).unwrap();
+        assert_eq!((md.mode() & 0o7777, md.mtime()), (0o555, 1), "the folder's own metadata is back");
+        assert_eq!(fs::read_link(tree.join("to-f")).unwrap(), Path::new("locked/f"));
+        assert_eq!(fs::read_link(tree.join("to-g")).unwrap(), Path::new("sub/g"));
+        let md = fs::metadata(tree.join("sub")).unwrap();
+        assert_eq!((md.mode() & 0o7777, md.mtime()), (0o755, 3), "the folder made again has its metadata");
+
+        // The folder's mode and time changed by hand are reported.
+        fs::set_permissions(tree.join("sub"), fs::Permissions::from_mode(0o700)).unwrap();
+        let again = check_tree(&lib, &tree, &manifest, None).unwrap();
+        assert_eq!(again.broken, ["sub/g"]);
+        assert_eq!(again.repaired, ["sub: mode 0700 set back to 0755"], "{again:?}");
+        install::remove_tree(&tree).unwrap();
+    }
+}

@@ -102,7 +102,10 @@ impl Site {
         }
         // A new source takes effect between refreshes, never in the middle of one.
         let lock = self.package_lock(&p.id);
-        let _exclusive = lock.lock().await;
+        let _exclusive = match update.source_path {
+            Some(_) => Some(lock.lock().await),
+            None => None,
+        };
         let updated = self.store.update_package(&p.id, &update).await?;
         tracing::info!(
             package = %updated.id,
