@@ -84,6 +84,8 @@ pub struct Site {
     schedules: tokio::sync::Notify,
     /// Scheduled validations running at once (see `lifecycle`).
     validation_slots: tokio::sync::Semaphore,
+    /// Scheduled runs in progress (`refresh PKG`, `validate TARGET_ID`).
+    scheduled_running: Mutex<HashSet<String>>,
     /// Live progress of running jobs, by (package, target id).
     pub progress: Mutex<HashMap<(String, i64), Progress>>,
     manifest_cache: Mutex<HashMap<(String, i64), WireManifest>>,
@@ -144,6 +146,7 @@ impl Site {
             jobs: tokio::sync::Notify::new(),
             schedules: tokio::sync::Notify::new(),
             validation_slots: tokio::sync::Semaphore::new(lifecycle::VALIDATIONS_AT_ONCE),
+            scheduled_running: Mutex::new(HashSet::new()),
             progress: Mutex::new(HashMap::new()),
             manifest_cache: Mutex::new(HashMap::new()),
             delta_cache: Mutex::new(HashMap::new()),

@@ -246,6 +246,25 @@ impl Site {
     }
 }
 
+/// A scheduled run in progress, by key; forgotten when dropped.
+struct Running {
+    site: Arc<Site>,
+    key: String,
+}
+
+impl Running {
+    /// `None` if a run with this key is in progress.
+    fn start(site: &Arc<Site>, key: String) -> Option<Self> {
+        site.scheduled_running.lock().unwrap().insert(key.clone()).then(|| Self { site: site.clone(), key })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.site.scheduled_running.lock().unwrap().remove(&self.key);
+    }
+}
+
 /// Targets validated at once by the scheduler, site-wide.
 pub(crate) const VALIDATIONS_AT_ONCE: usize = 2;
 
@@ -288,8 +307,17 @@ impl Site {
             if shutdown.is_cancelled() || !self.store.take_scheduled_refresh(&p.id, due, now + every).await? {
                 continue;
             }
+            // A run still going when the next falls due: that one is skipped, so runs
+            // longer than the interval never queue up behind each other.
+            let Some(running) = Running::start(self, format!("refresh {}", p.id)) else {
+                tracing::info!(package = %p.id, "the previous scheduled refresh still runs; skipping this one");
+                continue;
+            };
             let site = self.clone();
-            tokio::spawn(async move { site.scheduled_refresh(&p.id).await });
+            tokio::spawn(async move {
+                site.scheduled_refresh(&p.id).await;
+                drop(running);
+            });
         }
         for s in self.store.due_validations(now).await? {
             if shutdown.is_cancelled()
@@ -297,8 +325,15 @@ impl Site {
             {
                 continue;
             }
+            let Some(running) = Running::start(self, format!("validate {}", s.target_id)) else {
+                tracing::info!(target = %s.target_name, "the previous scheduled validation still runs; skipping this one");
+                continue;
+            };
             let site = self.clone();
-            tokio::spawn(async move { site.scheduled_validation(s.target_id, &s.target_name).await });
+            tokio::spawn(async move {
+                site.scheduled_validation(s.target_id, &s.target_name).await;
+                drop(running);
+            });
         }
         Ok(())
     }
