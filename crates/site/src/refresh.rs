@@ -124,7 +124,11 @@ impl Site {
         .await
         .context("encoding task")?;
         if only_if_changed && prev_root.as_deref() == Some(root.to_hex().as_str()) {
-            report.source_version = package.current_version;
+            // Same content: no version, but the stats read now describe it (the package
+            // lock keeps the current version from moving meanwhile).
+            let current = previous.as_ref().map_or(0, |v| v.summary.version);
+            self.store.set_scan_cache(&id, current, &scan_cache).await?;
+            report.source_version = current;
             report.content_root = prev_root.clone();
             report.duration_ms = started.elapsed().as_millis() as u64;
             return Ok(report);

@@ -139,6 +139,19 @@ impl Store {
         })
     }
 
+    /// Replaces the scan cache of a retained version (a scheduled refresh that found the
+    /// same content keeps the stats it read, so the next one need not read those files
+    /// again). Returns whether the version was there.
+    pub async fn set_scan_cache(&self, package_id: &str, version: i64, scan_cache: &[u8]) -> Result<bool> {
+        let done = sqlx::query("UPDATE versions SET scan_cache = $3 WHERE package_id = $1 AND version = $2")
+            .bind(normalize_id(package_id))
+            .bind(version)
+            .bind(scan_cache)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// One version with its blobs, or `None` (also if pruned).
     pub async fn version(&self, package_id: &str, version: i64) -> Result<Option<VersionRecord>> {
         sqlx::query(concat!(

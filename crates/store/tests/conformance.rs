@@ -1363,6 +1363,12 @@ async fn package_settings_and_schedules(db: &Db) {
     db.set_schedule_error(&p.id, Some("source missing")).await.unwrap();
     assert_eq!(db.package(&p.id).await.unwrap().unwrap().schedule_error.as_deref(), Some("source missing"));
 
+    // A scheduled refresh that found the same content keeps the stats it read.
+    db.commit_version(&p.id, new_version("a")).await.unwrap();
+    assert!(db.set_scan_cache(&p.id, 1, b"newer stats").await.unwrap());
+    assert_eq!(db.version(&p.id, 1).await.unwrap().unwrap().scan_cache, b"newer stats");
+    assert!(!db.set_scan_cache(&p.id, 2, b"x").await.unwrap(), "no version 2");
+
     let off =
         db.update_package(&p.id, &PackageUpdate { refresh_every_ms: Some(None), ..Default::default() }).await.unwrap();
     assert_eq!((off.refresh_every_ms, off.next_refresh_at, off.schedule_error), (None, None, None));
