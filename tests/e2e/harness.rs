@@ -658,6 +658,8 @@ pub fn garble_middle_sqlite_page(path: &Path) -> u64 {
 pub struct Agent {
     pub data_dir: PathBuf,
     pub token: Option<String>,
+    /// More `dpsync agent` arguments (e.g. `--config FILE`).
+    pub args: Vec<String>,
     daemon: Option<Daemon>,
     addr: Option<std::net::SocketAddr>,
     starts: u32,
@@ -667,9 +669,15 @@ impl Agent {
     /// Starts an agent on `data_dir` (with `--token` if given) and waits until it answers
     /// `GET /v1/hello`.
     pub fn start(data_dir: impl AsRef<Path>, token: Option<&str>) -> Self {
+        Self::start_with(data_dir, token, &[])
+    }
+
+    /// [`Agent::start`] with more `dpsync agent` arguments.
+    pub fn start_with(data_dir: impl AsRef<Path>, token: Option<&str>, args: &[&str]) -> Self {
         let mut a = Self {
             data_dir: data_dir.as_ref().to_owned(),
             token: token.map(str::to_owned),
+            args: args.iter().map(|a| a.to_string()).collect(),
             daemon: None,
             addr: None,
             starts: 0,
@@ -690,6 +698,7 @@ impl Agent {
         if let Some(t) = &self.token {
             cmd.args(["--token", t]);
         }
+        cmd.args(&self.args);
         cmd
     }
 

@@ -1441,10 +1441,10 @@ fn child_site_refuses_its_own_packages_and_bad_signatures() {
     // Unauthenticated.
     let r = request(addr, "DELETE", &format!("/v1/packages/{PKG}"), &[], b"");
     assert_refused(&r, 401, "missing bearer token", "child without token");
-    // A site has no installed tree to validate.
+    // A site validates through its own targets: a package it does not hold is not found.
     let auth = target.auth();
     let r = request(addr, "POST", &format!("/v1/packages/{PKG}/validate"), &[("Authorization", &auth)], b"");
-    assert_refused(&r, 400, "validate its DPs", "validate on a site");
+    assert_refused(&r, 404, "no package", "validate on a site of a package it lacks");
 
     // None of that left a trace: no package, no pinned key, no library content.
     assert!(package_ids(&ch1).is_empty(), "refused offers registered packages: {:?}", package_ids(&ch1));

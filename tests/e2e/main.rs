@@ -8,6 +8,7 @@ mod distribute;
 mod hardening;
 mod harness;
 mod hostile;
+mod operations_packages;
 mod operations_targets;
 mod privacy;
 mod quickstart;

@@ -598,3 +598,48 @@ fn a_small_change_relays_as_deltas_on_every_link() {
         assert!(sent < 4 * KIB, "{link} carried {sent} bytes for a 100-byte append:\n{status:#}");
     }
 }
+
+/// `validate PKG` at the top covers every tier: a child site validates its own DPs (and
+/// its child's, through it), reports what they found under their names, and repairs them.
+#[test]
+fn validate_at_the_top_covers_the_dps_of_child_sites() {
+    let t = Topology::new(18, 20, Opts::default());
+    t.refresh_wait();
+    let clean = t.ps1.cli_json(&["validate", &t.pkg]);
+    for name in ["dp1", "CH1"] {
+        assert_eq!(target_of(&clean, name)["ok"], true, "{clean:#}");
+    }
+    assert!(num(target_of(&clean, "CH1"), "files_checked") >= 3 * 20, "dp2, dp3 and dp4 were checked: {clean:#}");
+
+    let victim = largest_file(&t.src).strip_prefix(&t.src).unwrap().to_str().unwrap().to_owned();
+    for dp in ["dp3", "dp4"] {
+        let path = t.dp(dp).current(&t.pkg).join(&victim);
+        fs::remove_file(&path).unwrap();
+    }
+    fs::write(t.dp("dp2").current(&t.pkg).join("stray.txt"), b"x").unwrap();
+    let out = t.ps1.cli(&["validate", &t.pkg, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ch1 = target_of(&v, "CH1");
+    assert_eq!(ch1["ok"], false, "{v:#}");
+    let broken: Vec<&str> = ch1["broken"].as_array().unwrap().iter().map(|b| b.as_str().unwrap()).collect();
+    assert_eq!(broken, [format!("GC1: dp4: {victim}"), format!("dp3: {victim}")], "{v:#}");
+    let repaired = ch1["repaired"].as_array().unwrap();
+    assert!(repaired.contains(&Value::from("dp2: stray.txt: extra file removed")), "{v:#}");
+    // Deleting the file moved its folder's time on dp3 and dp4: put back too.
+    let folder = Path::new(&victim).parent().unwrap().to_str().unwrap();
+    assert!(repaired.contains(&Value::from(format!("dp3: {folder}: modification time set back"))), "{v:#}");
+    assert_eq!(ch1["repair_queued"], true, "{v:#}");
+    assert_eq!(target_of(&v, "dp1")["ok"], true, "{v:#}");
+
+    let want = tree_digest(&t.src);
+    poll_until(WAIT_DURATION, || {
+        ["dp2", "dp3", "dp4"]
+            .iter()
+            .all(|n| try_tree_digest(&t.dp(n).current(&t.pkg)).is_ok_and(|d| d == want))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the child sites did not repair their DPs{}", log_tails(&t.all())));
+    let again = t.ps1.cli_json(&["validate", &t.pkg]);
+    assert_eq!(target_of(&again, "CH1")["ok"], true, "{again:#}");
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::{Layered, MAX_DISK_RESERVE_MIB, Secret, TlsOptions, absolute, layer};
+use crate::daemon::{Layered, LogFormat, MAX_DISK_RESERVE_MIB, Secret, TlsOptions, absolute, layer};
 
 /// Settings of `dpsync agent`. Each field is a flag (`--disk-reserve-mib`), an
 /// environment variable (`DPSYNC_DISK_RESERVE_MIB`) and a key of the `--config` TOML
@@ -54,6 +54,14 @@ pub struct AgentSettings {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub strict_trust: Option<bool>,
+    /// Log line format on stderr: `text`, or `json` (one object per line, for journald or
+    /// Loki) [default: text].
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+    /// Most MiB per second a validation reads from this DP's disk, so that checking a
+    /// large tree does not starve clients; 0 for no limit [default: 256].
+    #[arg(long, value_name = "MIB_S", allow_negative_numbers = true)]
+    pub validate_read_mib_s: Option<i64>,
 }
 
 /// The resolved agent configuration.
@@ -68,6 +76,10 @@ pub struct AgentConfig {
     pub trust: Vec<(String, String)>,
     /// Refuse versions from source sites not pinned by the operator (no trust on first use).
     pub strict_trust: bool,
+    /// How log lines are written on stderr.
+    pub log_format: LogFormat,
+    /// Bytes per second a validation reads at most (`None`: no limit).
+    pub validate_read_rate: Option<u64>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -80,6 +92,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("tls", &self.tls)
             .field("trust", &self.trust)
             .field("strict_trust", &self.strict_trust)
+            .field("log_format", &self.log_format)
+            .field("validate_read_rate", &self.validate_read_rate)
             .finish()
     }
 }
@@ -104,6 +118,8 @@ impl AgentConfig {
         };
         let disk_reserve_mib = l.number("disk_reserve_mib", s.disk_reserve_mib, 256, 0..=MAX_DISK_RESERVE_MIB)?;
         let token = l.secret(s.token, s.token_file.as_deref())?;
+        let log_format = l.log_format(s.log_format.as_deref())?;
+        let validate_read_mib_s = l.number("validate_read_mib_s", s.validate_read_mib_s, 256, 0..=1_000_000)?;
         let receive = l.receive(s.tls_cert, s.tls_key, s.insecure_http, &s.trust, s.strict_trust)?;
         Ok(Self {
             data_dir: absolute(&data_dir)?,
@@ -113,6 +129,8 @@ impl AgentConfig {
             tls: receive.tls,
             trust: receive.trust,
             strict_trust: receive.strict_trust,
+            log_format,
+            validate_read_rate: (validate_read_mib_s > 0).then_some((validate_read_mib_s as u64) << 20),
         })
     }
 }

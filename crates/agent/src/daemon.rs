@@ -110,6 +110,15 @@ impl<T> Layered<T> {
         }
     }
 
+    /// Setting `log_format`: `text` (the default) or `json`.
+    pub fn log_format(&self, value: Option<&str>) -> Result<LogFormat> {
+        match value.unwrap_or("text") {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(self.invalid("log_format", format!("{other:?} is not a log format: use text or json"))),
+        }
+    }
+
     /// The settings of a receiving listener (agent, child site), shared by both daemons.
     pub fn receive(
         &self,
@@ -126,6 +135,16 @@ impl<T> Layered<T> {
             strict_trust: strict_trust.unwrap_or(false),
         })
     }
+}
+
+/// How a daemon writes its log lines on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (`tracing`'s default format).
+    #[default]
+    Text,
+    /// One JSON object per line, for journald, Loki and other collectors.
+    Json,
 }
 
 /// A receiving listener's resolved TLS and trust settings.

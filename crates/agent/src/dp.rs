@@ -8,7 +8,7 @@
 //! it used are removed afterwards by a task that still holds the package's lock, so the
 //! package's next offer, commit or removal waits for it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -45,18 +45,24 @@ pub struct DpTrees {
     builds: Mutex<HashMap<String, Arc<BuildProgress>>>,
     files_served: AtomicU64,
     bytes_served: AtomicU64,
+    /// Held while a tree is validated.
+    validating: tokio::sync::Mutex<()>,
+    /// Bytes per second a validation reads at most.
+    validate_read_rate: Option<u64>,
 }
 
 impl DpTrees {
     /// Loads the installed versions recorded in `core`'s database, putting `current`
     /// back where an interrupted install left it elsewhere and removing stray trees.
-    pub async fn load(core: &Core) -> Result<Self> {
+    pub async fn load(core: &Core, validate_read_rate: Option<u64>) -> Result<Self> {
         let trees = Self {
             data_dir: core.data_dir().to_owned(),
             live: RwLock::new(HashMap::new()),
             builds: Mutex::new(HashMap::new()),
             files_served: AtomicU64::new(0),
             bytes_served: AtomicU64::new(0),
+            validating: tokio::sync::Mutex::new(()),
+            validate_read_rate,
         };
         for p in core.db().packages().await? {
             if let (Some(v), Some(dir), Some(m)) = (p.installed_version, &p.installed_dir, &p.installed_manifest) {
@@ -281,24 +287,32 @@ impl VersionSink for DpTrees {
         let Some(live) = self.get_live(pkg) else {
             return Ok(ValidateResponse { package: pkg.to_owned(), ..Default::default() });
         };
-        let repaired = self.check_current(pkg, &live)?;
+        // One tree read at a time on a DP, whoever asks: validations never add up to more
+        // disk load than one.
+        let _one_at_a_time = self.validating.lock().await;
+        let mut repaired = self.check_current(pkg, &live)?;
         let lib = core.library().clone();
         let l2 = live.clone();
-        let (checked, broken) = blocking(move || check_tree(&lib, &l2.dir, &l2.manifest)).await??;
-        if !broken.is_empty() {
+        let rate = self.validate_read_rate;
+        let found = blocking(move || crate::check::check_tree(&lib, &l2.dir, &l2.manifest, rate)).await??;
+        if !found.broken.is_empty() {
             core.db().set_broken(pkg, true).await.map_err(internal("validate"))?;
-            for (_, h) in &broken {
-                if !core.library().contains(h) {
-                    core.db().unindex_file(h).await.map_err(internal("validate"))?;
-                }
-            }
-            tracing::warn!(package = pkg, broken = broken.len(), "validation found damaged files");
+            tracing::warn!(package = pkg, broken = found.broken.len(), "validation found damaged files");
         }
+        for h in &found.dropped {
+            if !core.library().contains(h) {
+                core.db().unindex_file(h).await.map_err(internal("validate"))?;
+            }
+        }
+        if !found.repaired.is_empty() {
+            tracing::warn!(package = pkg, repaired = found.repaired.len(), first = %found.repaired[0], "validation repaired the tree");
+        }
+        repaired.extend(found.repaired);
         Ok(ValidateResponse {
             package: pkg.to_owned(),
             installed_version: Some(live.version),
-            files_checked: checked,
-            broken: broken.into_iter().map(|(p, _)| p).collect(),
+            files_checked: found.checked,
+            broken: found.broken,
             repaired,
         })
     }
@@ -349,45 +363,6 @@ impl VersionSink for DpTrees {
     }
 }
 
-/// Checks every file of a tree against its manifest: returns the number checked and the
-/// damaged ones. A damaged file whose inode is the library's object (a hard link) takes
-/// the object with it, so a repair cannot link the damaged bytes again; failing to
-/// remove it fails the validation.
-fn check_tree(lib: &Library, dir: &Path, manifest: &Manifest) -> Result<(u64, Vec<(String, FileHash)>), ReceiveError> {
-    use std::os::unix::fs::MetadataExt;
-    let mut checked = 0u64;
-    let mut broken = Vec::new();
-    let mut dropped = HashSet::new();
-    for e in manifest.files() {
-        checked += 1;
-        let path = dir.join(e.path.as_str());
-        let expected = e.file_hash().expect("file");
-        let ok = install::open_nofollow(&path).ok().and_then(|f| {
-            let md = f.metadata().ok()?;
-            let mut h = blake3::Hasher::new();
-            h.update_reader(&f).ok()?;
-            Some((FileHash::from(h.finalize()) == expected && md.len() == e.size(), md.ino()))
-        });
-        if ok.is_some_and(|(good, _)| good) {
-            continue;
-        }
-        // Drop the library's copy if it is the same damaged inode.
-        let obj_ino = std::fs::metadata(lib.object_path(&expected)).ok().map(|m| m.ino());
-        if (ok.is_none() || obj_ino == ok.map(|(_, ino)| ino)) && obj_ino.is_some() && dropped.insert(expected) {
-            lib.remove(&expected).map_err(|err| {
-                ReceiveError::Internal(format!(
-                    "{} is damaged, and its library copy {} cannot be removed ({err}); \
-                     fix the DP's data directory permissions and validate again",
-                    e.path,
-                    lib.object_path(&expected).display()
-                ))
-            })?;
-        }
-        broken.push((e.path.to_string(), expected));
-    }
-    Ok((checked, broken))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +377,8 @@ mod tests {
             files_served: AtomicU64::new(2),
             bytes_served: AtomicU64::new(4096),
             builds: Mutex::new(HashMap::new()),
+            validating: tokio::sync::Mutex::new(()),
+            validate_read_rate: None,
         };
         let core = crate::Metrics::default();
         core.chunks_received.store(7, Ordering::Relaxed);

@@ -262,7 +262,7 @@ fn assemble(
     Ok(Ok(*size))
 }
 
-fn system_time(ns: i64) -> SystemTime {
+pub(crate) fn system_time(ns: i64) -> SystemTime {
     if ns >= 0 {
         UNIX_EPOCH + Duration::from_nanos(ns as u64)
     } else {
@@ -276,7 +276,7 @@ const NO_LINK_LIMIT: u64 = u64::MAX;
 /// Creates the tree and makes it durable with one `syncfs`; returns how many files are
 /// hard links (to a library object or to a copy of one). `link_limit` stands in for the
 /// filesystem's link limit in tests.
-fn build_tree(
+pub(crate) fn build_tree(
     lib: &Library,
     dir: &Path,
     manifest: &Manifest,

@@ -23,6 +23,7 @@
 //! completes; the binary binds, parses and handles signals.
 
 mod arrival;
+mod check;
 mod config;
 pub mod daemon;
 mod dp;
@@ -735,7 +736,7 @@ pub async fn open_dp(cfg: &AgentConfig) -> Result<Agent<DpTrees>> {
         disk_reserve: cfg.disk_reserve,
     })
     .await?;
-    let trees = DpTrees::load(&core).await?;
+    let trees = DpTrees::load(&core, cfg.validate_read_rate).await?;
     Ok(Agent::new(core, trees))
 }
 

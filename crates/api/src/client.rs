@@ -24,6 +24,11 @@ impl CallError {
     fn local(message: String) -> Self {
         Self { status: None, message }
     }
+
+    /// The server answered that what was asked for does not exist (404).
+    pub fn is_not_found(&self) -> bool {
+        self.status == Some(StatusCode::NOT_FOUND)
+    }
 }
 
 /// A client of one server's admin socket. Each call opens its own connection.
@@ -47,6 +52,14 @@ impl AdminClient {
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, CallError> {
         self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, CallError> {
+        self.call(Method::PATCH, path, Some(body)).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
+        self.call(Method::DELETE, path, None::<&()>).await
     }
 
     pub async fn call<B: Serialize, T: DeserializeOwned>(

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -194,6 +193,10 @@ pub struct RefreshReport {
     pub content_root: Option<String>,
     pub previous_content_root: Option<String>,
     pub content_changed: bool,
+    /// Whether a version was committed: always for a manual refresh, only when the
+    /// content changed for a scheduled one, never for a dry run.
+    #[serde(default)]
+    pub committed: bool,
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
@@ -255,6 +258,90 @@ pub struct PackageInfo {
     pub source_version: i64,
     pub content_root: Option<String>,
     pub created_at: i64,
+    /// `active`, or `deleting` from `package delete` until every target dropped it.
+    #[serde(default = "active")]
+    pub state: String,
+    /// `high`, `medium` or `low`: jobs of higher priority are claimed first.
+    #[serde(default = "medium")]
+    pub priority: String,
+    /// Scheduled refresh interval (`package set --refresh-every`), if any.
+    #[serde(default)]
+    pub refresh_every_ms: Option<i64>,
+    /// When the next scheduled refresh is due (unix ms).
+    #[serde(default)]
+    pub next_refresh_at: Option<i64>,
+    /// Why the last scheduled refresh failed; `null` once one succeeds.
+    #[serde(default)]
+    pub schedule_error: Option<String>,
+}
+
+fn active() -> String {
+    "active".into()
+}
+
+fn medium() -> String {
+    "medium".into()
+}
+
+/// `PATCH /v1/packages/{pkg}` (`package set`): each field left out is unchanged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetPackage {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Absolute path of the new source folder.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// `high`, `medium` or `low`.
+    #[serde(default)]
+    pub priority: Option<String>,
+    /// Refresh on a schedule, every so many milliseconds.
+    #[serde(default)]
+    pub refresh_every_ms: Option<i64>,
+    /// Remove the refresh schedule.
+    #[serde(default)]
+    pub no_schedule: bool,
+}
+
+/// `DELETE /v1/packages/{pkg}` (`package delete`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteReport {
+    pub package: String,
+    /// `deleting` (targets still to drop it) or `deleted` (its rows are gone).
+    pub state: String,
+    /// Targets the package is still being removed from.
+    pub targets: Vec<String>,
+}
+
+/// Parses a duration as the CLI takes it: a whole number and a unit, `30s`, `15m`, `6h`,
+/// `7d` (also `500ms`). Returns milliseconds.
+pub fn parse_duration(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: i64 = digits.parse().map_err(|_| format!("{text:?} is not a duration: use e.g. 30s, 15m, 6h or 7d"))?;
+    let unit_ms: i64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?} is not a duration: use e.g. 30s, 15m, 6h or 7d")),
+    };
+    match n.checked_mul(unit_ms) {
+        Some(ms) if ms > 0 => Ok(ms),
+        Some(_) => Err(format!("{text:?}: a duration must be longer than 0")),
+        None => Err(format!("{text:?} is too long a duration")),
+    }
+}
+
+/// Milliseconds in the largest unit that divides them: `7d`, `90m`, `2s`, `1500ms`.
+pub fn format_duration(ms: i64) -> String {
+    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +401,9 @@ pub struct AddTarget {
     /// Send windows, `DAYS HH:MM-HH:MM[@RATE]` each (none: always open).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub windows: Vec<String>,
+    /// Validate the target's content on a schedule, every so many milliseconds.
+    #[serde(default)]
+    pub validate_every_ms: Option<i64>,
 }
 
 /// A target as shown to administrators (never its token).
@@ -330,6 +420,9 @@ pub struct TargetInfo {
     /// Send windows in canonical form (none: always open).
     #[serde(default)]
     pub windows: Vec<String>,
+    /// Scheduled validation interval, if any.
+    #[serde(default)]
+    pub validate_every_ms: Option<i64>,
 }
 
 /// `POST /v1/targets/{name}` — `dpsync dp set` / `site set`. A field left out is left as
@@ -352,6 +445,9 @@ pub struct SetTarget {
     /// New send windows (`DAYS HH:MM-HH:MM[@RATE]` each); an empty list: always open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows: Option<Vec<String>>,
+    /// Validate on a schedule, every so many milliseconds; `null`: no schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some")]
+    pub validate_every_ms: Option<Option<i64>>,
 }
 
 /// A field that is present is `Some`, even when it is `null` (which clears the setting).
@@ -563,6 +659,9 @@ pub struct TargetStatus {
     /// While `waiting_window`: when the target's next send window opens (Unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_window_at: Option<i64>,
+    /// When a validation last checked this package's content there (unix ms).
+    #[serde(default)]
+    pub last_validated_at: Option<i64>,
     /// Live progress while the target's job runs.
     pub progress: Option<Progress>,
     /// For a child site: its own targets (when it could be asked).
@@ -704,25 +803,21 @@ pub struct RestoreReport {
     pub notes: Vec<String>,
 }
 
-/// Parses a duration as the command line writes it: a whole number and a unit, `s`, `m`,
-/// `h` or `d` (`30s`, `15m`, `6h`, `7d`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let bad = || format!("{s:?} is not a duration; write a number and s, m, h or d, e.g. 30s, 15m, 6h, 7d");
-    let unit = t.chars().last().ok_or_else(bad)?;
-    let secs: u64 = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        _ => return Err(bad()),
-    };
-    let n: u64 = t[..t.len() - 1].parse().map_err(|_| bad())?;
-    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
-}
-
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn durations_parse_as_the_cli_documents_them() {
+        for (text, ms) in [("30s", 30_000), ("15m", 900_000), ("6h", 21_600_000), ("7d", 604_800_000), ("500ms", 500)] {
+            assert_eq!(parse_duration(text), Ok(ms), "{text}");
+            assert_eq!(format_duration(ms), text);
+        }
+        assert_eq!(format_duration(90_000), "90s");
+        for bad in ["", "s", "10", "1.5h", "-1s", "0s", "3w", "99999999999999999d"] {
+            let e = parse_duration(bad).expect_err(bad);
+            assert!(e.contains(bad) || bad.is_empty(), "{e}");
+        }
+    }
     use super::*;
 
     /// The enums travel as the strings scripts rely on, and a string this build does not
@@ -738,9 +833,9 @@ mod tests {
         assert_eq!(serde_json::to_string(&TargetKind::Dp).unwrap(), r#""dp""#);
         assert_eq!(serde_json::to_string(&Action::Redistribute).unwrap(), r#""redistribute""#);
         assert_eq!(serde_json::to_string(&Phase::Committing).unwrap(), r#""committing""#);
-        let newer: DistState = serde_json::from_str(r#""waiting_window""#).unwrap();
-        assert_eq!(newer, DistState::Other("waiting_window".into()));
-        assert_eq!(serde_json::to_string(&newer).unwrap(), r#""waiting_window""#);
+        let newer: DistState = serde_json::from_str(r#""paused_by_admin""#).unwrap();
+        assert_eq!(newer, DistState::Other("paused_by_admin".into()));
+        assert_eq!(serde_json::to_string(&newer).unwrap(), r#""paused_by_admin""#);
         assert!(DistState::Failed == "failed" && TargetKind::Site == "site");
         assert_eq!(format!("[{:<8}]", DistState::Failed), "[failed  ]");
         assert_eq!(Progress::default().phase, Phase::Connecting);
@@ -753,7 +848,7 @@ mod tests {
             "name": "dp1", "kind": "dp", "state": "installed", "action": "install",
             "installed_version": 3, "desired_version": 3, "bytes_sent_last": 10,
             "bytes_sent_total": 20, "last_error": null, "last_error_at": null, "attempts": 1,
-            "next_attempt_at": 0, "next_retry_at": null, "updated_at": 5,
+            "next_attempt_at": 0, "next_retry_at": null, "updated_at": 5, "last_validated_at": null,
             "progress": {"phase": "sending", "bytes_planned": 4, "bytes_done": 2, "started_ms": 1},
         });
         let t: TargetStatus = serde_json::from_value(json.clone()).unwrap();
@@ -763,17 +858,6 @@ mod tests {
         );
         assert_eq!(t.progress.as_ref().unwrap().phase, Phase::Sending);
         assert_eq!(serde_json::to_value(&t).unwrap(), json);
-    }
-
-    #[test]
-    fn durations_parse_with_their_unit() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
-        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(6 * 3600)));
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        for bad in ["", "s", "30", "1.5m", "-1s", "10w", "99999999999999999999d"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
     }
 
     /// `dp set`'s body tells "leave it" (absent) from "clear it" (null).

@@ -14,9 +14,9 @@ use dpsync_agent::daemon::{read_secret, write_private};
 use dpsync_agent::{AgentConfig, AgentSettings};
 use dpsync_api::AdminClient;
 use dpsync_api::{
-    ActionReport, AddPackage, AddTarget, DistributeReport, DistributeRequest, GcReport, PackageDetail, PackageInfo,
-    RefreshReport, RefreshRequest, RetryReport, RetryRequest, RollbackReport, SetTarget, SetTargetReport, StatusReport,
-    TargetDetail, TargetInfo, TargetRequest, ValidateReport,
+    ActionReport, AddPackage, AddTarget, DeleteReport, DistributeReport, DistributeRequest, GcReport, PackageDetail,
+    PackageInfo, RefreshReport, RefreshRequest, RetryReport, RetryRequest, RollbackReport, SetPackage, SetTarget,
+    SetTargetReport, StatusReport, TargetDetail, TargetInfo, TargetRequest, ValidateReport,
 };
 use dpsync_api::{BackupProgress, BackupReport, BackupRequest};
 use dpsync_hash::path::escape_controls;
@@ -287,6 +287,10 @@ enum TargetCmd {
         /// "mon-fri 22:00-06:00@2MiB" (repeatable; none: always open).
         #[arg(long = "window", value_name = "SPEC")]
         windows: Vec<String>,
+        /// Validate the target's content on a schedule, e.g. 6h or 7d (spread, one tree at
+        /// a time; what broke is repaired).
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        validate_every: Option<i64>,
     },
     /// List targets.
     List,
@@ -348,6 +352,12 @@ struct SetArgs {
     /// No send window: content may go at any time.
     #[arg(long)]
     no_window: bool,
+    /// Validate its content on a schedule, e.g. 6h or 7d (spread; what broke is repaired).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, conflicts_with = "no_validate")]
+    validate_every: Option<i64>,
+    /// No scheduled validation.
+    #[arg(long)]
+    no_validate: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -366,6 +376,40 @@ enum PackageCmd {
         /// Package id (e.g. PS100001) or name.
         package: String,
     },
+    /// Change a package's name, source folder, priority or refresh schedule.
+    Set {
+        /// Package id (e.g. PS100001) or name.
+        package: String,
+        /// A new name, unique on this site.
+        #[arg(long)]
+        name: Option<String>,
+        /// A new source folder (read from the next refresh on).
+        #[arg(long, value_name = "DIR")]
+        source: Option<PathBuf>,
+        /// Jobs of higher priority are started first.
+        #[arg(long, value_parser = ["high", "medium", "low"])]
+        priority: Option<String>,
+        /// Refresh on a schedule, e.g. 30s, 15m, 6h, 7d; a version is committed only when
+        /// the content changed.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration, conflicts_with = "no_schedule")]
+        refresh_every: Option<i64>,
+        /// Stop refreshing on a schedule.
+        #[arg(long)]
+        no_schedule: bool,
+    },
+    /// Remove a package from every target, then forget it (`dpsync gc` reclaims its content).
+    Delete {
+        /// Package id (e.g. PS100001) or name.
+        package: String,
+        /// Wait until every target dropped it, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// `DUR` of the command line, in milliseconds.
+fn parse_duration(text: &str) -> Result<i64, String> {
+    dpsync_api::parse_duration(text)
 }
 
 pub fn main() -> ExitCode {
@@ -407,16 +451,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     };
     match command {
         Command::Server(a) => {
-            crate::logging::init();
             let cfg = ServerConfig::load(a.config.as_deref(), &a.settings)?;
+            crate::logging::init(cfg.log_format);
             crate::daemon::server(cfg).await?;
         }
         Command::Agent(a) => {
-            crate::logging::init();
             let cfg = AgentConfig::load(a.config.as_deref(), &a.settings)?;
+            crate::logging::init(cfg.log_format);
             crate::daemon::agent(cfg).await?;
         }
-        Command::Package(cmd) => package_cmd(&client()?, json, cmd).await?,
+        Command::Package(cmd) => return package_cmd(&client()?, json, cmd).await,
         Command::Refresh { package, verify, dry_run, wait } => {
             return refresh_cmd(&client()?, json, &package, RefreshRequest { verify, dry_run }, wait).await;
         }
@@ -445,7 +489,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn package_cmd(c: &AdminClient, json: bool, cmd: PackageCmd) -> Result<()> {
+async fn package_cmd(c: &AdminClient, json: bool, cmd: PackageCmd) -> Result<ExitCode> {
     match cmd {
         PackageCmd::Add { name, source_dir } => {
             let source = std::path::absolute(&source_dir).context("invalid source path")?;
@@ -456,14 +500,26 @@ async fn package_cmd(c: &AdminClient, json: bool, cmd: PackageCmd) -> Result<()>
         PackageCmd::List => {
             let list: Vec<PackageInfo> = c.get("/v1/packages").await?;
             emit(json, &list, |list| {
-                outln!("{:<10} {:<24} {:>7}  {:<5} SOURCE", "ID", "NAME", "VERSION", "SITE");
+                outln!(
+                    "{:<10} {:<24} {:>7}  {:<5} {:<8} {:<8} {:<9} SOURCE",
+                    "ID",
+                    "NAME",
+                    "VERSION",
+                    "SITE",
+                    "STATE",
+                    "PRIORITY",
+                    "SCHEDULE"
+                );
                 for p in list {
                     outln!(
-                        "{:<10} {:<24} {:>7}  {:<5} {}",
+                        "{:<10} {:<24} {:>7}  {:<5} {:<8} {:<8} {:<9} {}",
                         p.id,
                         p.name,
                         p.source_version,
                         p.source_site,
+                        p.state,
+                        p.priority,
+                        p.refresh_every_ms.map(dpsync_api::format_duration).unwrap_or_else(|| "-".into()),
                         p.source_path.as_deref().unwrap_or("-")
                     );
                 }
@@ -473,8 +529,99 @@ async fn package_cmd(c: &AdminClient, json: bool, cmd: PackageCmd) -> Result<()>
             let d: PackageDetail = c.get(&format!("/v1/packages/{}", enc(&package))).await?;
             emit(json, &d, print_package_detail);
         }
+        PackageCmd::Set { package, name, source, priority, refresh_every, no_schedule } => {
+            let source = source
+                .map(|s| std::path::absolute(&s).context("invalid source path"))
+                .transpose()?
+                .map(|s| s.display().to_string());
+            let req = SetPackage { name, source, priority, refresh_every_ms: refresh_every, no_schedule };
+            let p: PackageInfo = c.patch(&format!("/v1/packages/{}", enc(&package)), &req).await?;
+            emit(json, &p, |p| {
+                let schedule = match p.refresh_every_ms {
+                    Some(ms) => format!("refreshed every {}", dpsync_api::format_duration(ms)),
+                    None => "no refresh schedule".into(),
+                };
+                outln!(
+                    "{} ({}): source {}, priority {}, {schedule}",
+                    p.id,
+                    p.name,
+                    p.source_path.as_deref().unwrap_or("-"),
+                    p.priority
+                );
+            });
+        }
+        PackageCmd::Delete { package, wait } => return delete_package(c, json, &package, wait).await,
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `package delete [--wait]`: with `--wait`, follows the removals until the package is
+/// gone (exit 0), or until every target still holding it refuses for good (exit 1,
+/// naming them); a target that is down keeps being retried, so the wait goes on.
+async fn delete_package(c: &AdminClient, json: bool, package: &str, wait: bool) -> Result<ExitCode> {
+    let report: DeleteReport = c.delete(&format!("/v1/packages/{}", enc(package))).await?;
+    if !wait || report.state == "deleted" {
+        emit(json, &report, |r| {
+            if r.state == "deleted" {
+                outln!("deleted {}; `dpsync gc` reclaims its content", r.package);
+            } else {
+                outln!(
+                    "deleting {}: removing it from {}; `dpsync package list` shows it as deleting until they \
+                     dropped it",
+                    r.package,
+                    r.targets.join(", ")
+                );
+            }
+        });
+        return Ok(ExitCode::SUCCESS);
+    }
+    let id = report.package.clone();
+    let mut shown: std::collections::HashMap<String, String> = Default::default();
+    loop {
+        let status: StatusReport = match c.get(&format!("/v1/packages/{}/status", enc(&id))).await {
+            Ok(s) => s,
+            Err(e) if e.is_not_found() => break,
+            Err(e) => return Err(e.into()),
+        };
+        let holding: Vec<_> = status.targets.iter().filter(|t| t.state.as_str() != "removed").collect();
+        if !json {
+            for t in &status.targets {
+                let line = match &t.last_error {
+                    Some(e) if t.state.as_str() != "removed" => format!("{} (last error: {e})", t.state),
+                    _ => t.state.to_string(),
+                };
+                if shown.get(&t.name) != Some(&line) {
+                    outln!("{:<16} {line}", t.name);
+                    shown.insert(t.name.clone(), line);
+                }
+            }
+        }
+        if !holding.is_empty() && holding.iter().all(|t| t.state.as_str() == "failed") {
+            let names: Vec<&str> = holding.iter().map(|t| t.name.as_str()).collect();
+            let msg = format!(
+                "{id} is still on {}, which refused the removal; fix the target (`dpsync status {id}` shows \
+                 the error), then run `dpsync package delete {id}` again",
+                names.join(", ")
+            );
+            if json {
+                outln!("{}", serde_json::json!({ "package": id, "state": "deleting", "error": msg }));
+            }
+            eprintln!("dpsync: {msg}");
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The rows went with the last removal: every target seen holding it dropped it.
+    if !json {
+        let mut left: Vec<_> = shown.iter().filter(|(_, line)| line.as_str() != "removed").collect();
+        left.sort();
+        for (name, _) in left {
+            outln!("{name:<16} removed");
+        }
+    }
+    let done = DeleteReport { package: id, state: "deleted".into(), targets: vec![] };
+    emit(json, &done, |r| outln!("deleted {}; `dpsync gc` reclaims its content", r.package));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_package_detail(d: &PackageDetail) {
@@ -482,6 +629,15 @@ fn print_package_detail(d: &PackageDetail) {
     outln!("package        {} ({})", p.id, p.name);
     outln!("source         {}", p.source_path.as_deref().unwrap_or("-"));
     outln!("source site    {}", p.source_site);
+    outln!("state          {}", p.state);
+    outln!("priority       {}", p.priority);
+    match p.refresh_every_ms {
+        Some(ms) => outln!("schedule       refresh every {}", dpsync_api::format_duration(ms)),
+        None => outln!("schedule       none"),
+    }
+    if let Some(e) = &p.schedule_error {
+        outln!("last scheduled refresh failed: {e}");
+    }
     if p.source_version == 0 {
         outln!("source version none yet: `dpsync refresh {}` commits the first", p.id);
     } else {
@@ -555,12 +711,22 @@ fn cert_cmd(json: bool, cmd: CertCmd) -> Result<()> {
 /// `dp …` and `site …`: `kind` is "dp" or "site".
 async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> Result<ExitCode> {
     match cmd {
-        TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint, windows } => {
+        TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint, windows, validate_every } => {
             let token = match token_file {
                 Some(p) => Some(read_secret(&p)?),
                 None => token,
             };
-            let req = AddTarget { name, kind: kind.into(), url, token, group, rate_limit, fingerprint, windows };
+            let req = AddTarget {
+                name,
+                kind: kind.into(),
+                url,
+                token,
+                group,
+                rate_limit,
+                fingerprint,
+                windows,
+                validate_every_ms: validate_every,
+            };
             let t: TargetInfo = c.post("/v1/targets", &req).await?;
             let what = if kind == "dp" { "DP" } else { "child site" };
             emit(json, &t, |t| outln!("added {what} {} at {}", t.name, t.url));
@@ -595,6 +761,7 @@ async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> 
                 group: if a.no_group { Some(None) } else { a.group.clone().map(Some) },
                 rate_limit: if a.no_rate_limit { Some(None) } else { a.rate_limit.map(Some) },
                 windows: if a.no_window { Some(vec![]) } else { Some(a.windows.clone()).filter(|w| !w.is_empty()) },
+                validate_every_ms: if a.no_validate { Some(None) } else { a.validate_every.map(Some) },
             };
             if req.url.is_none()
                 && req.token.is_none()
@@ -602,10 +769,11 @@ async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> 
                 && req.group.is_none()
                 && req.rate_limit.is_none()
                 && req.windows.is_none()
+                && req.validate_every_ms.is_none()
             {
                 anyhow::bail!(
                     "nothing to change: give --url, --token, --token-file, --fingerprint, --group, --no-group, \
-                     --rate-limit, --no-rate-limit, --window or --no-window"
+                     --rate-limit, --no-rate-limit, --window, --no-window, --validate-every or --no-validate"
                 );
             }
             let r: SetTargetReport = c.post(&format!("/v1/targets/{}", enc(&a.name)), &req).await?;

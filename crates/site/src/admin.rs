@@ -11,10 +11,10 @@ use axum::{Json, Router};
 
 use super::{Site, SiteError};
 use dpsync_api::{
-    ActionReport, AddPackage, AddTarget, BackupProgress, BackupReport, BackupRequest, DistributeReport,
+    ActionReport, AddPackage, AddTarget, BackupProgress, BackupReport, BackupRequest, DeleteReport, DistributeReport,
     DistributeRequest, ErrorBody, GcReport, PackageDetail, PackageInfo, RefreshReport, RefreshRequest, RemoveTarget,
-    RetryReport, RetryRequest, RollbackReport, SetTarget, SetTargetReport, SiteInfo, StatusReport, TargetDetail,
-    TargetInfo, TargetRemoval, TargetRequest, ValidateReport, VersionInfo,
+    RetryReport, RetryRequest, RollbackReport, SetPackage, SetTarget, SetTargetReport, SiteInfo, StatusReport,
+    TargetDetail, TargetInfo, TargetRemoval, TargetRequest, ValidateReport, VersionInfo,
 };
 use dpsync_store::Action;
 
@@ -23,7 +23,7 @@ pub fn router(site: Arc<Site>) -> Router {
         .route("/v1/site", get(site_info))
         .route("/metrics", get(metrics))
         .route("/v1/packages", get(list_packages).post(add_package))
-        .route("/v1/packages/{pkg}", get(show_package))
+        .route("/v1/packages/{pkg}", get(show_package).patch(set_package).delete(delete_package))
         .route("/v1/packages/{pkg}/refresh", post(refresh))
         .route("/v1/gc", post(gc))
         .route("/v1/backup", get(backup_progress).post(backup))
@@ -94,6 +94,11 @@ async fn package_info(site: &Site, p: dpsync_store::Package) -> Result<PackageIn
         source_version: p.current_version,
         content_root: root,
         created_at: p.created_at,
+        state: if p.deleting_since.is_some() { "deleting" } else { "active" }.into(),
+        priority: p.priority.as_str().into(),
+        refresh_every_ms: p.refresh_every_ms,
+        next_refresh_at: p.next_refresh_at,
+        schedule_error: p.schedule_error,
     })
 }
 
@@ -106,28 +111,24 @@ async fn list_packages(State(site): State<Arc<Site>>) -> ApiResult<Vec<PackageIn
 }
 
 async fn add_package(State(site): State<Arc<Site>>, Json(req): Json<AddPackage>) -> ApiResult<PackageInfo> {
-    let name = req.name.trim();
-    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
-        return Err(SiteError::Invalid("package name must be 1–200 printable characters".into()));
-    }
-    let source = std::path::Path::new(&req.source);
-    if !source.is_absolute() {
-        return Err(SiteError::Invalid(format!("source folder {:?} must be an absolute path", req.source)));
-    }
-    match std::fs::metadata(source) {
-        Ok(md) if md.is_dir() => {}
-        Ok(_) => return Err(SiteError::Invalid(format!("source {} is not a folder", source.display()))),
-        Err(e) => {
-            return Err(SiteError::Invalid(format!(
-                "source folder {} cannot be used: {e}; create it or fix the path",
-                source.display()
-            )));
-        }
-    }
-    site.own_state().check_source(source)?;
+    let name = crate::lifecycle::check_package_name(&req.name)?;
+    site.check_source_folder(&req.source)?;
     let p = site.store.create_package(&site.cfg.site_code, name, &req.source).await?;
     tracing::info!(package = %p.id, name = %p.name, source = %req.source, "package added");
     Ok(Json(package_info(&site, p).await?))
+}
+
+async fn set_package(
+    State(site): State<Arc<Site>>,
+    Path(pkg): Path<String>,
+    Json(req): Json<SetPackage>,
+) -> ApiResult<PackageInfo> {
+    let p = site.set_package(&pkg, req).await?;
+    Ok(Json(package_info(&site, p).await?))
+}
+
+async fn delete_package(State(site): State<Arc<Site>>, Path(pkg): Path<String>) -> ApiResult<DeleteReport> {
+    Ok(Json(site.delete_package(&pkg).await?))
 }
 
 async fn show_package(State(site): State<Arc<Site>>, Path(pkg): Path<String>) -> ApiResult<PackageDetail> {

@@ -105,6 +105,7 @@ mod tests {
             created_at: 0,
             fingerprint: None,
             windows: None,
+            validate_every_ms: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use dpsync_agent::daemon::{Layered, MAX_DISK_RESERVE_MIB, Secret, TlsOptions, absolute, layer};
+use dpsync_agent::daemon::{Layered, LogFormat, MAX_DISK_RESERVE_MIB, Secret, TlsOptions, absolute, layer};
 use serde::{Deserialize, Serialize};
 
 use crate::DistConfig;
@@ -55,8 +55,8 @@ pub struct ServerSettings {
     #[arg(long, value_name = "DUR")]
     pub slow_retry: Option<String>,
     /// Source versions kept per package, at least 2 (the current one and the one before,
-    /// for rollback); older ones are pruned and `dpsync gc` collects their content
-    /// [default: 5].
+    /// for rollback); older ones are pruned at each refresh and by `dpsync gc` (unless a
+    /// target is still to be sent one), and `dpsync gc` collects their content [default: 5].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub keep_versions: Option<i64>,
     /// Free space the receiving side (--listen) keeps on the data disk, in MiB [default: 256].
@@ -93,6 +93,10 @@ pub struct ServerSettings {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub strict_trust: Option<bool>,
+    /// Log line format on stderr: `text`, or `json` (one object per line, for journald or
+    /// Loki) [default: text].
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 }
 
 /// The resolved server configuration.
@@ -110,6 +114,8 @@ pub struct ServerConfig {
     pub tls: TlsOptions,
     pub trust: Vec<(String, String)>,
     pub strict_trust: bool,
+    /// How log lines are written on stderr.
+    pub log_format: LogFormat,
     /// TCP address serving only `/metrics`.
     pub metrics_listen: Option<String>,
     /// The TOML file the server was started with (absolute), if any: `dpsync backup`
@@ -132,6 +138,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("tls", &self.tls)
             .field("trust", &self.trust)
             .field("strict_trust", &self.strict_trust)
+            .field("log_format", &self.log_format)
             .field("metrics_listen", &self.metrics_listen)
             .finish()
     }
@@ -189,7 +196,7 @@ impl ServerConfig {
             slow_retry: match s.slow_retry.as_deref() {
                 None => defaults.slow_retry,
                 Some(text) => match dpsync_api::parse_duration(text) {
-                    Ok(d) if (1..=7 * 86_400).contains(&d.as_secs()) => d,
+                    Ok(ms) if (1_000..=7 * 86_400_000).contains(&ms) => Duration::from_millis(ms as u64),
                     Ok(_) => return Err(l.invalid("slow_retry", format!("{text} is out of range (1s–7d)"))),
                     Err(e) => return Err(l.invalid("slow_retry", e)),
                 },
@@ -200,6 +207,7 @@ impl ServerConfig {
         let listen = l.address("listen", s.listen)?;
         let metrics_listen = l.address("metrics_listen", s.metrics_listen)?;
         let listen_token = l.secret(s.token, s.token_file.as_deref())?;
+        let log_format = l.log_format(s.log_format.as_deref())?;
         let receive = l.receive(s.tls_cert, s.tls_key, s.insecure_http, &s.trust, s.strict_trust)?;
         Ok(Self {
             data_dir,
@@ -214,6 +222,7 @@ impl ServerConfig {
             tls: receive.tls,
             trust: receive.trust,
             strict_trust: receive.strict_trust,
+            log_format,
             metrics_listen,
             config_file: None,
         })
@@ -355,7 +364,9 @@ mod tests {
         assert_eq!(resolve(d, None, &[], &["--slow-retry", "2s"]).unwrap().dist.slow_retry.as_secs(), 2);
         assert_eq!(resolve(d, Some("slow_retry = \"6h\"\n"), &[], &[]).unwrap().dist.slow_retry.as_secs(), 6 * 3600);
         let e = err(resolve(d, None, &[("DPSYNC_SLOW_RETRY", "0s")], &[]));
-        assert!(e.starts_with("slow_retry: 0s is out of range (1s–7d)") && e.contains("DPSYNC_SLOW_RETRY"), "{e}");
+        assert!(e.starts_with("slow_retry: \"0s\": a duration must be longer than 0") && e.contains("DPSYNC_SLOW_RETRY"), "{e}");
+        let e = err(resolve(d, None, &[], &["--slow-retry", "500ms"]));
+        assert!(e.starts_with("slow_retry: 500ms is out of range (1s–7d)"), "{e}");
         let e = err(resolve(d, None, &[], &["--slow-retry", "8d"]));
         assert!(e.starts_with("slow_retry: 8d is out of range"), "{e}");
         let e = err(resolve(d, None, &[], &["--slow-retry", "soon"]));

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dpsync_hash::{ChunkId, ContentRoot, DecodeError, DecodeLimits, FileHash, Manifest};
 use dpsync_library::LibraryError;
-use dpsync_store::{Action, Distribution, Outcome, StoreError, Target, TargetKind};
+use dpsync_store::{Action, DistState, Distribution, Outcome, StoreError, Target, TargetKind};
 use dpsync_transfer::client::{RejectReason, Signed, TargetClient, TransferError};
 use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
 use tokio_util::sync::CancellationToken;
@@ -342,7 +342,13 @@ impl Site {
         };
         match self.store.finish(&job.package_id, job.target_id, outcome).await {
             Ok(d) => {
-                tracing::debug!(package = %d.package_id, target = %d.target_name, state = %d.state, "job finished")
+                tracing::debug!(package = %d.package_id, target = %d.target_name, state = %d.state, "job finished");
+                // The last target of a package being deleted dropped it: its rows go.
+                if d.state == DistState::Removed
+                    && let Err(e) = self.finish_deleting(&d.package_id).await
+                {
+                    tracing::warn!(package = %d.package_id, "cannot finish deleting the package: {e}");
+                }
             }
             Err(e) => tracing::error!("cannot record the outcome of {} → {}: {e}", job.package_id, job.target_name),
         }
@@ -1074,6 +1080,7 @@ mod tests {
             created_at: 0,
             fingerprint: None,
             windows: None,
+            validate_every_ms: None,
         }
     }
 

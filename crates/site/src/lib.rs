@@ -12,6 +12,7 @@ pub mod backup;
 mod clients;
 mod config;
 mod distribute;
+mod lifecycle;
 mod metrics;
 mod receive;
 mod refresh;
@@ -80,6 +81,12 @@ pub struct Site {
     pub dist: DistConfig,
     /// Wakes the job runner.
     jobs: tokio::sync::Notify,
+    /// Wakes the scheduler (a schedule changed).
+    schedules: tokio::sync::Notify,
+    /// Scheduled validations running at once (see `lifecycle`).
+    validation_slots: tokio::sync::Semaphore,
+    /// Scheduled runs in progress (`refresh PKG`, `validate TARGET_ID`).
+    scheduled_running: Mutex<HashSet<String>>,
     /// Live progress of running jobs, by (package, target id).
     pub progress: Mutex<HashMap<(String, i64), Progress>>,
     manifest_cache: Mutex<HashMap<(String, i64), WireManifest>>,
@@ -139,6 +146,9 @@ impl Site {
             batch_memory: distribute::Budget::new(dist.batch_memory),
             dist,
             jobs: tokio::sync::Notify::new(),
+            schedules: tokio::sync::Notify::new(),
+            validation_slots: tokio::sync::Semaphore::new(lifecycle::VALIDATIONS_AT_ONCE),
+            scheduled_running: Mutex::new(HashSet::new()),
             progress: Mutex::new(HashMap::new()),
             manifest_cache: Mutex::new(HashMap::new()),
             delta_cache: Mutex::new(HashMap::new()),
@@ -279,6 +289,7 @@ async fn serve(
         "dpsync server ready"
     );
     tokio::spawn(distribute::run_jobs(site.clone(), stop.clone()));
+    tokio::spawn(lifecycle::run_schedules(site.clone(), stop.clone()));
     if let Some(tcp) = listeners.receive {
         serve_receiving(&site, tcp, stop.clone()).await?;
     }

@@ -113,8 +113,29 @@ impl VersionSink for ChildSite {
         serde_json::to_value(report).map_err(|e| ReceiveError::Internal(e.to_string()))
     }
 
-    async fn validate(&self, _core: &Core, _pkg: &str) -> Result<ValidateResponse, ReceiveError> {
-        Err(ReceiveError::BadRequest("a site holds no installed tree to validate; validate its DPs".into()))
+    /// A site holds no tree of its own: it validates its targets (its DPs, and its child
+    /// sites through them in turn), queues their repairs itself, and answers what they
+    /// found, each line prefixed with the target's name (`dp3: big/file.bin`). A target
+    /// it could not validate is reported broken, with why.
+    async fn validate(&self, _core: &Core, pkg: &str) -> Result<ValidateResponse, ReceiveError> {
+        let report = self.site.validate(pkg, None).await.map_err(|e| match e {
+            crate::SiteError::NotFound(m) => ReceiveError::NotFound(m),
+            e => ReceiveError::Internal(e.to_string()),
+        })?;
+        let mut out = ValidateResponse {
+            package: report.package,
+            installed_version: (report.source_version > 0).then_some(report.source_version),
+            ..Default::default()
+        };
+        for t in report.targets {
+            out.files_checked += t.files_checked;
+            out.broken.extend(t.broken.iter().map(|p| format!("{}: {p}", t.name)));
+            if let Some(e) = t.error {
+                out.broken.push(format!("{}: not validated: {e}", t.name));
+            }
+            out.repaired.extend(t.repaired.iter().map(|r| format!("{}: {r}", t.name)));
+        }
+        Ok(out)
     }
 
     fn open_file(&self, pkg: &str, _path: &RelPath) -> Result<ServedFile, ReceiveError> {

@@ -31,8 +31,23 @@ impl Site {
     /// `RefreshPkgSource`. A refresh that fails takes back out of the library what it
     /// stored there and no committed version names ([`Site::take_back_imports`]).
     pub async fn refresh(&self, pkg: &str, req: RefreshRequest) -> Result<RefreshReport, SiteError> {
+        self.refresh_taking_back(pkg, req, false).await
+    }
+
+    /// A scheduled refresh: the same, but a version is committed only when the content
+    /// root changed (`committed` says which).
+    pub(crate) async fn refresh_if_changed(&self, pkg: &str, req: RefreshRequest) -> Result<RefreshReport, SiteError> {
+        self.refresh_taking_back(pkg, req, true).await
+    }
+
+    async fn refresh_taking_back(
+        &self,
+        pkg: &str,
+        req: RefreshRequest,
+        only_if_changed: bool,
+    ) -> Result<RefreshReport, SiteError> {
         let stored_new = Arc::new(StoredNew::default());
-        let result = self.refresh_storing(pkg, req, &stored_new).await;
+        let result = self.refresh_storing(pkg, req, &stored_new, only_if_changed).await;
         if let Err(e) = &result {
             let stored = std::mem::take(&mut *stored_new.0.lock().unwrap());
             self.take_back_imports(pkg, stored, e).await;
@@ -45,9 +60,10 @@ impl Site {
         pkg: &str,
         req: RefreshRequest,
         stored_new: &Arc<StoredNew>,
+        only_if_changed: bool,
     ) -> Result<RefreshReport, SiteError> {
         let started = Instant::now();
-        let package = self.find_package(pkg).await?;
+        let package = self.find_live_package(pkg).await?;
         if package.source_site != self.cfg.site_code {
             return Err(SiteError::Refused(format!(
                 "package {} is owned by site {}; refresh it there (this site, {}, only relays it)",
@@ -107,6 +123,16 @@ impl Site {
         })
         .await
         .context("encoding task")?;
+        if only_if_changed && prev_root.as_deref() == Some(root.to_hex().as_str()) {
+            // Same content: no version, but the stats read now describe it (the package
+            // lock keeps the current version from moving meanwhile).
+            let current = previous.as_ref().map_or(0, |v| v.summary.version);
+            self.store.set_scan_cache(&id, current, &scan_cache).await?;
+            report.source_version = current;
+            report.content_root = prev_root.clone();
+            report.duration_ms = started.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
         let stats = VersionStats {
             files: report.files as i64,
             dirs: report.dirs as i64,
@@ -137,6 +163,7 @@ impl Site {
         report.source_version = record.summary.version;
         let root = root.to_hex();
         report.content_changed = prev_root.as_deref() != Some(root.as_str());
+        report.committed = true;
         report.content_root = Some(root);
         report.targets_queued = self.queued_targets(&id).await?;
         self.metrics.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -188,7 +215,7 @@ fn build(
     report.phases.scan_ms = clock.elapsed().as_millis() as u64;
 
     if req.dry_run {
-        dry_run_report(&plan, previous, &mut report);
+        dry_run_report(&root, &plan, previous, &mut report);
         return Ok(Built { report, version: None });
     }
 
@@ -304,8 +331,18 @@ fn scan_source(
     Ok((root, plan))
 }
 
-/// What a refresh would change, without reading anything (`--dry-run`).
-fn dry_run_report(plan: &dpsync_scan::Plan, previous: Option<&Manifest>, report: &mut RefreshReport) {
+/// What a refresh would change (`--dry-run`), reading only the files the scan cache
+/// cannot vouch for although their size, time and mode still match the previous version
+/// (files modified too recently at the last refresh to trust their stat, or versions
+/// restored by `rollback` with the older version's cache): the real refresh reads them,
+/// finds their content unchanged and commits them as unchanged, so the dry run hashes
+/// them too instead of listing them as changed.
+fn dry_run_report(
+    root: &SourceRoot,
+    plan: &dpsync_scan::Plan,
+    previous: Option<&Manifest>,
+    report: &mut RefreshReport,
+) {
     let prev = previous.map(|m| m.entries()).unwrap_or_default();
     let mut seen = std::collections::HashSet::new();
     for (entry, decision) in &plan.items {
@@ -320,6 +357,7 @@ fn dry_run_report(plan: &dpsync_scan::Plan, previous: Option<&Manifest>, report:
                 report.files_added += 1;
                 push_listed(&mut report.added, entry);
             }
+            (Some(FilePlan::Read), Some(old)) if same_content(root, entry, old) => report.files_unchanged += 1,
             (Some(FilePlan::Read), Some(_)) => {
                 report.files_changed += 1;
                 push_listed(&mut report.changed, entry);
@@ -336,6 +374,22 @@ fn dry_run_report(plan: &dpsync_scan::Plan, previous: Option<&Manifest>, report:
         }
     }
     report.bytes_to_hash = plan.bytes_to_read;
+}
+
+/// Whether a file the refresh must read would come out equal to its previous entry: same
+/// size, modification time and mode, and (read now, beneath the source root) the same
+/// BLAKE3. Any doubt (an unreadable file) counts as a change.
+fn same_content(root: &SourceRoot, entry: &ScanEntry, old: &Entry) -> bool {
+    let EntryKind::File { size, hash, .. } = &old.kind else { return false };
+    if *size != entry.stat.size || old.mtime_ns != entry.stat.mtime_ns || old.mode != entry.mode {
+        return false;
+    }
+    let Ok(file) = root.open_file(&entry.path) else { return false };
+    let mut hasher = blake3::Hasher::new();
+    match hasher.update_reader(&file) {
+        Ok(_) => FileHash::from(hasher.finalize()) == *hash,
+        Err(_) => false,
+    }
 }
 
 /// Counts the new manifest's entries, and what changed against the previous version.

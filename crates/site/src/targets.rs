@@ -58,6 +58,7 @@ pub fn target_info(t: &Target) -> TargetInfo {
         fingerprint: t.fingerprint.clone(),
         created_at: t.created_at,
         windows: crate::windows::Windows::from_stored(t.windows.as_deref()).specs(),
+        validate_every_ms: t.validate_every_ms,
     }
 }
 
@@ -109,6 +110,7 @@ impl Site {
             dpsync_transfer::client::check_target_url(&req.url, fingerprint.is_some()).map_err(SiteError::Invalid)?;
         check_rate_limit(req.rate_limit)?;
         let windows = crate::windows::Windows::parse_all(&req.windows).map_err(SiteError::Invalid)?;
+        crate::lifecycle::check_interval("validation", req.validate_every_ms)?;
         let t = self
             .store
             .add_target(NewTarget {
@@ -128,6 +130,10 @@ impl Site {
         if !assigned.is_empty() {
             self.kick_jobs();
         }
+        let t = match req.validate_every_ms {
+            Some(ms) => self.set_validate_every(&t.name, Some(ms)).await?,
+            None => t,
+        };
         Ok(target_info(&t))
     }
 
@@ -222,7 +228,15 @@ impl Site {
         } else if update.fingerprint.is_some() {
             dpsync_transfer::client::check_target_url(&before.url, pinned).map_err(SiteError::Invalid)?;
         }
-        let (before, after) = self.store.update_target(&before.name, &update).await?;
+        if let Some(every) = req.validate_every_ms {
+            crate::lifecycle::check_interval("validation", every)?;
+        }
+        let (before, mut after) = self.store.update_target(&before.name, &update).await?;
+        if let Some(every) = req.validate_every_ms
+            && every != before.validate_every_ms
+        {
+            after = self.set_validate_every(&after.name, every).await?;
+        }
         let mut changed = Vec::new();
         for (field, differs) in [
             ("url", before.url != after.url),
@@ -231,6 +245,7 @@ impl Site {
             ("group", before.group != after.group),
             ("rate_limit", before.rate_limit != after.rate_limit),
             ("windows", before.windows != after.windows),
+            ("validate_every", before.validate_every_ms != after.validate_every_ms),
         ] {
             if differs {
                 changed.push(field.to_owned());
@@ -339,7 +354,7 @@ impl Site {
     }
 
     pub async fn distribute(&self, pkg: &str, req: DistributeRequest) -> Result<DistributeReport, SiteError> {
-        let p = self.find_package(pkg).await?;
+        let p = self.find_live_package(pkg).await?;
         let mut targets: Vec<Target> = Vec::new();
         for (names, kind) in [(&req.dps, TargetKind::Dp), (&req.sites, TargetKind::Site)] {
             for n in names {
@@ -401,6 +416,9 @@ impl Site {
     }
 
     pub async fn request(&self, pkg: &str, name: &str, action: Action) -> Result<ActionReport, SiteError> {
+        if action != Action::Remove {
+            self.find_live_package(pkg).await?;
+        }
         let (p, t) = self.assigned_target(pkg, name).await?;
         if action != Action::Remove && p.current_version == 0 {
             return Err(SiteError::Refused(format!("{} has no version yet; refresh it first", p.id)));
@@ -418,7 +436,7 @@ impl Site {
     /// Republishes the previous version's content as a new source version: versions
     /// only grow, and every target switches back atomically (it still holds that content).
     pub async fn rollback(&self, pkg: &str) -> Result<RollbackReport, SiteError> {
-        let p = self.find_package(pkg).await?;
+        let p = self.find_live_package(pkg).await?;
         if p.source_site != self.cfg.site_code {
             return Err(SiteError::Refused(format!(
                 "package {} is owned by site {}; roll it back there",
@@ -500,6 +518,7 @@ impl Site {
                 next_attempt_at: d.next_attempt_at,
                 next_window_at: (d.state == DistState::WaitingWindow).then_some(d.next_attempt_at),
                 updated_at: d.updated_at,
+                last_validated_at: d.last_validated_at,
                 targets: vec![],
             })
             .collect();
@@ -561,7 +580,7 @@ impl Site {
 
     /// Asks targets to re-hash their installed files; queues a repair where some are damaged.
     pub async fn validate(&self, pkg: &str, only: Option<&str>) -> Result<ValidateReport, SiteError> {
-        let p = self.find_package(pkg).await?;
+        let p = self.find_live_package(pkg).await?;
         let mut dists = self.store.distributions(&p.id).await?;
         dists.retain(|d| !matches!(d.state, DistState::Removed | DistState::Removing));
         if let Some(name) = only {
@@ -570,58 +589,65 @@ impl Site {
                 return Err(SiteError::NotFound(format!("{} is not distributed to {name}", p.id)));
             }
         }
-        let mut tasks = Vec::new();
-        for d in dists {
-            let client = match self.store.target_by_id(d.target_id).await? {
-                Some(t) => self.clients.get(&t).map_err(|e| e.to_string()),
-                None => Err("target no longer exists".to_owned()),
-            };
-            let pkg_id = p.id.clone();
-            tasks.push(tokio::spawn(async move {
-                let r = match client {
-                    Ok(c) => c.validate(&pkg_id).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
-                };
-                (d, r)
-            }));
-        }
-        let mut out = Vec::new();
-        for task in tasks {
-            let (d, r) = task.await.map_err(|e| SiteError::Internal(e.into()))?;
-            let mut v = TargetValidation {
-                name: d.target_name.clone(),
-                ok: false,
-                files_checked: 0,
-                broken: vec![],
-                error: None,
-                repair_queued: false,
-                repaired: vec![],
-            };
-            match r {
-                Ok(resp) => {
-                    v.files_checked = resp.files_checked;
-                    v.repaired = resp.repaired;
-                    v.ok = resp.broken.is_empty() && resp.installed_version.is_some();
-                    if resp.installed_version.is_none() {
-                        v.error = Some("nothing installed".into());
-                    }
-                    v.broken = resp.broken;
-                    if !v.broken.is_empty() {
-                        let msg = format!("validation: {} damaged files, e.g. {}", v.broken.len(), v.broken[0]);
-                        self.store
-                            .finish(&p.id, d.target_id, dpsync_store::Outcome::ValidationFailed { error: msg })
-                            .await
-                            .ok();
-                        self.store.request_action(&p.id, d.target_id, Action::Install, p.current_version).await?;
-                        v.repair_queued = true;
-                    }
-                }
-                Err(e) => v.error = Some(e),
-            }
-            out.push(v);
-        }
+        let checks = dists.into_iter().map(|d| self.validate_one(&p, d));
+        let out = futures::future::join_all(checks).await.into_iter().collect::<Result<Vec<_>, _>>()?;
         self.kick_jobs();
         Ok(ValidateReport { package: p.id, source_version: p.current_version, targets: out })
+    }
+
+    /// Asks one target to check its content of `p` (a DP checks its tree and puts right
+    /// what it can by itself; a child site validates its own DPs) and queues the repair
+    /// of what is damaged: an install of the current version, which sends only the
+    /// content the target dropped. Records when the target was validated.
+    pub(crate) async fn validate_one(
+        &self,
+        p: &dpsync_store::Package,
+        d: dpsync_store::Distribution,
+    ) -> Result<TargetValidation, SiteError> {
+        let target = self.store.target_by_id(d.target_id).await?;
+        let kind = target.as_ref().map(|t| t.kind);
+        let r = match target {
+            Some(t) => match self.clients.get(&t) {
+                Ok(c) => c.validate(&p.id).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            None => Err("target no longer exists".to_owned()),
+        };
+        let mut v = TargetValidation {
+            name: d.target_name.clone(),
+            ok: false,
+            files_checked: 0,
+            broken: vec![],
+            error: None,
+            repair_queued: false,
+            repaired: vec![],
+        };
+        match r {
+            Ok(resp) => {
+                v.files_checked = resp.files_checked;
+                v.repaired = resp.repaired;
+                v.ok = resp.broken.is_empty() && resp.installed_version.is_some();
+                if resp.installed_version.is_none() {
+                    v.error = Some("nothing installed".into());
+                }
+                v.broken = resp.broken;
+                self.store.record_validated(&p.id, d.target_id, dpsync_store::now_ms()).await?;
+                if !v.broken.is_empty() && kind == Some(TargetKind::Site) {
+                    // The child site queued the repair of its own DPs.
+                    v.repair_queued = true;
+                } else if !v.broken.is_empty() {
+                    let msg = format!("validation: {} damaged files, e.g. {}", v.broken.len(), v.broken[0]);
+                    self.store
+                        .finish(&p.id, d.target_id, dpsync_store::Outcome::ValidationFailed { error: msg })
+                        .await
+                        .ok();
+                    self.store.request_action(&p.id, d.target_id, Action::Install, p.current_version).await?;
+                    v.repair_queued = true;
+                }
+            }
+            Err(e) => v.error = Some(e),
+        }
+        Ok(v)
     }
 }
 

@@ -205,6 +205,7 @@ impl Cluster {
                 rate_limit: None,
                 fingerprint: None,
                 windows: vec![],
+                validate_every_ms: None,
             };
             let _: TargetInfo = c.call("dp add", c.client.post("/v1/targets", &add)).await;
         }

@@ -24,7 +24,7 @@ macro_rules! dist_select {
         "SELECT d.package_id, d.target_id, t.name AS target_name, t.kind AS target_kind, \
          d.state, d.action, d.desired_version, d.installed_version, d.attempts, \
          d.next_attempt_at, d.last_error, d.last_error_at, d.bytes_sent_last, d.bytes_sent_total, d.updated_at, \
-         d.window_wait \
+         d.window_wait, d.last_validated_at \
          FROM distributions d JOIN targets t ON t.id = d.target_id "
     };
 }
@@ -35,6 +35,13 @@ macro_rules! claimable {
     () => {
         "state IN ('pending', 'retrying', 'removing', 'failed') \
          AND (desired_version > 0 OR action = 'remove')"
+    };
+}
+
+/// Due jobs of higher-priority packages first (`packages.priority`: 2 high … 0 low).
+macro_rules! by_priority {
+    () => {
+        "(SELECT p.priority FROM packages p WHERE p.id = distributions.package_id) DESC"
     };
 }
 
@@ -63,6 +70,7 @@ fn dist_from_row(row: &AnyRow) -> Result<Distribution> {
         bytes_sent_last: row.try_get("bytes_sent_last")?,
         bytes_sent_total: row.try_get("bytes_sent_total")?,
         updated_at: row.try_get("updated_at")?,
+        last_validated_at: row.try_get("last_validated_at")?,
     })
 }
 
@@ -92,12 +100,21 @@ impl Store {
     ///   [`Store::retry_now`]).
     /// * Any other existing row: unchanged.
     ///
-    /// `NotFound` if the package or target does not exist.
+    /// `NotFound` if the package or target does not exist; `Conflict` if the package is
+    /// being deleted.
     pub async fn assign(&self, package_id: &str, target_id: i64) -> Result<Distribution> {
         let id = normalize_id(package_id);
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         let current = lock_package(self, &mut tx, &id, Lock::Share).await?;
+        let deleting: Option<i64> = sqlx::query("SELECT deleting_since FROM packages WHERE id = $1")
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("deleting_since")?;
+        if deleting.is_some() {
+            return Err(StoreError::Conflict(format!("package {id} is being deleted; it cannot be distributed")));
+        }
         if sqlx::query("SELECT id FROM targets WHERE id = $1").bind(target_id).fetch_optional(&mut *tx).await?.is_none()
         {
             return Err(StoreError::NotFound(format!("target id {target_id}")));
@@ -290,8 +307,8 @@ impl Store {
     }
 
     /// Atomically takes up to `limit` due rows (state `pending`/`retrying`/`removing`,
-    /// `next_attempt_at <= now_ms`, and a version to install or a removal to do), oldest due
-    /// first, marks them `in_progress`, increments `attempts` and returns them (with their
+    /// `next_attempt_at <= now_ms`, and a version to install or a removal to do), those of
+    /// higher-priority packages first, then oldest due first, marks them `in_progress`, increments `attempts` and returns them (with their
     /// action, so removals stay identifiable). A row is never returned to two claimers:
     /// PostgreSQL uses `FOR UPDATE SKIP LOCKED`, SQLite one `BEGIN IMMEDIATE` transaction.
     pub async fn claim_due(&self, now_ms: i64, limit: i64) -> Result<Vec<Distribution>> {
@@ -307,7 +324,9 @@ impl Store {
                  WHERE rowid IN (SELECT rowid FROM distributions WHERE ",
                 claimable!(),
                 " AND next_attempt_at <= $2 \
-                   ORDER BY next_attempt_at, package_id, target_id LIMIT $3)"
+                   ORDER BY ",
+                by_priority!(),
+                ", next_attempt_at, package_id, target_id LIMIT $3)"
             ),
             Backend::Postgres => concat!(
                 "UPDATE distributions SET state = 'in_progress', attempts = attempts + 1, \
@@ -316,7 +335,9 @@ impl Store {
                    FROM distributions WHERE ",
                 claimable!(),
                 " AND next_attempt_at <= $2 \
-                   ORDER BY next_attempt_at, package_id, target_id LIMIT $3 \
+                   ORDER BY ",
+                by_priority!(),
+                ", next_attempt_at, package_id, target_id LIMIT $3 \
                    FOR UPDATE SKIP LOCKED) \
                  AND ",
                 claimable!()
@@ -326,7 +347,8 @@ impl Store {
         let rows = sqlx::query(concat!(
             dist_select!(),
             "WHERE d.claim_token = $1 AND d.state = 'in_progress' \
-             ORDER BY d.next_attempt_at, d.package_id, d.target_id"
+             ORDER BY (SELECT p.priority FROM packages p WHERE p.id = d.package_id) DESC, \
+               d.next_attempt_at, d.package_id, d.target_id"
         ))
         .bind(token)
         .fetch_all(&mut *tx)
@@ -509,4 +531,23 @@ async fn select_one(
         .as_ref()
         .map(dist_from_row)
         .transpose()
+}
+
+impl Store {
+    /// Records that a validation checked the package's content on the target at `at`.
+    /// `NotFound` if not assigned.
+    pub async fn record_validated(&self, package_id: &str, target_id: i64, at: i64) -> Result<()> {
+        let id = normalize_id(package_id);
+        let done =
+            sqlx::query("UPDATE distributions SET last_validated_at = $3 WHERE package_id = $1 AND target_id = $2")
+                .bind(&id)
+                .bind(target_id)
+                .bind(at)
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(not_assigned(&id, target_id));
+        }
+        Ok(())
+    }
 }

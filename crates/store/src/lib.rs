@@ -42,12 +42,19 @@ use crate::migrate::{SITE_POSTGRES, SITE_SQLITE};
 pub use error::{Result, StoreError};
 pub use snapshot::snapshot_sqlite_file;
 pub use types::{
-    Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageVersion, StateCount,
-    Target, TargetKind, TargetUpdate, VersionRecord, VersionStats, VersionSummary,
+    Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageUpdate, PackageVersion,
+    Priority, StateCount, Target, TargetKind, TargetUpdate, ValidationSchedule, VersionRecord, VersionStats,
+    VersionSummary,
 };
 
 /// Newest schema version this build knows (the highest migration number).
 pub const SCHEMA_VERSION: i64 = SITE_SQLITE.latest();
+
+/// Every site-store schema version this build applies, in order (what
+/// `schema_migrations` holds once a database is up to date).
+pub fn schema_versions() -> Vec<i64> {
+    SITE_SQLITE.migrations.iter().map(|m| m.version).collect()
+}
 
 const SQLITE_POOL_SIZE: u32 = 4;
 const POSTGRES_POOL_SIZE: u32 = 5;

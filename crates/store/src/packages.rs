@@ -5,14 +5,15 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
 use crate::error::{Result, StoreError, is_unique_violation};
-use crate::{Backend, Package, PackageVersion, Store, now_ms};
+use crate::{Backend, Package, PackageUpdate, PackageVersion, Priority, Store, now_ms};
 
 /// Highest package number that fits in 5 hex digits.
 const MAX_PACKAGE_SEQ: i64 = 0xF_FFFF;
 
 macro_rules! package_columns {
     () => {
-        "id, name, source_path, source_site, current_version, created_at"
+        "id, name, source_path, source_site, current_version, created_at, priority, refresh_every_ms, \
+         next_refresh_at, schedule_error, deleting_since"
     };
 }
 
@@ -24,6 +25,11 @@ pub(crate) fn package_from_row(row: &AnyRow) -> Result<Package> {
         source_site: row.try_get("source_site")?,
         current_version: row.try_get("current_version")?,
         created_at: row.try_get("created_at")?,
+        priority: Priority::from_rank(row.try_get("priority")?)?,
+        refresh_every_ms: row.try_get("refresh_every_ms")?,
+        next_refresh_at: row.try_get("next_refresh_at")?,
+        schedule_error: row.try_get("schedule_error")?,
+        deleting_since: row.try_get("deleting_since")?,
     })
 }
 
@@ -111,6 +117,11 @@ impl Store {
             source_site: site,
             current_version: 0,
             created_at: now_ms(),
+            priority: Priority::default(),
+            refresh_every_ms: None,
+            next_refresh_at: None,
+            schedule_error: None,
+            deleting_since: None,
         };
         insert_package(&mut tx, &pkg).await?;
         tx.commit().await?;
@@ -178,6 +189,11 @@ impl Store {
             source_site,
             current_version: 0,
             created_at: now_ms(),
+            priority: Priority::default(),
+            refresh_every_ms: None,
+            next_refresh_at: None,
+            schedule_error: None,
+            deleting_since: None,
         };
         insert_package(&mut tx, &pkg).await?;
         tx.commit().await?;
@@ -235,6 +251,215 @@ impl Store {
             return Err(StoreError::NotFound(format!("package {id}")));
         }
         Ok(())
+    }
+}
+
+impl Store {
+    /// Changes a package's settings ([`PackageUpdate`]); returns the package as it is now.
+    /// A new schedule is first due one interval from now; removing it clears the due time
+    /// and the last schedule error. `NotFound` if the package does not exist, `Conflict`
+    /// if the new name is taken.
+    pub async fn update_package(&self, id: &str, update: &PackageUpdate) -> Result<Package> {
+        let id = normalize_id(id);
+        if let Some(name) = &update.name {
+            check_name(name)?;
+        }
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        lock_package(self, &mut tx, &id, Lock::Update).await?;
+        if let Some(name) = &update.name {
+            sqlx::query("UPDATE packages SET name = $2 WHERE id = $1")
+                .bind(&id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| name_conflict(e, name, &id))?;
+        }
+        if let Some(path) = &update.source_path {
+            sqlx::query("UPDATE packages SET source_path = $2 WHERE id = $1")
+                .bind(&id)
+                .bind(path)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(p) = update.priority {
+            sqlx::query("UPDATE packages SET priority = $2 WHERE id = $1")
+                .bind(&id)
+                .bind(p.rank())
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(every) = update.refresh_every_ms {
+            if every.is_some_and(|ms| ms <= 0) {
+                return Err(StoreError::InvalidInput("a refresh schedule must be longer than 0".into()));
+            }
+            sqlx::query(
+                "UPDATE packages SET refresh_every_ms = $2, next_refresh_at = $3, schedule_error = NULL WHERE id = $1",
+            )
+            .bind(&id)
+            .bind(every)
+            .bind(every.map(|ms| now.saturating_add(ms)))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let row = sqlx::query(concat!("SELECT ", package_columns!(), " FROM packages WHERE id = $1"))
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let pkg = package_from_row(&row)?;
+        tx.commit().await?;
+        Ok(pkg)
+    }
+
+    /// Packages whose scheduled refresh is due at `now` (not those being deleted), by due time.
+    pub async fn due_refreshes(&self, now: i64) -> Result<Vec<Package>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            package_columns!(),
+            " FROM packages WHERE refresh_every_ms IS NOT NULL AND next_refresh_at <= $1 \
+               AND deleting_since IS NULL ORDER BY next_refresh_at, id"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(package_from_row)
+        .collect()
+    }
+
+    /// Takes a due scheduled refresh: moves `next_refresh_at` from `due` to `next`, unless
+    /// someone else (another server node, a changed schedule) moved it first. Returns
+    /// whether this caller runs it. Computing `next` from the time of the run, not from
+    /// `due`, is what keeps missed runs from piling up: however many were missed, one runs.
+    pub async fn take_scheduled_refresh(&self, id: &str, due: i64, next: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE packages SET next_refresh_at = $3 WHERE id = $1 AND next_refresh_at = $2 \
+               AND refresh_every_ms IS NOT NULL AND deleting_since IS NULL",
+        )
+        .bind(normalize_id(id))
+        .bind(due)
+        .bind(next)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records why a scheduled refresh failed (`None`: it succeeded).
+    pub async fn set_schedule_error(&self, id: &str, error: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE packages SET schedule_error = $2 WHERE id = $1")
+            .bind(normalize_id(id))
+            .bind(error)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The earliest due time of any schedule (package refreshes, target validations), or
+    /// `None` when nothing is scheduled: how long the scheduler may sleep.
+    pub async fn next_scheduled_at(&self) -> Result<Option<i64>> {
+        let refresh: Option<i64> = sqlx::query(
+            "SELECT MIN(next_refresh_at) AS due FROM packages \
+             WHERE refresh_every_ms IS NOT NULL AND deleting_since IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("due")?;
+        let validate: Option<i64> =
+            sqlx::query("SELECT MIN(next_validate_at) AS due FROM targets WHERE validate_every_ms IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("due")?;
+        Ok(match (refresh, validate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// `package delete`: marks the package as being deleted (its schedule stops) and asks
+    /// every target that has not dropped it yet to remove it (action `remove`, state
+    /// `removing`, due now; an `in_progress` job is re-queued as a removal when it
+    /// finishes). Idempotent: asking again re-queues removals that failed. Returns the
+    /// package as it is now. `NotFound` if it does not exist.
+    pub async fn start_deleting(&self, id: &str) -> Result<Package> {
+        let id = normalize_id(id);
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        lock_package(self, &mut tx, &id, Lock::Update).await?;
+        sqlx::query(
+            "UPDATE packages SET deleting_since = COALESCE(deleting_since, $2), refresh_every_ms = NULL, \
+               next_refresh_at = NULL WHERE id = $1",
+        )
+        .bind(&id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE distributions SET action = 'remove', \
+               state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'removing' END, \
+               attempts = 0, next_attempt_at = $2, last_error = NULL, bytes_sent_last = 0, \
+               generation = generation + 1, updated_at = $2 \
+             WHERE package_id = $1 AND state <> 'removed'",
+        )
+        .bind(&id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(concat!("SELECT ", package_columns!(), " FROM packages WHERE id = $1"))
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let pkg = package_from_row(&row)?;
+        tx.commit().await?;
+        Ok(pkg)
+    }
+
+    /// Deletes a package being deleted once every target has dropped it (every
+    /// distribution `removed`, or none): its distributions, versions and row, in one
+    /// transaction. Returns whether it was deleted; `false` while a target still holds it
+    /// or if the package is not being deleted (or is gone already).
+    pub async fn finish_deleting(&self, id: &str) -> Result<bool> {
+        let id = normalize_id(id);
+        let mut tx = self.begin_write().await?;
+        let since: Option<i64> = match lock_package(self, &mut tx, &id, Lock::Update).await {
+            Ok(_) => sqlx::query("SELECT deleting_since FROM packages WHERE id = $1")
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("deleting_since")?,
+            Err(StoreError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if since.is_none() {
+            return Ok(false);
+        }
+        let left: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM distributions WHERE package_id = $1 AND state <> 'removed'")
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+        if left > 0 {
+            return Ok(false);
+        }
+        for sql in [
+            "DELETE FROM distributions WHERE package_id = $1",
+            "DELETE FROM versions WHERE package_id = $1",
+            "DELETE FROM packages WHERE id = $1",
+        ] {
+            sqlx::query(sql).bind(&id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Ids of the packages being deleted.
+    pub async fn deleting_packages(&self) -> Result<Vec<String>> {
+        sqlx::query("SELECT id FROM packages WHERE deleting_since IS NOT NULL ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok(r.try_get("id")?))
+            .collect()
     }
 }
 

@@ -5,11 +5,11 @@ use sqlx::any::AnyRow;
 
 use crate::error::{Result, StoreError, is_unique_violation};
 use crate::packages::normalize_id;
-use crate::{NewTarget, Store, Target, TargetUpdate, now_ms};
+use crate::{NewTarget, Store, Target, TargetUpdate, ValidationSchedule, now_ms};
 
 macro_rules! target_columns {
     () => {
-        "id, name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint, windows"
+        "id, name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint, windows, validate_every_ms"
     };
 }
 
@@ -26,6 +26,7 @@ fn target_from_row(row: &AnyRow) -> Result<Target> {
         created_at: row.try_get("created_at")?,
         fingerprint: row.try_get("tls_fingerprint")?,
         windows: row.try_get("windows")?,
+        validate_every_ms: row.try_get("validate_every_ms")?,
     })
 }
 
@@ -72,6 +73,7 @@ impl Store {
             created_at: now,
             fingerprint: new.fingerprint,
             windows: new.windows,
+            validate_every_ms: None,
         })
     }
 
@@ -226,4 +228,77 @@ impl Store {
             .await?;
         rows.iter().map(|r| Ok(r.try_get("grp")?)).collect()
     }
+}
+
+impl Store {
+    /// Sets (`Some((every, first))`: every `every` ms, first due at `first`) or removes
+    /// (`None`) the scheduled validation of a target. `NotFound` if it does not exist.
+    pub async fn set_validation_schedule(&self, target_id: i64, schedule: Option<(i64, i64)>) -> Result<()> {
+        if schedule.is_some_and(|(every, _)| every <= 0) {
+            return Err(StoreError::InvalidInput("a validation interval must be longer than 0".into()));
+        }
+        let done = sqlx::query("UPDATE targets SET validate_every_ms = $2, next_validate_at = $3 WHERE id = $1")
+            .bind(target_id)
+            .bind(schedule.map(|s| s.0))
+            .bind(schedule.map(|s| s.1))
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("target id {target_id}")));
+        }
+        Ok(())
+    }
+
+    /// The scheduled validation of a target, if it has one.
+    pub async fn validation_schedule(&self, target_id: i64) -> Result<Option<ValidationSchedule>> {
+        sqlx::query(
+            "SELECT id, name, validate_every_ms, next_validate_at FROM targets \
+             WHERE id = $1 AND validate_every_ms IS NOT NULL",
+        )
+        .bind(target_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(schedule_from_row)
+        .transpose()
+    }
+
+    /// Targets whose scheduled validation is due at `now`, by due time.
+    pub async fn due_validations(&self, now: i64) -> Result<Vec<ValidationSchedule>> {
+        sqlx::query(
+            "SELECT id, name, validate_every_ms, next_validate_at FROM targets \
+             WHERE validate_every_ms IS NOT NULL AND next_validate_at <= $1 ORDER BY next_validate_at, id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(schedule_from_row)
+        .collect()
+    }
+
+    /// Takes a due validation: moves `next_validate_at` from `due` to `next` unless it was
+    /// moved meanwhile; returns whether this caller runs it (see
+    /// [`Store::take_scheduled_refresh`]).
+    pub async fn take_scheduled_validation(&self, target_id: i64, due: i64, next: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE targets SET next_validate_at = $3 WHERE id = $1 AND next_validate_at = $2 \
+               AND validate_every_ms IS NOT NULL",
+        )
+        .bind(target_id)
+        .bind(due)
+        .bind(next)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn schedule_from_row(row: &AnyRow) -> Result<ValidationSchedule> {
+    Ok(ValidationSchedule {
+        target_id: row.try_get("id")?,
+        target_name: row.try_get("name")?,
+        every_ms: row.try_get("validate_every_ms")?,
+        next_at: row.try_get("next_validate_at")?,
+    })
 }

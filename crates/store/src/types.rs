@@ -146,6 +146,91 @@ pub struct Package {
     pub current_version: i64,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// Its jobs are claimed before those of lower priority.
+    pub priority: Priority,
+    /// Refreshed on a schedule every so many milliseconds (`None`: only by hand).
+    pub refresh_every_ms: Option<i64>,
+    /// When the next scheduled refresh is due (unix milliseconds).
+    pub next_refresh_at: Option<i64>,
+    /// Why the last scheduled refresh failed; `None` once one succeeds.
+    pub schedule_error: Option<String>,
+    /// Set by `package delete` (unix milliseconds): the package is being removed from
+    /// its targets, and its rows go once every target dropped it.
+    pub deleting_since: Option<i64>,
+}
+
+/// How early a package's jobs are claimed among the jobs that are due.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Low,
+    #[default]
+    Medium,
+    High,
+}
+
+impl Priority {
+    /// The stored rank: 2 high, 1 medium, 0 low (claimed in descending order).
+    pub fn rank(self) -> i64 {
+        match self {
+            Priority::Low => 0,
+            Priority::Medium => 1,
+            Priority::High => 2,
+        }
+    }
+
+    pub fn from_rank(rank: i64) -> Result<Self, StoreError> {
+        match rank {
+            0 => Ok(Priority::Low),
+            1 => Ok(Priority::Medium),
+            2 => Ok(Priority::High),
+            other => Err(StoreError::InvalidInput(format!("unknown package priority rank {other}"))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Medium => "medium",
+            Priority::High => "high",
+        }
+    }
+}
+
+impl FromStr for Priority {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "low" => Ok(Priority::Low),
+            "medium" => Ok(Priority::Medium),
+            "high" => Ok(Priority::High),
+            other => {
+                Err(StoreError::InvalidInput(format!("unknown priority {other:?} (expected high, medium or low)")))
+            }
+        }
+    }
+}
+
+/// What `package set` changes (`None`: unchanged).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackageUpdate {
+    pub name: Option<String>,
+    pub source_path: Option<String>,
+    pub priority: Option<Priority>,
+    /// `Some(Some(ms))` sets a refresh schedule (first run `ms` from now), `Some(None)`
+    /// removes it.
+    pub refresh_every_ms: Option<Option<i64>>,
+}
+
+/// A target's scheduled validation (see [`Store::set_validation_schedule`](crate::Store::set_validation_schedule)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationSchedule {
+    pub target_id: i64,
+    pub target_name: String,
+    pub every_ms: i64,
+    /// When the next run is due (unix milliseconds).
+    pub next_at: i64,
 }
 
 /// Statistics of one source version, as measured by the scan and import.
@@ -274,6 +359,9 @@ pub struct Target {
     /// Send windows, one canonical spec per line (`None`: always open).
     #[serde(default)]
     pub windows: Option<String>,
+    /// Validate the target's content every so many milliseconds (`None`: not scheduled).
+    #[serde(default)]
+    pub validate_every_ms: Option<i64>,
 }
 
 const REDACTED: &str = "<redacted>";
@@ -394,6 +482,8 @@ pub struct Distribution {
     pub bytes_sent_total: i64,
     /// Unix milliseconds.
     pub updated_at: i64,
+    /// When a validation last checked this package's content on the target (unix ms).
+    pub last_validated_at: Option<i64>,
 }
 
 /// How many distributions to one kind of target are in one state (a row of

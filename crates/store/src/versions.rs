@@ -139,6 +139,19 @@ impl Store {
         })
     }
 
+    /// Replaces the scan cache of a retained version (a scheduled refresh that found the
+    /// same content keeps the stats it read, so the next one need not read those files
+    /// again). Returns whether the version was there.
+    pub async fn set_scan_cache(&self, package_id: &str, version: i64, scan_cache: &[u8]) -> Result<bool> {
+        let done = sqlx::query("UPDATE versions SET scan_cache = $3 WHERE package_id = $1 AND version = $2")
+            .bind(normalize_id(package_id))
+            .bind(version)
+            .bind(scan_cache)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// One version with its blobs, or `None` (also if pruned).
     pub async fn version(&self, package_id: &str, version: i64) -> Result<Option<VersionRecord>> {
         sqlx::query(concat!(
@@ -220,9 +233,11 @@ impl Store {
     }
 
     /// Deletes old version rows of a package, keeping the newest `keep_last` (at least 1),
-    /// the current version, and any version a live distribution of the package wants
-    /// (`desired_version` of a row not `removed`). Returns how many rows were deleted.
-    /// `NotFound` if the package does not exist.
+    /// the current version, and any version a distribution is still to install (the
+    /// `desired_version` of a row that is neither `removed` nor a removal: a removal sends
+    /// no content, so a removal queued for a DP that is down does not pin the version the
+    /// row named when it was asked). Returns how many rows were deleted. `NotFound` if the
+    /// package does not exist.
     pub async fn prune_versions(&self, package_id: &str, keep_last: i64) -> Result<u64> {
         let id = normalize_id(package_id);
         let keep = keep_last.max(1);
@@ -233,7 +248,8 @@ impl Store {
                AND version NOT IN (SELECT v.version FROM versions v WHERE v.package_id = $1 \
                                    ORDER BY v.version DESC LIMIT $3) \
                AND version NOT IN (SELECT d.desired_version FROM distributions d \
-                                   WHERE d.package_id = $1 AND d.state <> 'removed')",
+                                   WHERE d.package_id = $1 AND d.state NOT IN ('removing', 'removed') \
+                                     AND d.action <> 'remove')",
         )
         .bind(&id)
         .bind(current)

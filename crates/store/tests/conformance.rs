@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dpsync_hash::{ChunkId, ContentRoot, FileHash};
 use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged, StagedChunk};
 use dpsync_store::{
-    Action, Backend, DistState, NewTarget, NewVersion, Outcome, PackageVersion, StateCount, Store, StoreError,
-    TargetKind, TargetUpdate, VersionStats,
+    Action, Backend, DistState, NewTarget, NewVersion, Outcome, PackageUpdate, PackageVersion, Priority, StateCount,
+    Store, StoreError, TargetKind, TargetUpdate, VersionStats,
 };
 use sqlx::Connection;
 
@@ -173,6 +173,10 @@ conformance!(
     garbled_content_root_is_an_error_naming_the_table,
     aggregate_counts_for_metrics,
     waiting_for_a_send_window,
+    package_settings_and_schedules,
+    higher_priority_jobs_are_claimed_first,
+    deleting_a_package_waits_for_every_target,
+    validation_schedules,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -836,21 +840,26 @@ async fn prune_versions_keeps_current_and_wanted(db: &Db) {
     db.assign(&p.id, t).await.unwrap();
     db.request_action(&p.id, t, Action::Install, 4).await.unwrap();
     assert_eq!(db.prune_versions(&p.id, 1).await.unwrap(), 0);
-    db.request_action(&p.id, t, Action::Install, 5).await.unwrap();
+    // A removal (queued for a DP that is down) sends no content: it pins no version.
+    db.request_action(&p.id, t, Action::Remove, 4).await.unwrap();
+    assert_eq!(db.prune_versions(&p.id, 1).await.unwrap(), 1, "a queued removal does not keep version 4");
+    db.commit_version(&p.id, new_version("v5 again")).await.unwrap();
+    db.assign(&p.id, t).await.unwrap();
+    db.request_action(&p.id, t, Action::Install, 6).await.unwrap();
 
     // keep_last 0 never deletes the current version.
     assert_eq!(db.prune_versions(&p.id, 0).await.unwrap(), 1);
     let left: Vec<i64> = db.versions(&p.id).await.unwrap().iter().map(|v| v.version).collect();
-    assert_eq!(left, vec![5]);
-    assert!(db.version(&p.id, 4).await.unwrap().is_none());
+    assert_eq!(left, vec![6]);
+    assert!(db.version(&p.id, 5).await.unwrap().is_none());
 
     // Pruning never makes numbers repeat.
-    let v = db.commit_version(&p.id, new_version("v6")).await.unwrap();
-    assert_eq!(v.summary.version, 6);
+    let v = db.commit_version(&p.id, new_version("v7")).await.unwrap();
+    assert_eq!(v.summary.version, 7);
 
     let mut live = db.live_file_hashes().await.unwrap();
     live.sort();
-    let mut want = vec![b"manifest v5".to_vec(), b"manifest v6".to_vec(), b"manifest a".to_vec()];
+    let mut want = vec![b"manifest v5 again".to_vec(), b"manifest v7".to_vec(), b"manifest a".to_vec()];
     want.sort();
     assert_eq!(live, want);
     assert_eq!(db.versions(&other).await.unwrap().len(), 1, "other packages untouched");
@@ -894,7 +903,7 @@ async fn migrations_are_idempotent(db: &Db) {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(rows, (1..=dpsync_store::SCHEMA_VERSION).collect::<Vec<_>>());
+    assert_eq!(rows, dpsync_store::schema_versions());
     conn.close().await.unwrap();
 }
 
@@ -1246,7 +1255,7 @@ async fn site_database_at_an_older_schema_is_upgraded() {
         .fetch_all(&mut raw_sqlite(&path).await)
         .await
         .unwrap();
-    assert_eq!(applied, (1..=dpsync_store::SCHEMA_VERSION).collect::<Vec<_>>());
+    assert_eq!(applied, dpsync_store::schema_versions());
     store.close().await;
 }
 
@@ -1470,4 +1479,139 @@ async fn agent_newer_schema_is_refused() {
         .await;
     raw.close().await.unwrap();
     refused(AgentDb::open(&path).await);
+}
+
+async fn package_settings_and_schedules(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    assert_eq!((p.priority, p.refresh_every_ms, p.deleting_since), (Priority::Medium, None, None));
+    db.create_package("PS1", "Taken", "/src2").await.unwrap();
+    let before = now();
+    let update = PackageUpdate {
+        name: Some("Office 2".into()),
+        source_path: Some("/new".into()),
+        priority: Some(Priority::High),
+        refresh_every_ms: Some(Some(60_000)),
+    };
+    let u = db.update_package(&p.id, &update).await.unwrap();
+    assert_eq!((u.name.as_str(), u.source_path.as_deref(), u.priority), ("Office 2", Some("/new"), Priority::High));
+    let due = u.next_refresh_at.unwrap();
+    assert!(due >= before + 60_000 && u.refresh_every_ms == Some(60_000), "{u:?}");
+    assert_eq!(db.package(&p.id).await.unwrap().unwrap(), u, "what update_package returns is what is stored");
+    let taken = PackageUpdate { name: Some("Taken".into()), ..Default::default() };
+    assert!(matches!(db.update_package(&p.id, &taken).await, Err(StoreError::Conflict(_))));
+    assert!(db.update_package("PS1FFFFF", &taken).await.unwrap_err().is_not_found());
+
+    // Due, taken once (compare-and-set on the due time), then due again an interval later.
+    assert!(db.due_refreshes(due - 1).await.unwrap().is_empty());
+    assert_eq!(db.due_refreshes(due).await.unwrap().len(), 1);
+    assert_eq!(db.next_scheduled_at().await.unwrap(), Some(due));
+    assert!(db.take_scheduled_refresh(&p.id, due, due + 500).await.unwrap());
+    assert!(!db.take_scheduled_refresh(&p.id, due, due + 900).await.unwrap(), "taken twice");
+    assert!(db.due_refreshes(due).await.unwrap().is_empty());
+    db.set_schedule_error(&p.id, Some("source missing")).await.unwrap();
+    assert_eq!(db.package(&p.id).await.unwrap().unwrap().schedule_error.as_deref(), Some("source missing"));
+
+    // A scheduled refresh that found the same content keeps the stats it read.
+    db.commit_version(&p.id, new_version("a")).await.unwrap();
+    assert!(db.set_scan_cache(&p.id, 1, b"newer stats").await.unwrap());
+    assert_eq!(db.version(&p.id, 1).await.unwrap().unwrap().scan_cache, b"newer stats");
+    assert!(!db.set_scan_cache(&p.id, 2, b"x").await.unwrap(), "no version 2");
+
+    let off =
+        db.update_package(&p.id, &PackageUpdate { refresh_every_ms: Some(None), ..Default::default() }).await.unwrap();
+    assert_eq!((off.refresh_every_ms, off.next_refresh_at, off.schedule_error), (None, None, None));
+    assert_eq!(db.next_scheduled_at().await.unwrap(), None);
+}
+
+async fn higher_priority_jobs_are_claimed_first(db: &Db) {
+    let t = target(db, "dp1").await;
+    let low = package_v1(db, "A low").await;
+    let medium = package_v1(db, "B medium").await;
+    let high = package_v1(db, "C high").await;
+    for (id, p) in [(&low, Priority::Low), (&high, Priority::High)] {
+        db.update_package(id, &PackageUpdate { priority: Some(p), ..Default::default() }).await.unwrap();
+    }
+    // Assigned oldest first: low, medium, high.
+    for id in [&low, &medium, &high] {
+        db.assign(id, t).await.unwrap();
+    }
+    let order: Vec<String> = {
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            out.extend(db.claim_due(soon(), 1).await.unwrap().into_iter().map(|d| d.package_id));
+        }
+        out
+    };
+    assert_eq!(order, [high.clone(), medium.clone(), low.clone()]);
+    // Within one claim, the same order.
+    for id in [&low, &medium, &high] {
+        db.finish(id, t, Outcome::Installed { version: 1 }).await.unwrap();
+        db.request_action(id, t, Action::Redistribute, 1).await.unwrap();
+    }
+    let all: Vec<String> = db.claim_due(soon(), 3).await.unwrap().into_iter().map(|d| d.package_id).collect();
+    assert_eq!(all, [high, medium, low]);
+}
+
+async fn deleting_a_package_waits_for_every_target(db: &Db) {
+    let (t1, t2) = (target(db, "dp1").await, target(db, "dp2").await);
+    let id = package_v1(db, "Office").await;
+    let other = package_v1(db, "Other").await;
+    db.assign(&id, t1).await.unwrap();
+    db.assign(&id, t2).await.unwrap();
+    db.update_package(&id, &PackageUpdate { refresh_every_ms: Some(Some(1000)), ..Default::default() }).await.unwrap();
+    let claimed = db.claim_due(soon(), 1).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+
+    let p = db.start_deleting(&id).await.unwrap();
+    assert!(p.deleting_since.is_some() && p.refresh_every_ms.is_none() && p.next_refresh_at.is_none(), "{p:?}");
+    let rows = db.distributions(&id).await.unwrap();
+    assert!(rows.iter().all(|d| d.action == Action::Remove), "{rows:?}");
+    assert!(rows.iter().any(|d| d.state == DistState::InProgress), "a running job keeps running: {rows:?}");
+    assert!(matches!(db.assign(&id, t1).await, Err(StoreError::Conflict(_))), "no new assignment");
+    assert!(!db.finish_deleting(&id).await.unwrap(), "targets still hold it");
+    assert!(!db.finish_deleting(&other).await.unwrap(), "not being deleted");
+
+    // The running install finishes, superseded: it becomes a removal.
+    let d = db.finish(&id, claimed[0].target_id, Outcome::Installed { version: 1 }).await.unwrap();
+    assert_eq!(d.state, DistState::Removing);
+    for d in db.claim_due(soon(), 10).await.unwrap() {
+        assert_eq!(d.action, Action::Remove);
+        db.finish(&id, d.target_id, Outcome::Removed).await.unwrap();
+        let gone = db.finish_deleting(&id).await.unwrap();
+        assert_eq!(gone, db.distributions(&id).await.unwrap().is_empty(), "gone with the last removal");
+    }
+    assert!(db.package(&id).await.unwrap().is_none());
+    assert!(db.versions(&id).await.unwrap().is_empty());
+    assert!(db.distributions(&id).await.unwrap().is_empty());
+    assert_eq!(db.deleting_packages().await.unwrap(), Vec::<String>::new());
+    assert!(db.package(&other).await.unwrap().is_some(), "other packages untouched");
+    assert!(!db.finish_deleting(&id).await.unwrap(), "deleting twice is no error");
+
+    // A package on no target goes at once.
+    let lone = package_v1(db, "Lone").await;
+    db.start_deleting(&lone).await.unwrap();
+    assert!(db.finish_deleting(&lone).await.unwrap());
+}
+
+async fn validation_schedules(db: &Db) {
+    let t = target(db, "dp1").await;
+    let id = package_v1(db, "Office").await;
+    db.assign(&id, t).await.unwrap();
+    assert_eq!(db.validation_schedule(t).await.unwrap(), None);
+    let at = now() + 5_000;
+    db.set_validation_schedule(t, Some((10_000, at))).await.unwrap();
+    assert_eq!(db.target("dp1").await.unwrap().unwrap().validate_every_ms, Some(10_000));
+    let s = db.validation_schedule(t).await.unwrap().unwrap();
+    assert_eq!((s.target_name.as_str(), s.every_ms, s.next_at), ("dp1", 10_000, at));
+    assert!(db.due_validations(at - 1).await.unwrap().is_empty());
+    assert_eq!(db.due_validations(at).await.unwrap(), vec![s]);
+    assert_eq!(db.next_scheduled_at().await.unwrap(), Some(at));
+    assert!(db.take_scheduled_validation(t, at, at + 10_000).await.unwrap());
+    assert!(!db.take_scheduled_validation(t, at, at + 10_000).await.unwrap());
+    db.record_validated(&id, t, at).await.unwrap();
+    assert_eq!(db.distribution(&id, t).await.unwrap().unwrap().last_validated_at, Some(at));
+    db.set_validation_schedule(t, None).await.unwrap();
+    assert_eq!(db.validation_schedule(t).await.unwrap(), None);
+    assert!(db.set_validation_schedule(999_999, None).await.unwrap_err().is_not_found());
+    assert!(db.set_validation_schedule(t, Some((0, at))).await.is_err());
 }
