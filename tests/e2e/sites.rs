@@ -643,3 +643,58 @@ fn validate_at_the_top_covers_the_dps_of_child_sites() {
     let again = t.ps1.cli_json(&["validate", &t.pkg]);
     assert_eq!(target_of(&again, "CH1")["ok"], true, "{again:#}");
 }
+
+/// `SetSourceSite`: PS1 hands its package to its child CH1. Afterwards only CH1 refreshes
+/// it, versions keep growing, the id stays, and every DP below CH1 (one of them offline
+/// during the handover, one behind the grandchild GC1) takes CH1's versions without any
+/// key being pinned again.
+#[test]
+fn a_package_handed_to_a_child_site_is_refreshed_there_and_reaches_every_dp() {
+    let mut t = Topology::new(23, 20, Opts::default());
+    t.refresh_wait();
+    let v1 = tree_digest(&t.src);
+    t.dps[2].terminate(); // dp3, behind CH1, is offline during the handover
+
+    let set = t.ps1.cli_json(&["package", "set", &t.pkg, "--source-site", "CH1"]);
+    assert_eq!(set["source_site"], "CH1", "{set:#}");
+    assert_eq!(set["id"], t.pkg.as_str(), "the id stays");
+    let msg = t.ps1.cli_fail(&["refresh", &t.pkg]);
+    assert!(msg.contains("CH1"), "PS1's refusal should name the new owner: {msg}");
+    let msg = t.ps1.cli_fail(&["package", "set", &t.pkg, "--source-site", "GC1"]);
+    assert!(msg.contains("CH1"), "only the owner hands a package over: {msg}");
+
+    // CH1 learns it owns the package, is given a source folder and refreshes it.
+    let p = poll_until(WAIT_DURATION, || {
+        let p = t.ch1.cli_json(&["package", "show", &t.pkg]);
+        (p["source_site"] == "CH1").then_some(p)
+    })
+    .unwrap_or_else(|| panic!("CH1 never took the package over{}", log_tails(&t.all())));
+    assert_eq!(num(&p, "source_version"), 1, "{p:#}");
+    let src2 = t.dir.join("src2");
+    gen_tree(&src2, 25, 2323, 1..64 * KIB);
+    set_old_mtimes(&src2);
+    t.ch1.cli_json(&["package", "set", &t.pkg, "--source", s(&src2)]);
+    let r = t.ch1.cli_json(&["refresh", &t.pkg]);
+    assert_eq!(num(&r, "source_version"), 2, "versions keep growing at the new owner: {r:#}");
+    let v2 = tree_digest(&src2);
+    for (site, dp) in [(&t.ch1, "dp2"), (&t.gc1, "dp4")] {
+        site.wait_installed(&t.pkg, dp, 2, WAIT_DURATION, &t.all());
+    }
+    t.assert_dps_hold(&["dp2", "dp4"], &v2, "CH1's version 2");
+
+    // The DP that was offline takes CH1's version when it is back, without a command.
+    t.dps[2].restart();
+    t.ch1.wait_installed(&t.pkg, "dp3", 2, WAIT_DURATION, &t.all());
+    t.assert_dps_hold(&["dp3"], &v2, "CH1's version 2");
+    // PS1's own DP keeps what PS1 last sent; nothing was pinned anew anywhere.
+    t.assert_dps_hold(&["dp1"], &v1, "PS1's version 1");
+    for dp in ["dp2", "dp3", "dp4"] {
+        let pinned = fs::read_to_string(t.dp(dp).data_dir.join("trusted-sites.json")).unwrap();
+        assert!(!pinned.contains("CH1"), "{dp} pinned CH1's key: {pinned}");
+        assert!(t.dp(dp).log().contains("package handed over"), "{dp} did not record the handover");
+    }
+    // A version signed by the old owner after the handover is refused everywhere: PS1
+    // cannot make one (refused above); its rollback is refused too.
+    let msg = t.ps1.cli_fail(&["rollback", &t.pkg]);
+    assert!(msg.contains("CH1"), "{msg}");
+}

@@ -703,6 +703,20 @@ impl<S: VersionSink> Receiver for Agent<S> {
         self.sink.status(&self.core, pkg).await
     }
 
+    async fn set_owner(&self, pkg: &str, chain: String) -> Result<String, ReceiveError> {
+        let core = &self.core;
+        let lock = core.lock(pkg);
+        let _g = lock.lock().await;
+        let own = core.trust.record_ownership(pkg, &chain).map_err(|e| {
+            tracing::warn!(package = pkg, "ownership chain refused: {e}");
+            ReceiveError::Forbidden(e.to_string())
+        })?;
+        let owner = own.owner().to_owned();
+        let chain = dpsync_transfer::trust::Handover::encode_chain(&own.chain);
+        self.sink.owner_changed(core, pkg, &owner, &chain).await?;
+        Ok(owner)
+    }
+
     async fn validate(&self, pkg: &str) -> Result<ValidateResponse, ReceiveError> {
         let lock = self.core.lock(pkg);
         let _g = lock.lock().await;
@@ -757,8 +771,13 @@ pub async fn run(
             "no --token: any site that can reach this port can push content (use only on a trusted network)"
         );
     }
-    let service =
-        ServiceConfig { token: cfg.token.clone(), role: "dp", site_code: None, decode_limits: DecodeLimits::default() };
+    let service = ServiceConfig {
+        token: cfg.token.clone(),
+        role: "dp",
+        site_code: None,
+        site_key: None,
+        decode_limits: DecodeLimits::default(),
+    };
     let app = dpsync_transfer::service::router(agent.clone(), service);
     tracing::info!(listen = %addr, tls = tls.is_some(), data_dir = %cfg.data_dir.display(), "dpsync agent ready");
     dpsync_transfer::listen::serve(listener, app, tls, shutdown).await.context("serving")?;

@@ -51,6 +51,18 @@ pub trait VersionSink: Send + Sync + std::fmt::Debug + 'static {
         Ok(())
     }
 
+    /// The ownership chain of `pkg` was verified and kept (`chain` in wire form):
+    /// `owner` owns it now. A child site takes it over, or passes it on.
+    fn owner_changed(
+        &self,
+        _core: &Core,
+        _pkg: &str,
+        _owner: &str,
+        _chain: &str,
+    ) -> impl Future<Output = Result<(), ReceiveError>> + Send {
+        async { Ok(()) }
+    }
+
     /// A signed offer of `pkg` was verified: the package may be registered.
     fn accept_package(&self, _pkg: &str, _meta: &OfferMeta) -> impl Future<Output = Result<(), ReceiveError>> + Send {
         async { Ok(()) }

@@ -300,6 +300,9 @@ pub struct SetPackage {
     /// Remove the refresh schedule.
     #[serde(default)]
     pub no_schedule: bool,
+    /// Hand the package to this site of the hierarchy (a child site of this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_site: Option<String>,
 }
 
 /// `DELETE /v1/packages/{pkg}` (`package delete`).

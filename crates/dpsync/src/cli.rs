@@ -376,7 +376,8 @@ enum PackageCmd {
         /// Package id (e.g. PS100001) or name.
         package: String,
     },
-    /// Change a package's name, source folder, priority or refresh schedule.
+    /// Change a package's name, source folder, priority or refresh schedule, or hand it
+    /// to another site.
     Set {
         /// Package id (e.g. PS100001) or name.
         package: String,
@@ -396,6 +397,10 @@ enum PackageCmd {
         /// Stop refreshing on a schedule.
         #[arg(long)]
         no_schedule: bool,
+        /// Hand the package to a child site of this one (its code, e.g. CH1): from then on
+        /// only that site refreshes or rolls it back; versions keep growing, the id stays.
+        #[arg(long, value_name = "CODE")]
+        source_site: Option<String>,
     },
     /// Remove a package from every target, then forget it (`dpsync gc` reclaims its content).
     Delete {
@@ -529,12 +534,12 @@ async fn package_cmd(c: &AdminClient, json: bool, cmd: PackageCmd) -> Result<Exi
             let d: PackageDetail = c.get(&format!("/v1/packages/{}", enc(&package))).await?;
             emit(json, &d, print_package_detail);
         }
-        PackageCmd::Set { package, name, source, priority, refresh_every, no_schedule } => {
+        PackageCmd::Set { package, name, source, priority, refresh_every, no_schedule, source_site } => {
             let source = source
                 .map(|s| std::path::absolute(&s).context("invalid source path"))
                 .transpose()?
                 .map(|s| s.display().to_string());
-            let req = SetPackage { name, source, priority, refresh_every_ms: refresh_every, no_schedule };
+            let req = SetPackage { name, source, priority, refresh_every_ms: refresh_every, no_schedule, source_site };
             let p: PackageInfo = c.patch(&format!("/v1/packages/{}", enc(&package)), &req).await?;
             emit(json, &p, |p| {
                 let schedule = match p.refresh_every_ms {
@@ -542,9 +547,10 @@ async fn package_cmd(c: &AdminClient, json: bool, cmd: PackageCmd) -> Result<Exi
                     None => "no refresh schedule".into(),
                 };
                 outln!(
-                    "{} ({}): source {}, priority {}, {schedule}",
+                    "{} ({}): owned by site {}, source {}, priority {}, {schedule}",
                     p.id,
                     p.name,
+                    p.source_site,
                     p.source_path.as_deref().unwrap_or("-"),
                     p.priority
                 );

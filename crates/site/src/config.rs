@@ -364,7 +364,10 @@ mod tests {
         assert_eq!(resolve(d, None, &[], &["--slow-retry", "2s"]).unwrap().dist.slow_retry.as_secs(), 2);
         assert_eq!(resolve(d, Some("slow_retry = \"6h\"\n"), &[], &[]).unwrap().dist.slow_retry.as_secs(), 6 * 3600);
         let e = err(resolve(d, None, &[("DPSYNC_SLOW_RETRY", "0s")], &[]));
-        assert!(e.starts_with("slow_retry: \"0s\": a duration must be longer than 0") && e.contains("DPSYNC_SLOW_RETRY"), "{e}");
+        assert!(
+            e.starts_with("slow_retry: \"0s\": a duration must be longer than 0") && e.contains("DPSYNC_SLOW_RETRY"),
+            "{e}"
+        );
         let e = err(resolve(d, None, &[], &["--slow-retry", "500ms"]));
         assert!(e.starts_with("slow_retry: 500ms is out of range (1s–7d)"), "{e}");
         let e = err(resolve(d, None, &[], &["--slow-retry", "8d"]));

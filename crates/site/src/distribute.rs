@@ -25,6 +25,7 @@ use dpsync_hash::{ChunkId, ContentRoot, DecodeError, DecodeLimits, FileHash, Man
 use dpsync_library::LibraryError;
 use dpsync_store::{Action, DistState, Distribution, Outcome, StoreError, Target, TargetKind};
 use dpsync_transfer::client::{RejectReason, Signed, TargetClient, TransferError};
+use dpsync_transfer::trust::{Handover, Ownership};
 use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
 use tokio_util::sync::CancellationToken;
 
@@ -432,6 +433,18 @@ impl Site {
         let root = summary.content_root.to_hex();
         let package = self.store.package(pkg).await?.ok_or_else(|| PushError::PackageGone { package: pkg.clone() })?;
         let signed = self.signed(&package, version, &root, summary.signature.clone())?;
+        if let Some(chain) = package.owner_chain.as_deref() {
+            // A package handed to another site: the target learns (again) who owns it
+            // before anything else; its new owner needs nothing more from here.
+            client.set_owner(pkg, chain).await.map_err(refused)?;
+            if target.kind == TargetKind::Site
+                && package.source_site != self.cfg.site_code
+                && client.hello().await.ok().and_then(|h| h.site_code).as_deref() == Some(package.source_site.as_str())
+            {
+                let state = client.package_state(pkg).await.map_err(refused)?;
+                return Ok(state.installed_version.unwrap_or(version));
+            }
+        }
         let state = client.package_state(pkg).await.map_err(refused)?;
         if !force && !state.broken && state.installed_root.as_deref() == Some(root.as_str()) {
             match state.installed_version {
@@ -525,10 +538,21 @@ impl Site {
         root: &str,
         stored: Option<String>,
     ) -> Result<Signed, PushError> {
-        if package.source_site == self.cfg.site_code {
+        // The owner of the package at this version signed it (a handed-over package:
+        // the owner then, by its chain).
+        let (signer, handed_key) = match package
+            .owner_chain
+            .as_deref()
+            .and_then(|t| Handover::decode_chain(t).ok())
+            .and_then(|c| Ownership::verify(&package.id, c).ok())
+        {
+            Some(own) => own.owner_at(version),
+            None => (package.source_site.clone(), None),
+        };
+        if signer == self.cfg.site_code {
             return Ok(Signed {
-                source_site: package.source_site.clone(),
-                signature: Some(self.site_key.sign(&package.id, &package.source_site, version, root)),
+                source_site: signer.clone(),
+                signature: Some(self.site_key.sign(&package.id, &signer, version, root)),
                 site_key: Some(self.site_key.public_hex()),
             });
         }
@@ -536,9 +560,9 @@ impl Site {
             return Err(PushError::Unsigned { package: package.id.clone(), version });
         };
         Ok(Signed {
-            source_site: package.source_site.clone(),
+            site_key: handed_key.or_else(|| self.trust.key_of(&signer)),
+            source_site: signer,
             signature: Some(signature),
-            site_key: self.trust.key_of(&package.source_site),
         })
     }
 

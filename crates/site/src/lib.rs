@@ -12,6 +12,7 @@ pub mod backup;
 mod clients;
 mod config;
 mod distribute;
+mod handover;
 mod lifecycle;
 mod metrics;
 mod receive;
@@ -335,6 +336,7 @@ async fn serve_receiving(site: &Arc<Site>, tcp: tokio::net::TcpListener, stop: C
         token: site.cfg.listen_token.clone(),
         role: "site",
         site_code: Some(site.cfg.site_code.clone()),
+        site_key: Some(site.site_key.public_hex()),
         decode_limits: DecodeLimits::default(),
     };
     let app = dpsync_transfer::service::router(receiver.clone(), service);

@@ -57,7 +57,21 @@ impl Site {
     }
 
     /// `package set`.
-    pub async fn set_package(&self, pkg: &str, req: SetPackage) -> Result<Package, SiteError> {
+    pub async fn set_package(&self, pkg: &str, mut req: SetPackage) -> Result<Package, SiteError> {
+        let Some(new_owner) = req.source_site.take() else { return self.set_package_settings(pkg, req).await };
+        let p = self.find_live_package(pkg).await?;
+        let others = req.name.is_some()
+            || req.source.is_some()
+            || req.priority.is_some()
+            || req.refresh_every_ms.is_some()
+            || req.no_schedule;
+        if others {
+            self.set_package_settings(&p.id, req).await?;
+        }
+        self.hand_over(&p.id, &new_owner).await
+    }
+
+    async fn set_package_settings(&self, pkg: &str, req: SetPackage) -> Result<Package, SiteError> {
         let p = self.find_live_package(pkg).await?;
         if req.refresh_every_ms.is_some() && req.no_schedule {
             return Err(SiteError::Invalid("pass either --refresh-every or --no-schedule, not both".into()));

@@ -54,6 +54,10 @@ impl VersionSink for ChildSite {
         self.site.accept_package(pkg, meta).await
     }
 
+    async fn owner_changed(&self, _core: &Core, pkg: &str, owner: &str, chain: &str) -> Result<(), ReceiveError> {
+        self.site.ownership_received(pkg, owner, chain).await.map_err(|e| ReceiveError::Internal(e.to_string()))
+    }
+
     fn build(
         &self,
         lib: &Library,

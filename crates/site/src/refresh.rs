@@ -144,12 +144,13 @@ impl Site {
             files_unchanged: report.files_unchanged as i64,
             bytes_hashed: report.bytes_hashed as i64,
         };
+        let number = self.store.package(&id).await?.and_then(|p| self.next_own_version(&p));
         let record = self
             .store
             .commit_version(
                 &id,
                 NewVersion {
-                    version: None,
+                    version: number,
                     content_root: root,
                     manifest: encoded,
                     scan_cache,

@@ -470,7 +470,7 @@ impl Site {
             .commit_version(
                 &p.id,
                 NewVersion {
-                    version: None,
+                    version: self.next_own_version(&p),
                     content_root: rec.summary.content_root,
                     manifest: rec.manifest,
                     scan_cache: rec.scan_cache,

@@ -64,6 +64,7 @@ pub(crate) const SITE_SQLITE: Schema = Schema {
         migration!(3, "operations", "sqlite/0003_operations.sql"),
         migration!(4, "windows", "sqlite/0004_windows.sql"),
         migration!(5, "package lifecycle", "sqlite/0005_package_lifecycle.sql"),
+        migration!(6, "handover", "sqlite/0006_handover.sql"),
     ],
     user_version: false,
 };
@@ -78,6 +79,7 @@ pub(crate) const SITE_POSTGRES: Schema = Schema {
         migration!(3, "operations", "postgres/0003_operations.sql"),
         migration!(4, "windows", "postgres/0004_windows.sql"),
         migration!(5, "package lifecycle", "postgres/0005_package_lifecycle.sql"),
+        migration!(6, "handover", "postgres/0006_handover.sql"),
     ],
     user_version: false,
 };

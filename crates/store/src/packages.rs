@@ -13,7 +13,7 @@ const MAX_PACKAGE_SEQ: i64 = 0xF_FFFF;
 macro_rules! package_columns {
     () => {
         "id, name, source_path, source_site, current_version, created_at, priority, refresh_every_ms, \
-         next_refresh_at, schedule_error, deleting_since"
+         next_refresh_at, schedule_error, deleting_since, owner_chain"
     };
 }
 
@@ -30,6 +30,7 @@ pub(crate) fn package_from_row(row: &AnyRow) -> Result<Package> {
         next_refresh_at: row.try_get("next_refresh_at")?,
         schedule_error: row.try_get("schedule_error")?,
         deleting_since: row.try_get("deleting_since")?,
+        owner_chain: row.try_get("owner_chain")?,
     })
 }
 
@@ -122,6 +123,7 @@ impl Store {
             next_refresh_at: None,
             schedule_error: None,
             deleting_since: None,
+            owner_chain: None,
         };
         insert_package(&mut tx, &pkg).await?;
         tx.commit().await?;
@@ -194,10 +196,27 @@ impl Store {
             next_refresh_at: None,
             schedule_error: None,
             deleting_since: None,
+            owner_chain: None,
         };
         insert_package(&mut tx, &pkg).await?;
         tx.commit().await?;
         Ok(pkg)
+    }
+
+    /// Records that `package` now belongs to `owner`, with the ownership chain that says
+    /// so (wire form). `NotFound` if there is no such package.
+    pub async fn set_package_owner(&self, package: &str, owner: &str, chain: &str) -> Result<()> {
+        let owner = check_site_code(owner)?;
+        let done = sqlx::query("UPDATE packages SET source_site = $2, owner_chain = $3 WHERE id = $1")
+            .bind(normalize_id(package))
+            .bind(&owner)
+            .bind(chain)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("package {package}")));
+        }
+        Ok(())
     }
 
     /// Looks a package up by id (case-insensitive) first, then by exact name.

@@ -157,6 +157,10 @@ pub struct Package {
     /// Set by `package delete` (unix milliseconds): the package is being removed from
     /// its targets, and its rows go once every target dropped it.
     pub deleting_since: Option<i64>,
+    /// When the package was handed to another site: its ownership chain (wire form of
+    /// `transfer::trust::Handover`s), sent to every target before anything else.
+    #[serde(default)]
+    pub owner_chain: Option<String>,
 }
 
 /// How early a package's jobs are claimed among the jobs that are due.

@@ -668,6 +668,13 @@ impl TargetClient {
         self.send(Method::DELETE, &format!("/v1/packages/{pkg}"), None, &[], ACT_AT_LENGTH).await.map(|_| ())
     }
 
+    /// Gives the target the ownership chain of a package handed to another site (it
+    /// verifies and keeps it, so that it takes the new owner's versions).
+    pub async fn set_owner(&self, pkg: &str, chain: &str) -> Result<(), TransferError> {
+        let body = Some((Bytes::from(chain.to_owned()), "text/plain; charset=utf-8"));
+        self.send(Method::PUT, &format!("/v1/packages/{pkg}/owner"), body, &[], ACT_QUICKLY).await.map(|_| ())
+    }
+
     /// The target's own status of a package (a child site's view of its targets).
     pub async fn status(&self, pkg: &str) -> Result<serde_json::Value, TransferError> {
         let r = self.send(Method::GET, &format!("/v1/packages/{pkg}/status"), None, &[], ACT_QUICKLY).await?;
@@ -892,8 +899,13 @@ mod tests {
     #[tokio::test]
     async fn the_service_refusals_reach_the_client_as_reasons() {
         let receiver = Arc::new(Refuser::default());
-        let cfg =
-            ServiceConfig { token: Some(TOKEN.into()), role: "dp", site_code: None, decode_limits: Default::default() };
+        let cfg = ServiceConfig {
+            token: Some(TOKEN.into()),
+            role: "dp",
+            site_code: None,
+            site_key: None,
+            decode_limits: Default::default(),
+        };
         let app = service::router(receiver.clone(), cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -141,6 +141,13 @@ pub trait Receiver: Send + Sync + 'static {
     fn open_file(&self, pkg: &str, path: &RelPath) -> impl Future<Output = Result<ServedFile, ReceiveError>> + Send;
     /// The receiver's own distribution status of a package (child sites: its targets).
     fn status(&self, pkg: &str) -> impl Future<Output = Result<serde_json::Value, ReceiveError>> + Send;
+    /// Verifies and keeps the ownership chain of a package handed to another site
+    /// (`trust::Handover`, wire form); answers the owner now. `Forbidden` for a chain
+    /// that does not verify.
+    /// The default takes none.
+    fn set_owner(&self, _pkg: &str, _chain: String) -> impl Future<Output = Result<String, ReceiveError>> + Send {
+        async { Err(ReceiveError::BadRequest("this receiver does not take package handovers".into())) }
+    }
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
     /// The manifest with content root `root` of `pkg`, if the receiver holds that content
@@ -175,6 +182,8 @@ pub struct ServiceConfig {
     /// "dp" or "site".
     pub role: &'static str,
     pub site_code: Option<String>,
+    /// The site's public signing key (child sites), told in `hello`.
+    pub site_key: Option<String>,
     pub decode_limits: DecodeLimits,
 }
 
@@ -330,6 +339,7 @@ pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
         .route("/v1/packages/{pkg}/versions/{version}/relabel", post(relabel::<R>))
         .route("/v1/packages/{pkg}/validate", post(validate::<R>))
         .route("/v1/packages/{pkg}/status", get(status::<R>))
+        .route("/v1/packages/{pkg}/owner", put(set_owner::<R>))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate::<R>));
     Router::new()
         .route("/v1/hello", get(hello::<R>))
@@ -444,6 +454,7 @@ async fn hello<R: Receiver>(State(s): State<Arc<Shared<R>>>) -> Json<Hello> {
         protocol: wire::PROTOCOL_VERSION,
         role: s.cfg.role.into(),
         site_code: s.cfg.site_code.clone(),
+        site_key: s.cfg.site_key.clone(),
         software: concat!("dpsync ", env!("CARGO_PKG_VERSION")).into(),
     })
 }
@@ -752,6 +763,18 @@ async fn remove<R: Receiver>(
     let r = s.receiver.clone();
     detached(async move { r.remove(&pkg).await }).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /v1/packages/{pkg}/owner`: the package's ownership chain (text).
+async fn set_owner<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path(pkg): Path<String>,
+    body: String,
+) -> Result<Json<serde_json::Value>, ReceiveError> {
+    check_pkg(&pkg)?;
+    let r = s.receiver.clone();
+    let owner = detached(async move { r.set_owner(&pkg, body).await }).await?;
+    Ok(Json(serde_json::json!({ "owner": owner })))
 }
 
 async fn status<R: Receiver>(

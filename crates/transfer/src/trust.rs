@@ -18,6 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 const SIGNATURE_CONTEXT: &[u8] = b"dpsync version signature v1\0";
+const HANDOVER_CONTEXT: &[u8] = b"dpsync ownership transfer v1\0";
 
 /// A trust or key-handling failure, in words an administrator can act on.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -104,6 +105,154 @@ impl SiteKey {
     pub fn sign(&self, package: &str, source_site: &str, version: i64, content_root: &str) -> String {
         hex(self.pair.sign(&signed_message(package, source_site, version, content_root)).as_ref())
     }
+
+    /// Hands `package`, owned by `from_site` (this key's site), to `to_site` (whose key
+    /// is `to_key`) from source version `from_version` on.
+    pub fn hand_over(
+        &self,
+        package: &str,
+        from_site: &str,
+        to_site: &str,
+        to_key: &str,
+        from_version: i64,
+    ) -> Handover {
+        let mut h = Handover {
+            from_site: from_site.to_ascii_uppercase(),
+            from_key: self.public_hex(),
+            to_site: to_site.to_ascii_uppercase(),
+            to_key: to_key.trim().to_ascii_lowercase(),
+            from_version,
+            signature: String::new(),
+        };
+        h.signature = hex(self.pair.sign(&h.message(package)).as_ref());
+        h
+    }
+}
+
+/// One link of a package's ownership: its owner `from_site` (key `from_key`) hands it
+/// to `to_site` (key `to_key`), whose versions count from `from_version`, signed by the
+/// giver. A chain of them, starting at the site named by the package id, says who owns
+/// a package now and who signed each of its versions; a receiver verifies every link, so
+/// it needs no key but the first owner's (pinned as any source site's) to trust the new
+/// owner's signatures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    pub from_site: String,
+    pub from_key: String,
+    pub to_site: String,
+    pub to_key: String,
+    pub from_version: i64,
+    pub signature: String,
+}
+
+impl Handover {
+    fn message(&self, package: &str) -> Vec<u8> {
+        let mut m = HANDOVER_CONTEXT.to_vec();
+        for part in [package, &self.from_site, &self.from_key, &self.to_site, &self.to_key] {
+            m.extend_from_slice(part.as_bytes());
+            m.push(0);
+        }
+        m.extend_from_slice(&self.from_version.to_le_bytes());
+        m
+    }
+
+    /// A chain in its wire form: links `FROM:FROMKEY:TO:TOKEY:VERSION:SIGNATURE` joined
+    /// by `.` (letters, digits and those separators only).
+    pub fn encode_chain(chain: &[Handover]) -> String {
+        chain
+            .iter()
+            .map(|h| {
+                format!("{}:{}:{}:{}:{}:{}", h.from_site, h.from_key, h.to_site, h.to_key, h.from_version, h.signature)
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// Decodes a chain (at most 64 links), without verifying it.
+    pub fn decode_chain(text: &str) -> Result<Vec<Handover>, TrustError> {
+        let bad = |why: &str| TrustError(format!("ownership chain is malformed: {why}"));
+        let links: Vec<&str> = text.trim().split('.').filter(|l| !l.is_empty()).collect();
+        if links.is_empty() || links.len() > 64 {
+            return Err(bad("it has no link, or too many"));
+        }
+        links
+            .into_iter()
+            .map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                let [from_site, from_key, to_site, to_key, version, signature] = f[..] else {
+                    return Err(bad("a link does not have six fields"));
+                };
+                let site_ok = |s: &str| s.len() == 3 && s.bytes().all(|b| b.is_ascii_alphanumeric());
+                let key_ok = |k: &str| unhex(k).is_some_and(|b| b.len() == 32);
+                if !site_ok(from_site) || !site_ok(to_site) || !key_ok(from_key) || !key_ok(to_key) {
+                    return Err(bad("a site code or key is not valid"));
+                }
+                Ok(Handover {
+                    from_site: from_site.to_ascii_uppercase(),
+                    from_key: from_key.to_ascii_lowercase(),
+                    to_site: to_site.to_ascii_uppercase(),
+                    to_key: to_key.to_ascii_lowercase(),
+                    from_version: version.parse().map_err(|_| bad("a version is not a number"))?,
+                    signature: signature.to_ascii_lowercase(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The owners of a package along a verified chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    /// The site named by the package id, and the key its first link was signed with.
+    pub first_site: String,
+    pub first_key: String,
+    pub chain: Vec<Handover>,
+}
+
+impl Ownership {
+    /// Verifies `chain` for `package`: it starts at the site the id names, each link is
+    /// signed by the owner it starts from, and versions only grow.
+    pub fn verify(package: &str, chain: Vec<Handover>) -> Result<Self, TrustError> {
+        let first_site = package.get(..3).unwrap_or(package).to_ascii_uppercase();
+        let (mut owner, mut key) = (first_site.clone(), chain.first().map(|h| h.from_key.clone()).unwrap_or_default());
+        let mut version = i64::MIN;
+        for h in &chain {
+            if h.from_site != owner || h.from_key != key {
+                return Err(TrustError(format!(
+                    "ownership chain of {package}: {} handed it over while {owner} owned it",
+                    h.from_site
+                )));
+            }
+            let sig = unhex(&h.signature).unwrap_or_default();
+            let k = unhex(&h.from_key).unwrap_or_default();
+            if UnparsedPublicKey::new(&ED25519, k).verify(&h.message(package), &sig).is_err() {
+                return Err(TrustError(format!(
+                    "ownership chain of {package}: the handover from {} to {} is not signed by {}",
+                    h.from_site, h.to_site, h.from_site
+                )));
+            }
+            if h.from_version < version || h.from_version < 1 {
+                return Err(TrustError(format!("ownership chain of {package}: versions go back")));
+            }
+            (owner, key, version) = (h.to_site.clone(), h.to_key.clone(), h.from_version);
+        }
+        let first_key = chain.first().map(|h| h.from_key.clone()).unwrap_or_default();
+        Ok(Self { first_site, first_key, chain })
+    }
+
+    /// Who owned the package at `version` (signed it), and with which key (`None` for
+    /// the first owner, whose key is pinned like any source site's).
+    pub fn owner_at(&self, version: i64) -> (String, Option<String>) {
+        match self.chain.iter().rev().find(|h| h.from_version <= version) {
+            Some(h) => (h.to_site.clone(), Some(h.to_key.clone())),
+            None => (self.first_site.clone(), None),
+        }
+    }
+
+    /// The owner now.
+    pub fn owner(&self) -> &str {
+        self.chain.last().map_or(&self.first_site, |h| &h.to_site)
+    }
 }
 
 /// Checks a version signature against a site's public key (both hex).
@@ -122,13 +271,19 @@ pub fn verify(
 }
 
 /// Public keys of source sites, by site code: pinned by the operator (`--trust`) or on
-/// first use, persisted in a JSON file. A key never changes silently.
+/// first use, persisted in a JSON file. A key never changes silently. Beside it, the
+/// verified ownership chains of packages handed to another site
+/// (`package-owners.json`): a version of such a package must come from its owner at
+/// that version.
 #[derive(Debug)]
 pub struct TrustStore {
     path: PathBuf,
     keys: Mutex<BTreeMap<String, String>>,
     /// Refuse sites that were not pinned by the operator.
     strict: bool,
+    owners_path: PathBuf,
+    /// Wire form of each handed-over package's chain.
+    owners: Mutex<BTreeMap<String, String>>,
 }
 
 impl TrustStore {
@@ -145,9 +300,70 @@ impl TrustStore {
             }
             keys.insert(site.to_ascii_uppercase(), key);
         }
-        let store = Self { path: path.to_owned(), keys: Mutex::new(keys), strict };
+        let owners_path = path.with_file_name("package-owners.json");
+        let owners: BTreeMap<String, String> = match std::fs::read(&owners_path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| TrustError(format!("ownership file {} is corrupt: {e}", owners_path.display())))?,
+            Err(_) => BTreeMap::new(),
+        };
+        let store =
+            Self { path: path.to_owned(), keys: Mutex::new(keys), strict, owners_path, owners: Mutex::new(owners) };
         store.save()?;
         Ok(store)
+    }
+
+    /// The verified ownership of a handed-over package (`None`: it never was).
+    pub fn ownership(&self, package: &str) -> Option<Ownership> {
+        let text = self.owners.lock().unwrap().get(&package.to_ascii_uppercase()).cloned()?;
+        Handover::decode_chain(&text).and_then(|c| Ownership::verify(package, c)).ok()
+    }
+
+    /// Verifies and keeps the ownership chain of `package`, as its owner sent it: the
+    /// first link must be signed by the key pinned for the site the id names (pinned now,
+    /// on first use, unless strict). A chain shorter than the one kept is ignored (an
+    /// older owner relaying). Returns the owner now.
+    pub fn record_ownership(&self, package: &str, chain_text: &str) -> Result<Ownership, TrustError> {
+        let own = Ownership::verify(package, Handover::decode_chain(chain_text)?)?;
+        match self.key_of(&own.first_site) {
+            Some(k) if k != own.first_key => {
+                return Err(TrustError(format!(
+                    "the handover of {package} is not signed with the pinned key of site {}",
+                    own.first_site
+                )));
+            }
+            Some(_) => {}
+            None if self.strict => {
+                return Err(TrustError(format!(
+                    "source site {} is not trusted here; start with --trust {}=<its key from `dpsync info`>",
+                    own.first_site, own.first_site
+                )));
+            }
+            None => {
+                tracing::warn!(site = %own.first_site, key = %own.first_key, "pinning the key of a source site on first use");
+                self.keys.lock().unwrap().insert(own.first_site.clone(), own.first_key.clone());
+                self.save()?;
+            }
+        }
+        let key = package.to_ascii_uppercase();
+        let kept = self.ownership(package);
+        if kept.as_ref().is_some_and(|k| k.chain.len() > own.chain.len()) {
+            return Ok(kept.expect("checked"));
+        }
+        if let Some(k) = &kept
+            && own.chain[..k.chain.len()] != k.chain[..]
+        {
+            return Err(TrustError(format!("the ownership chain of {package} does not extend the one known here")));
+        }
+        if kept.as_ref().is_none_or(|k| k.chain.len() < own.chain.len()) {
+            tracing::info!(package, owner = %own.owner(), "package handed over to another site");
+            self.owners.lock().unwrap().insert(key, Handover::encode_chain(&own.chain));
+            let json = serde_json::to_vec_pretty(&*self.owners.lock().unwrap()).expect("serializable");
+            let tmp = self.owners_path.with_extension("tmp");
+            std::fs::write(&tmp, json)
+                .and_then(|_| std::fs::rename(&tmp, &self.owners_path))
+                .map_err(|e| TrustError(format!("cannot write {}: {e}", self.owners_path.display())))?;
+        }
+        Ok(own)
     }
 
     fn save(&self) -> Result<(), TrustError> {
@@ -182,13 +398,28 @@ impl TrustStore {
         let site = source_site.to_ascii_uppercase();
         // A package id starts with its owner's site code (`PS100012` belongs to PS1). Without
         // this, a sender could claim another, never-seen site for a pinned site's package,
-        // have that site's key pinned on first use, and replace the package's content.
-        let owner = package.get(..3).unwrap_or(package);
+        // have that site's key pinned on first use, and replace the package's content. A
+        // package handed over belongs, for each version, to its owner at that version,
+        // whose key the verified chain gives.
+        let (owner, handed_key) = match self.ownership(package) {
+            Some(own) => own.owner_at(version),
+            None => (package.get(..3).unwrap_or(package).to_ascii_uppercase(), None),
+        };
         if !owner.eq_ignore_ascii_case(&site) {
             return Err(TrustError(format!(
-                "package {package} belongs to site {}; a version of it cannot come from site {site}",
-                owner.to_ascii_uppercase()
+                "package {package} belongs to site {owner} at version {version}; a version of it cannot come \
+                 from site {site}"
             )));
+        }
+        if let Some(key) = handed_key {
+            return if verify(&key, package, &site, version, content_root, signature) {
+                Ok(())
+            } else {
+                Err(TrustError(format!(
+                    "the signature of {package} version {version} does not match the key its owner {site} \
+                     was handed the package with"
+                )))
+            };
         }
         let key = match self.key_of(&site) {
             Some(k) => k,
@@ -411,6 +642,62 @@ mod tests {
         let e = trust.check("PS100001", "EV1", 2, &root, Some(&claim), Some(&intruder.public_hex())).unwrap_err();
         assert!(e.to_string().contains("belongs to site PS1"), "{e}");
         assert_eq!(trust.key_of("EV1"), None, "nothing pinned for the claimed site");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_handed_over_package_takes_its_new_owners_signatures_only() {
+        let dir = std::env::temp_dir().join(format!("dpsync-handover-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ps1 = SiteKey::load_or_create(&dir.join("ps1.key")).unwrap();
+        let ch1 = SiteKey::load_or_create(&dir.join("ch1.key")).unwrap();
+        let root = "ab".repeat(32);
+        let trust = TrustStore::open(&dir.join("trust.json"), &[], false).unwrap();
+        trust
+            .check("PS100001", "PS1", 1, &root, Some(&ps1.sign("PS100001", "PS1", 1, &root)), Some(&ps1.public_hex()))
+            .unwrap();
+
+        let link = ps1.hand_over("PS100001", "PS1", "CH1", &ch1.public_hex(), 3);
+        let chain = Handover::encode_chain(std::slice::from_ref(&link));
+        assert_eq!(Handover::decode_chain(&chain).unwrap(), vec![link.clone()]);
+        let own = trust.record_ownership("PS100001", &chain).unwrap();
+        assert_eq!(own.owner(), "CH1");
+        assert_eq!(own.owner_at(2), ("PS1".to_owned(), None));
+        assert_eq!(own.owner_at(3), ("CH1".to_owned(), Some(ch1.public_hex())));
+        // From version 3 on, CH1 signs, with the key the handover named: no pinning needed.
+        trust.check("PS100001", "CH1", 3, &root, Some(&ch1.sign("PS100001", "CH1", 3, &root)), None).unwrap();
+        assert_eq!(trust.key_of("CH1"), None, "nothing was pinned for CH1");
+        // PS1 may still relay its older versions, but not make new ones.
+        trust.check("PS100001", "PS1", 2, &root, Some(&ps1.sign("PS100001", "PS1", 2, &root)), None).unwrap();
+        let e =
+            trust.check("PS100001", "PS1", 4, &root, Some(&ps1.sign("PS100001", "PS1", 4, &root)), None).unwrap_err();
+        assert!(e.to_string().contains("belongs to site CH1"), "{e}");
+        let e =
+            trust.check("PS100001", "CH1", 4, &root, Some(&ps1.sign("PS100001", "CH1", 4, &root)), None).unwrap_err();
+        assert!(e.to_string().contains("does not match"), "{e}");
+        // Kept across a restart.
+        let reopened = TrustStore::open(&dir.join("trust.json"), &[], false).unwrap();
+        assert_eq!(reopened.ownership("PS100001").unwrap().owner(), "CH1");
+
+        // Forged or broken chains are refused.
+        let intruder = SiteKey::load_or_create(&dir.join("ev.key")).unwrap();
+        let forged = intruder.hand_over("PS100002", "PS1", "EV1", &intruder.public_hex(), 5);
+        let e = trust.record_ownership("PS100002", &Handover::encode_chain(std::slice::from_ref(&forged))).unwrap_err();
+        assert!(e.to_string().contains("pinned key"), "{e}");
+        let mut altered = link.clone();
+        altered.to_key = intruder.public_hex();
+        assert!(trust.record_ownership("PS100001", &Handover::encode_chain(&[altered])).is_err());
+        let skipped = intruder.hand_over("PS100001", "CH1", "EV1", &intruder.public_hex(), 5);
+        assert!(trust.record_ownership("PS100001", &Handover::encode_chain(&[link.clone(), skipped])).is_err());
+        for bad in ["", "x", "PS1:zz:CH1:00:1:00", &"a.".repeat(70)] {
+            assert!(Handover::decode_chain(bad).is_err(), "{bad:?}");
+        }
+        // The chain grows: CH1 hands it back to PS1 from version 6.
+        let back = ch1.hand_over("PS100001", "CH1", "PS1", &ps1.public_hex(), 6);
+        let longer = Handover::encode_chain(&[link.clone(), back]);
+        assert_eq!(trust.record_ownership("PS100001", &longer).unwrap().owner(), "PS1");
+        assert_eq!(trust.record_ownership("PS100001", &chain).unwrap().owner(), "PS1", "a shorter chain is old news");
+        trust.check("PS100001", "PS1", 6, &root, Some(&ps1.sign("PS100001", "PS1", 6, &root)), None).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -63,6 +63,10 @@ pub struct Hello {
     /// The receiving site's code (child sites).
     #[serde(default)]
     pub site_code: Option<String>,
+    /// The receiving site's signing key, hex (child sites): what a parent hands a
+    /// package over to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_key: Option<String>,
     pub software: String,
 }
 

@@ -125,8 +125,13 @@ impl Receiver for Slow {
 
 async fn serve(plan: Plan) -> (SocketAddr, Arc<Slow>) {
     let receiver = Arc::new(Slow { plan, commits_started: AtomicU64::new(0), done: AtomicU64::new(0) });
-    let cfg =
-        ServiceConfig { token: Some("secret".into()), role: "dp", site_code: None, decode_limits: Default::default() };
+    let cfg = ServiceConfig {
+        token: Some("secret".into()),
+        role: "dp",
+        site_code: None,
+        site_key: None,
+        decode_limits: Default::default(),
+    };
     let app = service::router(receiver.clone(), cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

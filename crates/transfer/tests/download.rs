@@ -110,6 +110,7 @@ impl Fixture {
             token: Some("secret".into()),
             role: "dp",
             site_code: None,
+            site_key: None,
             decode_limits: Default::default(),
         };
         let app = service::router(receiver.clone(), cfg);
