@@ -697,4 +697,22 @@ fn a_package_handed_to_a_child_site_is_refreshed_there_and_reaches_every_dp() {
     // cannot make one (refused above); its rollback is refused too.
     let msg = t.ps1.cli_fail(&["rollback", &t.pkg]);
     assert!(msg.contains("CH1"), "{msg}");
+
+    // The other way: CH1 hands it back to PS1, which takes it back and refreshes it.
+    let msg = t.ps1.cli_fail(&["package", "set", &t.pkg, "--source-site", "PS1"]);
+    assert!(msg.contains("has not handed it"), "PS1 cannot take it before CH1 hands it back: {msg}");
+    t.ch1.cli_json(&["package", "set", &t.pkg, "--source-site", "PS1"]);
+    let back = t.ps1.cli_json(&["package", "set", &t.pkg, "--source-site", "PS1"]);
+    assert_eq!(back["source_site"], "PS1", "{back:#}");
+    let msg = t.ch1.cli_fail(&["refresh", &t.pkg]);
+    assert!(msg.contains("PS1"), "CH1 no longer owns it: {msg}");
+    assert!(back["source_path"].is_null(), "a package handed away keeps no source folder: {back:#}");
+    t.ps1.cli_json(&["package", "set", &t.pkg, "--source", s(&t.src)]);
+    let v3 = t.change(24, 8 * KIB, 4 * KIB);
+    let r = t.ps1.cli_json(&["refresh", &t.pkg]);
+    assert_eq!(num(&r, "source_version"), 3, "versions keep growing after the handback: {r:#}");
+    for (site, dp) in [(&t.ps1, "dp1"), (&t.ch1, "dp2"), (&t.ch1, "dp3"), (&t.gc1, "dp4")] {
+        site.wait_installed(&t.pkg, dp, 3, WAIT_DURATION, &t.all());
+    }
+    t.assert_dps_hold(&DP_NAMES, &v3, "PS1's version 3");
 }

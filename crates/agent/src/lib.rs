@@ -703,7 +703,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
         self.sink.status(&self.core, pkg).await
     }
 
-    async fn set_owner(&self, pkg: &str, chain: String) -> Result<String, ReceiveError> {
+    async fn set_owner(&self, pkg: &str, chain: String) -> Result<dpsync_transfer::wire::OwnerAnswer, ReceiveError> {
         let core = &self.core;
         let lock = core.lock(pkg);
         let _g = lock.lock().await;
@@ -714,7 +714,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
         let owner = own.owner().to_owned();
         let chain = dpsync_transfer::trust::Handover::encode_chain(&own.chain);
         self.sink.owner_changed(core, pkg, &owner, &chain).await?;
-        Ok(owner)
+        Ok(dpsync_transfer::wire::OwnerAnswer { owner, chain })
     }
 
     async fn validate(&self, pkg: &str) -> Result<ValidateResponse, ReceiveError> {

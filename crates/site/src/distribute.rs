@@ -95,6 +95,9 @@ pub(crate) enum PushError {
     /// The site's own database.
     #[error("site database: {0}")]
     Store(#[from] StoreError),
+    /// A target holds a longer ownership chain of the package that this site cannot use.
+    #[error("{package}: the ownership chain a target holds cannot be taken here: {message}")]
+    Handover { package: String, message: String },
     /// The target's send windows closed during the transfer: it resumes in the next.
     #[error("{target}: its send window closed")]
     WindowClosed { target: String, opens_at: Option<i64> },
@@ -163,7 +166,8 @@ impl PushError {
             | PushError::PackageGone { .. }
             | PushError::TargetGone { .. }
             | PushError::Unsigned { .. }
-            | PushError::UnknownChunk { .. } => false,
+            | PushError::UnknownChunk { .. }
+            | PushError::Handover { .. } => false,
         }
     }
 
@@ -436,7 +440,16 @@ impl Site {
         if let Some(chain) = package.owner_chain.as_deref() {
             // A package handed to another site: the target learns (again) who owns it
             // before anything else; its new owner needs nothing more from here.
-            client.set_owner(pkg, chain).await.map_err(refused)?;
+            let answer = client.set_owner(pkg, chain).await.map_err(refused)?;
+            if answer.chain.len() > chain.len() {
+                // Handed on since, on the target's side: this site learns it too, and sends
+                // nothing of what it held before.
+                self.learn_ownership(pkg, &answer.chain)
+                    .await
+                    .map_err(|e| PushError::Handover { package: pkg.clone(), message: e.to_string() })?;
+                let state = client.package_state(pkg).await.map_err(refused)?;
+                return Ok(state.installed_version.unwrap_or(version));
+            }
             if target.kind == TargetKind::Site
                 && package.source_site != self.cfg.site_code
                 && client.hello().await.ok().and_then(|h| h.site_code).as_deref() == Some(package.source_site.as_str())

@@ -17,9 +17,11 @@ use dpsync_transfer::trust::{Handover, Ownership};
 use super::{Site, SiteError};
 
 impl Site {
-    /// Hands `pkg`, owned by this site, to the child site `new_site`; every target of
-    /// the package learns it with a job queued now (a target that is down, when it is
-    /// back). Afterwards only `new_site` can refresh or roll it back.
+    /// Hands `pkg`, owned by this site, to `new_site` (a child site, or the parent this
+    /// site receives packages from); every target of the package learns it with a job
+    /// queued now (a target that is down, when it is back). Afterwards only `new_site`
+    /// can refresh or roll it back. Given this site's own code for a package another site
+    /// owns, takes it back once that site has handed it here.
     pub async fn hand_over(&self, pkg: &str, new_site: &str) -> Result<Package, SiteError> {
         let p = self.find_package(pkg).await?;
         let new_site = new_site.trim().to_ascii_uppercase();
@@ -29,6 +31,9 @@ impl Site {
         }
         if p.source_site == new_site {
             return Err(SiteError::Conflict(format!("package {} is already owned by site {new_site}", p.id)));
+        }
+        if p.source_site != own && new_site == own {
+            return self.take_back(&p).await;
         }
         if p.source_site != own {
             return Err(SiteError::Refused(format!(
@@ -57,10 +62,59 @@ impl Site {
         // What receivers will check, checked here first.
         Ownership::verify(&p.id, chain.clone()).map_err(|e| SiteError::Internal(e.into()))?;
         let text = Handover::encode_chain(&chain);
-        self.store.set_package_owner(&p.id, &new_site, &text).await?;
+        if !p.id.get(..3).is_some_and(|c| c.eq_ignore_ascii_case(&own)) {
+            // A package this site received: its receiving side answers with the chain too.
+            self.trust.record_ownership(&p.id, &text).map_err(|e| SiteError::Internal(e.into()))?;
+        }
+        self.store.set_package_owner(&p.id, &new_site, &text, false).await?;
         let told = self.tell_targets(&p.id, p.current_version).await?;
         tracing::info!(package = %p.id, to = %new_site, from_version, targets = told, "package handed over to another site");
         self.find_package(&p.id).await
+    }
+
+    /// `package set PKG --source-site <this site>` where another site owns `p`: asks the
+    /// child sites for the chain they hold; when its owner has handed the package to this
+    /// site, this site owns it from now on.
+    async fn take_back(&self, p: &Package) -> Result<Package, SiteError> {
+        let Some(chain) = p.owner_chain.clone() else {
+            return Err(SiteError::Refused(format!(
+                "package {} belongs to site {}; only it can hand it to this site (`dpsync package set {} \
+                 --source-site {}` there)",
+                p.id, p.source_site, p.id, self.cfg.site_code
+            )));
+        };
+        for t in self.store.targets().await?.into_iter().filter(|t| t.kind == TargetKind::Site) {
+            let Ok(client) = self.clients.get(&t) else { continue };
+            let Ok(answer) = client.set_owner(&p.id, &chain).await else { continue };
+            if answer.owner.eq_ignore_ascii_case(&self.cfg.site_code) {
+                self.learn_ownership(&p.id, &answer.chain).await?;
+                return self.find_package(&p.id).await;
+            }
+        }
+        Err(SiteError::Refused(format!(
+            "package {} belongs to site {}, which has not handed it to this site: run `dpsync package set {} \
+             --source-site {}` there first",
+            p.id, p.source_site, p.id, self.cfg.site_code
+        )))
+    }
+
+    /// Verifies and keeps an ownership chain of `pkg` a target holds (longer than this
+    /// site's), and records its owner.
+    pub(crate) async fn learn_ownership(&self, pkg: &str, chain: &str) -> Result<(), SiteError> {
+        let refused = |e: dpsync_transfer::trust::TrustError| SiteError::Refused(e.to_string());
+        let own = Ownership::verify(pkg, Handover::decode_chain(chain).map_err(refused)?).map_err(refused)?;
+        if own.first_site == self.cfg.site_code {
+            // This site's own package: the first link must be its own signature.
+            if own.first_key != self.site_key.public_hex() {
+                return Err(SiteError::Refused(format!(
+                    "the ownership chain of {pkg} does not start with this site's key"
+                )));
+            }
+        } else {
+            self.trust.record_ownership(pkg, chain).map_err(refused)?;
+        }
+        let text = Handover::encode_chain(&own.chain);
+        self.ownership_received(pkg, own.owner(), &text).await
     }
 
     /// Queues a job for every target that holds or is to hold `pkg`: the job gives it the
@@ -96,9 +150,13 @@ impl Site {
                 Err(e) => asked.push(format!("{} ({e})", t.name)),
             }
         }
+        // A site this one receives packages from (its parent): its pinned key.
+        if let Some(key) = self.trust.key_of(code) {
+            return Ok(key);
+        }
         Err(SiteError::Refused(format!(
-            "no child site of this site answers as {code} (asked: {}); the new owner must be a child site added with \
-             `dpsync site add` and reachable now",
+            "no child site of this site answers as {code} (asked: {}), and no site of that code sends packages here; \
+             the new owner must be a child site added with `dpsync site add` and reachable now, or this site's parent",
             if asked.is_empty() { "none".to_owned() } else { asked.join(", ") }
         )))
     }
@@ -124,12 +182,16 @@ impl Site {
         if p.owner_chain.as_deref() == Some(chain) {
             return Ok(());
         }
-        self.store.set_package_owner(&p.id, owner, chain).await?;
+        let here = owner.eq_ignore_ascii_case(&self.cfg.site_code);
+        self.store.set_package_owner(&p.id, owner, chain, here).await?;
         if owner.eq_ignore_ascii_case(&self.cfg.site_code) {
+            // Its targets learn it with its first version (they may hold newer versions
+            // of the former owner than this site has).
             tracing::info!(package = %p.id, from = %p.source_site, "this site now owns the package: give it a source folder \
-                 (`dpsync package set {} --source DIR`) and refresh it here", p.id);
+                 (`dpsync package set {} --source DIR`) if it has none, and refresh it here", p.id);
+        } else {
+            self.tell_targets(&p.id, p.current_version).await?;
         }
-        self.tell_targets(&p.id, p.current_version).await?;
         Ok(())
     }
 }

@@ -204,15 +204,17 @@ impl Store {
     }
 
     /// Records that `package` now belongs to `owner`, with the ownership chain that says
-    /// so (wire form). `NotFound` if there is no such package.
-    pub async fn set_package_owner(&self, package: &str, owner: &str, chain: &str) -> Result<()> {
+    /// so (wire form). Unless it is `owned_here`, its source folder and refresh schedule
+    /// go (a package this site relays has neither). `NotFound` if there is no such package.
+    pub async fn set_package_owner(&self, package: &str, owner: &str, chain: &str, owned_here: bool) -> Result<()> {
         let owner = check_site_code(owner)?;
-        let done = sqlx::query("UPDATE packages SET source_site = $2, owner_chain = $3 WHERE id = $1")
-            .bind(normalize_id(package))
-            .bind(&owner)
-            .bind(chain)
-            .execute(&self.pool)
-            .await?;
+        let sql = if owned_here {
+            "UPDATE packages SET source_site = $2, owner_chain = $3 WHERE id = $1"
+        } else {
+            "UPDATE packages SET source_site = $2, owner_chain = $3, source_path = NULL, refresh_every_ms = NULL, \
+               next_refresh_at = NULL, schedule_error = NULL WHERE id = $1"
+        };
+        let done = sqlx::query(sql).bind(normalize_id(package)).bind(&owner).bind(chain).execute(&self.pool).await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("package {package}")));
         }

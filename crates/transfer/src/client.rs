@@ -670,9 +670,10 @@ impl TargetClient {
 
     /// Gives the target the ownership chain of a package handed to another site (it
     /// verifies and keeps it, so that it takes the new owner's versions).
-    pub async fn set_owner(&self, pkg: &str, chain: &str) -> Result<(), TransferError> {
+    pub async fn set_owner(&self, pkg: &str, chain: &str) -> Result<wire::OwnerAnswer, TransferError> {
         let body = Some((Bytes::from(chain.to_owned()), "text/plain; charset=utf-8"));
-        self.send(Method::PUT, &format!("/v1/packages/{pkg}/owner"), body, &[], ACT_QUICKLY).await.map(|_| ())
+        let r = self.send(Method::PUT, &format!("/v1/packages/{pkg}/owner"), body, &[], ACT_QUICKLY).await?;
+        self.json(r).await
     }
 
     /// The target's own status of a package (a child site's view of its targets).

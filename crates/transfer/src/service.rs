@@ -142,10 +142,14 @@ pub trait Receiver: Send + Sync + 'static {
     /// The receiver's own distribution status of a package (child sites: its targets).
     fn status(&self, pkg: &str) -> impl Future<Output = Result<serde_json::Value, ReceiveError>> + Send;
     /// Verifies and keeps the ownership chain of a package handed to another site
-    /// (`trust::Handover`, wire form); answers the owner now. `Forbidden` for a chain
-    /// that does not verify.
-    /// The default takes none.
-    fn set_owner(&self, _pkg: &str, _chain: String) -> impl Future<Output = Result<String, ReceiveError>> + Send {
+    /// (`trust::Handover`, wire form); answers the owner now and the chain the receiver
+    /// keeps (which may be longer than the one given: the package was handed on since).
+    /// `Forbidden` for a chain that does not verify. The default takes none.
+    fn set_owner(
+        &self,
+        _pkg: &str,
+        _chain: String,
+    ) -> impl Future<Output = Result<wire::OwnerAnswer, ReceiveError>> + Send {
         async { Err(ReceiveError::BadRequest("this receiver does not take package handovers".into())) }
     }
     /// Prometheus text exposition.
@@ -770,11 +774,10 @@ async fn set_owner<R: Receiver>(
     State(s): State<Arc<Shared<R>>>,
     Path(pkg): Path<String>,
     body: String,
-) -> Result<Json<serde_json::Value>, ReceiveError> {
+) -> Result<Json<wire::OwnerAnswer>, ReceiveError> {
     check_pkg(&pkg)?;
     let r = s.receiver.clone();
-    let owner = detached(async move { r.set_owner(&pkg, body).await }).await?;
-    Ok(Json(serde_json::json!({ "owner": owner })))
+    Ok(Json(detached(async move { r.set_owner(&pkg, body).await }).await?))
 }
 
 async fn status<R: Receiver>(

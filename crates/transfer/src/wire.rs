@@ -70,6 +70,14 @@ pub struct Hello {
     pub software: String,
 }
 
+/// `PUT /v1/packages/{pkg}/owner`: who owns the package now, by the chain the receiver
+/// keeps.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OwnerAnswer {
+    pub owner: String,
+    pub chain: String,
+}
+
 /// `GET /v1/packages/{pkg}`: what the target holds for a package.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PackageState {
