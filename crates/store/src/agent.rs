@@ -252,6 +252,33 @@ impl AgentDb {
         Ok(())
     }
 
+    /// Records the outcome of a validation of the installed version of `id`.
+    pub async fn record_validation(&self, id: &str, at_ms: i64, ok: bool) -> Result<()> {
+        sqlx::query("UPDATE packages SET validated_at = $2, validation_ok = $3 WHERE id = $1")
+            .bind(id)
+            .bind(at_ms)
+            .bind(ok as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The last validation of every package validated since its row was created: (unix
+    /// milliseconds, every file matched), by package id.
+    pub async fn validations(&self) -> Result<std::collections::HashMap<String, (i64, bool)>> {
+        let rows = sqlx::query(
+            "SELECT id, validated_at, validation_ok FROM packages WHERE validated_at IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let ok: Option<i64> = row.try_get("validation_ok")?;
+            out.insert(row.try_get("id")?, (row.try_get("validated_at")?, ok == Some(1)));
+        }
+        Ok(out)
+    }
+
     pub async fn set_broken(&self, id: &str, broken: bool) -> Result<()> {
         sqlx::query("UPDATE packages SET broken = $2 WHERE id = $1")
             .bind(id)

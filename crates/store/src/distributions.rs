@@ -369,6 +369,7 @@ impl Store {
         let generation: i64 = row.try_get("generation")?;
         let claimed: i64 = row.try_get("claimed_generation")?;
 
+        let succeeded = matches!(outcome, Outcome::Installed { .. });
         let (mut new_state, last_error) = match outcome {
             Outcome::Installed { version } => {
                 installed = Some(version);
@@ -393,7 +394,8 @@ impl Store {
 
         sqlx::query(
             "UPDATE distributions SET state = $3, installed_version = $4, attempts = $5, \
-               next_attempt_at = $6, last_error = $7, claim_token = NULL, updated_at = $8 \
+               next_attempt_at = $6, last_error = $7, claim_token = NULL, updated_at = $8, \
+               last_success_at = CASE WHEN $9 = 1 THEN $8 ELSE last_success_at END \
              WHERE package_id = $1 AND target_id = $2",
         )
         .bind(&id)
@@ -404,6 +406,7 @@ impl Store {
         .bind(next_attempt_at)
         .bind(last_error)
         .bind(now)
+        .bind(i64::from(succeeded))
         .execute(&mut *tx)
         .await?;
         let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;

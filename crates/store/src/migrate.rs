@@ -57,7 +57,11 @@ macro_rules! migration {
 pub(crate) const SITE_SQLITE: Schema = Schema {
     what: "site store",
     backend: Backend::Sqlite,
-    migrations: &[migration!(1, "init", "sqlite/0001_init.sql"), migration!(2, "trust", "sqlite/0002_trust.sql")],
+    migrations: &[
+        migration!(1, "init", "sqlite/0001_init.sql"),
+        migration!(2, "trust", "sqlite/0002_trust.sql"),
+        migration!(6, "last success", "sqlite/0006_last_success.sql"),
+    ],
     user_version: false,
 };
 
@@ -65,7 +69,11 @@ pub(crate) const SITE_SQLITE: Schema = Schema {
 pub(crate) const SITE_POSTGRES: Schema = Schema {
     what: "site store",
     backend: Backend::Postgres,
-    migrations: &[migration!(1, "init", "postgres/0001_init.sql"), migration!(2, "trust", "postgres/0002_trust.sql")],
+    migrations: &[
+        migration!(1, "init", "postgres/0001_init.sql"),
+        migration!(2, "trust", "postgres/0002_trust.sql"),
+        migration!(6, "last success", "postgres/0006_last_success.sql"),
+    ],
     user_version: false,
 };
 
@@ -77,6 +85,7 @@ pub(crate) const AGENT: Schema = Schema {
         migration!(1, "init", "agent/0001_init.sql"),
         migration!(2, "signature", "agent/0002_signature.sql"),
         migration!(3, "chunk locations", "agent/0003_chunk_locations.sql"),
+        migration!(6, "validation", "agent/0006_validation.sql"),
     ],
     user_version: true,
 };
