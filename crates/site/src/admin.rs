@@ -157,7 +157,9 @@ async fn refresh(
     body: Option<Json<RefreshRequest>>,
 ) -> ApiResult<RefreshReport> {
     let req = body.map(|Json(r)| r).unwrap_or_default();
+    let started = std::time::Instant::now();
     let result = site.refresh(&pkg, req).await;
+    site.metrics.record_refresh(&pkg, &result, started.elapsed());
     if result.is_err() {
         site.metrics.refresh_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -189,11 +191,7 @@ async fn status(State(site): State<Arc<Site>>, Path(pkg): Path<String>) -> ApiRe
 }
 
 async fn status_all(State(site): State<Arc<Site>>) -> ApiResult<Vec<StatusReport>> {
-    let mut out = Vec::new();
-    for p in site.store.packages().await? {
-        out.push(site.status(&p.id).await?);
-    }
-    Ok(Json(out))
+    Ok(Json(site.status_all().await?))
 }
 
 async fn distribute(
