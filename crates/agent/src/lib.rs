@@ -746,6 +746,17 @@ pub async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    run_with_ready(listener, cfg, shutdown, || {}).await
+}
+
+/// [`run`], calling `ready` once the agent's state is open and it is about to serve (the
+/// binary tells systemd then).
+pub async fn run_with_ready(
+    listener: tokio::net::TcpListener,
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce() + Send,
+) -> Result<()> {
     let addr = listener.local_addr()?;
     dpsync_library::write_atomic(&cfg.data_dir.join("listen.addr"), addr.to_string().as_bytes())
         .with_context(|| format!("cannot write {}", cfg.data_dir.join("listen.addr").display()))?;
@@ -760,6 +771,7 @@ pub async fn run(
         ServiceConfig { token: cfg.token.clone(), role: "dp", site_code: None, decode_limits: DecodeLimits::default() };
     let app = dpsync_transfer::service::router(agent.clone(), service);
     tracing::info!(listen = %addr, tls = tls.is_some(), data_dir = %cfg.data_dir.display(), "dpsync agent ready");
+    ready();
     dpsync_transfer::listen::serve(listener, app, tls, shutdown).await.context("serving")?;
     agent.close().await;
     tracing::info!("dpsync agent stopped");

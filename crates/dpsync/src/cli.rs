@@ -192,6 +192,17 @@ enum Command {
         #[arg(skip)]
         data_dir: Option<PathBuf>,
     },
+    /// Print a completion script for SHELL, e.g. `dpsync completions bash >
+    /// /usr/share/bash-completion/completions/dpsync`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (dpsync.1, dpsync-server.1, dpsync-refresh.1, …) into DIR.
+    Man {
+        /// Folder to write them into (created if missing), e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
 }
 
 /// `--wait` and its `--timeout`, for the commands that queue distribution work.
@@ -360,6 +371,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Validate { package, target } => return validate_cmd(&client()?, json, &package, target).await,
         Command::Gc => gc_cmd(&client()?, json).await?,
         Command::Quickstart { keep, data_dir } => return crate::quickstart::run(keep, data_dir, json).await,
+        Command::Completions { shell } => crate::docs::completions(Cli::command(), shell)?,
+        Command::Man { dir } => crate::docs::man_pages(Cli::command(), &dir, json)?,
         Command::Info => info_cmd(&client()?, json).await?,
         Command::Backup { dir, with_library } => return backup(&client()?, dir, with_library, json).await,
         Command::Restore { dir, database_url } => return restore(dir, data_dir, database_url, json).await,
