@@ -187,6 +187,18 @@ impl AgentDb {
             .flatten())
     }
 
+    /// Every package row, without the manifest blobs ([`AgentDb::package_summary`]).
+    pub async fn package_summaries(&self) -> Result<Vec<InstalledPackage>> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM packages ORDER BY id").fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(p) = self.package_summary(&id).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every package with an installed version.
     pub async fn packages(&self) -> Result<Vec<InstalledPackage>> {
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM packages ORDER BY id").fetch_all(&self.pool).await?;
