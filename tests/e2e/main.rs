@@ -12,5 +12,6 @@ mod privacy;
 mod quickstart;
 mod refresh;
 mod sites;
+mod web;
 
 mod proxy;
