@@ -69,7 +69,7 @@ pub fn counts_text(c: &Counts) -> String {
 fn refresh_text(p: &Value, now: i64) -> (String, &'static str) {
     let Some(r) = p.get("last_refresh").filter(|r| r.is_object()) else { return ("never".into(), "") };
     let at = int_of(r, "at").map(|at| view::ago(now, at)).unwrap_or_default();
-    let took = int_of(r, "duration_ms").map(|ms| format!(" · took {}", view::span(ms.max(1000)))).unwrap_or_default();
+    let took = int_of(r, "duration_ms").map(|ms| format!(" · took {}", view::took(ms))).unwrap_or_default();
     if r.get("ok").and_then(Value::as_bool).unwrap_or(false) {
         (format!("ok · {at}{took}"), "ok")
     } else {
@@ -152,17 +152,22 @@ fn row(t: &Value, now: i64, parent: Option<&str>) -> Markup {
             td.ver { (view::versions(t)) }
             td.prog {
                 @match &progress {
-                    Some((Some(f), text)) => { progress max="1" value=(format!("{f:.4}")) {} span.ptext { (text) } }
+                    Some((Some(f), text)) => {
+                        progress max="1" value=(format!("{f:.4}")) title=(format!("{:.0} %", f * 100.0)) {}
+                        span.ptext { (text) }
+                    }
                     Some((None, text)) => { progress max="1" hidden {} span.ptext { (text) } }
                     None => { progress max="1" hidden {} span.ptext {} }
                 }
             }
             td.err title=[error] {
-                @if let Some(e) = error {
-                    span.eage { (error_age(t, now)) }
-                    span.etext { (e) }
-                } @else {
-                    span.eage {} span.etext {}
+                div.ebox {
+                    @if let Some(e) = error {
+                        span.eage { (error_age(t, now)) }
+                        span.etext { (e) }
+                    } @else {
+                        span.eage {} span.etext {}
+                    }
                 }
             }
             td.next { (view::next(t, now)) }
@@ -204,7 +209,7 @@ mod tests {
         assert!(html.contains("<b id=\"n-failing\">2</b>"), "{html}");
         assert!(html.contains("<b id=\"n-installed\">2</b>"), "{html}");
         assert!(html.contains("retry in 1 min"), "{html}");
-        assert!(html.contains("ok · 9 s ago · took 1 s"), "{html}");
+        assert!(html.contains("ok · 9 s ago · took 1.5 s"), "{html}");
         assert!(html.contains(">9f3a1c2b4d5e<"), "{html}");
     }
 

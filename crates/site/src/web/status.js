@@ -29,6 +29,7 @@
     return Math.floor(s / 86400) + " d";
   }
   const ago = (now, at) => (now - at < 1000 ? "just now" : span(now - at) + " ago");
+  const took = (ms) => (ms < 10000 ? (Math.max(0, ms) / 1000).toFixed(1) + " s" : span(ms));
   const num = (v) => (typeof v === "number" ? v : null);
 
   function sorted(targets) {
@@ -56,7 +57,7 @@
     const planned = num(p.bytes_planned) || 0, done = num(p.bytes_done) || 0;
     if (planned <= 0) return { fraction: null, text: phase };
     const fraction = Math.min(1, Math.max(0, done / planned));
-    let text = bytes(done) + " / " + bytes(planned) + " (" + Math.round(fraction * 100) + " %)";
+    let text = bytes(done) + " / " + bytes(planned);
     const secs = (now - (num(p.started_ms) || now)) / 1000;
     if (secs > 0.5 && done > 0) {
       const rate = done / secs;
@@ -103,7 +104,9 @@
     bar.max = 1;
     bar.hidden = true;
     tr.children[4].append(bar, el("span", "ptext"));
-    tr.children[5].append(el("span", "eage"), el("span", "etext"));
+    const ebox = el("div", "ebox");
+    ebox.append(el("span", "eage"), el("span", "etext"));
+    tr.children[5].append(ebox);
     return tr;
   }
   function updateRow(tr, t, now, parent) {
@@ -129,14 +132,18 @@
     setText(pill, state.replace(/_/g, " "));
     setText(c[3], versions(t));
     const p = progress(t, now), bar = c[4].firstChild;
-    if (p && p.fraction !== null) { bar.hidden = false; if (bar.value !== p.fraction) bar.value = p.fraction; }
-    else bar.hidden = true;
+    if (p && p.fraction !== null) {
+      bar.hidden = false;
+      if (bar.value !== p.fraction) bar.value = p.fraction;
+      setAttr(bar, "title", Math.round(p.fraction * 100) + " %");
+    } else bar.hidden = true;
     setText(c[4].lastChild, p ? p.text : "");
     const err = typeof t.last_error === "string" && t.last_error ? t.last_error : null;
     setAttr(c[5], "title", err);
-    setText(c[5].lastChild, err || "");
+    const ebox = c[5].firstChild;
+    setText(ebox.lastChild, err || "");
     const at = num(t.last_error_at) !== null ? t.last_error_at : num(t.updated_at);
-    setText(c[5].firstChild, err && at !== null ? ago(now, at) : "");
+    setText(ebox.firstChild, err && at !== null ? ago(now, at) : "");
     setText(c[6], next(t, now));
   }
   function updateBody(tbody, t, now) {
@@ -194,8 +201,8 @@
     const r = p.last_refresh;
     if (!r || typeof r !== "object") return ["never", ""];
     const at = num(r.at) !== null ? ago(now, r.at) : "";
-    const took = num(r.duration_ms) !== null ? " · took " + span(Math.max(1000, r.duration_ms)) : "";
-    return r.ok ? ["ok · " + at + took, "ok"] : ["failed · " + at + took + ": " + (r.error || ""), "bad"];
+    const dur = num(r.duration_ms) !== null ? " · took " + took(r.duration_ms) : "";
+    return r.ok ? ["ok · " + at + dur, "ok"] : ["failed · " + at + dur + ": " + (r.error || ""), "bad"];
   }
 
   function updateSection(s, p, now) {

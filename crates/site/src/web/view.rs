@@ -106,6 +106,11 @@ pub fn span(ms: i64) -> String {
     }
 }
 
+/// How long something quick took: `0.2 s`, `12 s`, `2 min`.
+pub fn took(ms: i64) -> String {
+    if ms < 10_000 { format!("{:.1} s", ms.max(0) as f64 / 1000.0) } else { span(ms) }
+}
+
 /// `ago(now, t)`: `just now`, `3 min ago`.
 pub fn ago(now: i64, at: i64) -> String {
     if now - at < 1000 { "just now".into() } else { format!("{} ago", span(now - at)) }
@@ -122,7 +127,7 @@ pub fn progress(t: &Value, now: i64) -> Option<(Option<f64>, String)> {
         return Some((None, phase));
     }
     let fraction = (done / planned).clamp(0.0, 1.0);
-    let mut text = format!("{} / {} ({:.0} %)", bytes(done), bytes(planned), fraction * 100.0);
+    let mut text = format!("{} / {}", bytes(done), bytes(planned));
     let started = int_of(p, "started_ms").unwrap_or(now);
     let secs = (now - started) as f64 / 1000.0;
     if secs > 0.5 && done > 0.0 {
@@ -204,7 +209,10 @@ mod tests {
         let t = json!({"progress": {"phase": "sending", "bytes_planned": 4096, "bytes_done": 1024, "started_ms": 0}});
         let (fraction, text) = progress(&t, 2000).unwrap();
         assert_eq!(fraction, Some(0.25));
-        assert_eq!(text, "1.0 KiB / 4.0 KiB (25 %) · 512 B/s · 6 s left");
+        assert_eq!(text, "1.0 KiB / 4.0 KiB · 512 B/s · 6 s left");
+        assert_eq!(took(250), "0.2 s");
+        assert_eq!(took(12_500), "12 s");
+        assert_eq!(took(125_000), "2 min");
         assert_eq!(progress(&json!({"progress": null}), 0), None);
     }
 }
