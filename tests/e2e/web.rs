@@ -23,9 +23,11 @@ fn s(p: &Path) -> &str {
 }
 
 /// A site with the web listener on loopback (with a token), two running agents `dp1` and
-/// `dp2`, `gone` (a DP nobody listens for), and a package `app` distributed to all three.
+/// `dp2`, `gone` (a DP nobody listens for), a child site `CH1` with its own DP `branch1`,
+/// and a package `Office` distributed to all four targets.
 struct WebSite {
     server: Server,
+    child: Server,
     agents: Vec<Agent>,
     id: String,
     web: std::net::SocketAddr,
@@ -48,6 +50,21 @@ impl WebSite {
         write_random_file(&src.join("sub/data.bin"), 100_000, 2);
         let id = text(&server.cli_json(&["package", "add", "Office", s(&src)]), "id").to_owned();
         let mut agents = Vec::new();
+
+        // The child site and its DP, which it assigns the package to when it arrives.
+        let child_opts = ServerOpts {
+            args: ["--listen", "127.0.0.1:0", "--token", "child-token"].map(String::from).to_vec(),
+            ..ServerOpts::site("CH1")
+        };
+        let child = Server::start_with(dir.join("ch1"), child_opts);
+        let branch = Agent::start(dir.join("branch1"), Some("token-branch1"));
+        child.cli_json(&["dp", "add", "branch1", &branch.url(), "--token", "token-branch1"]);
+        agents.push(branch);
+        let child_addr = fs::read_to_string(dir.join("ch1/listen.addr")).expect("listen.addr");
+        let fingerprint = fs::read_to_string(dir.join("ch1/tls/fingerprint")).expect("fingerprint");
+        let child_url = format!("https://{}", child_addr.trim());
+        server.cli_json(&["site", "add", "CH1", &child_url, "--token", "child-token", "--fingerprint", fingerprint.trim()]);
+
         for name in ["dp1", "dp2"] {
             let token = format!("token-{name}");
             let agent = Agent::start(dir.join(name), Some(&token));
@@ -56,18 +73,25 @@ impl WebSite {
         }
         // Port 9 on loopback: nothing listens there, every connection is refused.
         server.cli_json(&["dp", "add", "gone", "http://127.0.0.1:9", "--token", "t"]);
-        server.cli_json(&["distribute", &id, "--dp", "dp1", "--dp", "dp2", "--dp", "gone"]);
+        server.cli_json(&["distribute", &id, "--dp", "dp1", "--dp", "dp2", "--dp", "gone", "--site", "CH1"]);
         server.cli_json(&["refresh", &id]);
-        let site = Self { server, agents, id, web, dir };
-        site.server.wait_status(&site.id, "dp1, dp2 installed and gone failed", WAIT, &site.daemons(), |st| {
+        let site = Self { server, child, agents, id, web, dir };
+        site.server.wait_status(&site.id, "dp1, dp2, CH1 and branch1 installed, gone failed", WAIT, &site.daemons(), |st| {
             let state = |n| target_of(st, n)["state"].clone();
-            state("dp1") == "installed" && state("dp2") == "installed" && state("gone") == "failed"
+            let branch = target_of(st, "CH1")["targets"].as_array().and_then(|t| t.first()).map(|b| b["state"].clone());
+            state("dp1") == "installed"
+                && state("dp2") == "installed"
+                && state("CH1") == "installed"
+                && state("gone") == "failed"
+                && branch == Some(json!("installed"))
         });
         site
     }
 
     fn daemons(&self) -> Vec<&Daemon> {
-        self.agents.iter().map(Agent::daemon).collect()
+        let mut d = vec![self.child.daemon()];
+        d.extend(self.agents.iter().map(Agent::daemon));
+        d
     }
 
     fn get(&self, path: &str, token: bool) -> dpsync_testkit::HttpResponse {
@@ -109,7 +133,10 @@ fn status_page_in_headless_chromium_shows_states_errors_and_live_progress() {
     assert_eq!(row(&view, "dp1").unwrap()["version"], "v1");
     let first = view["rows"][0]["target"].clone();
     assert_eq!(first, "gone", "failing targets come first: {view:#}");
-    assert_eq!(view["summary"], json!({"installed": "2", "active": "0", "waiting": "0", "failing": "1"}), "{view:#}");
+    let branch = row(&view, "branch1").expect("the child site's DP is shown");
+    assert_eq!((branch["state"].as_str(), branch["nested"].as_str()), (Some("installed"), Some("CH1")), "{view:#}");
+    assert_eq!(row(&view, "CH1").unwrap()["state"], "installed");
+    assert_eq!(view["summary"], json!({"installed": "4", "active": "0", "waiting": "0", "failing": "1"}), "{view:#}");
     assert!(view["heading"].as_str().unwrap().contains("Office"), "{view:#}");
 
     // A rate-limited transfer of a second package: the page (never reloaded) grows a
@@ -138,6 +165,7 @@ fn status_page_in_headless_chromium_shows_states_errors_and_live_progress() {
     let during = session.view();
     assert_eq!(row(&during, "dp3").unwrap()["state"], "in_progress", "{during:#}");
     assert_eq!(during["summary"]["active"], "1", "{during:#}");
+    assert_eq!(during["packages"], json!([site.id, big]), "a section for the new package: {during:#}");
     let shot = session.screenshot(&target_dir().join("web-status.png"));
     eprintln!("screenshot of the status page during a transfer: {}", shot.display());
     assert_eq!(session.eval("return window.dpsyncMarker"), json!(42), "the page was not reloaded");
@@ -163,6 +191,7 @@ return {
   rows: [...document.querySelectorAll("tr.row")].map((r) => ({
     package: r.closest("section").dataset.package,
     target: r.dataset.target, state: r.dataset.state, group: r.dataset.group,
+    nested: r.classList.contains("nested") ? r.closest("tbody").dataset.name : null,
     pill: text(r.querySelector(".pill")), color: getComputedStyle(r.querySelector(".pill")).color,
     version: text(r.querySelector("td.ver")), progress: text(r.querySelector(".ptext")),
     error: text(r.querySelector(".etext")), age: text(r.querySelector(".eage")),
@@ -368,7 +397,9 @@ fn web_listener_serves_status_and_metrics_only_with_its_token() {
     let one = site.server.status(&site.id);
     assert_eq!(all.as_array().map(Vec::len), Some(1), "{all:#}");
     assert_eq!(all[0]["package"], one["package"]);
-    assert_eq!(all[0]["targets"].as_array().unwrap().len(), 3);
+    assert_eq!(all[0]["targets"].as_array().unwrap().len(), 4);
+    assert_eq!(all[0]["targets"][0]["name"], "CH1");
+    assert_eq!(all[0]["targets"][0]["targets"][0]["name"], "branch1", "child sites carry their own targets");
     assert_eq!(all[0]["last_refresh"]["ok"], true, "{all:#}");
 
     // /metrics through a Prometheus text parser, with per-target series.
@@ -406,7 +437,7 @@ fn web_listener_serves_status_and_metrics_only_with_its_token() {
     assert!(matches!(value("dpsync_site_disk_free_bytes", &[]), Gauge(f) if f > 0.0));
 
     // The agent's page: what it holds, without a token.
-    let agent = &site.agents[0];
+    let agent = &site.agents[1];
     let page = agent.get("/", &[]);
     assert_eq!(page.status, 200, "{}", page.body_text());
     let html = page.body_text();
