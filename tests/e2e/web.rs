@@ -492,31 +492,82 @@ fn expect_notification(sock: &std::os::unix::net::UnixDatagram, want: &str, daem
     panic!("no {want} on NOTIFY_SOCKET (got {got:?}){}", log_tails(&[daemon]));
 }
 
+/// The command line and environment of `contrib/systemd/UNIT`, with the unit's paths
+/// moved under `root`: the binary under test for `/usr/local/bin/dpsync`, and
+/// `root/etc/dpsync`, `root/var/lib`, `root/run` for the unit's folders (`etc` holding
+/// copies of the example configuration files in `contrib/systemd`).
+fn unit_command(unit: &str, root: &Path) -> Command {
+    let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/systemd");
+    let etc = root.join("etc/dpsync");
+    fs::create_dir_all(&etc).unwrap();
+    for example in ["server.toml", "agent.toml"] {
+        fs::copy(contrib.join(example), etc.join(example)).unwrap();
+    }
+    let relocate = |v: &str| -> String {
+        for (from, to) in [
+            ("/usr/local/bin/dpsync", PathBuf::from(DPSYNC)),
+            ("/etc/dpsync", etc.clone()),
+            ("/var/lib", root.join("var/lib")),
+            ("/run", root.join("run")),
+        ] {
+            if let Some(rest) = v.strip_prefix(from) {
+                return format!("{}{rest}", to.display());
+            }
+        }
+        v.to_owned()
+    };
+    let text = fs::read_to_string(contrib.join(unit)).unwrap();
+    let mut exec = None;
+    let mut env = Vec::new();
+    for line in text.lines() {
+        if let Some(kv) = line.strip_prefix("Environment=") {
+            let (k, v) = kv.split_once('=').expect("Environment=KEY=VALUE");
+            env.push((k.to_owned(), relocate(v)));
+        } else if let Some(cmd) = line.strip_prefix("ExecStart=") {
+            exec = Some(cmd.split_whitespace().map(relocate).collect::<Vec<_>>());
+        }
+    }
+    assert!(text.lines().any(|l| l == "Type=notify"), "{unit} is Type=notify");
+    let exec = exec.unwrap_or_else(|| panic!("no ExecStart in {unit}"));
+    let mut cmd = Command::new(&exec[0]);
+    cmd.args(&exec[1..]).env_clear().env("PATH", "/usr/bin:/bin").envs(env);
+    cmd
+}
+
 #[test]
-fn daemons_tell_systemd_when_they_are_ready_and_when_they_stop() {
+fn the_systemd_units_start_daemons_that_report_ready_and_stopping() {
     let dir = TestDir::new();
     let path = dir.join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let opts = ServerOpts {
-        env: vec![("NOTIFY_SOCKET".into(), s(&path).into())],
-        args: vec!["--http-listen".into(), "127.0.0.1:0".into()],
-        ..ServerOpts::site("PS1")
-    };
-    let mut server = Server::start_with(dir.join("d"), opts);
-    expect_notification(&sock, "READY=1", server.daemon());
-    // Ready means serving: the status page answers at once.
-    let web = fs::read_to_string(dir.join("d/http.addr")).unwrap().trim().parse().unwrap();
-    assert_eq!(http_get(web, "/v1/status", &[]).status, 200);
-    server.terminate();
-    expect_notification(&sock, "STOPPING=1", server.daemon());
 
-    let mut cmd = dpsync_command();
-    cmd.args(["agent", "--data-dir", s(&dir.join("a")), "--listen", "127.0.0.1:0", "--insecure-http"]);
-    cmd.env("NOTIFY_SOCKET", &path);
-    let mut agent = Daemon::start("agent", cmd, &dir.join("agent.log"));
+    // The server as its unit starts it (the example server.toml's port made free).
+    let mut cmd = unit_command("dpsync-server.service", dir.path());
+    cmd.env("NOTIFY_SOCKET", &path).env("DPSYNC_HTTP_LISTEN", "127.0.0.1:0");
+    let mut server = Daemon::start("server (unit)", cmd, &dir.join("server.log"));
+    expect_notification(&sock, "READY=1", &server);
+    // Ready means serving: the status page and the admin socket answer at once.
+    let data = dir.join("var/lib/dpsync");
+    let web = fs::read_to_string(data.join("http.addr")).unwrap().trim().parse().unwrap();
+    assert_eq!(http_get(web, "/v1/status", &[]).status, 200);
+    let socket = dir.join("run/dpsync/admin.sock");
+    let info = run_bounded(dpsync_command().args(["info", "--json", "--socket", s(&socket)]), CLI_TIMEOUT);
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    server.stop();
+    expect_notification(&sock, "STOPPING=1", &server);
+
+    // The agent as its unit starts it, on a free loopback port with a token of its own.
+    let token = dir.join("token");
+    fs::write(&token, TOKEN).unwrap();
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cmd = unit_command("dpsync-agent.service", dir.path());
+    cmd.env("NOTIFY_SOCKET", &path)
+        .env("DPSYNC_LISTEN", "127.0.0.1:0")
+        .env("DPSYNC_TOKEN_FILE", &token)
+        .env("DPSYNC_INSECURE_HTTP", "true");
+    let mut agent = Daemon::start("agent (unit)", cmd, &dir.join("agent.log"));
     expect_notification(&sock, "READY=1", &agent);
-    let addr = fs::read_to_string(dir.join("a/listen.addr")).unwrap().trim().parse().unwrap();
+    let addr = fs::read_to_string(dir.join("var/lib/dpsync-agent/listen.addr")).unwrap().trim().parse().unwrap();
     assert_eq!(http_get(addr, "/v1/hello", &[]).status, 200, "ready means serving");
     agent.stop();
     expect_notification(&sock, "STOPPING=1", &agent);
