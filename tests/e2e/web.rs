@@ -452,6 +452,28 @@ fn web_listener_serves_status_and_metrics_only_with_its_token() {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }
     assert!(metrics.contains("dpsync_agent_disk_free_bytes "), "{metrics}");
+
+    // The alert rules and the dashboard use only series that exist.
+    let exported: std::collections::HashSet<&str> = text
+        .lines()
+        .chain(metrics.lines())
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+    for file in ["alerts.yml", "grafana-dashboard.json"] {
+        let doc = fs::read_to_string(docs.join(file)).unwrap();
+        let mut used = 0;
+        for (at, _) in doc.match_indices("dpsync_") {
+            let name: String =
+                doc[at..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit()).collect();
+            if name.starts_with("dpsync_site_") || name.starts_with("dpsync_agent_") {
+                assert!(exported.contains(name.as_str()), "docs/{file} uses {name}, which no listener exports");
+                used += 1;
+            }
+        }
+        assert!(used > 10, "docs/{file} uses dpsync's series");
+    }
 }
 
 #[test]
