@@ -63,7 +63,16 @@ impl WebSite {
         let child_addr = fs::read_to_string(dir.join("ch1/listen.addr")).expect("listen.addr");
         let fingerprint = fs::read_to_string(dir.join("ch1/tls/fingerprint")).expect("fingerprint");
         let child_url = format!("https://{}", child_addr.trim());
-        server.cli_json(&["site", "add", "CH1", &child_url, "--token", "child-token", "--fingerprint", fingerprint.trim()]);
+        server.cli_json(&[
+            "site",
+            "add",
+            "CH1",
+            &child_url,
+            "--token",
+            "child-token",
+            "--fingerprint",
+            fingerprint.trim(),
+        ]);
 
         for name in ["dp1", "dp2"] {
             let token = format!("token-{name}");
@@ -76,15 +85,22 @@ impl WebSite {
         server.cli_json(&["distribute", &id, "--dp", "dp1", "--dp", "dp2", "--dp", "gone", "--site", "CH1"]);
         server.cli_json(&["refresh", &id]);
         let site = Self { server, child, agents, id, web, dir };
-        site.server.wait_status(&site.id, "dp1, dp2, CH1 and branch1 installed, gone failed", WAIT, &site.daemons(), |st| {
-            let state = |n| target_of(st, n)["state"].clone();
-            let branch = target_of(st, "CH1")["targets"].as_array().and_then(|t| t.first()).map(|b| b["state"].clone());
-            state("dp1") == "installed"
-                && state("dp2") == "installed"
-                && state("CH1") == "installed"
-                && state("gone") == "failed"
-                && branch == Some(json!("installed"))
-        });
+        site.server.wait_status(
+            &site.id,
+            "dp1, dp2, CH1 and branch1 installed, gone failed",
+            WAIT,
+            &site.daemons(),
+            |st| {
+                let state = |n| target_of(st, n)["state"].clone();
+                let branch =
+                    target_of(st, "CH1")["targets"].as_array().and_then(|t| t.first()).map(|b| b["state"].clone());
+                state("dp1") == "installed"
+                    && state("dp2") == "installed"
+                    && state("CH1") == "installed"
+                    && state("gone") == "failed"
+                    && branch == Some(json!("installed"))
+            },
+        );
         site
     }
 
@@ -224,8 +240,7 @@ fn find_program(names: &[&str]) -> Option<PathBuf> {
 
 impl Browser {
     fn start() -> Option<Self> {
-        let (chromium, driver) =
-            (find_program(&["chromium", "chromium-browser"]), find_program(&["chromedriver"]));
+        let (chromium, driver) = (find_program(&["chromium", "chromium-browser"]), find_program(&["chromedriver"]));
         let (Some(chromium), Some(driver)) = (chromium, driver) else {
             let why = "Chromium and chromedriver are needed (Debian: apt-get install chromium chromium-driver)";
             if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -388,7 +403,9 @@ fn web_listener_serves_status_and_metrics_only_with_its_token() {
     assert_eq!(page.status, 200);
     assert!(page.header("content-security-policy").is_some_and(|c| c.contains("script-src 'self'")));
     let html = page.body_text();
-    for needle in [site.id.as_str(), "data-target=\"dp1\" data-state=\"installed\"", "data-target=\"gone\" data-state=\"failed\""] {
+    for needle in
+        [site.id.as_str(), "data-target=\"dp1\" data-state=\"installed\"", "data-target=\"gone\" data-state=\"failed\""]
+    {
         assert!(html.contains(needle), "the page lacks {needle}:\n{html}");
     }
 
@@ -429,7 +446,10 @@ fn web_listener_serves_status_and_metrics_only_with_its_token() {
     assert!(success > now - 120.0 && success <= now + 1.0, "{success} vs {now}");
     assert!(!text.contains(&format!("target_last_success_timestamp_seconds{{package=\"{pkg}\",target=\"gone\"}}")));
     assert_eq!(value("dpsync_site_package_last_refresh_success", &[("package", pkg)]), Gauge(1.0));
-    assert!(matches!(value("dpsync_site_refresh_phase_duration_seconds", &[("phase", "scan")]), prometheus_parse::Value::Histogram(_)));
+    assert!(matches!(
+        value("dpsync_site_refresh_phase_duration_seconds", &[("phase", "scan")]),
+        prometheus_parse::Value::Histogram(_)
+    ));
     assert!(matches!(
         value("dpsync_site_job_duration_seconds", &[("kind", "dp"), ("outcome", "installed")]),
         prometheus_parse::Value::Histogram(_)
@@ -448,7 +468,11 @@ fn web_listener_serves_status_and_metrics_only_with_its_token() {
     let html = agent.get("/", &[]).body_text();
     assert!(html.contains("all files intact"), "{html}");
     let metrics = agent.get("/metrics", &[]).body_text();
-    for line in ["dpsync_agent_validations_total 1", "dpsync_agent_validation_failures_total 0", "dpsync_agent_chunks_rejected_total 0"] {
+    for line in [
+        "dpsync_agent_validations_total 1",
+        "dpsync_agent_validation_failures_total 0",
+        "dpsync_agent_chunks_rejected_total 0",
+    ] {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }
     assert!(metrics.contains("dpsync_agent_disk_free_bytes "), "{metrics}");
@@ -479,7 +503,8 @@ fn web_listener_serves_status_and_metrics_only_with_its_token() {
 #[test]
 fn web_listener_off_loopback_needs_a_private_token_file() {
     let dir = TestDir::new();
-    let opts = |args: &[&str]| ServerOpts { args: args.iter().map(|a| a.to_string()).collect(), ..ServerOpts::site("PS1") };
+    let opts =
+        |args: &[&str]| ServerOpts { args: args.iter().map(|a| a.to_string()).collect(), ..ServerOpts::site("PS1") };
     let e = Server::refuse_to_start(dir.join("d"), &opts(&["--http-listen", "0.0.0.0:0"]));
     assert!(
         e.contains("http_listen: 0.0.0.0:0 is not a loopback address, so the status page needs a token")
@@ -490,7 +515,8 @@ fn web_listener_off_loopback_needs_a_private_token_file() {
     let token = dir.join("token");
     fs::write(&token, TOKEN).unwrap();
     fs::set_permissions(&token, fs::Permissions::from_mode(0o644)).unwrap();
-    let e = Server::refuse_to_start(dir.join("d"), &opts(&["--http-listen", "0.0.0.0:0", "--http-token-file", s(&token)]));
+    let e =
+        Server::refuse_to_start(dir.join("d"), &opts(&["--http-listen", "0.0.0.0:0", "--http-token-file", s(&token)]));
     assert!(e.contains("is readable by others; run `chmod 600"), "{e}");
 }
 

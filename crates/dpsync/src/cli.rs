@@ -74,7 +74,7 @@ so is --data-dir (data_dir). A flag wins over the environment, which wins over t
 enum Command {
     /// Run a site server.
     #[command(after_help = SERVER_SETTINGS_HELP)]
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Run a distribution point agent.
     #[command(after_help = AGENT_SETTINGS_HELP)]
     Agent(AgentArgs),

@@ -30,7 +30,12 @@ pub fn man_pages(cmd: clap::Command, dir: &Path, json: bool) -> Result<()> {
     if json {
         outln!("{}", serde_json::json!({ "dir": dir.display().to_string(), "pages": pages }));
     } else {
-        outln!("wrote {} man pages into {} (try: man -l {})", pages.len(), dir.display(), dir.join("dpsync.1").display());
+        outln!(
+            "wrote {} man pages into {} (try: man -l {})",
+            pages.len(),
+            dir.display(),
+            dir.join("dpsync.1").display()
+        );
     }
     Ok(())
 }

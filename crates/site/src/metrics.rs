@@ -276,11 +276,7 @@ fn exposition(m: &SiteMetrics, s: &Snapshot) -> anyhow::Result<String> {
         "When the target last finished installing the package (Unix time)",
         success,
     );
-    registry.register(
-        "target_consecutive_failures",
-        "Failed attempts since the last success or request",
-        failures,
-    );
+    registry.register("target_consecutive_failures", "Failed attempts since the last success or request", failures);
 
     registry.register(
         "refresh_phase_duration_seconds",
@@ -358,7 +354,8 @@ mod tests {
             },
         ];
         m.record_job(TargetKind::Dp, "installed", Duration::from_millis(1500));
-        let snapshot = Snapshot { versions: versions.to_vec(), states: states.to_vec(), targets, disk_free: Some(1 << 30) };
+        let snapshot =
+            Snapshot { versions: versions.to_vec(), states: states.to_vec(), targets, disk_free: Some(1 << 30) };
         let text = exposition(&m, &snapshot).unwrap();
         let s = parse(&text);
         assert_eq!(sample(&s, "dpsync_site_refreshes_total", &[]), &Value::Counter(3.0), "{text}");

@@ -162,9 +162,7 @@ fn refuse(why: &str) -> Response {
 /// The JSON of every package's status, as the page and `/v1/status` see it.
 async fn status_json(site: &Site) -> Result<Vec<serde_json::Value>, SiteError> {
     let all = site.status_all().await?;
-    all.into_iter()
-        .map(|s| serde_json::to_value(s).map_err(|e| SiteError::Internal(e.into())))
-        .collect()
+    all.into_iter().map(|s| serde_json::to_value(s).map_err(|e| SiteError::Internal(e.into()))).collect()
 }
 
 async fn index(State(web): State<Arc<Web>>) -> Result<Response, SiteError> {

@@ -150,7 +150,8 @@ pub fn next(t: &Value, now: i64) -> String {
     if let Some(at) = int_of(t, "next_window_at") {
         return format!("window opens {}", in_words(at));
     }
-    let retry = int_of(t, "next_retry_at").or_else(|| (state == "retrying").then(|| int_of(t, "next_attempt_at")).flatten());
+    let retry =
+        int_of(t, "next_retry_at").or_else(|| (state == "retrying").then(|| int_of(t, "next_attempt_at")).flatten());
     match retry {
         Some(at) => format!("retry {}", in_words(at)),
         None => String::new(),
