@@ -189,7 +189,53 @@ fn status_page_in_headless_chromium_shows_states_errors_and_live_progress() {
         (row(v, "dp3").map(|r| r["state"].clone()) == Some(json!("installed"))).then_some(())
     });
     assert_eq!(session.eval("return window.dpsyncMarker"), json!(42), "the page was not reloaded");
+
+    // 5,000 targets: the script keeps one page of rows, pages and filters.
+    session.eval(FIVE_THOUSAND_SCRIPT);
+    let range = |v: &Value| v.as_str().map(str::to_owned);
+    let read = r#"const s = document.querySelector("section.pkg");
+        return {range: s.querySelector(".pager .range").textContent, rows: s.querySelectorAll("tr.row").length,
+                first: s.querySelector("tr.row").dataset.target, total: document.querySelectorAll("tr.row").length}"#;
+    let wait_page = |what: &str, want: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = session.eval(read);
+            if range(&v["range"]).as_deref() == Some(want) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {v:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let v = wait_page("5,000 targets", "1–50 of 5000");
+    assert_eq!((v["rows"].as_u64(), v["first"].as_str()), (Some(50), Some("dp0007")), "failing first: {v:#}");
+    assert!(v["total"].as_u64().unwrap() <= 60, "one page of rows: {v:#}");
+    session.eval(r#"document.querySelector("section.pkg .pager .next").click(); return 0"#);
+    let v = wait_page("the second page", "51–100 of 5000");
+    assert_eq!(v["rows"], 50);
+    session.eval(
+        r#"const f = document.getElementById("filter"); f.value = "dp4321";
+           f.dispatchEvent(new Event("input")); return 0"#,
+    );
+    let v = wait_page("the filter", "1–1 of 1");
+    assert_eq!(v["first"], "dp4321");
+    session.screenshot(&target_dir().join("web-status-5000.png"));
 }
+
+/// Replaces the page's data source with 5,000 targets of one package (one of them failed,
+/// the rest installed), so that the next poll renders them.
+const FIVE_THOUSAND_SCRIPT: &str = r#"
+const targets = [];
+for (let i = 0; i < 5000; i++) {
+  const name = "dp" + String(i).padStart(4, "0");
+  targets.push({ name, kind: "dp", state: i === 7 ? "failed" : "installed", installed_version: 1, desired_version: 1,
+                 last_error: i === 7 ? "connection refused" : null, updated_at: Date.now(), progress: null });
+}
+const body = JSON.stringify([{ package: "PS1ABCDE", name: "Many", source_site: "PS1", source_version: 1,
+                               content_root: "ab".repeat(32), targets }]);
+window.fetch = async () => new Response(body, { status: 200, headers: { "content-type": "application/json" } });
+return 0;
+"#;
 
 /// The row of `target` in a [`Session::view`], if shown.
 fn row<'a>(view: &'a Value, target: &str) -> Option<&'a Value> {

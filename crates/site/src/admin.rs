@@ -159,7 +159,12 @@ async fn refresh(
     let req = body.map(|Json(r)| r).unwrap_or_default();
     let started = std::time::Instant::now();
     let result = site.refresh(&pkg, req).await;
-    site.metrics.record_refresh(&pkg, &result, started.elapsed());
+    // The package may have been named by its name: its series and status go by id.
+    let id = match site.store.package(&pkg).await {
+        Ok(Some(p)) => p.id,
+        _ => pkg,
+    };
+    site.metrics.record_refresh(&id, &result, started.elapsed());
     if result.is_err() {
         site.metrics.refresh_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }

@@ -70,8 +70,9 @@ impl Default for SiteMetrics {
 }
 
 impl SiteMetrics {
-    /// Records a refresh that ran for `took`: its result for the package's series and the
-    /// status page, and (when it committed) its phases for the histograms.
+    /// Records a refresh of package `pkg` (its id) that ran for `took`: its result for the
+    /// package's series and the status page, and (when it committed) its phases for the
+    /// histograms.
     pub fn record_refresh(&self, pkg: &str, result: &Result<RefreshReport, SiteError>, took: Duration) {
         let now = dpsync_store::now_ms();
         let (key, last) = match result {
@@ -107,7 +108,7 @@ impl SiteMetrics {
                     source_version: None,
                     error: Some(e.to_string()),
                 };
-                (pkg.to_ascii_uppercase(), last)
+                (pkg.to_owned(), last)
             }
         };
         self.last_refresh.lock().unwrap().insert(key, last);
@@ -390,6 +391,26 @@ mod tests {
         // Line-oriented scripts keep working: one `name value` line per counter.
         assert!(text.lines().any(|l| l == "dpsync_site_refreshes_total 3"), "{text}");
         assert!(text.contains("dpsync_site_package_version{package=\"PS100001\"} 3\n"), "{text}");
+    }
+
+    #[test]
+    fn the_last_refresh_of_each_package_is_its_result() {
+        let m = SiteMetrics::default();
+        let versions = vec![PackageVersion { id: "PS100001".into(), current_version: 3 }];
+        let refused = Err(SiteError::Refused("source folder /src is missing; create it".into()));
+        m.record_refresh("PS100001", &refused, Duration::from_millis(250));
+        m.record_refresh("PS1FFFFF", &Err(SiteError::NotFound("no package".into())), Duration::ZERO);
+        let last = m.last_refresh("PS100001").expect("recorded");
+        assert_eq!((last.ok, last.duration_ms, last.source_version), (false, Some(250), None));
+        assert_eq!(last.error.as_deref(), Some("source folder /src is missing; create it"));
+        assert_eq!(m.last_refresh("PS1FFFFF"), None, "an unknown package gets no series");
+        let text = exposition(&m, &Snapshot { versions, ..Snapshot::default() }).unwrap();
+        let s = parse(&text);
+        let pkg = [("package", "PS100001")];
+        assert_eq!(sample(&s, "dpsync_site_package_last_refresh_success", &pkg), &Value::Gauge(0.0));
+        assert_eq!(sample(&s, "dpsync_site_package_last_refresh_duration_seconds", &pkg), &Value::Gauge(0.25));
+        // A failed refresh observes no phases.
+        assert!(!text.contains("dpsync_site_refresh_phase_duration_seconds_bucket"), "{text}");
     }
 
     #[test]
