@@ -547,7 +547,7 @@ fn web_listener_serves_status_and_metrics_only_with_its_token() {
 }
 
 #[test]
-fn web_listener_off_loopback_needs_a_private_token_file() {
+fn web_listener_off_loopback_needs_a_private_token_file_and_serves_tls() {
     let dir = TestDir::new();
     let opts =
         |args: &[&str]| ServerOpts { args: args.iter().map(|a| a.to_string()).collect(), ..ServerOpts::site("PS1") };
@@ -564,6 +564,32 @@ fn web_listener_off_loopback_needs_a_private_token_file() {
     let e =
         Server::refuse_to_start(dir.join("d"), &opts(&["--http-listen", "0.0.0.0:0", "--http-token-file", s(&token)]));
     assert!(e.contains("is readable by others; run `chmod 600"), "{e}");
+
+    // With a private token file it starts, and serves TLS with the data directory's
+    // self-signed certificate (reached here over loopback).
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
+    let server =
+        Server::start_with(dir.join("d"), opts(&["--http-listen", "0.0.0.0:0", "--http-token-file", s(&token)]));
+    let bound: std::net::SocketAddr = fs::read_to_string(dir.join("d/http.addr")).unwrap().trim().parse().unwrap();
+    assert!(bound.ip().is_unspecified(), "{bound}");
+    let port = bound.port();
+    let plain = dpsync_testkit::try_http_get(([127, 0, 0, 1], port).into(), "/v1/status", &[]);
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status != 200 && r.status != 401), "no plain HTTP off loopback");
+    let cert = fs::read(dir.join("d/tls/cert.pem")).expect("the self-signed certificate");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (status, body) = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&cert).unwrap()])
+            .build()
+            .unwrap();
+        let url = format!("https://127.0.0.1:{port}/v1/status");
+        let denied = client.get(&url).send().await.expect("a TLS answer");
+        assert_eq!(denied.status(), 401);
+        let r = client.get(&url).bearer_auth(TOKEN).send().await.expect("a TLS answer");
+        (r.status(), r.text().await.unwrap())
+    });
+    assert_eq!((status.as_u16(), body.as_str()), (200, "[]"));
+    drop(server);
 }
 
 // ---------------------------------------------------------------------------------------
