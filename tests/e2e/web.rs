@@ -444,8 +444,12 @@ fn web_listener_serves_status_and_metrics_only_with_its_token() {
     let r = http_get(site.web, &format!("/?token={TOKEN}"), &[]);
     assert_eq!((r.status, r.header("location")), (303, Some("/")));
     let cookie = r.header("set-cookie").expect("a cookie");
-    assert!(cookie.starts_with(&format!("dpsync_token={TOKEN};")) && cookie.contains("HttpOnly"), "{cookie}");
-    let page = http_get(site.web, "/", &[("cookie", &format!("dpsync_token={TOKEN}"))]);
+    assert!(cookie.starts_with("dpsync_token=") && cookie.contains("HttpOnly"), "{cookie}");
+    assert!(!cookie.contains(TOKEN), "the browser does not keep the token itself: {cookie}");
+    let value = cookie.split(';').next().unwrap();
+    let forged = http_get(site.web, "/", &[("cookie", &format!("dpsync_token={TOKEN}"))]);
+    assert_eq!(forged.status, 401, "the token is not the cookie");
+    let page = http_get(site.web, "/", &[("cookie", value)]);
     assert_eq!(page.status, 200);
     assert!(page.header("content-security-policy").is_some_and(|c| c.contains("script-src 'self'")));
     let html = page.body_text();

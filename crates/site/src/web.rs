@@ -7,7 +7,9 @@
 //! With a token (`--http-token-file`), every route needs it, on any address: as
 //! `Authorization: Bearer …` (scripts, Prometheus), or as the `dpsync_token` cookie that
 //! opening `/?token=…` once sets (browsers; the answer redirects to the same path
-//! without the token, so it leaves the address bar and the history). Off loopback the
+//! without the token, so it leaves the address bar and the history). The cookie holds a
+//! BLAKE3 of the token, not the token: the browser never stores the secret itself, and
+//! any token fits in a cookie. Off loopback the
 //! server refuses to start without one (`config.rs`) and serves TLS with the receiving
 //! listener's certificate options.
 
@@ -42,16 +44,34 @@ pub fn is_loopback(addr: &str) -> bool {
     addr.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
 }
 
-#[derive(Debug)]
 struct Web {
     site: Arc<Site>,
     token: Option<String>,
+    /// The cookie value that stands for the token.
+    cookie: Option<String>,
     tls: bool,
+}
+
+impl std::fmt::Debug for Web {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Web")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// What the browser keeps for `token`.
+fn cookie_value(token: &str) -> String {
+    let mut h = blake3::Hasher::new_derive_key("dpsync 2026 web listener cookie");
+    h.update(token.as_bytes());
+    h.finalize().to_hex().to_string()
 }
 
 /// The web listener's routes.
 fn router(site: Arc<Site>, token: Option<String>, tls: bool) -> Router {
-    let web = Arc::new(Web { site, token, tls });
+    let cookie = token.as_deref().map(cookie_value);
+    let web = Arc::new(Web { site, token, cookie, tls });
     Router::new()
         .route("/", get(index))
         .route("/v1/status", get(status))
@@ -103,50 +123,76 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The token a request presents: bearer header, else the cookie.
-fn presented(headers: &HeaderMap) -> Option<&str> {
+/// What a request presents.
+#[derive(Debug, PartialEq, Eq)]
+enum Presented<'a> {
+    Bearer(&'a str),
+    Cookie(&'a str),
+    Nothing,
+}
+
+/// The bearer header, else the cookie.
+fn presented(headers: &HeaderMap) -> Presented<'_> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    bearer.or_else(|| {
+    let cookie = || {
         headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .find_map(|kv| kv.trim().strip_prefix(COOKIE).and_then(|rest| rest.strip_prefix('=')))
-    })
+    };
+    match (bearer, cookie()) {
+        (Some(b), _) => Presented::Bearer(b),
+        (None, Some(c)) => Presented::Cookie(c),
+        (None, None) => Presented::Nothing,
+    }
 }
 
-/// The `token` query parameter, if any (percent-decoding is not needed: tokens made as
-/// the README says are hex).
-fn query_token(req: &Request) -> Option<&str> {
-    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix("token="))
+/// The `token` query parameter, if any, percent-decoded.
+fn query_token(req: &Request) -> Option<String> {
+    let raw = req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix("token="))?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 async fn authenticate(State(web): State<Arc<Web>>, req: Request, next: Next) -> Response {
-    let Some(expected) = &web.token else { return next.run(req).await };
-    let ok = |given: &str| constant_time_eq(given.as_bytes(), expected.as_bytes());
+    let (Some(token), Some(cookie)) = (&web.token, &web.cookie) else { return next.run(req).await };
     if let Some(given) = query_token(&req) {
-        if !ok(given) {
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
             return refuse("wrong token");
         }
         // Keep it in a cookie the page's script cannot read, and drop it from the address.
         let secure = if web.tls { "; Secure" } else { "" };
-        let cookie = format!("{COOKIE}={given}; Path=/; HttpOnly; SameSite=Strict{secure}");
-        return (
-            StatusCode::SEE_OTHER,
-            [(header::SET_COOKIE, cookie), (header::LOCATION, req.uri().path().to_owned())],
-        )
+        let set = format!("{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict{secure}");
+        return (StatusCode::SEE_OTHER, [(header::SET_COOKIE, set), (header::LOCATION, req.uri().path().to_owned())])
             .into_response();
     }
-    match presented(req.headers()) {
-        Some(given) if ok(given) => next.run(req).await,
-        Some(_) => refuse("wrong token"),
-        None => refuse("this page needs the token of the server's --http-token-file"),
-    }
+    let ok = match presented(req.headers()) {
+        Presented::Bearer(given) => constant_time_eq(given.as_bytes(), token.as_bytes()),
+        Presented::Cookie(given) => constant_time_eq(given.as_bytes(), cookie.as_bytes()),
+        Presented::Nothing => return refuse("this page needs the token of the server's --http-token-file"),
+    };
+    if ok { next.run(req).await } else { refuse("wrong token") }
 }
 
 fn refuse(why: &str) -> Response {
@@ -199,13 +245,25 @@ mod tests {
     #[test]
     fn the_token_comes_from_the_bearer_header_or_the_cookie() {
         let mut h = HeaderMap::new();
-        assert_eq!(presented(&h), None);
+        assert_eq!(presented(&h), Presented::Nothing);
         h.insert(header::COOKIE, HeaderValue::from_static("theme=dark; dpsync_token=abc; x=y"));
-        assert_eq!(presented(&h), Some("abc"));
+        assert_eq!(presented(&h), Presented::Cookie("abc"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer xyz"));
-        assert_eq!(presented(&h), Some("xyz"));
+        assert_eq!(presented(&h), Presented::Bearer("xyz"));
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, HeaderValue::from_static("dpsync_token_old=1"));
-        assert_eq!(presented(&h), None);
+        assert_eq!(presented(&h), Presented::Nothing);
+    }
+
+    #[test]
+    fn the_query_token_is_percent_decoded_and_the_cookie_is_not_the_token() {
+        let req = |uri: &str| Request::builder().uri(uri).body(axum::body::Body::empty()).unwrap();
+        assert_eq!(query_token(&req("/?x=1&token=a%2Bb%3D%3D")).as_deref(), Some("a+b=="));
+        assert_eq!(query_token(&req("/?token=plain")).as_deref(), Some("plain"));
+        assert_eq!(query_token(&req("/?token=bad%zz")).as_deref(), Some("bad%zz"));
+        assert_eq!(query_token(&req("/")), None);
+        let c = cookie_value("s3cret");
+        assert_eq!(c.len(), 64);
+        assert!(!c.contains("s3cret") && c == cookie_value("s3cret") && c != cookie_value("s3cret2"));
     }
 }

@@ -117,7 +117,7 @@
     setAttr(tr, "data-group", group(state));
     const c = tr.children;
     let via = c[0].querySelector(".via");
-    const label = parent ? t.name : t.name;
+    const label = t.name;
     if (parent) {
       if (!via) { via = el("span", "via"); c[0].textContent = ""; c[0].append(via, document.createTextNode("")); }
       setText(via, parent + " › ");
@@ -183,9 +183,9 @@
     thead.append(tr);
     table.append(cg, thead);
     const pager = el("div", "pager");
-    const prev = el("button", "prev", "‹ Previous"), next = el("button", "next", "Next ›");
-    prev.type = next.type = "button";
-    pager.append(prev, el("span", "range"), next);
+    const prevButton = el("button", "prev", "‹ Previous"), nextButton = el("button", "next", "Next ›");
+    prevButton.type = nextButton.type = "button";
+    pager.append(prevButton, el("span", "range"), nextButton);
     s.append(head, table, pager);
     return s;
   }
