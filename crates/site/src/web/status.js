@@ -297,7 +297,8 @@
       delay = 5000;
     }
     tick();
-    timer = setTimeout(poll, delay);
+    // A tab nobody looks at asks rarely; it asks at once when shown again.
+    timer = setTimeout(poll, document.hidden ? Math.max(delay, 30000) : delay);
   }
 
   document.addEventListener("DOMContentLoaded", () => {
@@ -305,6 +306,9 @@
     const f = document.getElementById("filter");
     f.addEventListener("input", () => { filter = f.value.trim().toLowerCase(); for (const k of pages.keys()) pages.set(k, 0); render(); });
     setInterval(tick, 1000);
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden && timer !== null) { clearTimeout(timer); poll(); }
+    });
     if (timer === null) poll();
   });
 })();
