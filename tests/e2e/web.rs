@@ -162,7 +162,7 @@ fn status_page_in_headless_chromium_shows_states_errors_and_live_progress() {
     site.server.cli_json(&["dp", "add", "dp3", &agent.url(), "--token", "token-dp3", "--rate-limit", "524288"]);
     site.agents.push(agent);
     fs::create_dir_all(&slow).unwrap();
-    write_random_file(&slow.join("big.bin"), 5 << 20, 3);
+    write_random_file(&slow.join("big.bin"), 8 << 20, 3);
     let big = text(&site.server.cli_json(&["package", "add", "Big", s(&slow)]), "id").to_owned();
     site.server.cli_json(&["distribute", &big, "--dp", "dp3"]);
     site.server.cli_json(&["refresh", &big]);

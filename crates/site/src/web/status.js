@@ -282,7 +282,11 @@
     document.getElementById("live").classList.toggle("stale", stale > 15000);
   }
 
+  let busy = false;
   async function poll() {
+    if (busy) return;
+    busy = true;
+    clearTimeout(timer);
     let delay = 2000;
     try {
       const started = Date.now();
@@ -296,6 +300,7 @@
     } catch (e) {
       delay = 5000;
     }
+    busy = false;
     tick();
     // A tab nobody looks at asks rarely; it asks at once when shown again.
     timer = setTimeout(poll, document.hidden ? Math.max(delay, 30000) : delay);
@@ -307,7 +312,7 @@
     f.addEventListener("input", () => { filter = f.value.trim().toLowerCase(); for (const k of pages.keys()) pages.set(k, 0); render(); });
     setInterval(tick, 1000);
     document.addEventListener("visibilitychange", () => {
-      if (!document.hidden && timer !== null) { clearTimeout(timer); poll(); }
+      if (!document.hidden) poll();
     });
     if (timer === null) poll();
   });
