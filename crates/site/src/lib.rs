@@ -240,11 +240,9 @@ impl Listeners {
             None => None,
         };
         let http = match &cfg.http_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen for the status page on {addr}"))?,
-            ),
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for the status page on {addr}; is the port taken or the address wrong?")
+            })?),
             None => None,
         };
         Ok(Self { admin, admin_path: cfg.socket.clone(), receive, metrics, http })
