@@ -14,6 +14,7 @@ mod privacy;
 mod quickstart;
 mod refresh;
 mod sites;
+mod web;
 mod windows;
 
 mod proxy;

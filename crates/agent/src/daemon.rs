@@ -447,3 +447,9 @@ pub fn secure_data_dir(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Free bytes for an unprivileged writer on the filesystem holding `dir` (`None` if it
+/// cannot be asked). A `statvfs`: call it off the async executor.
+pub fn disk_free(dir: &Path) -> Option<u64> {
+    rustix::fs::statvfs(dir).ok().map(|st| st.f_bavail.saturating_mul(st.f_frsize))
+}

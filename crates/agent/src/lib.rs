@@ -29,6 +29,7 @@ pub mod daemon;
 mod dp;
 mod install;
 mod metrics;
+mod page;
 mod sink;
 
 use std::collections::{HashMap, HashSet};
@@ -720,7 +721,28 @@ impl<S: VersionSink> Receiver for Agent<S> {
     async fn validate(&self, pkg: &str) -> Result<ValidateResponse, ReceiveError> {
         let lock = self.core.lock(pkg);
         let _g = lock.lock().await;
-        self.sink.validate(&self.core, pkg).await
+        let result = self.sink.validate(&self.core, pkg).await;
+        if let Ok(r) = &result
+            && r.installed_version.is_some()
+        {
+            let ok = r.broken.is_empty() && r.repaired.is_empty();
+            self.core.metrics.validations.fetch_add(1, Ordering::Relaxed);
+            if !ok {
+                self.core.metrics.validation_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Err(e) = self.core.db.record_validation(pkg, dpsync_store::now_ms(), ok).await {
+                tracing::warn!(package = pkg, "cannot record the validation: {e}");
+            }
+        }
+        result
+    }
+
+    fn chunks_rejected(&self, _pkg: &str, count: u64) {
+        self.core.metrics.chunks_rejected.fetch_add(count, Ordering::Relaxed);
+    }
+
+    async fn home_page(&self) -> Option<String> {
+        Some(self.page().await)
     }
 
     async fn open_file(&self, pkg: &str, path: &RelPath) -> Result<ServedFile, ReceiveError> {
@@ -730,6 +752,13 @@ impl<S: VersionSink> Receiver for Agent<S> {
     fn metrics(&self) -> String {
         let mut registry = metrics::registry();
         self.core.metrics.register(&mut registry);
+        if let Some(free) = daemon::disk_free(&self.core.data_dir) {
+            registry.register(
+                "disk_free_bytes",
+                "Free space for the receiver on its data directory's filesystem",
+                prometheus_client::metrics::gauge::ConstGauge::new(i64::try_from(free).unwrap_or(i64::MAX)),
+            );
+        }
         self.sink.register_metrics(&mut registry);
         metrics::encode(&registry)
     }
@@ -761,6 +790,17 @@ pub async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    run_with_ready(listener, cfg, shutdown, || {}).await
+}
+
+/// [`run`], calling `ready` once the agent's state is open and it is about to serve (the
+/// binary tells systemd then).
+pub async fn run_with_ready(
+    listener: tokio::net::TcpListener,
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce() + Send,
+) -> Result<()> {
     let addr = listener.local_addr()?;
     dpsync_library::write_atomic(&cfg.data_dir.join("listen.addr"), addr.to_string().as_bytes())
         .with_context(|| format!("cannot write {}", cfg.data_dir.join("listen.addr").display()))?;
@@ -780,6 +820,7 @@ pub async fn run(
     };
     let app = dpsync_transfer::service::router(agent.clone(), service);
     tracing::info!(listen = %addr, tls = tls.is_some(), data_dir = %cfg.data_dir.display(), "dpsync agent ready");
+    ready();
     dpsync_transfer::listen::serve(listener, app, tls, shutdown).await.context("serving")?;
     agent.close().await;
     tracing::info!("dpsync agent stopped");

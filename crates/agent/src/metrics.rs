@@ -19,6 +19,9 @@ pub(crate) struct Metrics {
     pub(crate) installs: AtomicU64,
     pub(crate) files_built: AtomicU64,
     pub(crate) files_written_on_arrival: AtomicU64,
+    pub(crate) chunks_rejected: AtomicU64,
+    pub(crate) validations: AtomicU64,
+    pub(crate) validation_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -35,6 +38,9 @@ impl Metrics {
                     "Files written whole from arriving chunks (not assembled at commit)",
                     &self.files_written_on_arrival,
                 ),
+                ("chunks_rejected", "Chunks that failed verification on arrival (sent again)", &self.chunks_rejected),
+                ("validations", "Validations of installed packages", &self.validations),
+                ("validation_failures", "Validations that found damaged or missing files", &self.validation_failures),
             ],
         );
     }

@@ -599,6 +599,10 @@ pub struct StatusReport {
     pub source_site: String,
     pub source_version: i64,
     pub content_root: Option<String>,
+    /// The package's last refresh on this site: the one this server ran last, else the
+    /// commit of its current version (`null` before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh: Option<LastRefresh>,
     pub targets: Vec<TargetStatus>,
     /// How many of `targets` are in each state (the state names of `targets[].state`).
     #[serde(default)]
@@ -637,6 +641,20 @@ impl TargetStatus {
     pub fn is_failing(&self) -> bool {
         matches!(self.state, DistState::Failed | DistState::Retrying | DistState::ValidationFailed)
     }
+}
+
+/// When a package was last refreshed, and how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRefresh {
+    /// Unix milliseconds when it ended (or, known only from the store, when the version
+    /// was committed).
+    pub at: i64,
+    pub ok: bool,
+    /// `null` when known only from the store.
+    pub duration_ms: Option<u64>,
+    /// The version it committed (`null` for a failed refresh).
+    pub source_version: Option<i64>,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

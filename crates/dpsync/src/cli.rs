@@ -75,7 +75,7 @@ so is --data-dir (data_dir). A flag wins over the environment, which wins over t
 enum Command {
     /// Run a site server.
     #[command(after_help = SERVER_SETTINGS_HELP)]
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Run a distribution point agent.
     #[command(after_help = AGENT_SETTINGS_HELP)]
     Agent(AgentArgs),
@@ -206,6 +206,17 @@ enum Command {
         /// The global --data-dir when given on the command line (not DPSYNC_DATA_DIR).
         #[arg(skip)]
         data_dir: Option<PathBuf>,
+    },
+    /// Print a completion script for SHELL, e.g. `dpsync completions bash >
+    /// /usr/share/bash-completion/completions/dpsync`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (dpsync.1, dpsync-server.1, dpsync-refresh.1, …) into DIR.
+    Man {
+        /// Folder to write them into (created if missing), e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
     },
 }
 
@@ -487,6 +498,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Validate { package, target } => return validate_cmd(&client()?, json, &package, target).await,
         Command::Gc => gc_cmd(&client()?, json).await?,
         Command::Quickstart { keep, data_dir } => return crate::quickstart::run(keep, data_dir, json).await,
+        Command::Completions { shell } => crate::docs::completions(Cli::command(), shell)?,
+        Command::Man { dir } => crate::docs::man_pages(Cli::command(), &dir, json)?,
         Command::Info => info_cmd(&client()?, json).await?,
         Command::Backup { dir, with_library } => return backup(&client()?, dir, with_library, json).await,
         Command::Restore { dir, database_url } => return restore(dir, data_dir, database_url, json).await,

@@ -1,6 +1,8 @@
 //! Starting the daemons: the binary creates and locks the data directory, binds the
 //! listeners, turns SIGINT/SIGTERM into the shutdown future, and hands them to the
-//! library's `run`.
+//! library's `run`. Under systemd (`Type=notify`, `NOTIFY_SOCKET` set) it reports
+//! `READY=1` once the daemon serves and `STOPPING=1` when a signal stops it; without
+//! `NOTIFY_SOCKET` both are no-ops.
 
 use anyhow::{Context, Result};
 use dpsync_agent::AgentConfig;
@@ -12,7 +14,7 @@ pub async fn server(cfg: ServerConfig) -> Result<()> {
     secure_data_dir(&cfg.data_dir)?;
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let listeners = Listeners::bind(&cfg).await?;
-    dpsync_site::run(listeners, cfg, signalled()).await
+    dpsync_site::run_with_ready(listeners, cfg, signalled(), ready).await
 }
 
 /// Runs `dpsync agent` until SIGINT/SIGTERM.
@@ -22,7 +24,7 @@ pub async fn agent(cfg: AgentConfig) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}; is the port taken or the address wrong?", cfg.listen))?;
-    dpsync_agent::run(listener, cfg, signalled()).await
+    dpsync_agent::run_with_ready(listener, cfg, signalled(), ready).await
 }
 
 /// Completes on the first SIGTERM or SIGINT.
@@ -39,5 +41,17 @@ fn signalled() -> impl std::future::Future<Output = ()> + Send + 'static {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        notify(sd_notify::NotifyState::Stopping);
+    }
+}
+
+/// Tells the service manager the daemon serves.
+fn ready() {
+    notify(sd_notify::NotifyState::Ready);
+}
+
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!("cannot notify the service manager (NOTIFY_SOCKET): {e}");
     }
 }

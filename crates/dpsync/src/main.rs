@@ -3,6 +3,7 @@
 
 mod cli;
 mod daemon;
+mod docs;
 mod logging;
 mod quickstart;
 mod util;

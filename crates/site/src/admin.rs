@@ -162,7 +162,14 @@ async fn refresh(
     body: Option<Json<RefreshRequest>>,
 ) -> ApiResult<RefreshReport> {
     let req = body.map(|Json(r)| r).unwrap_or_default();
+    let started = std::time::Instant::now();
     let result = site.refresh(&pkg, req).await;
+    // The package may have been named by its name: its series and status go by id.
+    let id = match site.store.package(&pkg).await {
+        Ok(Some(p)) => p.id,
+        _ => pkg,
+    };
+    site.metrics.record_refresh(&id, &result, started.elapsed());
     if result.is_err() {
         site.metrics.refresh_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -226,18 +233,14 @@ async fn status_all(
     State(site): State<Arc<Site>>,
     axum::extract::Query(q): axum::extract::Query<StatusQuery>,
 ) -> ApiResult<Vec<StatusReport>> {
-    let mut out = Vec::new();
-    for p in site.store.packages().await? {
-        let mut s = site.status(&p.id).await?;
-        if q.failed {
+    let mut all = site.status_all().await?;
+    if q.failed {
+        all.retain_mut(|s| {
             s.retain_failing();
-            if s.targets.is_empty() {
-                continue;
-            }
-        }
-        out.push(s);
+            !s.targets.is_empty()
+        });
     }
-    Ok(Json(out))
+    Ok(Json(all))
 }
 
 async fn retry(

@@ -72,6 +72,16 @@ pub struct ServerSettings {
     /// serves it too) [default: none].
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// TCP address of the status web page (`/`), `/v1/status` and `/metrics`, e.g.
+    /// 127.0.0.1:8080. Off loopback it needs --http-token-file and serves TLS (the
+    /// certificate options of --listen) [default: none].
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
+    /// File holding the token the web page and its API require (mode 0600): a browser
+    /// opens `/?token=…` once, scripts send `Authorization: Bearer …` [default: none;
+    /// required off loopback].
+    #[arg(long, value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
     /// PEM certificate chain for --listen (default: a self-signed one in DATA_DIR/tls).
     #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -118,6 +128,10 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// TCP address serving only `/metrics`.
     pub metrics_listen: Option<String>,
+    /// TCP address of the status page, `/v1/status` and `/metrics`.
+    pub http_listen: Option<String>,
+    /// Token required on `http_listen` (always set when it is not loopback).
+    pub http_token: Option<String>,
     /// The TOML file the server was started with (absolute), if any: `dpsync backup`
     /// copies it.
     pub config_file: Option<PathBuf>,
@@ -140,6 +154,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("strict_trust", &self.strict_trust)
             .field("log_format", &self.log_format)
             .field("metrics_listen", &self.metrics_listen)
+            .field("http_listen", &self.http_listen)
+            .field("http_token", &self.http_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -208,6 +224,25 @@ impl ServerConfig {
         let metrics_listen = l.address("metrics_listen", s.metrics_listen)?;
         let listen_token = l.secret(s.token, s.token_file.as_deref())?;
         let log_format = l.log_format(s.log_format.as_deref())?;
+        let http_listen = l.address("http_listen", s.http_listen)?;
+        let http_token = match &s.http_token_file {
+            Some(path) => Some(
+                dpsync_agent::daemon::read_secret(path).map_err(|e| l.invalid("http_token_file", format!("{e:#}")))?,
+            ),
+            None => None,
+        };
+        if let Some(addr) = &http_listen
+            && http_token.is_none()
+            && !crate::web::is_loopback(addr)
+        {
+            return Err(l.invalid(
+                "http_listen",
+                format!(
+                    "{addr} is not a loopback address, so the status page needs a token: pass \
+                     --http-token-file FILE (mode 0600), or listen on 127.0.0.1"
+                ),
+            ));
+        }
         let receive = l.receive(s.tls_cert, s.tls_key, s.insecure_http, &s.trust, s.strict_trust)?;
         Ok(Self {
             data_dir,
@@ -224,6 +259,8 @@ impl ServerConfig {
             strict_trust: receive.strict_trust,
             log_format,
             metrics_listen,
+            http_listen,
+            http_token,
             config_file: None,
         })
     }
@@ -407,6 +444,13 @@ mod tests {
         assert!(e.starts_with("listen: \"no port\" is not an address"), "{e}");
         let e = err(resolve(d, None, &[], &["--metrics-listen", "127.0.0.1:99999"]));
         assert!(e.starts_with("metrics_listen:"), "{e}");
+        let e = err(resolve(d, None, &[], &["--http-listen", "0.0.0.0:8080"]));
+        assert_eq!(
+            e,
+            "http_listen: 0.0.0.0:8080 is not a loopback address, so the status page needs a token: pass \
+             --http-token-file FILE (mode 0600), or listen on 127.0.0.1 (from flag --http-listen)"
+        );
+        assert!(resolve(d, None, &[], &["--http-listen", "127.0.0.1:8080"]).unwrap().http_token.is_none());
         let e = err(resolve(d, None, &[("DPSYNC_DATABASE_URL", "mysql://u:secret@h/db")], &[]));
         assert!(e.starts_with("database_url:") && !e.contains("secret"), "{e}");
         let e = err(resolve(d, None, &[("DPSYNC_RETRIES", "many")], &[]));

@@ -298,6 +298,7 @@ impl Site {
 
     async fn run_job(&self, job: Distribution) {
         let key = (job.package_id.clone(), job.target_id);
+        let started = std::time::Instant::now();
         self.set_progress(&key, |p| {
             p.phase = Phase::Connecting;
             p.started_ms = now_ms();
@@ -345,6 +346,14 @@ impl Site {
                 Outcome::Failed { error: e.to_string(), next_attempt_at: now_ms() + delay.as_millis() as i64 }
             }
         };
+        let ended = match &outcome {
+            Outcome::Installed { .. } => "installed",
+            Outcome::Removed => "removed",
+            Outcome::Retry { .. } => "retry",
+            Outcome::WaitWindow { .. } => "waiting_window",
+            Outcome::Failed { .. } | Outcome::ValidationFailed { .. } => "failed",
+        };
+        self.metrics.record_job(job.target_kind, ended, started.elapsed());
         match self.store.finish(&job.package_id, job.target_id, outcome).await {
             Ok(d) => {
                 tracing::debug!(package = %d.package_id, target = %d.target_name, state = %d.state, "job finished");

@@ -18,6 +18,7 @@ mod metrics;
 mod receive;
 mod refresh;
 mod targets;
+pub mod web;
 pub mod windows;
 
 use std::collections::{HashMap, HashSet};
@@ -224,8 +225,10 @@ pub struct Listeners {
     pub admin_path: PathBuf,
     /// The receiving side, for a parent site (child sites only).
     pub receive: Option<tokio::net::TcpListener>,
-    /// `/metrics` for Prometheus.
+    /// `/metrics` for Prometheus (`--metrics-listen`, which serves nothing else).
     pub metrics: Option<tokio::net::TcpListener>,
+    /// The status page, `/v1/status` and `/metrics` (`--http-listen`).
+    pub http: Option<tokio::net::TcpListener>,
 }
 
 impl Listeners {
@@ -249,7 +252,13 @@ impl Listeners {
             ),
             None => None,
         };
-        Ok(Self { admin, admin_path: cfg.socket.clone(), receive, metrics })
+        let http = match &cfg.http_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for the status page on {addr}; is the port taken or the address wrong?")
+            })?),
+            None => None,
+        };
+        Ok(Self { admin, admin_path: cfg.socket.clone(), receive, metrics, http })
     }
 }
 
@@ -260,8 +269,19 @@ pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    run_with_ready(listeners, cfg, shutdown, || {}).await
+}
+
+/// [`run`], calling `ready` once the store is open and every listener serves (the
+/// binary tells systemd then).
+pub async fn run_with_ready(
+    listeners: Listeners,
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce() + Send,
+) -> Result<()> {
     let socket = listeners.admin_path.clone();
-    let result = serve(listeners, cfg, shutdown).await;
+    let result = serve(listeners, cfg, shutdown, ready).await;
     if let Err(e) = std::fs::remove_file(&socket)
         && e.kind() != std::io::ErrorKind::NotFound
     {
@@ -274,6 +294,7 @@ async fn serve(
     listeners: Listeners,
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce() + Send,
 ) -> Result<()> {
     let site = Arc::new(Site::open(cfg).await?);
     let stop = CancellationToken::new();
@@ -305,7 +326,11 @@ async fn serve(
         });
         tracing::info!(listen = %addr, "serving /metrics");
     }
+    if let Some(tcp) = listeners.http {
+        web::serve(&site, tcp, stop.clone()).await?;
+    }
     let app = router(site.clone());
+    ready();
     let served = axum::serve(listeners.admin, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await;
     stop.cancel();
     site.store.close().await;

@@ -494,7 +494,18 @@ impl Site {
 
     pub async fn status(&self, pkg: &str) -> Result<StatusReport, SiteError> {
         let p = self.find_package(pkg).await?;
-        let root = self.store.versions(&p.id).await?.last().map(|v| v.content_root.to_hex());
+        let last = self.store.versions(&p.id).await?.pop();
+        let root = last.as_ref().map(|v| v.content_root.to_hex());
+        // What this server saw last, else the commit of the current version.
+        let last_refresh = self.metrics.last_refresh(&p.id).or_else(|| {
+            last.as_ref().map(|v| dpsync_api::LastRefresh {
+                at: v.created_at,
+                ok: true,
+                duration_ms: None,
+                source_version: Some(v.version),
+                error: None,
+            })
+        });
         let progress = self.progress.lock().unwrap().clone();
         let targets: Vec<TargetStatus> = self
             .store
@@ -530,11 +541,26 @@ impl Site {
             source_site: p.source_site,
             source_version: p.current_version,
             content_root: root,
+            last_refresh,
             targets,
             counts: Default::default(),
         };
         report.count_states();
         Ok(report)
+    }
+
+    /// The status of every package, in package id order (`GET /v1/status`).
+    pub async fn status_all(&self) -> Result<Vec<StatusReport>, SiteError> {
+        let mut out = Vec::new();
+        for p in self.store.packages().await? {
+            match self.status(&p.id).await {
+                Ok(s) => out.push(s),
+                // Deleted since it was listed.
+                Err(SiteError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Fills in each child site's own targets, asked on demand (a child that cannot be

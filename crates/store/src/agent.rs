@@ -187,6 +187,18 @@ impl AgentDb {
             .flatten())
     }
 
+    /// Every package row, without the manifest blobs ([`AgentDb::package_summary`]).
+    pub async fn package_summaries(&self) -> Result<Vec<InstalledPackage>> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM packages ORDER BY id").fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(p) = self.package_summary(&id).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every package with an installed version.
     pub async fn packages(&self) -> Result<Vec<InstalledPackage>> {
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM packages ORDER BY id").fetch_all(&self.pool).await?;
@@ -250,6 +262,33 @@ impl AgentDb {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Records the outcome of a validation of the installed version of `id`.
+    pub async fn record_validation(&self, id: &str, at_ms: i64, ok: bool) -> Result<()> {
+        sqlx::query("UPDATE packages SET validated_at = $2, validation_ok = $3 WHERE id = $1")
+            .bind(id)
+            .bind(at_ms)
+            .bind(ok as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The last validation of every package validated since its row was created: (unix
+    /// milliseconds, every file matched), by package id.
+    pub async fn validations(&self) -> Result<std::collections::HashMap<String, (i64, bool)>> {
+        let rows = sqlx::query(
+            "SELECT id, validated_at, validation_ok FROM packages WHERE validated_at IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let ok: Option<i64> = row.try_get("validation_ok")?;
+            out.insert(row.try_get("id")?, (row.try_get("validated_at")?, ok == Some(1)));
+        }
+        Ok(out)
     }
 
     pub async fn set_broken(&self, id: &str, broken: bool) -> Result<()> {

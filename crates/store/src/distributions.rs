@@ -448,6 +448,7 @@ impl Store {
         let previous_error: Option<String> = row.try_get("last_error")?;
         let previous_error_at: Option<i64> = row.try_get("last_error_at")?;
         let mut window_wait = 0i64;
+        let succeeded = matches!(outcome, Outcome::Installed { .. });
         let (mut new_state, last_error) = match outcome {
             Outcome::Installed { version } => {
                 installed = Some(version);
@@ -486,7 +487,7 @@ impl Store {
         sqlx::query(
             "UPDATE distributions SET state = $3, installed_version = $4, attempts = $5, \
                next_attempt_at = $6, last_error = $7, last_error_at = $9, claim_token = NULL, updated_at = $8, \
-               window_wait = $10 \
+               window_wait = $10, last_success_at = CASE WHEN $11 = 1 THEN $8 ELSE last_success_at END \
              WHERE package_id = $1 AND target_id = $2",
         )
         .bind(&id)
@@ -499,6 +500,7 @@ impl Store {
         .bind(now)
         .bind(last_error_at)
         .bind(window_wait)
+        .bind(i64::from(succeeded))
         .execute(&mut *tx)
         .await?;
         let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;

@@ -25,6 +25,7 @@ mod distributions;
 mod error;
 mod integrity;
 mod migrate;
+mod observe;
 mod packages;
 mod snapshot;
 mod targets;
@@ -40,6 +41,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Row, Transaction};
 use crate::migrate::{SITE_POSTGRES, SITE_SQLITE};
 
 pub use error::{Result, StoreError};
+pub use observe::TargetSeries;
 pub use snapshot::snapshot_sqlite_file;
 pub use types::{
     Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageUpdate, PackageVersion,

@@ -65,6 +65,7 @@ pub(crate) const SITE_SQLITE: Schema = Schema {
         migration!(4, "windows", "sqlite/0004_windows.sql"),
         migration!(5, "package lifecycle", "sqlite/0005_package_lifecycle.sql"),
         migration!(6, "handover", "sqlite/0006_handover.sql"),
+        migration!(7, "last success", "sqlite/0007_last_success.sql"),
     ],
     user_version: false,
 };
@@ -80,6 +81,7 @@ pub(crate) const SITE_POSTGRES: Schema = Schema {
         migration!(4, "windows", "postgres/0004_windows.sql"),
         migration!(5, "package lifecycle", "postgres/0005_package_lifecycle.sql"),
         migration!(6, "handover", "postgres/0006_handover.sql"),
+        migration!(7, "last success", "postgres/0007_last_success.sql"),
     ],
     user_version: false,
 };
@@ -92,6 +94,7 @@ pub(crate) const AGENT: Schema = Schema {
         migration!(1, "init", "agent/0001_init.sql"),
         migration!(2, "signature", "agent/0002_signature.sql"),
         migration!(3, "chunk locations", "agent/0003_chunk_locations.sql"),
+        migration!(4, "validation", "agent/0004_validation.sql"),
     ],
     user_version: true,
 };

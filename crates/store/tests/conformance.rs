@@ -177,6 +177,7 @@ conformance!(
     higher_priority_jobs_are_claimed_first,
     deleting_a_package_waits_for_every_target,
     validation_schedules,
+    target_series_for_metrics,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1332,6 +1333,10 @@ async fn agent_rows_round_trip() {
     let p = db.package(PKG).await.unwrap().unwrap();
     assert_eq!((p.installed_version, p.installed_root, p.broken), (Some(3), Some(root("c")), false));
     assert!(db.staged_chunks(PKG).await.unwrap().is_empty(), "an install forgets the staged chunks");
+    assert!(db.validations().await.unwrap().is_empty(), "not validated yet");
+    db.record_validation(PKG, 1_000, false).await.unwrap();
+    db.record_validation(PKG, 2_000, true).await.unwrap();
+    assert_eq!(db.validations().await.unwrap(), std::collections::HashMap::from([(PKG.to_owned(), (2_000, true))]));
     // A chunk held by two files is indexed in both: removing one leaves the other.
     let also = ChunkLocation { chunk: cid(3), file: fh(8), offset: 5, len: 7 };
     db.index_chunks(&[also, also]).await.unwrap();
@@ -1614,4 +1619,40 @@ async fn validation_schedules(db: &Db) {
     assert_eq!(db.validation_schedule(t).await.unwrap(), None);
     assert!(db.set_validation_schedule(999_999, None).await.unwrap_err().is_not_found());
     assert!(db.set_validation_schedule(t, Some((0, at))).await.is_err());
+}
+
+async fn target_series_for_metrics(db: &Db) {
+    assert!(db.target_series().await.unwrap().is_empty());
+    let office = package_v1(db, "Office").await;
+    let (dp1, dp2, dp3) = (target(db, "dp1").await, target(db, "dp2").await, target(db, "dp3").await);
+    for t in [dp1, dp2, dp3] {
+        db.assign(&office, t).await.unwrap();
+    }
+    assert_eq!(db.claim_due(soon(), 10).await.unwrap().len(), 3);
+    let before = now();
+    db.finish(&office, dp1, Outcome::Installed { version: 1 }).await.unwrap();
+    db.finish(&office, dp2, Outcome::Retry { error: "down".into(), next_attempt_at: now() }).await.unwrap();
+    // dp2: a second failed attempt; dp3 stays in progress on its first.
+    assert_eq!(db.claim_due(soon(), 10).await.unwrap().len(), 1);
+    db.finish(&office, dp2, Outcome::Failed { error: "down".into(), next_attempt_at: now() + 60_000 }).await.unwrap();
+
+    let rows = db.target_series().await.unwrap();
+    let names: Vec<_> = rows.iter().map(|r| (r.package_id.as_str(), r.target_name.as_str())).collect();
+    assert_eq!(names, vec![(office.as_str(), "dp1"), (office.as_str(), "dp2"), (office.as_str(), "dp3")]);
+    let (r1, r2, r3) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!((r1.state, r1.installed_version, r1.consecutive_failures), (DistState::Installed, Some(1), 0));
+    assert!(r1.last_success_at.is_some_and(|t| t >= before && t <= now()), "{r1:?}");
+    assert_eq!((r2.state, r2.consecutive_failures, r2.last_success_at), (DistState::Failed, 2, None));
+    assert_eq!((r3.state, r3.consecutive_failures, r3.last_success_at), (DistState::InProgress, 0, None));
+    assert_eq!(r1.target_kind, TargetKind::Dp);
+
+    // A later failure keeps the time of the last success.
+    db.commit_version(&office, new_version("b")).await.unwrap();
+    db.claim_due(soon(), 10).await.unwrap();
+    db.finish(&office, dp1, Outcome::Failed { error: "disk full".into(), next_attempt_at: now() + 60_000 })
+        .await
+        .unwrap();
+    let again = db.target_series().await.unwrap();
+    assert_eq!(again[0].last_success_at, r1.last_success_at);
+    assert_eq!((again[0].state, again[0].consecutive_failures), (DistState::Failed, 1));
 }

@@ -154,6 +154,12 @@ pub trait Receiver: Send + Sync + 'static {
     }
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
+    /// Counts chunks of `pkg` that failed verification (the service asks for them again).
+    fn chunks_rejected(&self, _pkg: &str, _count: u64) {}
+    /// A small read-only HTML page of what the receiver holds, for `GET /` (`None`: 404).
+    fn home_page(&self) -> impl Future<Output = Option<String>> + Send {
+        async { None }
+    }
     /// The manifest with content root `root` of `pkg`, if the receiver holds that content
     /// (a version it has installed): the base a manifest delta is applied to. The
     /// default holds none, so every delta is answered "send the full manifest".
@@ -346,6 +352,7 @@ pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
         .route("/v1/packages/{pkg}/owner", put(set_owner::<R>))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate::<R>));
     Router::new()
+        .route("/", get(home::<R>))
         .route("/v1/hello", get(hello::<R>))
         .route("/v1/packages/{pkg}/files/{*path}", get(download::<R>))
         .route("/metrics", get(metrics::<R>))
@@ -461,6 +468,16 @@ async fn hello<R: Receiver>(State(s): State<Arc<Shared<R>>>) -> Json<Hello> {
         site_key: s.cfg.site_key.clone(),
         software: concat!("dpsync ", env!("CARGO_PKG_VERSION")).into(),
     })
+}
+
+/// `GET /`: the receiver's own page (no token: it shows nothing a client of the DP
+/// could not already download or scrape).
+async fn home<R: Receiver>(State(s): State<Arc<Shared<R>>>) -> Response {
+    match s.receiver.home_page().await {
+        Some(html) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], html)
+            .into_response(),
+        None => ReceiveError::NotFound("no such endpoint".into()).into_response(),
+    }
 }
 
 async fn metrics<R: Receiver>(State(s): State<Arc<Shared<R>>>) -> impl IntoResponse {
@@ -694,6 +711,7 @@ async fn accept_batch<R: Receiver>(
     .map_err(|e| ReceiveError::Internal(format!("batch task: {e}")))?;
     if !rejected.is_empty() {
         tracing::warn!(package = %pkg, version, rejected = rejected.len(), "chunks failed verification; asking for them again");
+        s.receiver.chunks_rejected(&pkg, rejected.len() as u64);
     }
     let accepted = good.len() as u64;
     if !good.is_empty() {
