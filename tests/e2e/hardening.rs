@@ -311,6 +311,22 @@ const WAIT: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------
 // 5. A very slow link
 
+/// A server (stall timeout `stall` seconds, quick retries) with package `app` over `src`
+/// distributed to dp1, an agent reached through a proxy. Returns them and the package id.
+fn behind_a_proxy(dir: &TestDir, src: &Path, stall: &str) -> (Server, Agent, crate::proxy::Proxy, String) {
+    let opts = ServerOpts {
+        args: ["--stall-timeout-secs", stall, "--retry-delay-ms", "200"].map(String::from).to_vec(),
+        ..ServerOpts::site("PS1")
+    };
+    let server = Server::start_with(dir.join("d"), opts);
+    let agent = Agent::start(dir.join("a1"), Some("token-dp1"));
+    let proxy = crate::proxy::Proxy::start(agent.addr());
+    let id = text(&server.cli_json(&["package", "add", "app", s(src)]), "id").to_owned();
+    server.cli_json(&["dp", "add", "dp1", &proxy.url(), "--token", "token-dp1"]);
+    server.cli_json(&["distribute", &id, "--dp", "dp1"]);
+    (server, agent, proxy, id)
+}
+
 /// Through a 5 KB/s link with a 3 s stall timeout: calls that take far longer than that
 /// are not cut while bytes move, and a batch cut in the middle leaves its whole chunks on
 /// the DP, which are not sent again.
@@ -326,16 +342,7 @@ fn a_5_kb_per_s_link_finishes_and_keeps_what_arrived() {
         write_random_file(&src.join(format!("f{i}.bin")), SIZE, 900 + i);
     }
     set_old_mtimes(&src);
-    let opts = ServerOpts {
-        args: ["--stall-timeout-secs", "3", "--retry-delay-ms", "200"].map(String::from).to_vec(),
-        ..ServerOpts::site("PS1")
-    };
-    let server = Server::start_with(dir.join("d"), opts);
-    let agent = Agent::start(dir.join("a1"), Some("token-dp1"));
-    let proxy = crate::proxy::Proxy::start(agent.addr());
-    let id = text(&server.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
-    server.cli_json(&["dp", "add", "dp1", &proxy.url(), "--token", "token-dp1"]);
-    server.cli_json(&["distribute", &id, "--dp", "dp1"]);
+    let (server, agent, proxy, id) = behind_a_proxy(&dir, &src, "3");
     proxy.set_rate(RATE);
     server.cli_json(&["refresh", &id]);
     let daemons = [server.daemon(), agent.daemon()];
@@ -375,16 +382,7 @@ fn a_silent_dp_is_given_up_after_the_stall_timeout() {
     let src = dir.join("src");
     gen_tree(&src, 8, 31, 1..20_000);
     set_old_mtimes(&src);
-    let opts = ServerOpts {
-        args: ["--stall-timeout-secs", "2", "--retry-delay-ms", "200"].map(String::from).to_vec(),
-        ..ServerOpts::site("PS1")
-    };
-    let server = Server::start_with(dir.join("d"), opts);
-    let agent = Agent::start(dir.join("a1"), Some("token-dp1"));
-    let proxy = crate::proxy::Proxy::start(agent.addr());
-    let id = text(&server.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
-    server.cli_json(&["dp", "add", "dp1", &proxy.url(), "--token", "token-dp1"]);
-    server.cli_json(&["distribute", &id, "--dp", "dp1"]);
+    let (server, agent, proxy, id) = behind_a_proxy(&dir, &src, "2");
     let daemons = [server.daemon(), agent.daemon()];
     proxy.set_stalled(true);
     let silent = Instant::now();

@@ -323,11 +323,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        let row = sqlx::query(concat!("SELECT ", package_columns!(), " FROM packages WHERE id = $1"))
-            .bind(&id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let pkg = package_from_row(&row)?;
+        let pkg = package_in(&mut tx, &id).await?;
         tx.commit().await?;
         Ok(pkg)
     }
@@ -425,11 +421,7 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let row = sqlx::query(concat!("SELECT ", package_columns!(), " FROM packages WHERE id = $1"))
-            .bind(&id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let pkg = package_from_row(&row)?;
+        let pkg = package_in(&mut tx, &id).await?;
         tx.commit().await?;
         Ok(pkg)
     }
@@ -513,4 +505,13 @@ fn name_conflict(e: sqlx::Error, name: &str, id: &str) -> StoreError {
     } else {
         e.into()
     }
+}
+
+/// The package `id` as the transaction `tx` sees it.
+async fn package_in(tx: &mut sqlx::Transaction<'static, sqlx::Any>, id: &str) -> Result<Package> {
+    let row = sqlx::query(concat!("SELECT ", package_columns!(), " FROM packages WHERE id = $1"))
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await?;
+    package_from_row(&row)
 }
