@@ -124,3 +124,30 @@ fn a_transfer_pauses_when_its_window_closes_and_resumes_without_resending() {
 fn dpsync_store_now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
+
+/// A window's `@RATE` holds what goes to the DP while it is open, like a rate limit.
+#[test]
+fn an_open_windows_rate_paces_the_transfer() {
+    const RATE: u64 = 300_000;
+    const SIZE: u64 = 1_500_000;
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    write_random_file(&src.join("big.bin"), SIZE, 93);
+    set_old_mtimes(&src);
+    let server = Server::start_with(dir.join("d"), ServerOpts::site("PS1"));
+    let a1 = Agent::start(dir.join("a1"), Some("t1"));
+    let daemons = [server.daemon(), a1.daemon()];
+    let id = text(&server.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
+    let window = format!("daily 00:00-00:00@{RATE}");
+    server.cli_json(&["dp", "add", "dp1", &a1.url(), "--token", "t1", "--window", &window]);
+    server.cli_json(&["distribute", &id, "--dp", "dp1"]);
+    let started = std::time::Instant::now();
+    server.cli_json(&["refresh", &id]);
+    let t = server.wait_installed(&id, "dp1", 1, WAIT, &daemons);
+    let took = started.elapsed().as_secs_f64();
+    let sent = num(&t, "bytes_sent_total") as f64;
+    eprintln!("{sent} bytes in {took:.2} s through a window of {RATE} B/s");
+    assert!(sent >= SIZE as f64, "{t:#}");
+    assert!(sent / took <= 1.1 * RATE as f64, "{:.0} B/s through a window of {RATE} B/s", sent / took);
+    assert_same_tree(&src, &a1.current(&id));
+}

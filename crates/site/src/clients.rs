@@ -45,18 +45,26 @@ impl Clients {
     /// the store): the cached one while its settings are unchanged, else a new one.
     pub(crate) fn get(&self, target: &Target) -> Result<TargetClient, TransferError> {
         let settings = settings_of(target);
+        // With send windows, the job sets the rate when it asks whether one is open (a
+        // window may carry its own): setting the plain limit here would undo it for the
+        // target's other running jobs.
         let limit = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
+        let pace = |client: &TargetClient| {
+            if target.windows.is_none() {
+                client.set_rate_limit(limit);
+            }
+        };
         if let Some((s, client)) = self.by_target.lock().unwrap().get(&target.id)
             && *s == settings
         {
-            client.set_rate_limit(limit);
+            pace(client);
             return Ok(client.clone());
         }
         // Built outside the lock (it reads the system's root certificates); two jobs that
         // race here each build one, and the last one stays.
         let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?
             .with_stall(self.stall);
-        client.set_rate_limit(limit);
+        pace(&client);
         self.built.fetch_add(1, Ordering::Relaxed);
         self.by_target.lock().unwrap().insert(target.id, (settings, client.clone()));
         Ok(client)

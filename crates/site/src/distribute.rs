@@ -401,9 +401,13 @@ impl Site {
     /// the lower of its rate limit and the open window's rate.
     fn window_gate(&self, target: &Target, client: &TargetClient) -> Gate {
         let gate = Windows::from_stored(target.windows.as_deref()).at(now_ms());
-        if let Gate::Open { rate: Some(w) } = gate {
+        if let Gate::Open { rate } = gate {
             let limit = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
-            client.set_rate_limit(Some(limit.map_or(w, |l| l.min(w))));
+            let rate = match (limit, rate) {
+                (Some(l), Some(w)) => Some(l.min(w)),
+                (l, w) => l.or(w),
+            };
+            client.set_rate_limit(rate);
         }
         gate
     }
