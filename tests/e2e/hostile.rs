@@ -1928,3 +1928,53 @@ fn a_garbled_database_page_stops_the_server_and_the_agent_at_start() {
     assert!(last.starts_with("dpsync: ") && last.contains(&db_name), "page {page}: names {db_name}:\n{err}");
     assert!(last.contains("damaged") && last.contains("redistribute"), "says what to do:\n{err}");
 }
+
+/// A forged or altered ownership chain cannot take a package over: the DP refuses it
+/// (403), keeps no owner for it, and still takes only the owner's versions; a genuine
+/// handover is taken, after which the new owner's versions install and the old owner's
+/// new ones are refused.
+#[test]
+fn forged_handovers_are_refused_and_a_genuine_one_is_taken() {
+    use dpsync_transfer::trust::Handover;
+    let mut f = Fixture::new();
+    let intruder = SiteKey::load_or_create(&f.dir.join("intruder.key")).unwrap();
+    let heir = SiteKey::load_or_create(&f.dir.join("heir.key")).unwrap();
+    let g = f.guard();
+    let dp = f.dp.clone();
+    let auth = dp.auth();
+    let put_owner = |chain: &str| {
+        request(dp.addr, "PUT", &format!("/v1/packages/{PKG}/owner"), &[("Authorization", &auth)], chain.as_bytes())
+    };
+    let forged = intruder.hand_over(PKG, SITE, "EV1", &intruder.public_hex(), 2);
+    let mut altered = f.key.hand_over(PKG, SITE, "CH1", &heir.public_hex(), 2);
+    altered.to_key = intruder.public_hex();
+    let from_elsewhere = intruder.hand_over(PKG, "EV1", "EV2", &intruder.public_hex(), 2);
+    for (what, chain) in [
+        ("signed by another key", Handover::encode_chain(&[forged])),
+        ("altered after signing", Handover::encode_chain(&[altered])),
+        ("not starting at the owner", Handover::encode_chain(&[from_elsewhere])),
+        ("not a chain", "PS1:nonsense".to_owned()),
+    ] {
+        let r = put_owner(&chain);
+        assert_refused(&r, 403, "", what);
+    }
+    let unauthenticated = request(dp.addr, "PUT", &format!("/v1/packages/{PKG}/owner"), &[], b"x");
+    assert_eq!(unauthenticated.status, 401, "the owner route needs the token");
+    assert!(
+        !f.agent.data_dir.join("package-owners.json").exists() || {
+            let kept = fs::read_to_string(f.agent.data_dir.join("package-owners.json")).unwrap();
+            !kept.contains(PKG)
+        }
+    );
+    f.assert_untouched(&g, "forged handovers");
+
+    // The genuine handover to CH1 from version 2.
+    let genuine = Handover::encode_chain(&[f.key.hand_over(PKG, SITE, "CH1", &heir.public_hex(), 2)]);
+    let r = put_owner(&genuine);
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let v2 = v2_with("new.txt", b"from the new owner\n".to_vec());
+    let old_owner = dp.offer(&f.key, SITE, PKG, 2, &v2);
+    assert_refused(&old_owner, 403, "CH1", "the former owner's new version");
+    dp.push(&heir, "CH1", PKG, 2, &v2);
+    assert_eq!(f.agent.download(PKG, "new.txt").body, b"from the new owner\n");
+}
