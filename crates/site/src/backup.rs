@@ -12,6 +12,7 @@
 //! site.key             the signing key DPs and child sites have pinned
 //! tls/                 the self-signed certificate, its key and fingerprint
 //! trusted-sites.json   other sites' pinned keys
+//! package-owners.json  ownership chains of packages handed to another site (if any)
 //! server.toml          the configuration file the server was started with
 //! library/objects/…    with --with-library: the content library (hard links where the
 //!                      backup is on the same filesystem, copies otherwise)
@@ -56,6 +57,8 @@ const DATABASE: &str = "dpsync.db";
 const RECEIVE_DATABASE: &str = "receive.db";
 const SITE_KEY: &str = "site.key";
 const TRUST_STORE: &str = "trusted-sites.json";
+/// Ownership chains of packages handed to another site, kept beside the trust store.
+const OWNERS: &str = "package-owners.json";
 const CONFIG: &str = "server.toml";
 const TLS: &str = "tls";
 const LIBRARY: &str = "library";
@@ -322,6 +325,9 @@ impl Site {
         let trust_store = data.join(TRUST_STORE).is_file();
         if trust_store {
             copies.push((data.join(TRUST_STORE), TRUST_STORE.into()));
+        }
+        if data.join(OWNERS).is_file() {
+            copies.push((data.join(OWNERS), OWNERS.into()));
         }
         let mut tls = false;
         for name in TLS_FILES {
@@ -661,7 +667,7 @@ fn allowed_file(rel: &str) -> bool {
     let parts: Vec<Component> = Path::new(rel).components().collect();
     match parts.as_slice() {
         [Component::Normal(name)] => {
-            [DATABASE, RECEIVE_DATABASE, SITE_KEY, TRUST_STORE, CONFIG].iter().any(|n| name.to_str() == Some(n))
+            [DATABASE, RECEIVE_DATABASE, SITE_KEY, TRUST_STORE, OWNERS, CONFIG].iter().any(|n| name.to_str() == Some(n))
         }
         [Component::Normal(tls), Component::Normal(name)] => {
             tls.to_str() == Some(TLS) && TLS_FILES.iter().any(|n| name.to_str() == Some(n))
