@@ -43,8 +43,8 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,52 @@ struct Args {
     seed: u64,
     poll_ms: u64,
     keep: bool,
+    /// A branch link on every destination's proxy (both tools): rate and round trip.
+    link: Option<Link>,
+}
+
+/// A shaped link: each direction carries at most `rate` bytes per second (token bucket,
+/// no burst beyond one read) and delays every byte by half the round trip.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    rate: u64,
+    rtt: Duration,
+}
+
+impl Link {
+    /// `100mbit,20ms`, `10mbit,50ms`, `2MiB,100ms` (rate: bit units kbit/mbit/gbit or byte
+    /// units KB/MB/KiB/MiB; the delay is the round-trip time).
+    fn parse(text: &str) -> Res<Self> {
+        let bad = || format!("--link {text:?}: use RATE,RTT, e.g. 100mbit,20ms or 10mbit,50ms");
+        let (rate, rtt) = text.split_once(',').ok_or_else(bad)?;
+        let rate = rate.trim().to_ascii_lowercase();
+        let split = rate.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rate.len());
+        let (n, unit) = rate.split_at(split);
+        let n: f64 = n.parse().map_err(|_| bad())?;
+        let bytes_per_s = n * match unit {
+            "kbit" => 1e3 / 8.0,
+            "mbit" => 1e6 / 8.0,
+            "gbit" => 1e9 / 8.0,
+            "kb" => 1e3,
+            "mb" => 1e6,
+            "kib" => 1024.0,
+            "mib" => 1024.0 * 1024.0,
+            "" | "b" => 1.0,
+            _ => return Err(bad()),
+        };
+        let rtt = rtt.trim().to_ascii_lowercase();
+        let ms: f64 = rtt.strip_suffix("ms").ok_or_else(bad)?.parse().map_err(|_| bad())?;
+        if bytes_per_s < 1024.0 || !(0.0..=10_000.0).contains(&ms) {
+            return Err(bad());
+        }
+        Ok(Link { rate: bytes_per_s as u64, rtt: Duration::from_secs_f64(ms / 1000.0) })
+    }
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} Mbit/s, {} ms RTT", self.rate as f64 * 8.0 / 1e6, self.rtt.as_millis())
+    }
 }
 
 const USAGE: &str = "usage: compare [--scenario mixed|tiny|big|all] [--dps N] [--scale S] [--json PATH] [--dir PATH]
@@ -110,6 +156,8 @@ const USAGE: &str = "usage: compare [--scenario mixed|tiny|big|all] [--dps N] [-
   --rsync-args ARGS      rsync options, space-separated (default \"-a --delete --no-whole-file\")
   --seed S       seed of the trees and changes (default 1)
   --poll-ms MS   how often the bench asks the dpsync server whether every target is installed (default 25)
+  --link RATE,RTT   a branch link on every destination's proxy, for both tools: a token-bucket rate per
+                 direction and the round-trip time (half each way), e.g. 100mbit,20ms or 10mbit,50ms
   --keep         keep the working folder";
 
 fn parse_args() -> Res<Args> {
@@ -126,6 +174,7 @@ fn parse_args() -> Res<Args> {
         seed: 1,
         poll_ms: 25,
         keep: false,
+        link: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -150,6 +199,7 @@ fn parse_args() -> Res<Args> {
             "--seed" => a.seed = value("--seed")?.parse().map_err(err("--seed"))?,
             "--poll-ms" => a.poll_ms = value("--poll-ms")?.parse().map_err(err("--poll-ms"))?,
             "--keep" => a.keep = true,
+            "--link" => a.link = Some(Link::parse(&value("--link")?)?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -657,12 +707,15 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(upstream: SocketAddr) -> Res<Self> {
+    /// A proxy to `upstream`, shaped like `link` when given.
+    fn start(upstream: SocketAddr, link: Option<Link>) -> Res<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").map_err(err("proxy bind"))?;
         let addr = listener.local_addr().map_err(err("proxy addr"))?;
         let (up, down, stop) =
             (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
         let (u2, d2, s2) = (up.clone(), down.clone(), stop.clone());
+        // One bucket per direction for all connections of this destination: the link.
+        let (up_bucket, down_bucket) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
         let accept = thread::spawn(move || {
             for c in listener.incoming() {
                 if s2.load(Ordering::SeqCst) {
@@ -677,8 +730,17 @@ impl Proxy {
                 let _ = server.set_nodelay(true);
                 let (Ok(c2), Ok(s3)) = (client.try_clone(), server.try_clone()) else { continue };
                 let (u3, d3) = (u2.clone(), d2.clone());
-                thread::spawn(move || pump(client, server, &u3));
-                thread::spawn(move || pump(s3, c2, &d3));
+                match link {
+                    Some(l) => {
+                        let (up_bucket, down_bucket) = (up_bucket.clone(), down_bucket.clone());
+                        thread::spawn(move || shaped_pump(client, server, &u3, l, &up_bucket));
+                        thread::spawn(move || shaped_pump(s3, c2, &d3, l, &down_bucket));
+                    }
+                    None => {
+                        thread::spawn(move || pump(client, server, &u3));
+                        thread::spawn(move || pump(s3, c2, &d3));
+                    }
+                }
             }
         });
         Ok(Proxy { addr, up, down, stop, accept: Some(accept) })
@@ -696,6 +758,53 @@ impl Drop for Proxy {
             let _ = t.join();
         }
     }
+}
+
+/// When the bytes sent so far on one direction of a link may leave (virtual time).
+type Bucket = Arc<Mutex<Option<Instant>>>;
+
+/// Like [`pump`] over a shaped link: a reader thread stamps what it reads, this thread
+/// writes each piece half a round trip later, no faster than the link's rate (shared by
+/// every connection in this direction through `bucket`).
+fn shaped_pump(src: TcpStream, dst: TcpStream, count: &AtomicU64, link: Link, bucket: &Bucket) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(256);
+    let mut reader = match src.try_clone() {
+        Ok(r) => r,
+        Err(_) => return,
+    };
+    let one_way = link.rtt / 2;
+    let feeder = thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send((Instant::now() + one_way, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut out = &dst;
+    for (due, piece) in rx {
+        let leave = {
+            let mut next = bucket.lock().unwrap();
+            let start = next.map_or(due, |t| t.max(due));
+            *next = Some(start + Duration::from_secs_f64(piece.len() as f64 / link.rate as f64));
+            start
+        };
+        if let Some(wait) = leave.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        if out.write_all(&piece).is_err() {
+            break;
+        }
+        count.fetch_add(piece.len() as u64, Ordering::Relaxed);
+    }
+    let _ = feeder.join();
+    let _ = dst.shutdown(Shutdown::Write);
+    let _ = src.shutdown(Shutdown::Read);
 }
 
 /// Copies `src` to `dst` until EOF, counting; then half-closes `dst`.
@@ -949,7 +1058,7 @@ impl Env {
                 .trim()
                 .parse()
                 .map_err(err("listen.addr"))?;
-            let proxy = Proxy::start(addr)?;
+            let proxy = Proxy::start(addr, args.link)?;
             agents.push((a, dir, proxy));
         }
         // The rsync daemon: one module per DP.
@@ -984,7 +1093,7 @@ impl Env {
             rsyncd.alive()?;
             Ok(TcpStream::connect(rsync_addr).is_ok())
         })?;
-        let rsync_proxies = (0..args.dps).map(|_| Proxy::start(rsync_addr)).collect::<Res<Vec<_>>>()?;
+        let rsync_proxies = (0..args.dps).map(|_| Proxy::start(rsync_addr, args.link)).collect::<Res<Vec<_>>>()?;
 
         let mut env = Env {
             dpsync: args.dpsync.clone(),
@@ -1479,9 +1588,10 @@ fn run() -> Res<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     eprintln!(
-        "{dpsync_version} against {rsync_version}; {} DPs; scale {}; working folder {}",
+        "{dpsync_version} against {rsync_version}; {} DPs; scale {}; link {}; working folder {}",
         args.dps,
         args.scale,
+        args.link.map_or_else(|| "loopback, unshaped".to_owned(), |l| l.to_string()),
         base.display()
     );
     let started = Instant::now();
@@ -1518,6 +1628,7 @@ fn run() -> Res<()> {
             "rsync_args": args.rsync_args,
             "dps": args.dps,
             "scale": args.scale,
+            "link": args.link.map(|l| json!({ "bytes_per_s": l.rate, "rtt_ms": l.rtt.as_millis() as u64 })),
             "seed": args.seed,
             "parallel_targets": args.parallel_targets,
             "poll_ms": args.poll_ms,
@@ -1571,4 +1682,20 @@ fn machine() -> Value {
         "mem_gib": mem_kib.map(|k| (k as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0),
         "kernel": kernel.trim(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_parse_in_bits_or_bytes_with_a_round_trip() {
+        let l = Link::parse("100mbit,20ms").unwrap();
+        assert_eq!((l.rate, l.rtt), (12_500_000, Duration::from_millis(20)));
+        let l = Link::parse("2MiB, 100ms").unwrap();
+        assert_eq!((l.rate, l.rtt), (2 << 20, Duration::from_millis(100)));
+        for bad in ["100mbit", "fast,20ms", "100mbit,20", "1b,20ms", "10mbit,-1ms"] {
+            assert!(Link::parse(bad).is_err(), "{bad}");
+        }
+    }
 }
