@@ -253,6 +253,15 @@ pub fn backoff(cfg: &DistConfig, attempt: i64) -> Duration {
 }
 
 /// Runs due jobs until `shutdown`.
+/// How long a pull DP's job waits for a source that is installing its version.
+const PULL_WAIT: Duration = Duration::from_secs(120);
+/// How long one pull call may fetch before it reports back.
+const PULL_BUDGET: Duration = Duration::from_secs(60);
+/// How long a peer ticket is good for (a job asks again with a fresh one).
+const TICKET_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// Sources given to a pull DP at once.
+const MAX_SOURCES: usize = 8;
+
 pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
     match site.store.reset_in_progress().await {
         Ok(n) if n > 0 => tracing::info!(jobs = n, "resuming distributions interrupted by a stop"),
@@ -521,6 +530,10 @@ impl Site {
                 m
             }
         };
+        if !missing.is_empty() && target.pull_sources.is_some() {
+            // A pull DP fetches what it lacks from other DPs; the site sends the rest.
+            missing = self.pull_from_peers(job, target, client, missing).await?;
+        }
         for round in 0..4 {
             if !missing.is_empty() {
                 // Chunks resent after a refused commit go without a base.
@@ -549,6 +562,127 @@ impl Site {
             }
         }
         Err(PushError::StillMissing { target: target.name.clone(), package: pkg.clone(), version, rounds: 4 })
+    }
+
+    /// Has a pull DP fetch `missing` from its sources, with a ticket signed by this site,
+    /// for as long as they make progress; answers what is still missing (which the site
+    /// sends). A source that failed or sent a bad chunk is not offered again in this job.
+    async fn pull_from_peers(
+        &self,
+        job: &Distribution,
+        target: &Target,
+        client: &TargetClient,
+        mut missing: Vec<ChunkId>,
+    ) -> Result<Vec<ChunkId>, PushError> {
+        let (pkg, version) = (&job.package_id, job.desired_version);
+        let key = (pkg.clone(), job.target_id);
+        let mut dropped: HashSet<String> = HashSet::new();
+        let waiting_since = std::time::Instant::now();
+        loop {
+            let (sources, busy) = self.pull_candidates(job, target, &dropped).await?;
+            if sources.is_empty() {
+                // A source that is installing this version now will have it soon.
+                if busy && waiting_since.elapsed() < PULL_WAIT {
+                    self.set_progress(&key, |p| p.phase = Phase::Other("waiting for a source".into()));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                tracing::info!(package = %pkg, target = %target.name, chunks = missing.len(), "no source has this version; the site sends the rest");
+                return Ok(missing);
+            }
+            let expires = now_ms() / 1000 + TICKET_LIFETIME.as_secs() as i64;
+            let ticket = dpsync_transfer::trust::Ticket::issue(
+                &self.site_key,
+                &self.cfg.site_code,
+                &target.name,
+                pkg,
+                version,
+                expires,
+            );
+            let names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
+            let req = wire::PullRequest {
+                ticket: ticket.encode(),
+                sources,
+                chunks: missing.clone(),
+                budget_secs: PULL_BUDGET.as_secs(),
+            };
+            self.set_progress(&key, |p| p.phase = Phase::Other(format!("pulling from {}", names.join(", "))));
+            let sent = serde_json::to_vec(&req).map_or(0, |b| b.len() as u64);
+            let answer = match client.pull(pkg, version, &req).await {
+                Ok(a) => a,
+                Err(TransferError::Rejected { reason: RejectReason::NotFound(m), .. }) => {
+                    tracing::warn!(package = %pkg, target = %target.name, "the DP cannot pull ({m}); the site sends everything");
+                    self.count_sent(job, sent).await;
+                    return Ok(missing);
+                }
+                Err(e) => {
+                    self.count_sent(job, sent).await;
+                    return Err(PushError::transfer(e, target, pkg));
+                }
+            };
+            self.count_sent(job, sent).await;
+            if let Err(e) = self.store.record_peer_bytes(pkg, job.target_id, answer.bytes_from_peers as i64).await {
+                tracing::warn!("cannot record bytes from peers: {e}");
+            }
+            self.metrics.bytes_from_peers.fetch_add(answer.bytes_from_peers, Relaxed);
+            tracing::info!(
+                package = %pkg,
+                target = %target.name,
+                fetched = answer.fetched,
+                bytes = answer.bytes_from_peers,
+                still_missing = answer.missing.len(),
+                dropped = ?answer.dropped,
+                "pulled from peers"
+            );
+            dropped.extend(answer.dropped);
+            let progressed = answer.fetched > 0;
+            missing = answer.missing;
+            if missing.is_empty() || !progressed {
+                return Ok(missing);
+            }
+        }
+    }
+
+    /// The sources a pull DP may fetch the job's version from now, in rank order (`auto`:
+    /// a few DPs of its group at random), those that have it installed; and whether one
+    /// of them is installing it right now.
+    async fn pull_candidates(
+        &self,
+        job: &Distribution,
+        target: &Target,
+        dropped: &HashSet<String>,
+    ) -> Result<(Vec<wire::PeerSource>, bool), PushError> {
+        let names = target.sources();
+        let mut candidates: Vec<Target> = Vec::new();
+        if names == ["auto"] {
+            if let Some(group) = &target.group {
+                candidates = self.store.targets_in_group(group).await?;
+                candidates.sort_by_cached_key(|_| rand::random::<u64>());
+            }
+        } else {
+            for n in &names {
+                if let Some(t) = self.store.target(n).await? {
+                    candidates.push(t);
+                }
+            }
+        }
+        let rows: HashMap<i64, Distribution> =
+            self.store.distributions(&job.package_id).await?.into_iter().map(|d| (d.target_id, d)).collect();
+        let mut busy = false;
+        let mut usable = Vec::new();
+        for t in candidates {
+            if t.id == target.id || t.kind != TargetKind::Dp || dropped.contains(&t.name) {
+                continue;
+            }
+            let Some(row) = rows.get(&t.id) else { continue };
+            if row.state == DistState::Installed && row.installed_version == Some(job.desired_version) {
+                usable.push(wire::PeerSource { name: t.name, url: t.url, fingerprint: t.fingerprint });
+            } else if row.state == DistState::InProgress && row.desired_version == job.desired_version {
+                busy = true;
+            }
+        }
+        usable.truncate(MAX_SOURCES);
+        Ok((usable, busy))
     }
 
     /// The owner's signature to send with a version: made here for this site's own
@@ -1127,6 +1261,7 @@ mod tests {
             fingerprint: None,
             windows: None,
             validate_every_ms: None,
+            pull_sources: None,
         }
     }
 
