@@ -1020,7 +1020,6 @@ async fn update_and_delete_targets(db: &Db) {
     let push = TargetUpdate { pull_sources: Some(None), ..TargetUpdate::default() };
     let (_, pushed) = db.update_target("dp1", &push).await.unwrap();
     assert!(pushed.sources().is_empty());
-    let after = pushed;
     assert!(!TargetUpdate { group: Some(None), ..TargetUpdate::default() }.changes_connection(&same));
     assert!(db.update_target("nope", &update).await.unwrap_err().is_not_found());
 
