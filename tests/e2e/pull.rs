@@ -197,7 +197,8 @@ fn a_peer_that_damages_a_byte_is_dropped_and_the_content_comes_from_another() {
 fn post_status(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
     let mut sock = std::net::TcpStream::connect(addr).expect("connect to the agent");
     sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut req = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req =
+        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -65,7 +65,12 @@ pub fn target_info(t: &Target) -> TargetInfo {
 
 /// Checks a pull DP's sources and gives their stored form (`None`: pushed to): DP names
 /// in rank order, or `auto` alone, which needs a group.
-fn pull_sources_of(me: &str, kind: TargetKind, group: Option<&str>, sources: &[String]) -> Result<Option<String>, SiteError> {
+fn pull_sources_of(
+    me: &str,
+    kind: TargetKind,
+    group: Option<&str>,
+    sources: &[String],
+) -> Result<Option<String>, SiteError> {
     if sources.is_empty() {
         return Ok(None);
     }

@@ -580,7 +580,12 @@ impl TargetClient {
 
     /// Asks a pull DP to fetch chunks from its peers (see [`wire::PullRequest`]); it
     /// answers within about `req.budget_secs`.
-    pub async fn pull(&self, pkg: &str, version: i64, req: &wire::PullRequest) -> Result<wire::PullAnswer, TransferError> {
+    pub async fn pull(
+        &self,
+        pkg: &str,
+        version: i64,
+        req: &wire::PullRequest,
+    ) -> Result<wire::PullAnswer, TransferError> {
         let body = Bytes::from(serde_json::to_vec(req).expect("serializable"));
         let acting = Duration::from_secs(req.budget_secs + 30);
         let r = self

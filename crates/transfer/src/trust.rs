@@ -450,7 +450,10 @@ impl TrustStore {
             return Err(TrustError(format!("the peer ticket of {} expired", t.holder)));
         }
         let Some(key) = self.key_of(&t.site) else {
-            return Err(TrustError(format!("the peer ticket comes from site {}, whose key is not pinned here", t.site)));
+            return Err(TrustError(format!(
+                "the peer ticket comes from site {}, whose key is not pinned here",
+                t.site
+            )));
         };
         if !t.signed_by(&key) {
             return Err(TrustError(format!("the peer ticket is not signed with the pinned key of site {}", t.site)));
