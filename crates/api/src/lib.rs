@@ -886,7 +886,8 @@ mod tests {
         let json = serde_json::json!({
             "name": "dp1", "kind": "dp", "state": "installed", "action": "install",
             "installed_version": 3, "desired_version": 3, "bytes_sent_last": 10,
-            "bytes_sent_total": 20, "last_error": null, "last_error_at": null, "attempts": 1,
+            "bytes_sent_total": 20, "bytes_from_peers_last": 0, "last_error": null, "last_error_at": null,
+            "attempts": 1,
             "next_attempt_at": 0, "next_retry_at": null, "updated_at": 5, "last_validated_at": null,
             "progress": {"phase": "sending", "bytes_planned": 4, "bytes_done": 2, "started_ms": 1},
         });
