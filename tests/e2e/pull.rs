@@ -251,3 +251,24 @@ fn pull_settings_are_checked_and_push_undoes_them() {
     assert_eq!(r["pull_sources"], serde_json::json!([]), "{r:#}");
     assert!(r["changed"].as_array().unwrap().iter().any(|c| c == "pull_sources"), "{r:#}");
 }
+
+#[test]
+fn pull_dps_of_a_group_distributed_together_take_one_copy_from_the_site() {
+    let mut p = Pulls::new();
+    let names = ["auto1", "auto2", "auto3", "auto4"];
+    for name in names {
+        p.add(name, false, &["--group", "g", "--pull", "--source", "auto"]);
+    }
+    p.server.cli_json(&["distribute", &p.id, "--group", "g"]);
+    let (mut from_site, mut from_peers) = (0, 0);
+    for name in names {
+        let t = p.wait_installed(name);
+        p.assert_matches_source(name);
+        from_site += num_of(&t, "bytes_sent_last");
+        from_peers += num_of(&t, "bytes_from_peers_last");
+    }
+    eprintln!("4 pull DPs (auto): {from_site} bytes from the site, {from_peers} between peers");
+    // One DP is fed by the site, the others pull from DPs that have it.
+    assert!(from_site <= p.package_bytes * 12 / 10, "the site sent {from_site} for a {} byte package", p.package_bytes);
+    assert!(from_peers >= p.package_bytes * 27 / 10, "peers moved {from_peers}");
+}

@@ -262,6 +262,77 @@ const TICKET_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// Sources given to a pull DP at once.
 const MAX_SOURCES: usize = 8;
 
+/// Pull DPs' jobs in this server: those waiting for a source to have their version, and
+/// those the site feeds because none had it. One pull DP per (package, version) is fed
+/// at a time, so pull DPs distributed together do not all take the version from the site:
+/// the others wait (at most [`PULL_WAIT`]) and then pull from it.
+#[derive(Debug, Default)]
+pub(crate) struct PullJobs {
+    waiting: std::sync::Mutex<HashSet<(String, i64)>>,
+    fed: std::sync::Mutex<HashMap<(String, i64), i64>>,
+}
+
+impl PullJobs {
+    /// Makes `target` the DP the site feeds with `pkg` `version`, unless another pull DP
+    /// is fed it now or (`busy`) a source is installing it.
+    fn feed(&self, pkg: &str, version: i64, target: i64, busy: bool) -> Option<Feeding<'_>> {
+        let mut fed = self.fed.lock().unwrap();
+        let key = (pkg.to_owned(), version);
+        if busy || fed.contains_key(&key) {
+            return None;
+        }
+        fed.insert(key.clone(), target);
+        Some(Feeding { jobs: self, key, target })
+    }
+
+    /// Feeds `target` whoever else is fed (it waited long enough).
+    fn feed_anyway(&self, pkg: &str, version: i64, target: i64) -> Feeding<'_> {
+        let key = (pkg.to_owned(), version);
+        self.fed.lock().unwrap().entry(key.clone()).or_insert(target);
+        Feeding { jobs: self, key, target }
+    }
+
+    fn wait(&self, pkg: &str, target: i64) -> Waiting<'_> {
+        let key = (pkg.to_owned(), target);
+        self.waiting.lock().unwrap().insert(key.clone());
+        Waiting { jobs: self, key }
+    }
+
+    fn is_waiting(&self, pkg: &str, target: i64) -> bool {
+        self.waiting.lock().unwrap().contains(&(pkg.to_owned(), target))
+    }
+}
+
+/// A pull DP the site feeds; released when its job ends.
+#[derive(Debug)]
+struct Feeding<'a> {
+    jobs: &'a PullJobs,
+    key: (String, i64),
+    target: i64,
+}
+
+impl Drop for Feeding<'_> {
+    fn drop(&mut self) {
+        let mut fed = self.jobs.fed.lock().unwrap();
+        if fed.get(&self.key) == Some(&self.target) {
+            fed.remove(&self.key);
+        }
+    }
+}
+
+/// A pull DP's job waiting for a source; released when it stops waiting.
+#[derive(Debug)]
+struct Waiting<'a> {
+    jobs: &'a PullJobs,
+    key: (String, i64),
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.jobs.waiting.lock().unwrap().remove(&self.key);
+    }
+}
+
 pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
     match site.store.reset_in_progress().await {
         Ok(n) if n > 0 => tracing::info!(jobs = n, "resuming distributions interrupted by a stop"),
@@ -530,9 +601,11 @@ impl Site {
                 m
             }
         };
+        // Held until the job ends: the site is feeding this pull DP (no source had it).
+        let mut _feeding = None;
         if !missing.is_empty() && target.pull_sources.is_some() {
             // A pull DP fetches what it lacks from other DPs; the site sends the rest.
-            missing = self.pull_from_peers(job, target, client, missing).await?;
+            (missing, _feeding) = self.pull_from_peers(job, target, client, missing).await?;
         }
         for round in 0..4 {
             if !missing.is_empty() {
@@ -566,30 +639,40 @@ impl Site {
 
     /// Has a pull DP fetch `missing` from its sources, with a ticket signed by this site,
     /// for as long as they make progress; answers what is still missing (which the site
-    /// sends). A source that failed or sent a bad chunk is not offered again in this job.
+    /// sends) and, when no source had the version, the claim that makes this DP the one
+    /// the site feeds (kept until the job ends). A source that failed or sent a bad chunk
+    /// is not offered again in this job.
     async fn pull_from_peers(
         &self,
         job: &Distribution,
         target: &Target,
         client: &TargetClient,
         mut missing: Vec<ChunkId>,
-    ) -> Result<Vec<ChunkId>, PushError> {
+    ) -> Result<(Vec<ChunkId>, Option<Feeding<'_>>), PushError> {
         let (pkg, version) = (&job.package_id, job.desired_version);
         let key = (pkg.clone(), job.target_id);
         let mut dropped: HashSet<String> = HashSet::new();
         let waiting_since = std::time::Instant::now();
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let (sources, busy) = self.pull_candidates(job, target, &dropped).await?;
             if sources.is_empty() {
-                // A source that is installing this version now will have it soon.
-                if busy && waiting_since.elapsed() < PULL_WAIT {
-                    self.set_progress(&key, |p| p.phase = Phase::Other("waiting for a source".into()));
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                // Nobody has the version yet: one pull DP at a time takes it from the site
+                // (the others wait for it, or for a pushed DP installing it now).
+                let feeding = match waiting_since.elapsed() < PULL_WAIT {
+                    true => self.pull_jobs.feed(pkg, version, job.target_id, busy),
+                    false => Some(self.pull_jobs.feed_anyway(pkg, version, job.target_id)),
+                };
+                if let Some(f) = feeding {
+                    tracing::info!(package = %pkg, target = %target.name, chunks = missing.len(), "no source has this version; the site sends it");
+                    return Ok((missing, Some(f)));
                 }
-                tracing::info!(package = %pkg, target = %target.name, chunks = missing.len(), "no source has this version; the site sends the rest");
-                return Ok(missing);
+                waiting.get_or_insert_with(|| self.pull_jobs.wait(pkg, job.target_id));
+                self.set_progress(&key, |p| p.phase = Phase::Other("waiting for a source".into()));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
             }
+            waiting = None;
             let expires = now_ms() / 1000 + TICKET_LIFETIME.as_secs() as i64;
             let ticket = dpsync_transfer::trust::Ticket::issue(
                 &self.site_key,
@@ -613,7 +696,7 @@ impl Site {
                 Err(TransferError::Rejected { reason: RejectReason::NotFound(m), .. }) => {
                     tracing::warn!(package = %pkg, target = %target.name, "the DP cannot pull ({m}); the site sends everything");
                     self.count_sent(job, sent).await;
-                    return Ok(missing);
+                    return Ok((missing, None));
                 }
                 Err(e) => {
                     self.count_sent(job, sent).await;
@@ -638,14 +721,14 @@ impl Site {
             let progressed = answer.fetched > 0;
             missing = answer.missing;
             if missing.is_empty() || !progressed {
-                return Ok(missing);
+                return Ok((missing, None));
             }
         }
     }
 
     /// The sources a pull DP may fetch the job's version from now, in rank order (`auto`:
     /// a few DPs of its group at random), those that have it installed; and whether one
-    /// of them is installing it right now.
+    /// of them is installing it right now (not waiting for a source itself).
     async fn pull_candidates(
         &self,
         job: &Distribution,
@@ -677,7 +760,10 @@ impl Site {
             let Some(row) = rows.get(&t.id) else { continue };
             if row.state == DistState::Installed && row.installed_version == Some(job.desired_version) {
                 usable.push(wire::PeerSource { name: t.name, url: t.url, fingerprint: t.fingerprint });
-            } else if row.state == DistState::InProgress && row.desired_version == job.desired_version {
+            } else if row.state == DistState::InProgress
+                && row.desired_version == job.desired_version
+                && !self.pull_jobs.is_waiting(&job.package_id, t.id)
+            {
                 busy = true;
             }
         }
@@ -1200,6 +1286,24 @@ mod tests {
                 .collect(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_site_feeds_one_pull_dp_per_version_at_a_time() {
+        let jobs = PullJobs::default();
+        assert!(jobs.feed("PS100001", 3, 1, true).is_none(), "a source installs it: wait");
+        let first = jobs.feed("PS100001", 3, 1, false).expect("nobody is fed yet");
+        assert!(jobs.feed("PS100001", 3, 2, false).is_none(), "one at a time");
+        assert!(jobs.feed("PS100001", 4, 2, false).is_some(), "per version");
+        let waiting = jobs.wait("PS100001", 2);
+        assert!(jobs.is_waiting("PS100001", 2) && !jobs.is_waiting("PS100001", 1));
+        drop(waiting);
+        assert!(!jobs.is_waiting("PS100001", 2));
+        let anyway = jobs.feed_anyway("PS100001", 3, 2);
+        drop(anyway);
+        assert!(jobs.feed("PS100001", 3, 2, false).is_none(), "the first is still fed");
+        drop(first);
+        assert!(jobs.feed("PS100001", 3, 2, false).is_some(), "released when its job ended");
     }
 
     #[test]
