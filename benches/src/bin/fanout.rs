@@ -70,9 +70,7 @@ fn parse_args() -> Res<Args> {
     while let Some(flag) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
-            "--dps" => {
-                a.dps = val()?.split(',').map(|n| n.trim().parse().map_err(err("--dps"))).collect::<Res<_>>()?
-            }
+            "--dps" => a.dps = val()?.split(',').map(|n| n.trim().parse().map_err(err("--dps"))).collect::<Res<_>>()?,
             "--mib" => a.mib = val()?.parse().map_err(err("--mib"))?,
             "--uplink-mib-s" => a.uplink = val()?.parse::<u64>().map_err(err("--uplink-mib-s"))? * MIB,
             "--modes" => a.modes = val()?.split(',').map(str::to_owned).collect(),
@@ -410,7 +408,11 @@ impl Daemon {
         {
             let log = fs::read_to_string(&self.log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(10).collect();
-            return Err(format!("{} exited ({st}):\n{}", self.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+            return Err(format!(
+                "{} exited ({st}):\n{}",
+                self.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
         }
         Ok(())
     }
