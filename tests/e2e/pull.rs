@@ -272,3 +272,24 @@ fn pull_dps_of_a_group_distributed_together_take_one_copy_from_the_site() {
     assert!(from_site <= p.package_bytes * 12 / 10, "the site sent {from_site} for a {} byte package", p.package_bytes);
     assert!(from_peers >= p.package_bytes * 27 / 10, "peers moved {from_peers}");
 }
+
+#[test]
+fn a_peer_that_hangs_is_given_up_and_the_content_comes_from_another() {
+    let mut p = Pulls::new();
+    p.add("seed1", true, &[]);
+    p.add("seed2", false, &[]);
+    p.distribute(&["seed1", "seed2"]);
+    p.wait_installed("seed1");
+    p.wait_installed("seed2");
+    p.add("puller", false, &["--pull", "--source", "seed1", "--source", "seed2"]);
+    // seed1 accepts connections and then sends nothing.
+    p.proxy("seed1").set_stalled(true);
+    p.distribute(&["puller"]);
+    let t = p.wait_installed("puller");
+    p.assert_matches_source("puller");
+    let log = p.agent("puller").log();
+    assert!(log.contains("dropping peer seed1"), "the puller gives up on the hung peer:\n{log}");
+    assert!(num_of(&t, "bytes_sent_last") <= p.package_bytes / 20, "{t:#}");
+    assert!(num_of(&t, "bytes_from_peers_last") >= p.package_bytes * 9 / 10, "{t:#}");
+    p.proxy("seed1").set_stalled(false);
+}
