@@ -138,6 +138,7 @@ fn store(c: &mut Criterion) {
                     rate_limit: None,
                     fingerprint: None,
                     windows: None,
+                    pull_sources: None,
                 })
                 .await
                 .unwrap();

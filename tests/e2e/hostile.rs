@@ -546,6 +546,12 @@ fn push_routes_refuse_missing_and_wrong_tokens() {
         ("POST", relabel, vec![]),
         ("POST", format!("/v1/packages/{PKG}/validate"), vec![]),
         ("GET", format!("/v1/packages/{PKG}/status"), vec![]),
+        // A site that could make a DP pull could point it at any address.
+        (
+            "POST",
+            format!("/v1/packages/{PKG}/versions/2/pull"),
+            br#"{"ticket": "", "sources": [], "chunks": [], "budget_secs": 1}"#.to_vec(),
+        ),
     ];
     let wrong = [
         (None, "missing bearer token"),

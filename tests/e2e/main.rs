@@ -18,3 +18,4 @@ mod web;
 mod windows;
 
 mod proxy;
+mod pull;

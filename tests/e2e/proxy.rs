@@ -44,6 +44,8 @@ struct Shared {
     faults: AtomicU64,
     /// Up-stream bytes still to pass before the byte `flip_byte_after` flips.
     flip_after: Mutex<Option<u64>>,
+    /// Down-stream bytes still to pass before the byte `flip_down_byte_after` flips.
+    flip_down_after: Mutex<Option<u64>>,
     body_fault_armed: AtomicBool,
     /// Live connections (id -> client, upstream clones), for `cut_all`.
     live: Mutex<HashMap<u64, (TcpStream, TcpStream)>>,
@@ -65,6 +67,7 @@ impl Default for Shared {
             bytes_down: AtomicU64::default(),
             faults: AtomicU64::default(),
             flip_after: Mutex::default(),
+            flip_down_after: Mutex::default(),
             body_fault_armed: AtomicBool::default(),
             live: Mutex::default(),
             next_id: AtomicU64::default(),
@@ -140,6 +143,12 @@ impl Proxy {
     /// `/chunks`.
     pub fn corrupt_in_body_once(&self) {
         self.shared.body_fault_armed.store(true, SeqCst);
+    }
+
+    /// Flip (XOR 0x01) the upstream→client byte at offset `n` counted from now (over
+    /// all connections): an upstream that answers with one damaged byte.
+    pub fn flip_down_byte_after(&self, n: u64) {
+        *lock(&self.shared.flip_down_after) = Some(n);
     }
 
     /// Number of bytes flipped so far by either fault.
@@ -294,6 +303,7 @@ fn pump(is_up: bool, mut src: TcpStream, mut dst: TcpStream, shared: &Shared) {
             inject_faults(shared, &mut http, chunk);
             shared.bytes_up.fetch_add(n as u64, SeqCst);
         } else {
+            flip_armed(shared, &shared.flip_down_after, chunk);
             shared.bytes_down.fetch_add(n as u64, SeqCst);
         }
         if dst.write_all(chunk).is_err() {
@@ -312,7 +322,12 @@ fn inject_faults(shared: &Shared, http: &mut HttpTracker, chunk: &mut [u8]) {
         chunk[i] ^= 0x01;
         shared.faults.fetch_add(1, SeqCst);
     }
-    let mut flip_after = lock(&shared.flip_after);
+    flip_armed(shared, &shared.flip_after, chunk);
+}
+
+/// Flips the byte of `chunk` that an armed `flip` counts down to, if it is in it.
+fn flip_armed(shared: &Shared, flip: &Mutex<Option<u64>>, chunk: &mut [u8]) {
+    let mut flip_after = lock(flip);
     if let Some(left) = *flip_after {
         if left < chunk.len() as u64 {
             chunk[left as usize] ^= 0x01;

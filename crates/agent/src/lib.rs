@@ -442,6 +442,32 @@ impl<S: VersionSink> Receiver for Agent<S> {
         .await
     }
 
+    async fn peer_chunks(
+        &self,
+        pkg: &str,
+        ticket: &str,
+        ids: Vec<ChunkId>,
+        max_bytes: u64,
+    ) -> Result<HashMap<ChunkId, Bytes>, ReceiveError> {
+        let now = dpsync_store::now_ms() / 1000;
+        let t = self.core.trust.check_ticket(ticket, pkg, now).map_err(|e| {
+            tracing::warn!(package = pkg, "refused chunks to a peer: {e}");
+            ReceiveError::Forbidden(e.to_string())
+        })?;
+        // Only chunks of this package's installed content: the ticket is for it alone.
+        let summary = self.core.db.package_summary(pkg).await.map_err(internal("peer chunks"))?.unwrap_or_default();
+        let Some(root) = summary.installed_root else { return Ok(HashMap::new()) };
+        let Some(manifest) = self.base_manifest(pkg, &root).await? else { return Ok(HashMap::new()) };
+        let ids = blocking(move || {
+            let held: std::collections::HashSet<ChunkId> =
+                manifest.entries().iter().flat_map(|e| e.chunks().iter().map(|c| c.id)).collect();
+            ids.into_iter().filter(|id| held.contains(id)).collect::<Vec<_>>()
+        })
+        .await?;
+        tracing::debug!(package = pkg, holder = %t.holder, chunks = ids.len(), "serving chunks to a peer");
+        self.read_chunks(pkg, ids, max_bytes).await
+    }
+
     async fn package_state(&self, pkg: &str) -> Result<PackageState, ReceiveError> {
         self.core.package_state(pkg).await
     }

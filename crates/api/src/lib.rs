@@ -407,6 +407,10 @@ pub struct AddTarget {
     /// Validate the target's content on a schedule, every so many milliseconds.
     #[serde(default)]
     pub validate_every_ms: Option<i64>,
+    /// A pull DP: the DPs it fetches chunks from, in rank order (`auto`: any DP of its
+    /// group with the version installed). Empty: the site pushes everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_sources: Vec<String>,
 }
 
 /// A target as shown to administrators (never its token).
@@ -426,6 +430,9 @@ pub struct TargetInfo {
     /// Scheduled validation interval, if any.
     #[serde(default)]
     pub validate_every_ms: Option<i64>,
+    /// A pull DP's sources in rank order (`auto`: any DP of its group); empty: pushed to.
+    #[serde(default)]
+    pub pull_sources: Vec<String>,
 }
 
 /// `POST /v1/targets/{name}` — `dpsync dp set` / `site set`. A field left out is left as
@@ -451,6 +458,10 @@ pub struct SetTarget {
     /// Validate on a schedule, every so many milliseconds; `null`: no schedule.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some")]
     pub validate_every_ms: Option<Option<i64>>,
+    /// Make it a pull DP with these sources in rank order (`auto` alone: any DP of its
+    /// group); an empty list: the site pushes to it again (`--push`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_sources: Option<Vec<String>>,
 }
 
 /// A field that is present is `Some`, even when it is `null` (which clears the setting).
@@ -495,6 +506,9 @@ pub struct TargetPackage {
     pub desired_version: i64,
     pub bytes_sent_last: i64,
     pub bytes_sent_total: i64,
+    /// What a pull DP fetched from other DPs for its latest version.
+    #[serde(default)]
+    pub bytes_from_peers_last: i64,
     pub last_error: Option<String>,
     pub last_error_at: Option<i64>,
     pub attempts: i64,
@@ -667,6 +681,10 @@ pub struct TargetStatus {
     pub desired_version: i64,
     pub bytes_sent_last: i64,
     pub bytes_sent_total: i64,
+    /// What a pull DP fetched from other DPs for its latest version (the site's own
+    /// bytes are `bytes_sent_last`).
+    #[serde(default)]
+    pub bytes_from_peers_last: i64,
     pub last_error: Option<String>,
     /// Unix milliseconds of `last_error`.
     #[serde(default)]
@@ -868,7 +886,8 @@ mod tests {
         let json = serde_json::json!({
             "name": "dp1", "kind": "dp", "state": "installed", "action": "install",
             "installed_version": 3, "desired_version": 3, "bytes_sent_last": 10,
-            "bytes_sent_total": 20, "last_error": null, "last_error_at": null, "attempts": 1,
+            "bytes_sent_total": 20, "bytes_from_peers_last": 0, "last_error": null, "last_error_at": null,
+            "attempts": 1,
             "next_attempt_at": 0, "next_retry_at": null, "updated_at": 5, "last_validated_at": null,
             "progress": {"phase": "sending", "bytes_planned": 4, "bytes_done": 2, "started_ms": 1},
         });

@@ -302,6 +302,14 @@ enum TargetCmd {
         /// a time; what broke is repaired).
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         validate_every: Option<i64>,
+        /// A pull DP: it fetches the chunks it lacks from its --source DPs (the site sends
+        /// the manifest, and what no source could give).
+        #[arg(long, requires = "sources")]
+        pull: bool,
+        /// A DP a pull DP fetches from (repeatable, rank order), or `auto`: any DP of its
+        /// group that has the version, several at once.
+        #[arg(long = "source", value_name = "DP", requires = "pull")]
+        sources: Vec<String>,
     },
     /// List targets.
     List,
@@ -369,6 +377,15 @@ struct SetArgs {
     /// No scheduled validation.
     #[arg(long)]
     no_validate: bool,
+    /// Make it a pull DP: it fetches what it lacks from its --source DPs.
+    #[arg(long, requires = "sources", conflicts_with = "push")]
+    pull: bool,
+    /// A DP it pulls from (repeatable, rank order; replaces its sources), or `auto`.
+    #[arg(long = "source", value_name = "DP", requires = "pull")]
+    sources: Vec<String>,
+    /// The site pushes everything to it again (no longer a pull DP).
+    #[arg(long)]
+    push: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -730,7 +747,19 @@ fn cert_cmd(json: bool, cmd: CertCmd) -> Result<()> {
 /// `dp …` and `site …`: `kind` is "dp" or "site".
 async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> Result<ExitCode> {
     match cmd {
-        TargetCmd::Add { name, url, token, token_file, group, rate_limit, fingerprint, windows, validate_every } => {
+        TargetCmd::Add {
+            name,
+            url,
+            token,
+            token_file,
+            group,
+            rate_limit,
+            fingerprint,
+            windows,
+            validate_every,
+            pull: _,
+            sources,
+        } => {
             let token = match token_file {
                 Some(p) => Some(read_secret(&p)?),
                 None => token,
@@ -745,6 +774,7 @@ async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> 
                 fingerprint,
                 windows,
                 validate_every_ms: validate_every,
+                pull_sources: sources,
             };
             let t: TargetInfo = c.post("/v1/targets", &req).await?;
             let what = if kind == "dp" { "DP" } else { "child site" };
@@ -781,6 +811,7 @@ async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> 
                 rate_limit: if a.no_rate_limit { Some(None) } else { a.rate_limit.map(Some) },
                 windows: if a.no_window { Some(vec![]) } else { Some(a.windows.clone()).filter(|w| !w.is_empty()) },
                 validate_every_ms: if a.no_validate { Some(None) } else { a.validate_every.map(Some) },
+                pull_sources: if a.push { Some(vec![]) } else { Some(a.sources.clone()).filter(|s| !s.is_empty()) },
             };
             if req.url.is_none()
                 && req.token.is_none()
@@ -789,10 +820,12 @@ async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> 
                 && req.rate_limit.is_none()
                 && req.windows.is_none()
                 && req.validate_every_ms.is_none()
+                && req.pull_sources.is_none()
             {
                 anyhow::bail!(
                     "nothing to change: give --url, --token, --token-file, --fingerprint, --group, --no-group, \
-                     --rate-limit, --no-rate-limit, --window, --no-window, --validate-every or --no-validate"
+                     --rate-limit, --no-rate-limit, --window, --no-window, --validate-every, --no-validate, \
+                     --pull --source DP or --push"
                 );
             }
             let r: SetTargetReport = c.post(&format!("/v1/targets/{}", enc(&a.name)), &req).await?;
@@ -835,6 +868,9 @@ fn print_target_detail(d: &TargetDetail) {
     );
     outln!("  token        {}", if t.has_token { "set" } else { "none" });
     outln!("  fingerprint  {}", t.fingerprint.as_deref().unwrap_or("none (not pinned)"));
+    if !t.pull_sources.is_empty() {
+        outln!("  pulls from   {}", t.pull_sources.join(", "));
+    }
     if d.packages.is_empty() {
         outln!("  no package is distributed to it");
         return;

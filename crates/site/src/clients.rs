@@ -114,6 +114,7 @@ mod tests {
             fingerprint: None,
             windows: None,
             validate_every_ms: None,
+            pull_sources: None,
         }
     }
 

@@ -253,6 +253,86 @@ pub fn backoff(cfg: &DistConfig, attempt: i64) -> Duration {
 }
 
 /// Runs due jobs until `shutdown`.
+/// How long a pull DP's job waits for a source that is installing its version.
+const PULL_WAIT: Duration = Duration::from_secs(120);
+/// How long one pull call may fetch before it reports back.
+const PULL_BUDGET: Duration = Duration::from_secs(60);
+/// How long a peer ticket is good for (a job asks again with a fresh one).
+const TICKET_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// Sources given to a pull DP at once.
+const MAX_SOURCES: usize = 8;
+
+/// Pull DPs' jobs in this server: those waiting for a source to have their version, and
+/// those the site feeds because none had it. One pull DP per (package, version) is fed
+/// at a time, so pull DPs distributed together do not all take the version from the site:
+/// the others wait (at most [`PULL_WAIT`]) and then pull from it.
+#[derive(Debug, Default)]
+pub(crate) struct PullJobs {
+    waiting: std::sync::Mutex<HashSet<(String, i64)>>,
+    fed: std::sync::Mutex<HashMap<(String, i64), i64>>,
+}
+
+impl PullJobs {
+    /// Makes `target` the DP the site feeds with `pkg` `version`, unless another pull DP
+    /// is fed it now or (`busy`) a source is installing it.
+    fn feed(&self, pkg: &str, version: i64, target: i64, busy: bool) -> Option<Feeding<'_>> {
+        let mut fed = self.fed.lock().unwrap();
+        let key = (pkg.to_owned(), version);
+        if busy || fed.contains_key(&key) {
+            return None;
+        }
+        fed.insert(key.clone(), target);
+        Some(Feeding { jobs: self, key, target })
+    }
+
+    /// Feeds `target` whoever else is fed (it waited long enough).
+    fn feed_anyway(&self, pkg: &str, version: i64, target: i64) -> Feeding<'_> {
+        let key = (pkg.to_owned(), version);
+        self.fed.lock().unwrap().entry(key.clone()).or_insert(target);
+        Feeding { jobs: self, key, target }
+    }
+
+    fn wait(&self, pkg: &str, target: i64) -> Waiting<'_> {
+        let key = (pkg.to_owned(), target);
+        self.waiting.lock().unwrap().insert(key.clone());
+        Waiting { jobs: self, key }
+    }
+
+    fn is_waiting(&self, pkg: &str, target: i64) -> bool {
+        self.waiting.lock().unwrap().contains(&(pkg.to_owned(), target))
+    }
+}
+
+/// A pull DP the site feeds; released when its job ends.
+#[derive(Debug)]
+struct Feeding<'a> {
+    jobs: &'a PullJobs,
+    key: (String, i64),
+    target: i64,
+}
+
+impl Drop for Feeding<'_> {
+    fn drop(&mut self) {
+        let mut fed = self.jobs.fed.lock().unwrap();
+        if fed.get(&self.key) == Some(&self.target) {
+            fed.remove(&self.key);
+        }
+    }
+}
+
+/// A pull DP's job waiting for a source; released when it stops waiting.
+#[derive(Debug)]
+struct Waiting<'a> {
+    jobs: &'a PullJobs,
+    key: (String, i64),
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.jobs.waiting.lock().unwrap().remove(&self.key);
+    }
+}
+
 pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
     match site.store.reset_in_progress().await {
         Ok(n) if n > 0 => tracing::info!(jobs = n, "resuming distributions interrupted by a stop"),
@@ -525,6 +605,12 @@ impl Site {
                 m
             }
         };
+        // Held until the job ends: the site is feeding this pull DP (no source had it).
+        let mut _feeding = None;
+        if !missing.is_empty() && target.pull_sources.is_some() {
+            // A pull DP fetches what it lacks from other DPs; the site sends the rest.
+            (missing, _feeding) = self.pull_from_peers(job, target, client, missing).await?;
+        }
         for round in 0..4 {
             if !missing.is_empty() {
                 // Chunks resent after a refused commit go without a base.
@@ -553,6 +639,140 @@ impl Site {
             }
         }
         Err(PushError::StillMissing { target: target.name.clone(), package: pkg.clone(), version, rounds: 4 })
+    }
+
+    /// Has a pull DP fetch `missing` from its sources, with a ticket signed by this site,
+    /// for as long as they make progress; answers what is still missing (which the site
+    /// sends) and, when no source had the version, the claim that makes this DP the one
+    /// the site feeds (kept until the job ends). A source that failed or sent a bad chunk
+    /// is not offered again in this job.
+    async fn pull_from_peers(
+        &self,
+        job: &Distribution,
+        target: &Target,
+        client: &TargetClient,
+        mut missing: Vec<ChunkId>,
+    ) -> Result<(Vec<ChunkId>, Option<Feeding<'_>>), PushError> {
+        let (pkg, version) = (&job.package_id, job.desired_version);
+        let key = (pkg.clone(), job.target_id);
+        let mut dropped: HashSet<String> = HashSet::new();
+        let waiting_since = std::time::Instant::now();
+        let mut waiting: Option<Waiting<'_>> = None;
+        loop {
+            let (sources, busy) = self.pull_candidates(job, target, &dropped).await?;
+            if sources.is_empty() {
+                // Nobody has the version yet: one pull DP at a time takes it from the site
+                // (the others wait for it, or for a pushed DP installing it now).
+                let feeding = match waiting_since.elapsed() < PULL_WAIT {
+                    true => self.pull_jobs.feed(pkg, version, job.target_id, busy),
+                    false => Some(self.pull_jobs.feed_anyway(pkg, version, job.target_id)),
+                };
+                if let Some(f) = feeding {
+                    tracing::info!(package = %pkg, target = %target.name, chunks = missing.len(), "no source has this version; the site sends it");
+                    return Ok((missing, Some(f)));
+                }
+                waiting.get_or_insert_with(|| self.pull_jobs.wait(pkg, job.target_id));
+                self.set_progress(&key, |p| p.phase = Phase::Other("waiting for a source".into()));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            waiting = None;
+            let expires = now_ms() / 1000 + TICKET_LIFETIME.as_secs() as i64;
+            let ticket = dpsync_transfer::trust::Ticket::issue(
+                &self.site_key,
+                &self.cfg.site_code,
+                &target.name,
+                pkg,
+                version,
+                expires,
+            );
+            let names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
+            let req = wire::PullRequest {
+                ticket: ticket.encode(),
+                sources,
+                chunks: missing.clone(),
+                budget_secs: PULL_BUDGET.as_secs(),
+            };
+            self.set_progress(&key, |p| p.phase = Phase::Other(format!("pulling from {}", names.join(", "))));
+            let sent = serde_json::to_vec(&req).map_or(0, |b| b.len() as u64);
+            let answer = match client.pull(pkg, version, &req).await {
+                Ok(a) => a,
+                Err(TransferError::Rejected { reason: RejectReason::NotFound(m), .. }) => {
+                    tracing::warn!(package = %pkg, target = %target.name, "the DP cannot pull ({m}); the site sends everything");
+                    self.count_sent(job, sent).await;
+                    return Ok((missing, None));
+                }
+                Err(e) => {
+                    self.count_sent(job, sent).await;
+                    return Err(PushError::transfer(e, target, pkg));
+                }
+            };
+            self.count_sent(job, sent).await;
+            if let Err(e) = self.store.record_peer_bytes(pkg, job.target_id, answer.bytes_from_peers as i64).await {
+                tracing::warn!("cannot record bytes from peers: {e}");
+            }
+            self.metrics.bytes_from_peers.fetch_add(answer.bytes_from_peers, Relaxed);
+            tracing::info!(
+                package = %pkg,
+                target = %target.name,
+                fetched = answer.fetched,
+                bytes = answer.bytes_from_peers,
+                still_missing = answer.missing.len(),
+                dropped = ?answer.dropped,
+                "pulled from peers"
+            );
+            dropped.extend(answer.dropped);
+            let progressed = answer.fetched > 0;
+            missing = answer.missing;
+            if missing.is_empty() || !progressed {
+                return Ok((missing, None));
+            }
+        }
+    }
+
+    /// The sources a pull DP may fetch the job's version from now, in rank order (`auto`:
+    /// a few DPs of its group at random), those that have it installed; and whether one
+    /// of them is installing it right now (not waiting for a source itself).
+    async fn pull_candidates(
+        &self,
+        job: &Distribution,
+        target: &Target,
+        dropped: &HashSet<String>,
+    ) -> Result<(Vec<wire::PeerSource>, bool), PushError> {
+        let names = target.sources();
+        let mut candidates: Vec<Target> = Vec::new();
+        if names == ["auto"] {
+            if let Some(group) = &target.group {
+                candidates = self.store.targets_in_group(group).await?;
+                candidates.sort_by_cached_key(|_| rand::random::<u64>());
+            }
+        } else {
+            for n in &names {
+                if let Some(t) = self.store.target(n).await? {
+                    candidates.push(t);
+                }
+            }
+        }
+        let rows: HashMap<i64, Distribution> =
+            self.store.distributions(&job.package_id).await?.into_iter().map(|d| (d.target_id, d)).collect();
+        let mut busy = false;
+        let mut usable = Vec::new();
+        for t in candidates {
+            if t.id == target.id || t.kind != TargetKind::Dp || dropped.contains(&t.name) {
+                continue;
+            }
+            let Some(row) = rows.get(&t.id) else { continue };
+            if row.state == DistState::Installed && row.installed_version == Some(job.desired_version) {
+                usable.push(wire::PeerSource { name: t.name, url: t.url, fingerprint: t.fingerprint });
+            } else if row.state == DistState::InProgress
+                && row.desired_version == job.desired_version
+                && !self.pull_jobs.is_waiting(&job.package_id, t.id)
+            {
+                busy = true;
+            }
+        }
+        usable.truncate(MAX_SOURCES);
+        Ok((usable, busy))
     }
 
     /// The owner's signature to send with a version: made here for this site's own
@@ -1073,6 +1293,24 @@ mod tests {
     }
 
     #[test]
+    fn the_site_feeds_one_pull_dp_per_version_at_a_time() {
+        let jobs = PullJobs::default();
+        assert!(jobs.feed("PS100001", 3, 1, true).is_none(), "a source installs it: wait");
+        let first = jobs.feed("PS100001", 3, 1, false).expect("nobody is fed yet");
+        assert!(jobs.feed("PS100001", 3, 2, false).is_none(), "one at a time");
+        assert!(jobs.feed("PS100001", 4, 2, false).is_some(), "per version");
+        let waiting = jobs.wait("PS100001", 2);
+        assert!(jobs.is_waiting("PS100001", 2) && !jobs.is_waiting("PS100001", 1));
+        drop(waiting);
+        assert!(!jobs.is_waiting("PS100001", 2));
+        let anyway = jobs.feed_anyway("PS100001", 3, 2);
+        drop(anyway);
+        assert!(jobs.feed("PS100001", 3, 2, false).is_none(), "the first is still fed");
+        drop(first);
+        assert!(jobs.feed("PS100001", 3, 2, false).is_some(), "released when its job ended");
+    }
+
+    #[test]
     fn batches_are_sized_to_the_link() {
         let (minute, most) = (Duration::from_secs(60), 4 << 20);
         assert_eq!(batch_size(None, None, minute, most), 256 << 10, "not measured yet");
@@ -1131,6 +1369,7 @@ mod tests {
             fingerprint: None,
             windows: None,
             validate_every_ms: None,
+            pull_sources: None,
         }
     }
 

@@ -91,6 +91,9 @@ pub struct Site {
     scheduled_running: Mutex<HashSet<String>>,
     /// Live progress of running jobs, by (package, target id).
     pub progress: Mutex<HashMap<(String, i64), Progress>>,
+    /// Pull DPs' jobs: who waits for a source, and who takes a version from the site
+    /// because no source has it yet (see `distribute::PullJobs`).
+    pull_jobs: distribute::PullJobs,
     manifest_cache: Mutex<HashMap<(String, i64), WireManifest>>,
     /// Compressed manifest deltas, by (package, base version, version), with the decoded
     /// base (bounded like `manifest_cache`).
@@ -152,6 +155,7 @@ impl Site {
             validation_slots: tokio::sync::Semaphore::new(lifecycle::VALIDATIONS_AT_ONCE),
             scheduled_running: Mutex::new(HashSet::new()),
             progress: Mutex::new(HashMap::new()),
+            pull_jobs: distribute::PullJobs::default(),
             manifest_cache: Mutex::new(HashMap::new()),
             delta_cache: Mutex::new(HashMap::new()),
             site_key,

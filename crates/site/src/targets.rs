@@ -59,7 +59,48 @@ pub fn target_info(t: &Target) -> TargetInfo {
         created_at: t.created_at,
         windows: crate::windows::Windows::from_stored(t.windows.as_deref()).specs(),
         validate_every_ms: t.validate_every_ms,
+        pull_sources: t.sources(),
     }
+}
+
+/// Checks a pull DP's sources and gives their stored form (`None`: pushed to): DP names
+/// in rank order, or `auto` alone, which needs a group.
+fn pull_sources_of(
+    me: &str,
+    kind: TargetKind,
+    group: Option<&str>,
+    sources: &[String],
+) -> Result<Option<String>, SiteError> {
+    if sources.is_empty() {
+        return Ok(None);
+    }
+    if kind != TargetKind::Dp {
+        return Err(SiteError::Invalid("only a DP pulls from other DPs; a child site is always pushed to".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in sources {
+        let s = s.trim();
+        if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(SiteError::Invalid(format!("pull source {s:?}: give a DP name or `auto`")));
+        }
+        if s == me {
+            return Err(SiteError::Invalid(format!("{me} cannot pull from itself; name other DPs with --source")));
+        }
+        if !seen.insert(s) {
+            return Err(SiteError::Invalid(format!("pull source {s} is given twice")));
+        }
+    }
+    if sources.iter().any(|s| s.trim() == "auto") {
+        if sources.len() > 1 {
+            return Err(SiteError::Invalid("--source auto takes no other source".into()));
+        }
+        if group.is_none() {
+            return Err(SiteError::Invalid(format!(
+                "--source auto pulls from {me}'s group, and it has none; add --group G"
+            )));
+        }
+    }
+    Ok(Some(sources.iter().map(|s| s.trim()).collect::<Vec<_>>().join("\n")))
 }
 
 fn store_kind(k: &dpsync_api::TargetKind) -> Result<TargetKind, SiteError> {
@@ -111,6 +152,7 @@ impl Site {
         check_rate_limit(req.rate_limit)?;
         let windows = crate::windows::Windows::parse_all(&req.windows).map_err(SiteError::Invalid)?;
         crate::lifecycle::check_interval("validation", req.validate_every_ms)?;
+        let pull_sources = pull_sources_of(&name, kind, req.group.as_deref(), &req.pull_sources)?;
         let t = self
             .store
             .add_target(NewTarget {
@@ -122,6 +164,7 @@ impl Site {
                 rate_limit: req.rate_limit,
                 fingerprint,
                 windows: windows.to_stored(),
+                pull_sources,
             })
             .await?;
         tracing::info!(target = %t.name, kind = %t.kind, url = %t.url, "target added");
@@ -221,7 +264,24 @@ impl Site {
             Some(specs) => Some(crate::windows::Windows::parse_all(specs).map_err(SiteError::Invalid)?.to_stored()),
             None => None,
         };
-        let mut update = TargetUpdate { url: None, token, fingerprint, group, rate_limit: req.rate_limit, windows };
+        let mut update = TargetUpdate {
+            url: None,
+            token,
+            fingerprint,
+            group,
+            rate_limit: req.rate_limit,
+            windows,
+            pull_sources: None,
+        };
+        if let Some(sources) = &req.pull_sources {
+            let group = update.apply(before.clone()).group;
+            update.pull_sources = Some(pull_sources_of(&before.name, before.kind, group.as_deref(), sources)?);
+        } else if before.sources() == ["auto"] && update.apply(before.clone()).group.is_none() {
+            return Err(SiteError::Invalid(format!(
+                "{} pulls from its group (--source auto); give it --push or other sources before --no-group",
+                before.name
+            )));
+        }
         let pinned = update.apply(before.clone()).fingerprint.is_some();
         if let Some(url) = &req.url {
             update.url = Some(dpsync_transfer::client::check_target_url(url, pinned).map_err(SiteError::Invalid)?);
@@ -246,6 +306,7 @@ impl Site {
             ("rate_limit", before.rate_limit != after.rate_limit),
             ("windows", before.windows != after.windows),
             ("validate_every", before.validate_every_ms != after.validate_every_ms),
+            ("pull_sources", before.pull_sources != after.pull_sources),
         ] {
             if differs {
                 changed.push(field.to_owned());
@@ -282,6 +343,7 @@ impl Site {
                 desired_version: d.desired_version,
                 bytes_sent_last: d.bytes_sent_last,
                 bytes_sent_total: d.bytes_sent_total,
+                bytes_from_peers_last: d.bytes_from_peers_last,
                 last_error: d.last_error,
                 last_error_at: d.last_error_at,
                 attempts: d.attempts,
@@ -523,6 +585,7 @@ impl Site {
                 desired_version: d.desired_version,
                 bytes_sent_last: d.bytes_sent_last,
                 bytes_sent_total: d.bytes_sent_total,
+                bytes_from_peers_last: d.bytes_from_peers_last,
                 last_error: d.last_error,
                 last_error_at: d.last_error_at,
                 attempts: d.attempts,

@@ -206,6 +206,7 @@ impl Cluster {
                 fingerprint: None,
                 windows: vec![],
                 validate_every_ms: None,
+                pull_sources: vec![],
             };
             let _: TargetInfo = c.call("dp add", c.client.post("/v1/targets", &add)).await;
         }

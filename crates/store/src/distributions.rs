@@ -23,7 +23,7 @@ macro_rules! dist_select {
     () => {
         "SELECT d.package_id, d.target_id, t.name AS target_name, t.kind AS target_kind, \
          d.state, d.action, d.desired_version, d.installed_version, d.attempts, \
-         d.next_attempt_at, d.last_error, d.last_error_at, d.bytes_sent_last, d.bytes_sent_total, d.updated_at, \
+         d.next_attempt_at, d.last_error, d.last_error_at, d.bytes_sent_last, d.bytes_sent_total, d.bytes_from_peers_last, d.updated_at, \
          d.window_wait, d.last_validated_at \
          FROM distributions d JOIN targets t ON t.id = d.target_id "
     };
@@ -69,6 +69,7 @@ fn dist_from_row(row: &AnyRow) -> Result<Distribution> {
         last_error_at: row.try_get("last_error_at")?,
         bytes_sent_last: row.try_get("bytes_sent_last")?,
         bytes_sent_total: row.try_get("bytes_sent_total")?,
+        bytes_from_peers_last: row.try_get("bytes_from_peers_last")?,
         updated_at: row.try_get("updated_at")?,
         last_validated_at: row.try_get("last_validated_at")?,
     })
@@ -137,7 +138,7 @@ impl Store {
             sqlx::query(
                 "UPDATE distributions SET action = 'install', desired_version = $3, \
                    state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, \
-                   attempts = 0, next_attempt_at = $4, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, \
+                   attempts = 0, next_attempt_at = $4, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, bytes_from_peers_last = 0, \
                    generation = generation + 1, updated_at = $4 \
                  WHERE package_id = $1 AND target_id = $2 \
                    AND (state IN ('removing', 'removed') OR action = 'remove')",
@@ -193,7 +194,7 @@ impl Store {
         let done = sqlx::query(
             "UPDATE distributions SET action = $3, desired_version = $4, \
                state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE $5 END, \
-               attempts = 0, next_attempt_at = $6, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, \
+               attempts = 0, next_attempt_at = $6, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, bytes_from_peers_last = 0, \
                generation = generation + 1, updated_at = $6 \
              WHERE package_id = $1 AND target_id = $2",
         )
@@ -381,6 +382,26 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    /// Adds `bytes` to what a pull DP fetched from other DPs for its current job
+    /// (`bytes_from_peers_last`). `NotFound` if not assigned.
+    pub async fn record_peer_bytes(&self, package_id: &str, target_id: i64, bytes: i64) -> Result<()> {
+        let id = normalize_id(package_id);
+        let done = sqlx::query(
+            "UPDATE distributions SET bytes_from_peers_last = bytes_from_peers_last + $3, updated_at = $4 \
+             WHERE package_id = $1 AND target_id = $2",
+        )
+        .bind(&id)
+        .bind(target_id)
+        .bind(bytes)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(not_assigned(&id, target_id));
+        }
+        Ok(())
     }
 
     /// Adds `bytes_sent_delta` to `bytes_sent_last` and `bytes_sent_total`. This is a write

@@ -413,7 +413,7 @@ impl Store {
         sqlx::query(
             "UPDATE distributions SET action = 'remove', \
                state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'removing' END, \
-               attempts = 0, next_attempt_at = $2, last_error = NULL, bytes_sent_last = 0, \
+               attempts = 0, next_attempt_at = $2, last_error = NULL, bytes_sent_last = 0, bytes_from_peers_last = 0, \
                generation = generation + 1, updated_at = $2 \
              WHERE package_id = $1 AND state <> 'removed'",
         )

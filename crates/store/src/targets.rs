@@ -9,7 +9,7 @@ use crate::{NewTarget, Store, Target, TargetUpdate, ValidationSchedule, now_ms};
 
 macro_rules! target_columns {
     () => {
-        "id, name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint, windows, validate_every_ms"
+        "id, name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint, windows, validate_every_ms, pull_sources"
     };
 }
 
@@ -27,6 +27,7 @@ fn target_from_row(row: &AnyRow) -> Result<Target> {
         fingerprint: row.try_get("tls_fingerprint")?,
         windows: row.try_get("windows")?,
         validate_every_ms: row.try_get("validate_every_ms")?,
+        pull_sources: row.try_get("pull_sources")?,
     })
 }
 
@@ -41,8 +42,9 @@ impl Store {
         }
         let now = now_ms();
         let row = sqlx::query(
-            "INSERT INTO targets (name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint, windows) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+            "INSERT INTO targets (name, kind, url, token, grp, rate_limit, created_at, tls_fingerprint, windows, \
+               pull_sources) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
         )
         .bind(&new.name)
         .bind(new.kind.as_str())
@@ -53,6 +55,7 @@ impl Store {
         .bind(now)
         .bind(&new.fingerprint)
         .bind(&new.windows)
+        .bind(&new.pull_sources)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| {
@@ -74,6 +77,7 @@ impl Store {
             fingerprint: new.fingerprint,
             windows: new.windows,
             validate_every_ms: None,
+            pull_sources: new.pull_sources,
         })
     }
 
@@ -152,7 +156,7 @@ impl Store {
         }
         sqlx::query(
             "UPDATE targets SET url = $2, token = $3, grp = $4, rate_limit = $5, tls_fingerprint = $6, \
-               windows = $7 \
+               windows = $7, pull_sources = $8 \
              WHERE id = $1",
         )
         .bind(after.id)
@@ -162,6 +166,7 @@ impl Store {
         .bind(after.rate_limit)
         .bind(&after.fingerprint)
         .bind(&after.windows)
+        .bind(&after.pull_sources)
         .execute(&mut *tx)
         .await?;
         if after.windows != before.windows {

@@ -333,6 +333,10 @@ pub struct NewTarget {
     /// Send windows, one canonical spec per line (`None`: always open).
     #[serde(default)]
     pub windows: Option<String>,
+    /// A pull DP's sources: DP names in rank order, one per line, or `auto` (`None`: the
+    /// site pushes everything).
+    #[serde(default)]
+    pub pull_sources: Option<String>,
 }
 
 /// A distribution point or child site.
@@ -366,6 +370,18 @@ pub struct Target {
     /// Validate the target's content every so many milliseconds (`None`: not scheduled).
     #[serde(default)]
     pub validate_every_ms: Option<i64>,
+    /// A pull DP's sources: DP names in rank order, one per line, or `auto` (`None`: the
+    /// site pushes everything).
+    #[serde(default)]
+    pub pull_sources: Option<String>,
+}
+
+impl Target {
+    /// The ranked sources of a pull DP (`["auto"]` for any DP of its group); empty for a
+    /// DP the site pushes to.
+    pub fn sources(&self) -> Vec<String> {
+        self.pull_sources.as_deref().map_or_else(Vec::new, |s| s.lines().map(str::to_owned).collect())
+    }
 }
 
 const REDACTED: &str = "<redacted>";
@@ -415,6 +431,9 @@ pub struct TargetUpdate {
     pub rate_limit: Option<Option<i64>>,
     /// Send windows as stored (one canonical spec per line; `Some(None)`: none).
     pub windows: Option<Option<String>>,
+    /// A pull DP's sources as stored (see [`Target::pull_sources`]; `Some(None)`: push).
+    #[serde(default)]
+    pub pull_sources: Option<Option<String>>,
 }
 
 impl TargetUpdate {
@@ -431,6 +450,7 @@ impl TargetUpdate {
         set(&mut t.group, &self.group);
         set(&mut t.rate_limit, &self.rate_limit);
         set(&mut t.windows, &self.windows);
+        set(&mut t.pull_sources, &self.pull_sources);
         t
     }
 
@@ -484,6 +504,8 @@ pub struct Distribution {
     pub bytes_sent_last: i64,
     /// Bytes sent to this target for this package, ever.
     pub bytes_sent_total: i64,
+    /// Bytes a pull DP fetched from other DPs for the current/last job.
+    pub bytes_from_peers_last: i64,
     /// Unix milliseconds.
     pub updated_at: i64,
     /// When a validation last checked this package's content on the target (unix ms).

@@ -113,7 +113,7 @@ impl Store {
         sqlx::query(
             "UPDATE distributions SET desired_version = $2, action = 'install', \
                state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, \
-               attempts = 0, next_attempt_at = $3, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, \
+               attempts = 0, next_attempt_at = $3, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, bytes_from_peers_last = 0, \
                generation = generation + 1, updated_at = $3 \
              WHERE package_id = $1 AND state NOT IN ('removing', 'removed') AND action <> 'remove'",
         )

@@ -231,6 +231,7 @@ async fn target(db: &Db, name: &str) -> i64 {
         rate_limit: None,
         fingerprint: None,
         windows: None,
+        pull_sources: None,
     })
     .await
     .expect("add target")
@@ -945,6 +946,7 @@ async fn targets_and_debug_redacts_token(db: &Db) {
         rate_limit: Some(1_000_000),
         fingerprint: None,
         windows: None,
+        pull_sources: None,
     };
     assert!(!format!("{new:?}").contains("s3cr3t"));
     let t = db.add_target(new.clone()).await.unwrap();
@@ -968,6 +970,7 @@ async fn targets_and_debug_redacts_token(db: &Db) {
             rate_limit: None,
             fingerprint: None,
             windows: None,
+            pull_sources: None,
         })
         .await
         .unwrap();
@@ -1005,6 +1008,18 @@ async fn update_and_delete_targets(db: &Db) {
     // Nothing given: nothing changes, and no connection setting changed.
     let (_, same) = db.update_target("dp1", &TargetUpdate::default()).await.unwrap();
     assert_eq!(same, after);
+    // A pull DP's sources, in rank order, and back to push.
+    let pull = TargetUpdate { pull_sources: Some(Some("seed\nseed2".into())), ..TargetUpdate::default() };
+    let (_, pulling) = db.update_target("dp1", &pull).await.unwrap();
+    assert!(!pull.changes_connection(&after));
+    assert_eq!(pulling.sources(), ["seed", "seed2"]);
+    assert_eq!(db.target("dp1").await.unwrap().unwrap().sources(), ["seed", "seed2"]);
+    db.record_peer_bytes(&id, t, 1000).await.unwrap();
+    db.record_peer_bytes(&id, t, 24).await.unwrap();
+    assert_eq!(db.distribution(&id, t).await.unwrap().unwrap().bytes_from_peers_last, 1024);
+    let push = TargetUpdate { pull_sources: Some(None), ..TargetUpdate::default() };
+    let (_, pushed) = db.update_target("dp1", &push).await.unwrap();
+    assert!(pushed.sources().is_empty());
     assert!(!TargetUpdate { group: Some(None), ..TargetUpdate::default() }.changes_connection(&same));
     assert!(db.update_target("nope", &update).await.unwrap_err().is_not_found());
 
@@ -1098,6 +1113,7 @@ async fn aggregate_counts_for_metrics(db: &Db) {
             rate_limit: None,
             fingerprint: None,
             windows: None,
+            pull_sources: None,
         })
         .await
         .unwrap()
@@ -1248,6 +1264,7 @@ async fn site_database_at_an_older_schema_is_upgraded() {
             rate_limit: None,
             fingerprint: Some("ab".repeat(32)),
             windows: None,
+            pull_sources: None,
         })
         .await
         .unwrap();

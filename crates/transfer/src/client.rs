@@ -578,6 +578,43 @@ impl TargetClient {
             .ok_or_else(|| TransferError::Protocol { target: self.name.clone(), message: "bad chunk id list".into() })
     }
 
+    /// Asks a pull DP to fetch chunks from its peers (see [`wire::PullRequest`]); it
+    /// answers within about `req.budget_secs`.
+    pub async fn pull(
+        &self,
+        pkg: &str,
+        version: i64,
+        req: &wire::PullRequest,
+    ) -> Result<wire::PullAnswer, TransferError> {
+        let body = Bytes::from(serde_json::to_vec(req).expect("serializable"));
+        let acting = Duration::from_secs(req.budget_secs + 30);
+        let r = self
+            .send(
+                Method::POST,
+                &format!("/v1/packages/{pkg}/versions/{version}/pull"),
+                Some((body, "application/json")),
+                &[],
+                acting,
+            )
+            .await?;
+        self.json(r).await
+    }
+
+    /// Asks a peer DP for chunks of `pkg` by id, with a site-issued ticket; answers a
+    /// chunk batch (unverified: the caller checks every chunk).
+    pub async fn peer_chunks(&self, pkg: &str, ticket: &str, ids: &[ChunkId]) -> Result<Bytes, TransferError> {
+        let r = self
+            .send(
+                Method::POST,
+                &format!("/v1/packages/{pkg}/peer-chunks"),
+                Some((wire::encode_ids(ids), wire::CONTENT_TYPE_CHUNK_IDS)),
+                &[(wire::HEADER_PEER_TICKET, ticket.to_owned())],
+                ACT_QUICKLY,
+            )
+            .await?;
+        self.body_of(r).await
+    }
+
     /// Sends one encoded chunk batch.
     pub async fn send_batch(&self, pkg: &str, version: i64, body: Bytes) -> Result<BatchResponse, TransferError> {
         let r = self

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod listen;
+pub mod peer;
 pub mod service;
 pub mod trust;
 pub mod wire;

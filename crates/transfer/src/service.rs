@@ -182,6 +182,19 @@ pub trait Receiver: Send + Sync + 'static {
     ) -> impl Future<Output = Result<HashMap<ChunkId, Bytes>, ReceiveError>> + Send {
         async { Ok(HashMap::new()) }
     }
+    /// The bytes of those of `ids` that are chunks of `pkg`'s installed content, for a
+    /// peer DP that presents `ticket` (a site-issued `trust::Ticket`, wire form), at most
+    /// `max_bytes` in all. `Forbidden` when the ticket does not verify. The default
+    /// serves no peers.
+    fn peer_chunks(
+        &self,
+        _pkg: &str,
+        _ticket: &str,
+        _ids: Vec<ChunkId>,
+        _max_bytes: u64,
+    ) -> impl Future<Output = Result<HashMap<ChunkId, Bytes>, ReceiveError>> + Send {
+        async { Err(ReceiveError::Forbidden("this receiver serves no chunks to peers".into())) }
+    }
 }
 
 /// Settings of the service.
@@ -347,6 +360,10 @@ pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
         )
         .route("/v1/packages/{pkg}/versions/{version}/commit", post(commit::<R>).get(commit_state::<R>))
         .route("/v1/packages/{pkg}/versions/{version}/relabel", post(relabel::<R>))
+        .route(
+            "/v1/packages/{pkg}/versions/{version}/pull",
+            post(pull::<R>).layer(DefaultBodyLimit::max(wire::MAX_PULL_REQUEST_BYTES)),
+        )
         .route("/v1/packages/{pkg}/validate", post(validate::<R>))
         .route("/v1/packages/{pkg}/status", get(status::<R>))
         .route("/v1/packages/{pkg}/owner", put(set_owner::<R>))
@@ -356,6 +373,8 @@ pub fn router<R: Receiver>(receiver: Arc<R>, cfg: ServiceConfig) -> Router {
         .route("/v1/hello", get(hello::<R>))
         .route("/v1/packages/{pkg}/files/{*path}", get(download::<R>))
         .route("/metrics", get(metrics::<R>))
+        // Peers hold no push token: a site-issued ticket is checked instead.
+        .route("/v1/packages/{pkg}/peer-chunks", post(peer_chunks::<R>))
         .merge(push)
         .layer(DefaultBodyLimit::max(64 << 10))
         .with_state(shared)
@@ -719,6 +738,54 @@ async fn accept_batch<R: Receiver>(
         detached(async move { r.store_chunks(&p, version, good).await }).await?;
     }
     Ok(BatchResponse { accepted, rejected })
+}
+
+/// `POST …/pull`: fetches chunks from peer DPs (see [`crate::peer`]); runs as its own
+/// task, so a site that goes away does not cut it half-way.
+async fn pull<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path((pkg, version)): Path<(String, i64)>,
+    Json(req): Json<wire::PullRequest>,
+) -> Result<Json<wire::PullAnswer>, ReceiveError> {
+    check_pkg(&pkg)?;
+    check_version(version)?;
+    for source in &req.sources {
+        crate::client::check_target_url(&source.url, source.fingerprint.is_some())
+            .map_err(|e| ReceiveError::BadRequest(format!("source {}: {e}", truncate(&source.name))))?;
+    }
+    let r = s.receiver.clone();
+    let answer = tokio::spawn(async move { crate::peer::pull(r, &pkg, version, req).await })
+        .await
+        .map_err(|e| ReceiveError::Internal(format!("pull task: {e}")))?;
+    Ok(Json(answer))
+}
+
+/// `POST …/peer-chunks` (from another DP): the chunks asked for by id, as a batch, for
+/// a holder of a site-issued ticket; `403` without one that verifies.
+async fn peer_chunks<R: Receiver>(
+    State(s): State<Arc<Shared<R>>>,
+    Path(pkg): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ReceiveError> {
+    check_pkg(&pkg)?;
+    let Some(ticket) = headers.get(wire::HEADER_PEER_TICKET).and_then(|v| v.to_str().ok()) else {
+        tracing::warn!(package = %pkg, "refused chunks to a peer without a ticket");
+        return Err(ReceiveError::Forbidden("a peer ticket from the site is required to read chunks".into()));
+    };
+    let ids = wire::decode_ids(&body).ok_or_else(|| ReceiveError::BadRequest("bad chunk id list".into()))?;
+    let (r, p, t) = (s.receiver.clone(), pkg.clone(), ticket.to_owned());
+    let found = detached(async move { r.peer_chunks(&p, &t, ids, wire::TARGET_BATCH_RAW_BYTES).await }).await?;
+    let body = tokio::task::spawn_blocking(move || {
+        let mut b = wire::BatchBuilder::with_capacity(found.values().map(Bytes::len).sum());
+        for (id, raw) in &found {
+            b.push(&wire::WireChunk::stored(*id, raw));
+        }
+        b.finish()
+    })
+    .await
+    .map_err(|e| ReceiveError::Internal(format!("batch task: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, wire::CONTENT_TYPE_CHUNKS)], body).into_response())
 }
 
 /// `POST …/commit`: runs the commit as its own task (or joins the one running for this

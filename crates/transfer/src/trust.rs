@@ -19,6 +19,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 
 const SIGNATURE_CONTEXT: &[u8] = b"dpsync version signature v1\0";
 const HANDOVER_CONTEXT: &[u8] = b"dpsync ownership transfer v1\0";
+const TICKET_CONTEXT: &[u8] = b"dpsync peer ticket v1\0";
 
 /// A trust or key-handling failure, in words an administrator can act on.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -126,6 +127,64 @@ impl SiteKey {
         };
         h.signature = hex(self.pair.sign(&h.message(package)).as_ref());
         h
+    }
+}
+
+/// A site's permission for one of its DPs (`holder`) to read the chunks of `package`
+/// from other DPs while it installs `version`, until `expires_at` (unix seconds), signed
+/// with the site's key. A DP serves chunks to a peer only with a ticket that verifies
+/// against the key it pinned for `site`: DPs share no secret, and a ticket is worth
+/// nothing for another package or after it expires.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ticket {
+    pub site: String,
+    pub holder: String,
+    pub package: String,
+    pub version: i64,
+    pub expires_at: i64,
+    pub signature: String,
+}
+
+impl Ticket {
+    fn message(&self) -> Vec<u8> {
+        let mut m = TICKET_CONTEXT.to_vec();
+        for part in [&self.site, &self.holder, &self.package] {
+            m.extend_from_slice(part.as_bytes());
+            m.push(0);
+        }
+        m.extend_from_slice(&self.version.to_le_bytes());
+        m.extend_from_slice(&self.expires_at.to_le_bytes());
+        m
+    }
+
+    /// A ticket signed with `key` (the key of `site`).
+    pub fn issue(key: &SiteKey, site: &str, holder: &str, package: &str, version: i64, expires_at: i64) -> Self {
+        let mut t = Ticket {
+            site: site.to_ascii_uppercase(),
+            holder: holder.to_owned(),
+            package: package.to_ascii_uppercase(),
+            version,
+            expires_at,
+            signature: String::new(),
+        };
+        t.signature = hex(key.pair.sign(&t.message()).as_ref());
+        t
+    }
+
+    /// Wire form (one header value): the hex of its JSON.
+    pub fn encode(&self) -> String {
+        hex(&serde_json::to_vec(self).expect("serializable"))
+    }
+
+    pub fn decode(text: &str) -> Result<Self, TrustError> {
+        let bytes = unhex(text).ok_or_else(|| TrustError("the peer ticket is not hex".into()))?;
+        serde_json::from_slice(&bytes).map_err(|e| TrustError(format!("the peer ticket does not parse: {e}")))
+    }
+
+    /// Whether the signature matches `public_hex`.
+    pub fn signed_by(&self, public_hex: &str) -> bool {
+        let (Some(key), Some(sig)) = (unhex(public_hex), unhex(&self.signature)) else { return false };
+        UnparsedPublicKey::new(&ED25519, key).verify(&self.message(), &sig).is_ok()
     }
 }
 
@@ -377,6 +436,29 @@ impl TrustStore {
     /// The pinned key of `site`.
     pub fn key_of(&self, site: &str) -> Option<String> {
         self.keys.lock().unwrap().get(&site.to_ascii_uppercase()).cloned()
+    }
+
+    /// Verifies a peer ticket (wire form) for reading chunks of `package` at `now` (unix
+    /// seconds): it must name the package, not have expired, and be signed with the key
+    /// pinned here for its site (never pinned on first use). Errors say why.
+    pub fn check_ticket(&self, text: &str, package: &str, now: i64) -> Result<Ticket, TrustError> {
+        let t = Ticket::decode(text)?;
+        if !t.package.eq_ignore_ascii_case(package) {
+            return Err(TrustError(format!("the peer ticket is for package {}, not {package}", t.package)));
+        }
+        if t.expires_at <= now {
+            return Err(TrustError(format!("the peer ticket of {} expired", t.holder)));
+        }
+        let Some(key) = self.key_of(&t.site) else {
+            return Err(TrustError(format!(
+                "the peer ticket comes from site {}, whose key is not pinned here",
+                t.site
+            )));
+        };
+        if !t.signed_by(&key) {
+            return Err(TrustError(format!("the peer ticket is not signed with the pinned key of site {}", t.site)));
+        }
+        Ok(t)
     }
 
     /// Verifies a version from `source_site`, pinning `presented_key` on first use
@@ -699,6 +781,27 @@ mod tests {
         assert_eq!(trust.record_ownership("PS100001", &chain).unwrap().owner(), "PS1", "a shorter chain is old news");
         trust.check("PS100001", "PS1", 6, &root, Some(&ps1.sign("PS100001", "PS1", 6, &root)), None).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tickets_verify_only_for_their_package_key_and_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SiteKey::load_or_create(&dir.path().join("k")).unwrap();
+        let other = SiteKey::load_or_create(&dir.path().join("o")).unwrap();
+        let trust = TrustStore::open(&dir.path().join("t.json"), &[("PS1".into(), key.public_hex())], false).unwrap();
+        let t = Ticket::issue(&key, "PS1", "dp1", "PS100001", 3, 1_000);
+        let wire = t.encode();
+        assert_eq!(trust.check_ticket(&wire, "PS100001", 999).unwrap(), t);
+        assert!(trust.check_ticket(&wire, "PS100002", 999).unwrap_err().0.contains("not PS100002"));
+        assert!(trust.check_ticket(&wire, "PS100001", 1_000).unwrap_err().0.contains("expired"));
+        let forged = Ticket::issue(&other, "PS1", "dp1", "PS100001", 3, 1_000);
+        assert!(trust.check_ticket(&forged.encode(), "PS100001", 999).unwrap_err().0.contains("not signed"));
+        let mut stretched = t.clone();
+        stretched.expires_at = 5_000;
+        assert!(trust.check_ticket(&stretched.encode(), "PS100001", 2_000).is_err());
+        let unknown = Ticket::issue(&key, "XY1", "dp1", "PS100001", 3, 1_000);
+        assert!(trust.check_ticket(&unknown.encode(), "PS100001", 999).unwrap_err().0.contains("not pinned"));
+        assert!(trust.check_ticket("zz", "PS100001", 999).is_err());
     }
 
     #[test]

@@ -54,6 +54,45 @@ pub const TARGET_BATCH_BYTES: usize = 8 << 20;
 const BATCH_MAGIC: &[u8; 4] = b"DPSB";
 const BATCH_FORMAT: u16 = 2;
 
+/// Header carrying a site-issued peer ticket (`trust::Ticket`, wire form) on
+/// `POST /v1/packages/{pkg}/peer-chunks`.
+pub const HEADER_PEER_TICKET: &str = "x-dpsync-ticket";
+/// Largest `POST …/pull` body (its chunk id list) a receiver accepts.
+pub const MAX_PULL_REQUEST_BYTES: usize = 64 << 20;
+
+/// A DP another DP may fetch chunks from (`POST …/pull`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerSource {
+    /// Its name at the site (for logs).
+    pub name: String,
+    /// Its receiving URL.
+    pub url: String,
+    /// SHA-256 of its TLS certificate, pinned instead of CA validation.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+/// `POST /v1/packages/{pkg}/versions/{version}/pull` (site → pull DP, after the offer):
+/// fetch `chunks` from `sources` (rank order) with `ticket`, for at most `budget_secs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullRequest {
+    pub ticket: String,
+    pub sources: Vec<PeerSource>,
+    pub chunks: Vec<ChunkId>,
+    pub budget_secs: u64,
+}
+
+/// The answer to a pull: what came from peers, and what is still missing (the site
+/// sends it, or asks again while peers make progress).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PullAnswer {
+    pub fetched: u64,
+    pub bytes_from_peers: u64,
+    pub missing: Vec<ChunkId>,
+    /// Sources given up on during this pull (failed, slow, or sent a bad chunk).
+    pub dropped: Vec<String>,
+}
+
 /// `GET /v1/hello`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Hello {
