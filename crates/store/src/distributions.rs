@@ -17,7 +17,7 @@ use sqlx::any::AnyRow;
 
 use crate::error::{Result, StoreError};
 use crate::packages::{Lock, lock_package, normalize_id};
-use crate::{Action, Backend, DistState, Distribution, Outcome, StateCount, Store, now_ms};
+use crate::{Action, Backend, DistState, Distribution, Outcome, StateCount, Store, TargetHealth, now_ms};
 
 macro_rules! dist_select {
     () => {
@@ -308,42 +308,60 @@ impl Store {
 
     /// Atomically takes up to `limit` due rows (state `pending`/`retrying`/`removing`,
     /// `next_attempt_at <= now_ms`, and a version to install or a removal to do), those of
-    /// higher-priority packages first, then oldest due first, marks them `in_progress`, increments `attempts` and returns them (with their
+    /// higher-priority packages first, then those of targets that are not failing, then
+    /// oldest due first, marks them `in_progress`, increments `attempts` and returns them (with their
     /// action, so removals stay identifiable). A row is never returned to two claimers:
     /// PostgreSQL uses `FOR UPDATE SKIP LOCKED`, SQLite one `BEGIN IMMEDIATE` transaction.
     pub async fn claim_due(&self, now_ms: i64, limit: i64) -> Result<Vec<Distribution>> {
+        self.claim_due_of(now_ms, limit, None).await
+    }
+
+    /// [`Store::claim_due`] restricted to the rows of targets whose jobs are failing
+    /// (`Some(TargetHealth::Failing)`: their last job failed) or not (`Some(TargetHealth::Healthy)`:
+    /// it succeeded, or they were never tried); `None` takes both.
+    pub async fn claim_due_of(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        health: Option<TargetHealth>,
+    ) -> Result<Vec<Distribution>> {
         if limit <= 0 {
             return Ok(Vec::new());
         }
+        let failing = "(SELECT t.failing_since FROM targets t WHERE t.id = distributions.target_id)";
+        let only = match health {
+            None => String::new(),
+            Some(TargetHealth::Healthy) => format!(" AND {failing} IS NULL"),
+            Some(TargetHealth::Failing) => format!(" AND {failing} IS NOT NULL"),
+        };
+        let order = format!(
+            "{}, CASE WHEN {failing} IS NULL THEN 0 ELSE 1 END, next_attempt_at, package_id, target_id",
+            by_priority!()
+        );
         let token = claim_token();
         let mut tx = self.begin_write().await?;
         let sql = match self.backend {
-            Backend::Sqlite => concat!(
+            Backend::Sqlite => format!(
                 "UPDATE distributions SET state = 'in_progress', attempts = attempts + 1, \
                    claim_token = $1, claimed_generation = generation, updated_at = $4 \
-                 WHERE rowid IN (SELECT rowid FROM distributions WHERE ",
-                claimable!(),
-                " AND next_attempt_at <= $2 \
-                   ORDER BY ",
-                by_priority!(),
-                ", next_attempt_at, package_id, target_id LIMIT $3)"
+                 WHERE rowid IN (SELECT rowid FROM distributions WHERE {} AND next_attempt_at <= $2{only} \
+                   ORDER BY {order} LIMIT $3)",
+                claimable!()
             ),
-            Backend::Postgres => concat!(
+            Backend::Postgres => format!(
                 "UPDATE distributions SET state = 'in_progress', attempts = attempts + 1, \
                    claim_token = $1, claimed_generation = generation, updated_at = $4 \
                  WHERE (package_id, target_id) IN (SELECT package_id, target_id \
-                   FROM distributions WHERE ",
-                claimable!(),
-                " AND next_attempt_at <= $2 \
-                   ORDER BY ",
-                by_priority!(),
-                ", next_attempt_at, package_id, target_id LIMIT $3 \
+                   FROM distributions WHERE {} AND next_attempt_at <= $2{only} \
+                   ORDER BY {order} LIMIT $3 \
                    FOR UPDATE SKIP LOCKED) \
-                 AND ",
+                 AND {}",
+                claimable!(),
                 claimable!()
             ),
         };
-        sqlx::query(sql).bind(token).bind(now_ms).bind(limit).bind(crate::now_ms()).execute(&mut *tx).await?;
+        // Built only from this function's constant fragments.
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(token).bind(now_ms).bind(limit).bind(crate::now_ms()).execute(&mut *tx).await?;
         let rows = sqlx::query(concat!(
             dist_select!(),
             "WHERE d.claim_token = $1 AND d.state = 'in_progress' \
@@ -356,6 +374,18 @@ impl Store {
         let claimed = rows.iter().map(dist_from_row).collect::<Result<Vec<_>>>()?;
         tx.commit().await?;
         Ok(claimed)
+    }
+
+    /// Whether `target_id`'s jobs are failing, and since when (unix ms).
+    pub async fn target_failing_since(&self, target_id: i64) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT failing_since FROM targets WHERE id = $1")
+            .bind(target_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("failing_since")?,
+            None => None,
+        })
     }
 
     /// The earliest `next_attempt_at` among claimable rows (possibly in the past), or `None`
@@ -449,6 +479,8 @@ impl Store {
         let previous_error_at: Option<i64> = row.try_get("last_error_at")?;
         let mut window_wait = 0i64;
         let succeeded = matches!(outcome, Outcome::Installed { .. });
+        let reached = matches!(outcome, Outcome::Installed { .. } | Outcome::Removed);
+        let failed = matches!(outcome, Outcome::Retry { .. } | Outcome::Failed { .. });
         let (mut new_state, last_error) = match outcome {
             Outcome::Installed { version } => {
                 installed = Some(version);
@@ -503,6 +535,19 @@ impl Store {
         .bind(i64::from(succeeded))
         .execute(&mut *tx)
         .await?;
+        // What the site learns of the target itself: failing since the first failure,
+        // healthy again on any success (a wait for a window or a validation finding
+        // damage says nothing about reaching it).
+        let health = if reached {
+            Some("UPDATE targets SET failing_since = NULL WHERE id = $1 AND $2 > 0")
+        } else if failed {
+            Some("UPDATE targets SET failing_since = COALESCE(failing_since, $2) WHERE id = $1")
+        } else {
+            None
+        };
+        if let Some(sql) = health {
+            sqlx::query(sql).bind(target_id).bind(now).execute(&mut *tx).await?;
+        }
         let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
         tx.commit().await?;
         Ok(dist)

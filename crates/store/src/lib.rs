@@ -45,7 +45,7 @@ pub use observe::TargetSeries;
 pub use snapshot::snapshot_sqlite_file;
 pub use types::{
     Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageUpdate, PackageVersion,
-    Priority, StateCount, Target, TargetKind, TargetUpdate, ValidationSchedule, VersionRecord, VersionStats,
+    Priority, StateCount, Target, TargetHealth, TargetKind, TargetUpdate, ValidationSchedule, VersionRecord, VersionStats,
     VersionSummary,
 };
 

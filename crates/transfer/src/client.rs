@@ -517,6 +517,23 @@ impl TargetClient {
         self.json(r).await
     }
 
+    /// [`TargetClient::package_state`] that must be answered whole within `within`
+    /// (connecting, the TLS handshake and the answer): the first call of a job, so a
+    /// target that is down, black-holed or hung (accepts, then says nothing) costs the
+    /// job runner seconds, not a stall timeout. A healthy target answers it at once.
+    pub async fn probe_state(&self, pkg: &str, within: Duration) -> Result<PackageState, TransferError> {
+        match tokio::time::timeout(within, self.package_state(pkg)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(TransferError::Timeout {
+                target: self.name.clone(),
+                message: format!(
+                    "no answer within {} s (connecting, TLS handshake or its first answer)",
+                    within.as_secs_f64()
+                ),
+            }),
+        }
+    }
+
     /// Sends a version's manifest (already compressed); answers the chunks the target lacks.
     #[allow(clippy::too_many_arguments)]
     pub async fn offer(
