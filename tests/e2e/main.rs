@@ -13,6 +13,7 @@ mod operations_targets;
 mod privacy;
 mod quickstart;
 mod refresh;
+mod scale;
 mod sites;
 mod web;
 mod windows;

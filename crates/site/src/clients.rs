@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dpsync_store::Target;
-use dpsync_transfer::client::{TargetClient, TransferError};
+use dpsync_transfer::client::{HttpClient, TargetClient, TransferError};
 
 /// A digest of what a client is built from: name, URL, token and pinned fingerprint.
 type Settings = [u8; 32];
@@ -20,6 +20,9 @@ pub(crate) struct Clients {
     built: AtomicU64,
     /// How long a call may make no progress (see [`TargetClient`]).
     stall: Duration,
+    /// The HTTP client of the targets without a pinned certificate (one connection pool
+    /// by address, so the site's memory does not grow a client per target).
+    shared: Mutex<Option<HttpClient>>,
 }
 
 impl Default for Clients {
@@ -38,7 +41,19 @@ impl std::fmt::Debug for Clients {
 
 impl Clients {
     pub(crate) fn new(stall: Duration) -> Self {
-        Self { by_target: Mutex::default(), built: AtomicU64::new(0), stall }
+        Self { by_target: Mutex::default(), built: AtomicU64::new(0), stall, shared: Mutex::default() }
+    }
+
+    /// The HTTP client every target without a pinned certificate shares, built once.
+    fn shared(&self) -> Result<HttpClient, TransferError> {
+        let mut shared = self.shared.lock().unwrap();
+        if let Some(http) = shared.as_ref() {
+            return Ok(http.clone());
+        }
+        let http = HttpClient::new(None)
+            .map_err(|message| TransferError::Client { target: "(every target)".into(), message })?;
+        *shared = Some(http.clone());
+        Ok(http)
     }
 
     /// The client of `target` as it is configured now (the caller has just read it from
@@ -54,8 +69,11 @@ impl Clients {
         }
         // Built outside the lock (it reads the system's root certificates); two jobs that
         // race here each build one, and the last one stays.
-        let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?
-            .with_stall(self.stall);
+        let client = match target.fingerprint.as_deref() {
+            Some(fp) => TargetClient::new(&target.name, &target.url, target.token.clone(), Some(fp))?,
+            None => TargetClient::with_http(&self.shared()?, &target.name, &target.url, target.token.clone()),
+        }
+        .with_stall(self.stall);
         client.set_rate_limit(limit);
         self.built.fetch_add(1, Ordering::Relaxed);
         self.by_target.lock().unwrap().insert(target.id, (settings, client.clone()));

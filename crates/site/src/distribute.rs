@@ -308,12 +308,17 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
             _ => Duration::from_secs(5),
         };
         tokio::select! {
-            _ = site.jobs.notified() => {}
+            // Jobs that end close together are replaced by one claim, not one each: a
+            // claim's cost grows with the jobs waiting, which may be thousands.
+            _ = site.jobs.notified() => tokio::time::sleep(CLAIM_COALESCE).await,
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => break,
         }
     }
 }
+
+/// How long the runner lets finished jobs gather before it claims their successors.
+const CLAIM_COALESCE: Duration = Duration::from_millis(20);
 
 /// The job runner's slots: `push` for pushes (`DistConfig::parallel`), `healthy` and
 /// `failing` for probes of targets not known to fail and of failing ones.

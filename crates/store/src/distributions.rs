@@ -104,61 +104,43 @@ impl Store {
     /// being deleted.
     pub async fn assign(&self, package_id: &str, target_id: i64) -> Result<Distribution> {
         let id = normalize_id(package_id);
-        let now = now_ms();
         let mut tx = self.begin_write().await?;
-        let current = lock_package(self, &mut tx, &id, Lock::Share).await?;
+        let current = self.lock_for_assign(&mut tx, &id).await?;
+        assign_row(&mut tx, &id, target_id, current, now_ms()).await?;
+        let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
+        tx.commit().await?;
+        Ok(dist)
+    }
+
+    /// [`Store::assign`] for many targets, in transactions of up to 500 rows: assigning a
+    /// package to thousands of targets costs a few commits, not one per target.
+    pub async fn assign_many(&self, package_id: &str, target_ids: &[i64]) -> Result<()> {
+        let id = normalize_id(package_id);
+        for part in target_ids.chunks(500) {
+            let mut tx = self.begin_write().await?;
+            let current = self.lock_for_assign(&mut tx, &id).await?;
+            let now = now_ms();
+            for target_id in part {
+                assign_row(&mut tx, &id, *target_id, current, now).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Locks package `id` (shared) for an assignment; its current version. `Conflict`
+    /// while it is being deleted.
+    async fn lock_for_assign(&self, tx: &mut sqlx::Transaction<'static, sqlx::Any>, id: &str) -> Result<i64> {
+        let current = lock_package(self, tx, id, Lock::Share).await?;
         let deleting: Option<i64> = sqlx::query("SELECT deleting_since FROM packages WHERE id = $1")
-            .bind(&id)
-            .fetch_one(&mut *tx)
+            .bind(id)
+            .fetch_one(&mut **tx)
             .await?
             .try_get("deleting_since")?;
         if deleting.is_some() {
             return Err(StoreError::Conflict(format!("package {id} is being deleted; it cannot be distributed")));
         }
-        if sqlx::query("SELECT id FROM targets WHERE id = $1").bind(target_id).fetch_optional(&mut *tx).await?.is_none()
-        {
-            return Err(StoreError::NotFound(format!("target id {target_id}")));
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO distributions (package_id, target_id, state, action, desired_version, \
-               attempts, next_attempt_at, bytes_sent_last, bytes_sent_total, generation, \
-               claimed_generation, updated_at) \
-             VALUES ($1, $2, 'pending', 'install', $3, 0, $4, 0, 0, 1, 0, $4) \
-             ON CONFLICT (package_id, target_id) DO NOTHING",
-        )
-        .bind(&id)
-        .bind(target_id)
-        .bind(current)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            sqlx::query(
-                "UPDATE distributions SET action = 'install', desired_version = $3, \
-                   state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, \
-                   attempts = 0, next_attempt_at = $4, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, \
-                   generation = generation + 1, updated_at = $4 \
-                 WHERE package_id = $1 AND target_id = $2 \
-                   AND (state IN ('removing', 'removed') OR action = 'remove')",
-            )
-            .bind(&id)
-            .bind(target_id)
-            .bind(current)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            // The filter is a literal of this file.
-            sqlx::query(sqlx::AssertSqlSafe(retry_sql("package_id = $2 AND target_id = $3")))
-                .bind(now)
-                .bind(&id)
-                .bind(target_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
-        tx.commit().await?;
-        Ok(dist)
+        Ok(current)
     }
 
     /// Asks for `action` at `desired_version` on an assigned target: sets the action and
@@ -563,6 +545,57 @@ fn retry_sql(filter: &str) -> String {
            attempts = 0, next_attempt_at = $1, generation = generation + 1, updated_at = $1 \
          WHERE ({filter}) AND state IN ('failed', 'retrying')"
     )
+}
+
+/// One row of [`Store::assign`], in the caller's transaction.
+async fn assign_row(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    id: &str,
+    target_id: i64,
+    current: i64,
+    now: i64,
+) -> Result<()> {
+    if sqlx::query("SELECT id FROM targets WHERE id = $1").bind(target_id).fetch_optional(&mut **tx).await?.is_none() {
+        return Err(StoreError::NotFound(format!("target id {target_id}")));
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO distributions (package_id, target_id, state, action, desired_version, \
+           attempts, next_attempt_at, bytes_sent_last, bytes_sent_total, generation, \
+           claimed_generation, updated_at) \
+         VALUES ($1, $2, 'pending', 'install', $3, 0, $4, 0, 0, 1, 0, $4) \
+         ON CONFLICT (package_id, target_id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(target_id)
+    .bind(current)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        sqlx::query(
+            "UPDATE distributions SET action = 'install', desired_version = $3, \
+               state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, \
+               attempts = 0, next_attempt_at = $4, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, \
+               generation = generation + 1, updated_at = $4 \
+             WHERE package_id = $1 AND target_id = $2 \
+               AND (state IN ('removing', 'removed') OR action = 'remove')",
+        )
+        .bind(id)
+        .bind(target_id)
+        .bind(current)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        // The filter is a literal of this file.
+        sqlx::query(sqlx::AssertSqlSafe(retry_sql("package_id = $2 AND target_id = $3")))
+            .bind(now)
+            .bind(id)
+            .bind(target_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn select_one(
