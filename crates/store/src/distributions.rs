@@ -348,6 +348,7 @@ impl Store {
             dist_select!(),
             "WHERE d.claim_token = $1 AND d.state = 'in_progress' \
              ORDER BY (SELECT p.priority FROM packages p WHERE p.id = d.package_id) DESC, \
+               CASE WHEN (SELECT t.failing_since FROM targets t WHERE t.id = d.target_id) IS NULL THEN 0 ELSE 1 END, \
                d.next_attempt_at, d.package_id, d.target_id"
         ))
         .bind(token)
