@@ -101,6 +101,15 @@ fn peak_rss_mib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
 }
 
+/// CPU time process `pid` has used so far (user + system).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    let ticks: u64 = rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
 /// Waits until both live DPs have `version` installed; returns how long that took.
 fn wait_live(server: &Server, id: &str, version: i64, since: Instant, agents: &[&Agent]) -> Duration {
     let mut done = [false, false];
@@ -159,6 +168,7 @@ fn live_dps_install_within_30s_among_thousands_of_dead_and_hung_ones() {
     let registered = t.elapsed();
     let agents: Vec<&Agent> = live.iter().collect();
 
+    let cpu_before = cpu_time(server.daemon().pid());
     let started = Instant::now();
     server.cli_json(&["distribute", &id, "--group", "all"]);
     let assigned = started.elapsed();
@@ -179,10 +189,12 @@ fn live_dps_install_within_30s_among_thousands_of_dead_and_hung_ones() {
     let status_time = t.elapsed();
     assert_eq!(status["targets"].as_array().unwrap().len(), total);
     let rss = peak_rss_mib(server.daemon().pid());
+    let cpu = cpu_time(server.daemon().pid()) - cpu_before;
     eprintln!(
         "scale: {total} targets ({dead} refusing, {hung} hung, 2 live): registered in {registered:.1?}, assigned in {assigned:.1?}; \
          live installed {first:.1?} after distribute, {second:.1?} after refresh; \
-         status {status_time:.0?}; server peak RSS {rss} MiB"
+         status {status_time:.0?}; server peak RSS {rss} MiB, CPU {cpu:.1?} ({:.2} ms per target)",
+        cpu.as_secs_f64() * 1000.0 / total as f64
     );
     assert!(status_time < Duration::from_millis(1500), "status of {total} targets took {status_time:?}");
     assert!(rss <= 256, "the server peaked at {rss} MiB with {total} targets");

@@ -1,6 +1,8 @@
-//! One HTTP client per target, reused by every job and admin call to it: its connection
-//! pool (and TLS sessions) outlive a job, and a pinned certificate is configured once. A
-//! client is replaced when the target's connection settings change.
+//! One client per target, reused by every job and admin call to it: its connections
+//! (and TLS sessions) outlive a job, and a pinned certificate is configured once. Targets
+//! without a pin share one HTTP client underneath (connections pooled by address), so
+//! thousands of targets do not each read the system's certificate authorities or keep a
+//! pool. A client is replaced when the target's connection settings change.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -56,7 +56,7 @@ pub struct ServerSettings {
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub probe_timeout_secs: Option<i64>,
     /// Jobs that may be probing their targets at once, 1–4096; a quarter more (at least
-    /// one) are kept for targets whose last job failed [default: 64].
+    /// one) are kept for targets whose last job failed [default: 256].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub parallel_probes: Option<i64>,
     /// After the fast retries (--retries), how often a failing target is tried again, as
@@ -330,7 +330,7 @@ mod tests {
         assert_eq!((c.keep_versions, c.disk_reserve), (5, 256 << 20));
         assert_eq!((c.dist.parallel, c.dist.retries, c.dist.retry_base.as_millis()), (8, 5, 2000));
         assert_eq!(c.dist.stall.as_secs(), 60);
-        assert_eq!((c.dist.probe.as_secs(), c.dist.probes, c.dist.failing_probes), (5, 64, 16));
+        assert_eq!((c.dist.probe.as_secs(), c.dist.probes, c.dist.failing_probes), (5, 256, 64));
         let probing = resolve(dir.path(), Some("probe_timeout_secs = 2\n"), &[], &["--parallel-probes", "8"]).unwrap();
         assert_eq!((probing.dist.probe.as_secs(), probing.dist.probes, probing.dist.failing_probes), (2, 8, 2));
         let e = err(resolve(dir.path(), None, &[], &["--probe-timeout-secs", "0"]));

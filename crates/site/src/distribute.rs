@@ -84,8 +84,8 @@ impl Default for DistConfig {
             batch_memory: 40 << 20,
             stall: dpsync_transfer::client::DEFAULT_STALL,
             probe: Duration::from_secs(5),
-            probes: 64,
-            failing_probes: 16,
+            probes: 256,
+            failing_probes: 64,
         }
     }
 }
