@@ -10,6 +10,7 @@ mod harness;
 mod hostile;
 mod operations_packages;
 mod operations_targets;
+mod prestage;
 mod privacy;
 mod quickstart;
 mod refresh;

@@ -615,7 +615,7 @@ impl Site {
 
     /// The owner's signature to send with a version: made here for this site's own
     /// packages, relayed as received for the others.
-    fn signed(
+    pub(crate) fn signed(
         &self,
         package: &dpsync_store::Package,
         version: i64,
