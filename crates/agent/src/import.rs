@@ -46,12 +46,10 @@ impl<S: VersionSink> Agent<S> {
     pub async fn import_bundle(&self, path: &Path) -> Result<ImportReport> {
         let shown = path.display().to_string();
         let file: PathBuf = path.to_owned();
-        let reader = blocking(move || -> Result<Reader> {
-            let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
-            Ok(BundleReader::open(BufReader::with_capacity(1 << 20, f))?)
-        })
-        .await
-        .with_context(|| format!("{shown} is refused"))?;
+        let f = File::open(&file).with_context(|| format!("cannot open the bundle {shown}"))?;
+        let reader = blocking(move || -> Result<Reader> { Ok(BundleReader::open(BufReader::with_capacity(1 << 20, f))?) })
+            .await
+            .with_context(|| format!("{shown} is refused; nothing was installed"))?;
         let h = reader.header().clone();
         let (pkg, version) = (h.package.clone(), h.version);
         let report = |installed: bool, message: String, used: u64, bytes: u64| ImportReport {

@@ -1043,16 +1043,12 @@ async fn export_cmd(c: &AdminClient, json: bool, package: &str, file: &Path, req
 /// data directory's lock, so it refuses while the agent runs.
 async fn import_cmd(json: bool, data_dir: Option<PathBuf>, config: Option<PathBuf>, file: &Path) -> Result<ExitCode> {
     let settings = AgentSettings {
-        data_dir: data_dir.clone(),
+        data_dir,
         // Not used: the import serves nothing. A configured address is kept.
         listen: Some("127.0.0.1:0".into()),
         ..AgentSettings::default()
     };
-    let mut cfg = AgentConfig::load(config.as_deref(), &settings)?;
-    if data_dir.is_none() && config.is_none() {
-        bail!("which DP? pass --data-dir DIR (the agent's data directory)");
-    }
-    cfg.listen = String::new();
+    let cfg = AgentConfig::load(config.as_deref(), &settings)?;
     dpsync_agent::daemon::secure_data_dir(&cfg.data_dir)?;
     let _lock = dpsync_agent::daemon::lock_data_dir(&cfg.data_dir).map_err(|_| {
         anyhow!(
