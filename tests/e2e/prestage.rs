@@ -24,10 +24,7 @@ fn s(p: &Path) -> &str {
 
 /// `dpsync agent import FILE --data-dir DIR [--json]`.
 fn import(file: &Path, data_dir: &Path) -> Output {
-    run_bounded(
-        dpsync_command().args(["agent", "import", s(file), "--data-dir", s(data_dir), "--json"]),
-        CLI_TIMEOUT,
-    )
+    run_bounded(dpsync_command().args(["agent", "import", s(file), "--data-dir", s(data_dir), "--json"]), CLI_TIMEOUT)
 }
 
 fn import_ok(file: &Path, data_dir: &Path) -> Value {

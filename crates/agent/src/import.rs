@@ -47,9 +47,10 @@ impl<S: VersionSink> Agent<S> {
         let shown = path.display().to_string();
         let file: PathBuf = path.to_owned();
         let f = File::open(&file).with_context(|| format!("cannot open the bundle {shown}"))?;
-        let reader = blocking(move || -> Result<Reader> { Ok(BundleReader::open(BufReader::with_capacity(1 << 20, f))?) })
-            .await
-            .with_context(|| format!("{shown} is refused; nothing was installed"))?;
+        let reader =
+            blocking(move || -> Result<Reader> { Ok(BundleReader::open(BufReader::with_capacity(1 << 20, f))?) })
+                .await
+                .with_context(|| format!("{shown} is refused; nothing was installed"))?;
         let h = reader.header().clone();
         let (pkg, version) = (h.package.clone(), h.version);
         let report = |installed: bool, message: String, used: u64, bytes: u64| ImportReport {
@@ -66,13 +67,20 @@ impl<S: VersionSink> Agent<S> {
             Some(v) if v > version => {
                 return Ok(report(
                     false,
-                    format!("nothing changed: {pkg} version {v} is installed, newer than the bundle's version {version}"),
+                    format!(
+                        "nothing changed: {pkg} version {v} is installed, newer than the bundle's version {version}"
+                    ),
                     0,
                     0,
                 ));
             }
             Some(v) if v == version && !state.broken && state.installed_root.as_deref() == Some(&h.content_root) => {
-                return Ok(report(false, format!("nothing changed: {pkg} version {version} is already installed"), 0, 0));
+                return Ok(report(
+                    false,
+                    format!("nothing changed: {pkg} version {version} is already installed"),
+                    0,
+                    0,
+                ));
             }
             _ => {}
         }

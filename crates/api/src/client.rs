@@ -94,9 +94,8 @@ impl AdminClient {
         let mut body_in = self.send(Method::POST, path, Some(body)).await?.into_body();
         let mut total = 0u64;
         while let Some(frame) = body_in.frame().await {
-            let frame = frame.map_err(|e| {
-                CallError::local(format!("the server stopped sending ({e}); its log says why"))
-            })?;
+            let frame =
+                frame.map_err(|e| CallError::local(format!("the server stopped sending ({e}); its log says why")))?;
             if let Ok(data) = frame.into_data() {
                 out.write_all(&data).await.map_err(|e| CallError::local(format!("cannot write: {e}")))?;
                 total += data.len() as u64;

@@ -19,9 +19,9 @@ use dpsync_api::{
     SetTargetReport, StatusReport, TargetDetail, TargetInfo, TargetRequest, ValidateReport,
 };
 use dpsync_api::{BackupProgress, BackupReport, BackupRequest, ExportReport, ExportRequest};
-use dpsync_transfer::bundle::{BundleHeader, BundleReader};
 use dpsync_hash::path::escape_controls;
 use dpsync_site::{ServerConfig, ServerSettings};
+use dpsync_transfer::bundle::{BundleHeader, BundleReader};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -1011,7 +1011,9 @@ async fn export_cmd(c: &AdminClient, json: bool, package: &str, file: &Path, req
             bail!("the server sent a bundle that does not check out ({e:#}); {} was not written", file.display());
         }
     };
-    tokio::fs::rename(&tmp, file).await.with_context(|| format!("cannot rename {} to {}", tmp.display(), file.display()))?;
+    tokio::fs::rename(&tmp, file)
+        .await
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), file.display()))?;
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }

@@ -31,8 +31,8 @@ use dpsync_hash::{ChunkId, ContentRoot, DecodeError, DecodeLimits, FileHash, Man
 use dpsync_library::LibraryError;
 use dpsync_store::{Action, DistState, Distribution, Outcome, StoreError, Target, TargetHealth, TargetKind};
 use dpsync_transfer::client::{RejectReason, Signed, TargetClient, TransferError};
-use dpsync_transfer::wire::PackageState;
 use dpsync_transfer::trust::{Handover, Ownership};
+use dpsync_transfer::wire::PackageState;
 use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;

@@ -30,11 +30,19 @@ const PIECE: usize = 1 << 20;
 impl Site {
     /// Plans the export of `version` (default: the current one) of `pkg`, leaving out the
     /// chunks of `base` when given.
-    pub async fn plan_export(&self, pkg: &str, version: Option<i64>, base: Option<i64>) -> Result<ExportPlan, SiteError> {
+    pub async fn plan_export(
+        &self,
+        pkg: &str,
+        version: Option<i64>,
+        base: Option<i64>,
+    ) -> Result<ExportPlan, SiteError> {
         let p = self.find_package(pkg).await?;
         let version = version.unwrap_or(p.current_version);
         if version <= 0 {
-            return Err(SiteError::Invalid(format!("{} has no version yet; run `dpsync refresh {}` first", p.id, p.id)));
+            return Err(SiteError::Invalid(format!(
+                "{} has no version yet; run `dpsync refresh {}` first",
+                p.id, p.id
+            )));
         }
         let retained = |v: i64| {
             SiteError::NotFound(format!(
@@ -54,9 +62,9 @@ impl Site {
             None => None,
         };
         let root = summary.content_root.to_hex();
-        let signed = self.signed(&p, version, &root, summary.signature.clone()).map_err(|e| {
-            SiteError::Refused(format!("{} version {version} cannot be exported: {e}", p.id))
-        })?;
+        let signed = self
+            .signed(&p, version, &root, summary.signature.clone())
+            .map_err(|e| SiteError::Refused(format!("{} version {version} cannot be exported: {e}", p.id)))?;
         let id = p.id.clone();
         let (manifest, chunks) = tokio::task::spawn_blocking(move || -> Result<_, SiteError> {
             let decode = |blob: &[u8]| {
@@ -107,9 +115,10 @@ impl Site {
         let fail = |e: std::io::Error| SiteError::Internal(anyhow::anyhow!("writing the bundle: {e}"));
         let mut w = BundleWriter::new(out, &plan.header, &plan.manifest).map_err(fail)?;
         for (id, file, offset, len) in &plan.chunks {
-            let data = self.library.read_range(file, *offset, *len as usize).map_err(|e| {
-                SiteError::Internal(anyhow::anyhow!("{} chunk {id}: {e}", plan.header.package))
-            })?;
+            let data = self
+                .library
+                .read_range(file, *offset, *len as usize)
+                .map_err(|e| SiteError::Internal(anyhow::anyhow!("{} chunk {id}: {e}", plan.header.package)))?;
             if ChunkId::from(blake3::hash(&data)) != *id {
                 return Err(SiteError::Internal(anyhow::anyhow!(
                     "library object {file} is damaged (chunk {id} does not match); `dpsync refresh {} --verify` stores it again",
@@ -168,10 +177,7 @@ impl Write for ChannelWriter {
 
 /// Streams `plan` as a body: the receiving half of a bounded channel fed from a blocking
 /// thread.
-pub fn stream_export(
-    site: Arc<Site>,
-    plan: ExportPlan,
-) -> tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>> {
+pub fn stream_export(site: Arc<Site>, plan: ExportPlan) -> tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
         let err_tx = tx.clone();

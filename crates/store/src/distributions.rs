@@ -343,7 +343,13 @@ impl Store {
             ),
         };
         // Built only from this function's constant fragments.
-        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(token).bind(now_ms).bind(limit).bind(crate::now_ms()).execute(&mut *tx).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(token)
+            .bind(now_ms)
+            .bind(limit)
+            .bind(crate::now_ms())
+            .execute(&mut *tx)
+            .await?;
         let rows = sqlx::query(concat!(
             dist_select!(),
             "WHERE d.claim_token = $1 AND d.state = 'in_progress' \

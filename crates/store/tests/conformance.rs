@@ -1570,9 +1570,7 @@ async fn failing_targets_are_claimed_last_and_apart(db: &Db) {
     assert_eq!(db.target_failing_since(dead).await.unwrap(), None);
     let first = db.claim_due(soon(), 1).await.unwrap();
     assert_eq!(first[0].target_id, dead);
-    db.finish(&id, dead, Outcome::Retry { error: "refused".into(), next_attempt_at: now() + 3_600_000 })
-        .await
-        .unwrap();
+    db.finish(&id, dead, Outcome::Retry { error: "refused".into(), next_attempt_at: now() + 3_600_000 }).await.unwrap();
     let since = db.target_failing_since(dead).await.unwrap().expect("failing since its failure");
     let rest: Vec<i64> = db.claim_due(soon(), 10).await.unwrap().into_iter().map(|d| d.target_id).collect();
     assert_eq!(rest, [live]);

@@ -209,8 +209,8 @@ impl<R: Read> BundleReader<R> {
             return Err(BundleError::Truncated("in its manifest"));
         }
         r.hasher.update(&encoded);
-        r.manifest =
-            Manifest::decode(&encoded, &DecodeLimits::default()).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        r.manifest = Manifest::decode(&encoded, &DecodeLimits::default())
+            .map_err(|e| BundleError::BadManifest(e.to_string()))?;
         let root = r.manifest.content_root().to_hex();
         if root != r.header.content_root {
             return Err(BundleError::RootMismatch { expected: r.header.content_root.clone(), found: root });
@@ -320,7 +320,9 @@ mod tests {
     use super::*;
     use dpsync_hash::{Chunk, Entry, EntryKind, FileHash, RelPath};
 
-    fn sample() -> (BundleHeader, Vec<u8>, Vec<(ChunkId, Vec<u8>)>) {
+    type Chunks = Vec<(ChunkId, Vec<u8>)>;
+
+    fn sample() -> (BundleHeader, Vec<u8>, Chunks) {
         let a = b"first chunk".to_vec();
         let b = b"second chunk".to_vec();
         let chunks: Vec<(ChunkId, Vec<u8>)> =

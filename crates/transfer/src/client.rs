@@ -350,8 +350,8 @@ impl TargetClient {
         token: Option<String>,
         fingerprint: Option<&str>,
     ) -> Result<Self, TransferError> {
-        let http = http_client(fingerprint)
-            .map_err(|message| TransferError::Client { target: name.into(), message })?;
+        let http =
+            http_client(fingerprint).map_err(|message| TransferError::Client { target: name.into(), message })?;
         Ok(Self::with_http(&HttpClient(http), name, base, token))
     }
 
