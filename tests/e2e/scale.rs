@@ -4,7 +4,7 @@
 //! `refresh`; `status` of every target stays fast and the server small.
 //!
 //! 1,000 targets by default; `DPSYNC_SCALE_TARGETS=5000` runs the full case
-//! (BENCHMARKS.md, "Fair scheduling").
+//! (BENCHMARKS.md, "Fair scheduling"); `DPSYNC_SCALE_SERVER_ARGS` adds server flags.
 
 use std::collections::VecDeque;
 use std::fs;
@@ -151,7 +151,11 @@ fn live_dps_install_within_30s_among_thousands_of_dead_and_hung_ones() {
     fs::write(src.join("a.bin"), random_bytes(256 << 10, 1)).unwrap();
     fs::write(src.join("b.txt"), b"first\n").unwrap();
     // Defaults (8 push slots, a stall timeout of 60 s): what an administrator runs.
-    let server = Server::start_with(dir.join("d"), ServerOpts::site("PS1"));
+    // `DPSYNC_SCALE_SERVER_ARGS` adds flags, e.g. `--parallel-probes 1 --probe-timeout-secs 60`
+    // (hung targets then hold the only slot: the test fails, as it must).
+    let args = std::env::var("DPSYNC_SCALE_SERVER_ARGS").unwrap_or_default();
+    let opts = ServerOpts { args: args.split_whitespace().map(str::to_owned).collect(), ..ServerOpts::site("PS1") };
+    let server = Server::start_with(dir.join("d"), opts);
     let id = text(&server.cli_json(&["package", "add", "app", src.to_str().unwrap()]), "id").to_owned();
     server.cli_json(&["refresh", &id]);
 
