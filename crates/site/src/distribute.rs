@@ -303,10 +303,17 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
                 Err(e) => tracing::error!("cannot claim jobs: {e}"),
             }
         }
-        let wait = match site.store.next_due_at().await {
-            Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(10, 5_000) as u64),
-            _ => Duration::from_secs(5),
-        };
+        // Sleep until a row a pool with a free slot could take falls due; a full pool is
+        // woken by its jobs ending, not polled.
+        let mut wait = Duration::from_secs(5);
+        for (health, probes) in [(TargetHealth::Healthy, &pools.healthy), (TargetHealth::Failing, &pools.failing)] {
+            if probes.available_permits() == 0 {
+                continue;
+            }
+            if let Ok(Some(at)) = site.store.next_due_at_of(Some(health)).await {
+                wait = wait.min(Duration::from_millis((at - now_ms()).clamp(10, 5_000) as u64));
+            }
+        }
         tokio::select! {
             // Jobs that end close together are replaced by one claim, not one each: a
             // claim's cost grows with the jobs waiting, which may be thousands.

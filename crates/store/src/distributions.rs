@@ -380,9 +380,25 @@ impl Store {
     /// The earliest `next_attempt_at` among claimable rows (possibly in the past), or `None`
     /// if nothing is waiting: how long the scheduler may sleep.
     pub async fn next_due_at(&self) -> Result<Option<i64>> {
-        let row = sqlx::query(concat!("SELECT MIN(next_attempt_at) AS due FROM distributions WHERE ", claimable!()))
-            .fetch_one(&self.pool)
-            .await?;
+        self.next_due_at_of(None).await
+    }
+
+    /// [`Store::next_due_at`] among the rows [`Store::claim_due_of`] would take with `health`.
+    pub async fn next_due_at_of(&self, health: Option<TargetHealth>) -> Result<Option<i64>> {
+        let sql = match health {
+            None => concat!("SELECT MIN(next_attempt_at) AS due FROM distributions WHERE ", claimable!()),
+            Some(TargetHealth::Healthy) => concat!(
+                "SELECT MIN(next_attempt_at) AS due FROM distributions WHERE ",
+                claimable!(),
+                " AND (SELECT t.failing_since FROM targets t WHERE t.id = distributions.target_id) IS NULL"
+            ),
+            Some(TargetHealth::Failing) => concat!(
+                "SELECT MIN(next_attempt_at) AS due FROM distributions WHERE ",
+                claimable!(),
+                " AND (SELECT t.failing_since FROM targets t WHERE t.id = distributions.target_id) IS NOT NULL"
+            ),
+        };
+        let row = sqlx::query(sql).fetch_one(&self.pool).await?;
         Ok(row.try_get("due")?)
     }
 

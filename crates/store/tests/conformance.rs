@@ -1587,10 +1587,14 @@ async fn failing_targets_are_claimed_last_and_apart(db: &Db) {
 
     // Claims by health take only their own kind.
     db.commit_version(&id, new_version("c")).await.unwrap();
+    assert!(db.next_due_at_of(Some(TargetHealth::Healthy)).await.unwrap().is_some());
+    assert!(db.next_due_at_of(Some(TargetHealth::Failing)).await.unwrap().is_some());
     let healthy = db.claim_due_of(soon(), 10, Some(TargetHealth::Healthy)).await.unwrap();
     assert_eq!(healthy.iter().map(|d| d.target_id).collect::<Vec<_>>(), [live]);
     let failing = db.claim_due_of(soon(), 10, Some(TargetHealth::Failing)).await.unwrap();
     assert_eq!(failing.iter().map(|d| d.target_id).collect::<Vec<_>>(), [dead]);
+    assert_eq!(db.next_due_at_of(Some(TargetHealth::Healthy)).await.unwrap(), None, "nothing left to claim");
+    assert_eq!(db.next_due_at_of(Some(TargetHealth::Failing)).await.unwrap(), None);
     // A wait for a window says nothing of the target; a success makes it healthy.
     db.finish(&id, dead, Outcome::WaitWindow { next_window_at: now() }).await.unwrap();
     assert_eq!(db.target_failing_since(dead).await.unwrap(), Some(since));
