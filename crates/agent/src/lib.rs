@@ -27,6 +27,7 @@ mod check;
 mod config;
 pub mod daemon;
 mod dp;
+pub mod import;
 mod install;
 mod metrics;
 mod page;

@@ -68,6 +68,49 @@ impl AdminClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, CallError> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CallError::local(format!("reading the server's answer: {e}")))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| CallError {
+            status: Some(status),
+            message: format!("the server's answer is not what this CLI expects ({e})"),
+        })
+    }
+
+    /// POSTs `body` and copies the answer's body, as it arrives, into `out` (a large
+    /// download such as a bundle; nothing is held in memory). Returns the bytes copied.
+    pub async fn download<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
+    ) -> Result<u64, CallError> {
+        use tokio::io::AsyncWriteExt;
+        let mut body_in = self.send(Method::POST, path, Some(body)).await?.into_body();
+        let mut total = 0u64;
+        while let Some(frame) = body_in.frame().await {
+            let frame =
+                frame.map_err(|e| CallError::local(format!("the server stopped sending ({e}); its log says why")))?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data).await.map_err(|e| CallError::local(format!("cannot write: {e}")))?;
+                total += data.len() as u64;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Sends one request; an error answer becomes the server's one-line reason.
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| {
             CallError::local(format!(
                 "cannot reach the dpsync server at {} ({e}); is `dpsync server` running? \
@@ -96,22 +139,14 @@ impl AdminClient {
             .send_request(req)
             .await
             .map_err(|e| CallError::local(format!("the dpsync server closed the connection: {e}")))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| CallError::local(format!("reading the server's answer: {e}")))?
-            .to_bytes();
-        if !status.is_success() {
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| format!("server answered {status}: {}", String::from_utf8_lossy(&bytes)));
             return Err(CallError { status: Some(status), message });
         }
-        serde_json::from_slice(&bytes).map_err(|e| CallError {
-            status: Some(status),
-            message: format!("the server's answer is not what this CLI expects ({e})"),
-        })
+        Ok(resp)
     }
 }

@@ -594,6 +594,28 @@ pub struct ActionReport {
     pub targets: Vec<String>,
 }
 
+/// `POST /v1/packages/{pkg}/export`: the body of the answer is the bundle.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExportRequest {
+    /// Default: the current version.
+    pub version: Option<i64>,
+    /// Leave out the chunks of this (older) version, which the DP already holds.
+    pub base_version: Option<i64>,
+}
+
+/// What `dpsync export --json` prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportReport {
+    pub package: String,
+    pub version: i64,
+    pub base_version: Option<i64>,
+    pub file: String,
+    /// Bytes of the bundle file.
+    pub bytes: u64,
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+}
+
 /// `POST /v1/packages/{pkg}/rollback`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RollbackReport {

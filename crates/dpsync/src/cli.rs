@@ -1,10 +1,10 @@
 //! Command-line parsing and the admin commands' output (`--json` or text for people).
 //! The command-line contract is `shared/cli.md`; add to it, never break it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Serialize;
@@ -18,9 +18,10 @@ use dpsync_api::{
     PackageInfo, RefreshReport, RefreshRequest, RetryReport, RetryRequest, RollbackReport, SetPackage, SetTarget,
     SetTargetReport, StatusReport, TargetDetail, TargetInfo, TargetRequest, ValidateReport,
 };
-use dpsync_api::{BackupProgress, BackupReport, BackupRequest};
+use dpsync_api::{BackupProgress, BackupReport, BackupRequest, ExportReport, ExportRequest};
 use dpsync_hash::path::escape_controls;
 use dpsync_site::{ServerConfig, ServerSettings};
+use dpsync_transfer::bundle::{BundleHeader, BundleReader};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -154,6 +155,20 @@ enum Command {
         #[arg(long = "dp", value_name = "NAME")]
         target: Option<String>,
     },
+    /// Write a version of a package to a self-contained, signed bundle file, for a DP
+    /// reached with a disk (`dpsync agent import` installs it there).
+    Export {
+        /// Package id (e.g. PS100001) or name.
+        package: String,
+        /// The bundle file to write (mode 0600; replaced whole once complete).
+        file: PathBuf,
+        /// Source version to export [default: the current one].
+        #[arg(long, value_name = "N")]
+        version: Option<i64>,
+        /// Leave out the chunks of this older version, which the DP already holds.
+        #[arg(long, value_name = "M")]
+        base_version: Option<i64>,
+    },
     /// Make the previous version's content current again (as a new source version).
     Rollback {
         /// Package id (e.g. PS100001) or name.
@@ -242,12 +257,29 @@ struct ServerArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct AgentArgs {
+    #[command(subcommand)]
+    action: Option<AgentCmd>,
     /// TOML configuration file; its keys are the options' names with underscores.
     #[arg(long, env = "DPSYNC_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: AgentSettings,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCmd {
+    /// Install a bundle written by `dpsync export` on the DP of --data-dir (stop its
+    /// agent first). Checks the owner's signature, every chunk and the whole file first;
+    /// never replaces a newer installed version.
+    Import {
+        /// The bundle file.
+        file: PathBuf,
+        /// The agent's TOML configuration file (for its pinned site keys).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -488,6 +520,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             crate::logging::init(cfg.log_format);
             crate::daemon::server(cfg).await?;
         }
+        Command::Agent(AgentArgs { action: Some(AgentCmd::Import { file, config }), .. }) => {
+            return import_cmd(json, data_dir, config, &file).await;
+        }
         Command::Agent(a) => {
             let cfg = AgentConfig::load(a.config.as_deref(), &a.settings)?;
             crate::logging::init(cfg.log_format);
@@ -512,6 +547,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             return action(&client()?, json, &package, "remove", target, wait).await;
         }
         Command::Rollback { package, wait } => return rollback_cmd(&client()?, json, &package, wait).await,
+        Command::Export { package, file, version, base_version } => {
+            export_cmd(&client()?, json, &package, &file, ExportRequest { version, base_version }).await?
+        }
         Command::Validate { package, target } => return validate_cmd(&client()?, json, &package, target).await,
         Command::Gc => gc_cmd(&client()?, json).await?,
         Command::Quickstart { keep, data_dir } => return crate::quickstart::run(keep, data_dir, json).await,
@@ -961,6 +999,108 @@ async fn status_cmd(c: &AdminClient, json: bool, package: Option<String>, failed
         }
     }
     Ok(())
+}
+
+/// Streams the bundle into a 0600 temporary file beside `file`, makes it durable, then
+/// renames it: `file` is never seen half-written.
+async fn export_cmd(c: &AdminClient, json: bool, package: &str, file: &Path, req: ExportRequest) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let name = file.file_name().with_context(|| format!("{} names no file", file.display()))?;
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let out = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .await
+        .with_context(|| format!("cannot create {}: is {} writable?", tmp.display(), dir.display()))?;
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, out);
+    let written: Result<u64> = async {
+        let n = c.download(&format!("/v1/packages/{}/export", enc(package)), &req, &mut out).await?;
+        out.flush().await?;
+        out.get_ref().sync_all().await?;
+        Ok(n)
+    }
+    .await;
+    let bytes = match written {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e.context(format!("export of {package} failed; {} was not written", file.display())));
+        }
+    };
+    // What was written, from the file itself (its header and manifest check out).
+    let check = tmp.clone();
+    let header = tokio::task::spawn_blocking(move || -> Result<BundleHeader> {
+        let f = std::fs::File::open(&check)?;
+        Ok(BundleReader::open(std::io::BufReader::new(f))?.header().clone())
+    })
+    .await?;
+    let header = match header {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            bail!("the server sent a bundle that does not check out ({e:#}); {} was not written", file.display());
+        }
+    };
+    tokio::fs::rename(&tmp, file)
+        .await
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), file.display()))?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    let r = ExportReport {
+        package: header.package,
+        version: header.version,
+        base_version: header.base_version,
+        file: file.display().to_string(),
+        bytes,
+        chunks: header.chunks,
+        chunk_bytes: header.chunk_bytes,
+    };
+    emit(json, &r, |r| {
+        let base = r.base_version.map_or(String::new(), |b| format!(" without what version {b} has"));
+        outln!(
+            "exported {} version {}{base} to {}: {}, {} of chunks, {} in all",
+            r.package,
+            r.version,
+            r.file,
+            plural(r.chunks, "chunk"),
+            human_bytes(r.chunk_bytes),
+            human_bytes(r.bytes)
+        )
+    });
+    Ok(())
+}
+
+/// `dpsync agent import FILE --data-dir DIR`: opens the DP's state itself, holding the
+/// data directory's lock, so it refuses while the agent runs.
+async fn import_cmd(json: bool, data_dir: Option<PathBuf>, config: Option<PathBuf>, file: &Path) -> Result<ExitCode> {
+    let settings = AgentSettings {
+        data_dir,
+        // Not used: the import serves nothing. A configured address is kept.
+        listen: Some("127.0.0.1:0".into()),
+        ..AgentSettings::default()
+    };
+    let cfg = AgentConfig::load(config.as_deref(), &settings)?;
+    dpsync_agent::daemon::secure_data_dir(&cfg.data_dir)?;
+    let _lock = dpsync_agent::daemon::lock_data_dir(&cfg.data_dir).map_err(|_| {
+        anyhow!(
+            "the agent of {} is running (it holds the data directory's lock); stop it (e.g. `systemctl stop dpsync-agent`), \
+             import, and start it again",
+            cfg.data_dir.display()
+        )
+    })?;
+    let agent = dpsync_agent::open_dp(&cfg).await?;
+    let result = agent.import_bundle(file).await;
+    agent.close().await;
+    let r = result?;
+    emit(json, &r, |r| outln!("{}", r.message));
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn rollback_cmd(c: &AdminClient, json: bool, package: &str, wait: WaitArgs) -> Result<ExitCode> {

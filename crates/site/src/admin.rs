@@ -36,6 +36,7 @@ pub fn router(site: Arc<Site>) -> Router {
         .route("/v1/packages/{pkg}/redistribute", post(redistribute))
         .route("/v1/packages/{pkg}/remove", post(remove))
         .route("/v1/packages/{pkg}/rollback", post(rollback))
+        .route("/v1/packages/{pkg}/export", post(export))
         .route("/v1/packages/{pkg}/validate", post(validate))
         .route("/v1/packages/{pkg}/retry", post(retry))
         .with_state(site)
@@ -278,6 +279,26 @@ async fn remove(
     Json(req): Json<TargetRequest>,
 ) -> ApiResult<ActionReport> {
     Ok(Json(site.request(&pkg, required_target(&req)?, Action::Remove).await?))
+}
+
+/// A prestaged bundle, streamed (`application/octet-stream`); errors known before the
+/// first byte are JSON like any other, a failure later ends the body with an error.
+async fn export(
+    State(site): State<Arc<Site>>,
+    Path(pkg): Path<String>,
+    Json(req): Json<dpsync_api::ExportRequest>,
+) -> Result<axum::response::Response, SiteError> {
+    let plan = site.plan_export(&pkg, req.version, req.base_version).await?;
+    let header = serde_json::to_string(&plan.header).map_err(|e| SiteError::Internal(e.into()))?;
+    let rx = crate::export::stream_export(site.clone(), plan);
+    let body = axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    axum::response::Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/octet-stream")
+        .header("x-dpsync-bundle", header)
+        .body(body)
+        .map_err(|e| SiteError::Internal(e.into()))
 }
 
 async fn rollback(State(site): State<Arc<Site>>, Path(pkg): Path<String>) -> ApiResult<RollbackReport> {

@@ -1,6 +1,8 @@
-//! One HTTP client per target, reused by every job and admin call to it: its connection
-//! pool (and TLS sessions) outlive a job, and a pinned certificate is configured once. A
-//! client is replaced when the target's connection settings change.
+//! One client per target, reused by every job and admin call to it: its connections
+//! (and TLS sessions) outlive a job, and a pinned certificate is configured once. Targets
+//! without a pin share one HTTP client underneath (connections pooled by address), so
+//! thousands of targets do not each read the system's certificate authorities or keep a
+//! pool. A client is replaced when the target's connection settings change.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dpsync_store::Target;
-use dpsync_transfer::client::{TargetClient, TransferError};
+use dpsync_transfer::client::{HttpClient, TargetClient, TransferError};
 
 /// A digest of what a client is built from: name, URL, token and pinned fingerprint.
 type Settings = [u8; 32];
@@ -20,6 +22,9 @@ pub(crate) struct Clients {
     built: AtomicU64,
     /// How long a call may make no progress (see [`TargetClient`]).
     stall: Duration,
+    /// The HTTP client of the targets without a pinned certificate (one connection pool
+    /// by address, so the site's memory does not grow a client per target).
+    shared: Mutex<Option<HttpClient>>,
 }
 
 impl Default for Clients {
@@ -38,7 +43,19 @@ impl std::fmt::Debug for Clients {
 
 impl Clients {
     pub(crate) fn new(stall: Duration) -> Self {
-        Self { by_target: Mutex::default(), built: AtomicU64::new(0), stall }
+        Self { by_target: Mutex::default(), built: AtomicU64::new(0), stall, shared: Mutex::default() }
+    }
+
+    /// The HTTP client every target without a pinned certificate shares, built once.
+    fn shared(&self) -> Result<HttpClient, TransferError> {
+        let mut shared = self.shared.lock().unwrap();
+        if let Some(http) = shared.as_ref() {
+            return Ok(http.clone());
+        }
+        let http = HttpClient::new(None)
+            .map_err(|message| TransferError::Client { target: "(every target)".into(), message })?;
+        *shared = Some(http.clone());
+        Ok(http)
     }
 
     /// The client of `target` as it is configured now (the caller has just read it from
@@ -62,8 +79,11 @@ impl Clients {
         }
         // Built outside the lock (it reads the system's root certificates); two jobs that
         // race here each build one, and the last one stays.
-        let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?
-            .with_stall(self.stall);
+        let client = match target.fingerprint.as_deref() {
+            Some(fp) => TargetClient::new(&target.name, &target.url, target.token.clone(), Some(fp))?,
+            None => TargetClient::with_http(&self.shared()?, &target.name, &target.url, target.token.clone()),
+        }
+        .with_stall(self.stall);
         pace(&client);
         self.built.fetch_add(1, Ordering::Relaxed);
         self.by_target.lock().unwrap().insert(target.id, (settings, client.clone()));

@@ -50,6 +50,15 @@ pub struct ServerSettings {
     /// however slow its link [default: 60].
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub stall_timeout_secs: Option<i64>,
+    /// Seconds a job's first call to a target (connect, TLS handshake and its answer) may
+    /// take in all, 1–600; a target that does not answer in time is retried later and
+    /// holds no push slot meanwhile [default: 5].
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    pub probe_timeout_secs: Option<i64>,
+    /// Jobs that may be probing their targets at once, 1–4096; a quarter more (at least
+    /// one) are kept for targets whose last job failed [default: 256].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub parallel_probes: Option<i64>,
     /// After the fast retries (--retries), how often a failing target is tried again, as
     /// a duration: 30s, 15m, 6h, 7d; from 1s to 7d [default: 30m].
     #[arg(long, value_name = "DUR")]
@@ -194,6 +203,7 @@ impl ServerConfig {
         let defaults = DistConfig::default();
         // A first delay above the backoff's cap would be cut to the cap without a word.
         let max_delay_ms = defaults.retry_max.as_millis() as i64;
+        let probes = l.number("parallel_probes", s.parallel_probes, defaults.probes as i64, 1..=4096)?;
         let dist = DistConfig {
             parallel: l.number("parallel_targets", s.parallel_targets, defaults.parallel as i64, 1..=1024)? as usize,
             retries: l.number("retries", s.retries, defaults.retries, 0..=100)?,
@@ -209,6 +219,14 @@ impl ServerConfig {
                 defaults.stall.as_secs() as i64,
                 1..=3600,
             )? as u64),
+            probe: Duration::from_secs(l.number(
+                "probe_timeout_secs",
+                s.probe_timeout_secs,
+                defaults.probe.as_secs() as i64,
+                1..=600,
+            )? as u64),
+            probes: probes as usize,
+            failing_probes: (probes as usize / 4).max(1),
             slow_retry: match s.slow_retry.as_deref() {
                 None => defaults.slow_retry,
                 Some(text) => match dpsync_api::parse_duration(text) {
@@ -312,6 +330,11 @@ mod tests {
         assert_eq!((c.keep_versions, c.disk_reserve), (5, 256 << 20));
         assert_eq!((c.dist.parallel, c.dist.retries, c.dist.retry_base.as_millis()), (8, 5, 2000));
         assert_eq!(c.dist.stall.as_secs(), 60);
+        assert_eq!((c.dist.probe.as_secs(), c.dist.probes, c.dist.failing_probes), (5, 256, 64));
+        let probing = resolve(dir.path(), Some("probe_timeout_secs = 2\n"), &[], &["--parallel-probes", "8"]).unwrap();
+        assert_eq!((probing.dist.probe.as_secs(), probing.dist.probes, probing.dist.failing_probes), (2, 8, 2));
+        let e = err(resolve(dir.path(), None, &[], &["--probe-timeout-secs", "0"]));
+        assert!(e.starts_with("probe_timeout_secs: 0 is out of range (1–600)"), "{e}");
         let quick = resolve(dir.path(), Some("stall_timeout_secs = 5\n"), &[], &[]).unwrap();
         assert_eq!(quick.dist.stall.as_secs(), 5);
         let e = err(resolve(dir.path(), None, &[], &["--stall-timeout-secs", "0"]));

@@ -1,7 +1,13 @@
 //! Fan-out: the durable job runner and the per-target push.
 //!
-//! One job per (package, target) lives in the store. The runner claims due jobs up to
-//! the parallelism limit and runs each as a task; a job that fails with a retryable
+//! One job per (package, target) lives in the store. The runner claims due jobs and
+//! runs each as a task in two stages: a *probe* (the target's state, answered whole
+//! within `DistConfig::probe`, 5 s) under one of many cheap probe slots, then the push
+//! itself under one of the `parallel` push slots, which only targets that answered get.
+//! A dead or hung target therefore costs a probe slot for seconds and never holds a push
+//! slot. Targets whose last job failed are claimed after the others and only into a
+//! small pool of probe slots of their own (`failing_probes`), so thousands of failing
+//! targets never queue a live one. A job that fails with a retryable
 //! error is rescheduled with exponential backoff and jitter until its retries run out
 //! (a removal: until it succeeds). Then it is `failed`, which is not the end: it is
 //! tried again every `slow_retry` (30 min by default) until it works, or at once on
@@ -23,10 +29,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use dpsync_hash::{ChunkId, ContentRoot, DecodeError, DecodeLimits, FileHash, Manifest};
 use dpsync_library::LibraryError;
-use dpsync_store::{Action, DistState, Distribution, Outcome, StoreError, Target, TargetKind};
+use dpsync_store::{Action, DistState, Distribution, Outcome, StoreError, Target, TargetHealth, TargetKind};
 use dpsync_transfer::client::{RejectReason, Signed, TargetClient, TransferError};
 use dpsync_transfer::trust::{Handover, Ownership};
+use dpsync_transfer::wire::PackageState;
 use dpsync_transfer::wire::{self, BatchBuilder, WireChunk};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::Site;
@@ -55,6 +63,13 @@ pub struct DistConfig {
     /// How long a call to a target may make no progress before it is given up (and
     /// retried); there is no limit on a call that moves.
     pub stall: Duration,
+    /// How long a job's first call (connect, TLS handshake, the target's state) may take
+    /// in all before the target is taken for unreachable and the job retried.
+    pub probe: Duration,
+    /// Jobs probing their targets at once (targets not known to be failing).
+    pub probes: usize,
+    /// Jobs probing targets whose last job failed, at once (a pool of their own).
+    pub failing_probes: usize,
 }
 
 impl Default for DistConfig {
@@ -68,6 +83,9 @@ impl Default for DistConfig {
             batch_bytes: 4 << 20,
             batch_memory: 40 << 20,
             stall: dpsync_transfer::client::DEFAULT_STALL,
+            probe: Duration::from_secs(5),
+            probes: 256,
+            failing_probes: 64,
         }
     }
 }
@@ -339,18 +357,25 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
         Ok(_) => {}
         Err(e) => tracing::error!("cannot reset interrupted jobs: {e}"),
     }
-    let slots = Arc::new(tokio::sync::Semaphore::new(site.dist.parallel));
+    let pools = Pools {
+        push: Arc::new(Semaphore::new(site.dist.parallel)),
+        healthy: Arc::new(Semaphore::new(site.dist.probes.max(1))),
+        failing: Arc::new(Semaphore::new(site.dist.failing_probes.max(1))),
+    };
     loop {
-        let free = slots.available_permits();
-        if free > 0 {
-            match site.store.claim_due(now_ms(), free as i64).await {
+        for (health, probes) in [(TargetHealth::Healthy, &pools.healthy), (TargetHealth::Failing, &pools.failing)] {
+            let free = probes.available_permits();
+            if free == 0 {
+                continue;
+            }
+            match site.store.claim_due_of(now_ms(), free as i64, Some(health)).await {
                 Ok(jobs) => {
                     for job in jobs {
-                        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+                        let probe = probes.clone().acquire_owned().await.expect("semaphore open");
+                        let push = pools.push.clone();
                         let site = site.clone();
                         tokio::spawn(async move {
-                            site.run_job(job).await;
-                            drop(permit);
+                            site.run_job(job, Admission { probe, push }).await;
                             site.jobs.notify_one();
                         });
                     }
@@ -358,16 +383,43 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
                 Err(e) => tracing::error!("cannot claim jobs: {e}"),
             }
         }
-        let wait = match site.store.next_due_at().await {
-            Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(10, 5_000) as u64),
-            _ => Duration::from_secs(5),
-        };
+        // Sleep until a row a pool with a free slot could take falls due; a full pool is
+        // woken by its jobs ending, not polled.
+        let mut wait = Duration::from_secs(5);
+        for (health, probes) in [(TargetHealth::Healthy, &pools.healthy), (TargetHealth::Failing, &pools.failing)] {
+            if probes.available_permits() == 0 {
+                continue;
+            }
+            if let Ok(Some(at)) = site.store.next_due_at_of(Some(health)).await {
+                wait = wait.min(Duration::from_millis((at - now_ms()).clamp(10, 5_000) as u64));
+            }
+        }
         tokio::select! {
-            _ = site.jobs.notified() => {}
+            // Jobs that end close together are replaced by one claim, not one each: a
+            // claim's cost grows with the jobs waiting, which may be thousands.
+            _ = site.jobs.notified() => tokio::time::sleep(CLAIM_COALESCE).await,
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => break,
         }
     }
+}
+
+/// How long the runner lets finished jobs gather before it claims their successors.
+const CLAIM_COALESCE: Duration = Duration::from_millis(20);
+
+/// The job runner's slots: `push` for pushes (`DistConfig::parallel`), `healthy` and
+/// `failing` for probes of targets not known to fail and of failing ones.
+struct Pools {
+    push: Arc<Semaphore>,
+    healthy: Arc<Semaphore>,
+    failing: Arc<Semaphore>,
+}
+
+/// A claimed job's way through the pools: it holds its probe slot until its target has
+/// answered, then waits for a push slot.
+struct Admission {
+    probe: OwnedSemaphorePermit,
+    push: Arc<Semaphore>,
 }
 
 impl Site {
@@ -376,7 +428,7 @@ impl Site {
         self.jobs.notify_one();
     }
 
-    async fn run_job(&self, job: Distribution) {
+    async fn run_job(&self, job: Distribution, admission: Admission) {
         let key = (job.package_id.clone(), job.target_id);
         let started = std::time::Instant::now();
         self.set_progress(&key, |p| {
@@ -384,7 +436,7 @@ impl Site {
             p.started_ms = now_ms();
         });
         let result = match self.store.target_by_id(job.target_id).await {
-            Ok(Some(target)) => self.run_action(&job, &target).await,
+            Ok(Some(target)) => self.run_action(&job, &target, admission).await,
             Ok(None) => Err(PushError::TargetGone { target: job.target_name.clone() }),
             Err(e) => Err(e.into()),
         };
@@ -448,7 +500,12 @@ impl Site {
         }
     }
 
-    async fn run_action(&self, job: &Distribution, target: &Target) -> Result<Outcome, PushError> {
+    async fn run_action(
+        &self,
+        job: &Distribution,
+        target: &Target,
+        admission: Admission,
+    ) -> Result<Outcome, PushError> {
         let client = self.clients.get(target).map_err(|e| PushError::transfer(e, target, &job.package_id))?;
         // Content goes only within the target's send windows (a removal sends none).
         if job.action != Action::Remove {
@@ -457,12 +514,19 @@ impl Site {
                 Gate::Closed { opens_at } => return Ok(wait_for_window(job, target, opens_at)),
             }
         }
+        // The probe: a target that does not answer at once gives its slot back in seconds.
+        let probed = client
+            .probe_state(&job.package_id, self.dist.probe)
+            .await
+            .map_err(|e| PushError::transfer(e, target, &job.package_id))?;
+        let _push_slot = admission.push.acquire_owned().await.expect("semaphore open");
+        drop(admission.probe);
         let pushed = match job.action {
             Action::Install | Action::Validate => {
-                self.push(job, target, &client, false).await.map(|version| Outcome::Installed { version })
+                self.push(job, target, &client, false, probed).await.map(|version| Outcome::Installed { version })
             }
             Action::Redistribute => {
-                self.push(job, target, &client, true).await.map(|version| Outcome::Installed { version })
+                self.push(job, target, &client, true, probed).await.map(|version| Outcome::Installed { version })
             }
             Action::Remove => {
                 self.set_progress(&(job.package_id.clone(), job.target_id), |p| p.phase = Phase::Removing);
@@ -520,6 +584,7 @@ impl Site {
         target: &Target,
         client: &TargetClient,
         force: bool,
+        probed: PackageState,
     ) -> Result<i64, PushError> {
         let pkg = &job.package_id;
         let version = job.desired_version;
@@ -551,7 +616,11 @@ impl Site {
                 return Ok(state.installed_version.unwrap_or(version));
             }
         }
-        let state = client.package_state(pkg).await.map_err(refused)?;
+        // The probe's answer, unless a change of owner was announced since.
+        let state = match package.owner_chain {
+            None => probed,
+            Some(_) => client.package_state(pkg).await.map_err(refused)?,
+        };
         if !force && !state.broken && state.installed_root.as_deref() == Some(root.as_str()) {
             match state.installed_version {
                 Some(v) if v == version => return Ok(version),
@@ -777,7 +846,7 @@ impl Site {
 
     /// The owner's signature to send with a version: made here for this site's own
     /// packages, relayed as received for the others.
-    fn signed(
+    pub(crate) fn signed(
         &self,
         package: &dpsync_store::Package,
         version: i64,

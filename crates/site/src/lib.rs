@@ -12,6 +12,7 @@ pub mod backup;
 mod clients;
 mod config;
 mod distribute;
+pub mod export;
 mod handover;
 mod lifecycle;
 mod metrics;

@@ -448,9 +448,8 @@ impl Site {
         }
         targets.sort_by(|a, b| a.name.cmp(&b.name));
         targets.dedup_by(|a, b| a.id == b.id);
-        for t in &targets {
-            self.store.assign(&p.id, t.id).await?;
-        }
+        let ids: Vec<i64> = targets.iter().map(|t| t.id).collect();
+        self.store.assign_many(&p.id, &ids).await?;
         self.kick_jobs();
         tracing::info!(package = %p.id, targets = targets.len(), "distribution assigned");
         Ok(DistributeReport {

@@ -17,7 +17,7 @@ use sqlx::any::AnyRow;
 
 use crate::error::{Result, StoreError};
 use crate::packages::{Lock, lock_package, normalize_id};
-use crate::{Action, Backend, DistState, Distribution, Outcome, StateCount, Store, now_ms};
+use crate::{Action, Backend, DistState, Distribution, Outcome, StateCount, Store, TargetHealth, now_ms};
 
 macro_rules! dist_select {
     () => {
@@ -105,61 +105,43 @@ impl Store {
     /// being deleted.
     pub async fn assign(&self, package_id: &str, target_id: i64) -> Result<Distribution> {
         let id = normalize_id(package_id);
-        let now = now_ms();
         let mut tx = self.begin_write().await?;
-        let current = lock_package(self, &mut tx, &id, Lock::Share).await?;
+        let current = self.lock_for_assign(&mut tx, &id).await?;
+        assign_row(&mut tx, &id, target_id, current, now_ms()).await?;
+        let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
+        tx.commit().await?;
+        Ok(dist)
+    }
+
+    /// [`Store::assign`] for many targets, in transactions of up to 500 rows: assigning a
+    /// package to thousands of targets costs a few commits, not one per target.
+    pub async fn assign_many(&self, package_id: &str, target_ids: &[i64]) -> Result<()> {
+        let id = normalize_id(package_id);
+        for part in target_ids.chunks(500) {
+            let mut tx = self.begin_write().await?;
+            let current = self.lock_for_assign(&mut tx, &id).await?;
+            let now = now_ms();
+            for target_id in part {
+                assign_row(&mut tx, &id, *target_id, current, now).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Locks package `id` (shared) for an assignment; its current version. `Conflict`
+    /// while it is being deleted.
+    async fn lock_for_assign(&self, tx: &mut sqlx::Transaction<'static, sqlx::Any>, id: &str) -> Result<i64> {
+        let current = lock_package(self, tx, id, Lock::Share).await?;
         let deleting: Option<i64> = sqlx::query("SELECT deleting_since FROM packages WHERE id = $1")
-            .bind(&id)
-            .fetch_one(&mut *tx)
+            .bind(id)
+            .fetch_one(&mut **tx)
             .await?
             .try_get("deleting_since")?;
         if deleting.is_some() {
             return Err(StoreError::Conflict(format!("package {id} is being deleted; it cannot be distributed")));
         }
-        if sqlx::query("SELECT id FROM targets WHERE id = $1").bind(target_id).fetch_optional(&mut *tx).await?.is_none()
-        {
-            return Err(StoreError::NotFound(format!("target id {target_id}")));
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO distributions (package_id, target_id, state, action, desired_version, \
-               attempts, next_attempt_at, bytes_sent_last, bytes_sent_total, generation, \
-               claimed_generation, updated_at) \
-             VALUES ($1, $2, 'pending', 'install', $3, 0, $4, 0, 0, 1, 0, $4) \
-             ON CONFLICT (package_id, target_id) DO NOTHING",
-        )
-        .bind(&id)
-        .bind(target_id)
-        .bind(current)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            sqlx::query(
-                "UPDATE distributions SET action = 'install', desired_version = $3, \
-                   state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, \
-                   attempts = 0, next_attempt_at = $4, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, bytes_from_peers_last = 0, \
-                   generation = generation + 1, updated_at = $4 \
-                 WHERE package_id = $1 AND target_id = $2 \
-                   AND (state IN ('removing', 'removed') OR action = 'remove')",
-            )
-            .bind(&id)
-            .bind(target_id)
-            .bind(current)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            // The filter is a literal of this file.
-            sqlx::query(sqlx::AssertSqlSafe(retry_sql("package_id = $2 AND target_id = $3")))
-                .bind(now)
-                .bind(&id)
-                .bind(target_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
-        tx.commit().await?;
-        Ok(dist)
+        Ok(current)
     }
 
     /// Asks for `action` at `desired_version` on an assigned target: sets the action and
@@ -309,46 +291,71 @@ impl Store {
 
     /// Atomically takes up to `limit` due rows (state `pending`/`retrying`/`removing`,
     /// `next_attempt_at <= now_ms`, and a version to install or a removal to do), those of
-    /// higher-priority packages first, then oldest due first, marks them `in_progress`, increments `attempts` and returns them (with their
+    /// higher-priority packages first, then those of targets that are not failing, then
+    /// oldest due first, marks them `in_progress`, increments `attempts` and returns them (with their
     /// action, so removals stay identifiable). A row is never returned to two claimers:
     /// PostgreSQL uses `FOR UPDATE SKIP LOCKED`, SQLite one `BEGIN IMMEDIATE` transaction.
     pub async fn claim_due(&self, now_ms: i64, limit: i64) -> Result<Vec<Distribution>> {
+        self.claim_due_of(now_ms, limit, None).await
+    }
+
+    /// [`Store::claim_due`] restricted to the rows of targets whose jobs are failing
+    /// (`Some(TargetHealth::Failing)`: their last job failed) or not (`Some(TargetHealth::Healthy)`:
+    /// it succeeded, or they were never tried); `None` takes both.
+    pub async fn claim_due_of(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        health: Option<TargetHealth>,
+    ) -> Result<Vec<Distribution>> {
         if limit <= 0 {
             return Ok(Vec::new());
         }
+        let failing = "(SELECT t.failing_since FROM targets t WHERE t.id = distributions.target_id)";
+        let only = match health {
+            None => String::new(),
+            Some(TargetHealth::Healthy) => format!(" AND {failing} IS NULL"),
+            Some(TargetHealth::Failing) => format!(" AND {failing} IS NOT NULL"),
+        };
+        let order = format!(
+            "{}, CASE WHEN {failing} IS NULL THEN 0 ELSE 1 END, next_attempt_at, package_id, target_id",
+            by_priority!()
+        );
         let token = claim_token();
         let mut tx = self.begin_write().await?;
         let sql = match self.backend {
-            Backend::Sqlite => concat!(
+            Backend::Sqlite => format!(
                 "UPDATE distributions SET state = 'in_progress', attempts = attempts + 1, \
                    claim_token = $1, claimed_generation = generation, updated_at = $4 \
-                 WHERE rowid IN (SELECT rowid FROM distributions WHERE ",
-                claimable!(),
-                " AND next_attempt_at <= $2 \
-                   ORDER BY ",
-                by_priority!(),
-                ", next_attempt_at, package_id, target_id LIMIT $3)"
+                 WHERE rowid IN (SELECT rowid FROM distributions WHERE {} AND next_attempt_at <= $2{only} \
+                   ORDER BY {order} LIMIT $3)",
+                claimable!()
             ),
-            Backend::Postgres => concat!(
+            Backend::Postgres => format!(
                 "UPDATE distributions SET state = 'in_progress', attempts = attempts + 1, \
                    claim_token = $1, claimed_generation = generation, updated_at = $4 \
                  WHERE (package_id, target_id) IN (SELECT package_id, target_id \
-                   FROM distributions WHERE ",
-                claimable!(),
-                " AND next_attempt_at <= $2 \
-                   ORDER BY ",
-                by_priority!(),
-                ", next_attempt_at, package_id, target_id LIMIT $3 \
+                   FROM distributions WHERE {} AND next_attempt_at <= $2{only} \
+                   ORDER BY {order} LIMIT $3 \
                    FOR UPDATE SKIP LOCKED) \
-                 AND ",
+                 AND {}",
+                claimable!(),
                 claimable!()
             ),
         };
-        sqlx::query(sql).bind(token).bind(now_ms).bind(limit).bind(crate::now_ms()).execute(&mut *tx).await?;
+        // Built only from this function's constant fragments.
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(token)
+            .bind(now_ms)
+            .bind(limit)
+            .bind(crate::now_ms())
+            .execute(&mut *tx)
+            .await?;
         let rows = sqlx::query(concat!(
             dist_select!(),
             "WHERE d.claim_token = $1 AND d.state = 'in_progress' \
              ORDER BY (SELECT p.priority FROM packages p WHERE p.id = d.package_id) DESC, \
+               CASE WHEN (SELECT t.failing_since FROM targets t WHERE t.id = d.target_id) IS NULL THEN 0 ELSE 1 END, \
                d.next_attempt_at, d.package_id, d.target_id"
         ))
         .bind(token)
@@ -359,12 +366,40 @@ impl Store {
         Ok(claimed)
     }
 
+    /// Whether `target_id`'s jobs are failing, and since when (unix ms).
+    pub async fn target_failing_since(&self, target_id: i64) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT failing_since FROM targets WHERE id = $1")
+            .bind(target_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("failing_since")?,
+            None => None,
+        })
+    }
+
     /// The earliest `next_attempt_at` among claimable rows (possibly in the past), or `None`
     /// if nothing is waiting: how long the scheduler may sleep.
     pub async fn next_due_at(&self) -> Result<Option<i64>> {
-        let row = sqlx::query(concat!("SELECT MIN(next_attempt_at) AS due FROM distributions WHERE ", claimable!()))
-            .fetch_one(&self.pool)
-            .await?;
+        self.next_due_at_of(None).await
+    }
+
+    /// [`Store::next_due_at`] among the rows [`Store::claim_due_of`] would take with `health`.
+    pub async fn next_due_at_of(&self, health: Option<TargetHealth>) -> Result<Option<i64>> {
+        let sql = match health {
+            None => concat!("SELECT MIN(next_attempt_at) AS due FROM distributions WHERE ", claimable!()),
+            Some(TargetHealth::Healthy) => concat!(
+                "SELECT MIN(next_attempt_at) AS due FROM distributions WHERE ",
+                claimable!(),
+                " AND (SELECT t.failing_since FROM targets t WHERE t.id = distributions.target_id) IS NULL"
+            ),
+            Some(TargetHealth::Failing) => concat!(
+                "SELECT MIN(next_attempt_at) AS due FROM distributions WHERE ",
+                claimable!(),
+                " AND (SELECT t.failing_since FROM targets t WHERE t.id = distributions.target_id) IS NOT NULL"
+            ),
+        };
+        let row = sqlx::query(sql).fetch_one(&self.pool).await?;
         Ok(row.try_get("due")?)
     }
 
@@ -470,6 +505,8 @@ impl Store {
         let previous_error_at: Option<i64> = row.try_get("last_error_at")?;
         let mut window_wait = 0i64;
         let succeeded = matches!(outcome, Outcome::Installed { .. });
+        let reached = matches!(outcome, Outcome::Installed { .. } | Outcome::Removed);
+        let failed = matches!(outcome, Outcome::Retry { .. } | Outcome::Failed { .. });
         let (mut new_state, last_error) = match outcome {
             Outcome::Installed { version } => {
                 installed = Some(version);
@@ -524,6 +561,19 @@ impl Store {
         .bind(i64::from(succeeded))
         .execute(&mut *tx)
         .await?;
+        // What the site learns of the target itself: failing since the first failure,
+        // healthy again on any success (a wait for a window or a validation finding
+        // damage says nothing about reaching it).
+        let health = if reached {
+            Some("UPDATE targets SET failing_since = NULL WHERE id = $1 AND $2 > 0")
+        } else if failed {
+            Some("UPDATE targets SET failing_since = COALESCE(failing_since, $2) WHERE id = $1")
+        } else {
+            None
+        };
+        if let Some(sql) = health {
+            sqlx::query(sql).bind(target_id).bind(now).execute(&mut *tx).await?;
+        }
         let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
         tx.commit().await?;
         Ok(dist)
@@ -539,6 +589,57 @@ fn retry_sql(filter: &str) -> String {
            attempts = 0, next_attempt_at = $1, generation = generation + 1, updated_at = $1 \
          WHERE ({filter}) AND state IN ('failed', 'retrying')"
     )
+}
+
+/// One row of [`Store::assign`], in the caller's transaction.
+async fn assign_row(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    id: &str,
+    target_id: i64,
+    current: i64,
+    now: i64,
+) -> Result<()> {
+    if sqlx::query("SELECT id FROM targets WHERE id = $1").bind(target_id).fetch_optional(&mut **tx).await?.is_none() {
+        return Err(StoreError::NotFound(format!("target id {target_id}")));
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO distributions (package_id, target_id, state, action, desired_version, \
+           attempts, next_attempt_at, bytes_sent_last, bytes_sent_total, generation, \
+           claimed_generation, updated_at) \
+         VALUES ($1, $2, 'pending', 'install', $3, 0, $4, 0, 0, 1, 0, $4) \
+         ON CONFLICT (package_id, target_id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(target_id)
+    .bind(current)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        sqlx::query(
+            "UPDATE distributions SET action = 'install', desired_version = $3, \
+               state = CASE WHEN state = 'in_progress' THEN 'in_progress' ELSE 'pending' END, \
+               attempts = 0, next_attempt_at = $4, last_error = NULL, last_error_at = NULL, bytes_sent_last = 0, bytes_from_peers_last = 0, \
+               generation = generation + 1, updated_at = $4 \
+             WHERE package_id = $1 AND target_id = $2 \
+               AND (state IN ('removing', 'removed') OR action = 'remove')",
+        )
+        .bind(id)
+        .bind(target_id)
+        .bind(current)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        // The filter is a literal of this file.
+        sqlx::query(sqlx::AssertSqlSafe(retry_sql("package_id = $2 AND target_id = $3")))
+            .bind(now)
+            .bind(id)
+            .bind(target_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn select_one(

@@ -45,8 +45,8 @@ pub use observe::TargetSeries;
 pub use snapshot::snapshot_sqlite_file;
 pub use types::{
     Action, Backend, DistState, Distribution, NewTarget, NewVersion, Outcome, Package, PackageUpdate, PackageVersion,
-    Priority, StateCount, Target, TargetKind, TargetUpdate, ValidationSchedule, VersionRecord, VersionStats,
-    VersionSummary,
+    Priority, StateCount, Target, TargetHealth, TargetKind, TargetUpdate, ValidationSchedule, VersionRecord,
+    VersionStats, VersionSummary,
 };
 
 /// Newest schema version this build knows (the highest migration number).

@@ -163,6 +163,16 @@ pub struct Package {
     pub owner_chain: Option<String>,
 }
 
+/// Which targets' jobs a claim takes (`Store::claim_due_of`): the job runner gives
+/// targets whose last job failed a small pool of slots of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetHealth {
+    /// The target's last job succeeded, or it was never tried.
+    Healthy,
+    /// The target's last job failed (`targets.failing_since` is set).
+    Failing,
+}
+
 /// How early a package's jobs are claimed among the jobs that are due.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -19,7 +19,7 @@ use dpsync_hash::{ChunkId, ContentRoot, FileHash};
 use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged, StagedChunk};
 use dpsync_store::{
     Action, Backend, DistState, NewTarget, NewVersion, Outcome, PackageUpdate, PackageVersion, Priority, StateCount,
-    Store, StoreError, TargetKind, TargetUpdate, VersionStats,
+    Store, StoreError, TargetHealth, TargetKind, TargetUpdate, VersionStats,
 };
 use sqlx::Connection;
 
@@ -178,6 +178,8 @@ conformance!(
     deleting_a_package_waits_for_every_target,
     validation_schedules,
     target_series_for_metrics,
+    failing_targets_are_claimed_last_and_apart,
+    assign_many_assigns_in_bulk,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1572,6 +1574,67 @@ async fn higher_priority_jobs_are_claimed_first(db: &Db) {
     }
     let all: Vec<String> = db.claim_due(soon(), 3).await.unwrap().into_iter().map(|d| d.package_id).collect();
     assert_eq!(all, [high, medium, low]);
+}
+
+async fn failing_targets_are_claimed_last_and_apart(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    // `dead` registered first: among targets never tried, it would be claimed first.
+    let dead = target(db, "dead").await;
+    let live = target(db, "live").await;
+    for t in [dead, live] {
+        db.assign(&id, t).await.unwrap();
+    }
+    assert_eq!(db.target_failing_since(dead).await.unwrap(), None);
+    let first = db.claim_due(soon(), 1).await.unwrap();
+    assert_eq!(first[0].target_id, dead);
+    db.finish(&id, dead, Outcome::Retry { error: "refused".into(), next_attempt_at: now() + 3_600_000 }).await.unwrap();
+    let since = db.target_failing_since(dead).await.unwrap().expect("failing since its failure");
+    let rest: Vec<i64> = db.claim_due(soon(), 10).await.unwrap().into_iter().map(|d| d.target_id).collect();
+    assert_eq!(rest, [live]);
+    db.finish(&id, live, Outcome::Installed { version: 1 }).await.unwrap();
+
+    // A new version: both due again; the failing target comes after the other.
+    db.commit_version(&id, new_version("b")).await.unwrap();
+    assert_eq!(db.claim_due(soon(), 1).await.unwrap()[0].target_id, live);
+    assert_eq!(db.claim_due(soon(), 1).await.unwrap()[0].target_id, dead);
+    // Still failing: the first failure's time stays.
+    db.finish(&id, dead, Outcome::Failed { error: "refused".into(), next_attempt_at: now() }).await.unwrap();
+    assert_eq!(db.target_failing_since(dead).await.unwrap(), Some(since));
+    db.finish(&id, live, Outcome::Installed { version: 2 }).await.unwrap();
+
+    // Claims by health take only their own kind.
+    db.commit_version(&id, new_version("c")).await.unwrap();
+    assert!(db.next_due_at_of(Some(TargetHealth::Healthy)).await.unwrap().is_some());
+    assert!(db.next_due_at_of(Some(TargetHealth::Failing)).await.unwrap().is_some());
+    let healthy = db.claim_due_of(soon(), 10, Some(TargetHealth::Healthy)).await.unwrap();
+    assert_eq!(healthy.iter().map(|d| d.target_id).collect::<Vec<_>>(), [live]);
+    let failing = db.claim_due_of(soon(), 10, Some(TargetHealth::Failing)).await.unwrap();
+    assert_eq!(failing.iter().map(|d| d.target_id).collect::<Vec<_>>(), [dead]);
+    assert_eq!(db.next_due_at_of(Some(TargetHealth::Healthy)).await.unwrap(), None, "nothing left to claim");
+    assert_eq!(db.next_due_at_of(Some(TargetHealth::Failing)).await.unwrap(), None);
+    // A wait for a window says nothing of the target; a success makes it healthy.
+    db.finish(&id, dead, Outcome::WaitWindow { next_window_at: now() }).await.unwrap();
+    assert_eq!(db.target_failing_since(dead).await.unwrap(), Some(since));
+    db.claim_due(soon(), 10).await.unwrap();
+    db.finish(&id, dead, Outcome::Installed { version: 3 }).await.unwrap();
+    assert_eq!(db.target_failing_since(dead).await.unwrap(), None);
+}
+
+async fn assign_many_assigns_in_bulk(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let mut ids = Vec::new();
+    for i in 0..1_003 {
+        ids.push(target(db, &format!("dp{i:04}")).await);
+    }
+    db.assign(&id, ids[0]).await.unwrap();
+    db.claim_due(soon(), 1).await.unwrap();
+    db.finish(&id, ids[0], Outcome::Installed { version: 1 }).await.unwrap();
+    db.assign_many(&id, &ids).await.unwrap();
+    let dists = db.distributions(&id).await.unwrap();
+    assert_eq!(dists.len(), 1_003);
+    assert_eq!(dists.iter().filter(|d| d.state == DistState::Pending && d.desired_version == 1).count(), 1_002);
+    assert_eq!(db.distribution(&id, ids[0]).await.unwrap().unwrap().state, DistState::Installed, "left as it was");
+    assert!(matches!(db.assign_many(&id, &[ids[1], 999_999]).await, Err(StoreError::NotFound(_))));
 }
 
 async fn deleting_a_package_waits_for_every_target(db: &Db) {

@@ -167,6 +167,34 @@ impl RejectReason {
     }
 }
 
+/// The HTTP client under [`TargetClient`]s (cheap to clone; clones share connections).
+#[derive(Debug, Clone)]
+pub struct HttpClient(reqwest::Client);
+
+impl HttpClient {
+    /// With `fingerprint`, the target's TLS certificate is pinned by its SHA-256 (one
+    /// client per pin), else checked against the system's certificate authorities (one
+    /// client may serve every such target).
+    pub fn new(fingerprint: Option<&str>) -> Result<Self, String> {
+        http_client(fingerprint).map(Self)
+    }
+}
+
+fn http_client(fingerprint: Option<&str>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(fp) = fingerprint {
+        let cfg = crate::trust::pinned_client_config(fp).map_err(|e| e.to_string())?;
+        builder = builder.tls_backend_preconfigured(cfg);
+    }
+    builder
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_user_timeout(DEFAULT_STALL)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// A connection to one target's receiving service.
 ///
 /// No call has a deadline for the whole request: a call fails when it stops making
@@ -322,30 +350,26 @@ impl TargetClient {
         token: Option<String>,
         fingerprint: Option<&str>,
     ) -> Result<Self, TransferError> {
-        let mut builder = reqwest::Client::builder();
-        if let Some(fp) = fingerprint {
-            let cfg = crate::trust::pinned_client_config(fp)
-                .map_err(|e| TransferError::Client { target: name.into(), message: e.to_string() })?;
-            builder = builder.tls_backend_preconfigured(cfg);
-        }
-        let stall = DEFAULT_STALL;
-        let http = builder
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_user_timeout(stall)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| TransferError::Client { target: name.into(), message: e.to_string() })?;
-        Ok(Self {
-            http,
+        let http =
+            http_client(fingerprint).map_err(|message| TransferError::Client { target: name.into(), message })?;
+        Ok(Self::with_http(&HttpClient(http), name, base, token))
+    }
+
+    /// A client over `http`, an [`HttpClient`] without a pin that several targets may
+    /// share (its connections are pooled by address; each call carries its target's
+    /// token): building one reads the system's certificate authorities, which thousands
+    /// of targets need not each do.
+    pub fn with_http(http: &HttpClient, name: &str, base: &str, token: Option<String>) -> Self {
+        Self {
+            http: http.0.clone(),
             base: base.trim_end_matches('/').to_owned(),
             name: name.to_owned(),
             token,
             commit_polls: CommitPolls::default(),
-            stall,
+            stall: DEFAULT_STALL,
             rate: Arc::default(),
             pacer: Arc::default(),
-        })
+        }
     }
 
     /// Holds what is sent to the target, over all calls of this client and its clones,
@@ -515,6 +539,23 @@ impl TargetClient {
     pub async fn package_state(&self, pkg: &str) -> Result<PackageState, TransferError> {
         let r = self.send(Method::GET, &format!("/v1/packages/{pkg}"), None, &[], ACT_QUICKLY).await?;
         self.json(r).await
+    }
+
+    /// [`TargetClient::package_state`] that must be answered whole within `within`
+    /// (connecting, the TLS handshake and the answer): the first call of a job, so a
+    /// target that is down, black-holed or hung (accepts, then says nothing) costs the
+    /// job runner seconds, not a stall timeout. A healthy target answers it at once.
+    pub async fn probe_state(&self, pkg: &str, within: Duration) -> Result<PackageState, TransferError> {
+        match tokio::time::timeout(within, self.package_state(pkg)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(TransferError::Timeout {
+                target: self.name.clone(),
+                message: format!(
+                    "no answer within {} s (connecting, TLS handshake or its first answer)",
+                    within.as_secs_f64()
+                ),
+            }),
+        }
     }
 
     /// Sends a version's manifest (already compressed); answers the chunks the target lacks.

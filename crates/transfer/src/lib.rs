@@ -10,6 +10,7 @@
 //!
 //! The protocol is documented in `docs/protocol.md`.
 
+pub mod bundle;
 pub mod client;
 pub mod listen;
 pub mod peer;

@@ -1,6 +1,7 @@
 //! Calls are given up when they stop making progress, never for taking long: a peer
 //! that accepts and then says nothing, or stops reading a body, is given up after about
-//! the stall time; a body that keeps moving, however slowly, is not cut.
+//! the stall time; a body that keeps moving, however slowly, is not cut. A probe (a
+//! job's first call) has a deadline of its own, shorter than the stall time.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -100,4 +101,25 @@ async fn a_slow_body_that_keeps_moving_is_not_cut() {
     assert!(started.elapsed() > STALL * 2, "the body crossed in {:?}: not slow enough to test", started.elapsed());
     let rate = c.measured_rate().expect("a large request measures the link");
     assert!(rate < 200 << 10, "measured {rate} B/s on a link of about 24 KiB/s");
+}
+
+#[tokio::test]
+async fn a_probe_is_given_up_after_its_own_deadline_however_long_the_stall_time() {
+    let silent = peer(|s| {
+        std::thread::sleep(Duration::from_secs(30));
+        drop(s);
+    });
+    // A stall time far beyond the probe's deadline: the deadline decides.
+    let c = TargetClient::new("dp1", &format!("http://{silent}"), None, None).unwrap().with_stall(STALL * 60);
+    let started = Instant::now();
+    let r = c.probe_state("PS100001", Duration::from_millis(500)).await;
+    let took = started.elapsed();
+    match r {
+        Err(e @ TransferError::Timeout { .. }) => {
+            assert!(took < Duration::from_secs(3), "given up only after {took:?}");
+            assert!(e.to_string().contains("no answer within 0.5 s"), "{e}");
+            assert!(e.is_retryable(), "a target that hangs may come back: {e}");
+        }
+        other => panic!("{other:?} after {took:?}"),
+    }
 }
