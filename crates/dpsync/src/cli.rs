@@ -998,7 +998,18 @@ async fn info_cmd(c: &AdminClient, json: bool) -> Result<()> {
             plural(r.packages, "package"),
             r.database,
             r.data_dir
-        )
+        );
+        outln!("node {}, content library {}", r.node, r.library);
+        for n in &r.nodes {
+            outln!(
+                "  node {:<20} {:<5} last heartbeat {}  started {}  {} running",
+                n.name,
+                if n.alive { "alive" } else { "down" },
+                crate::util::when(n.last_heartbeat_at),
+                crate::util::when(n.started_at),
+                plural(n.jobs_running, "job")
+            );
+        }
     });
     Ok(())
 }

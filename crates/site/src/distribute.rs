@@ -135,6 +135,10 @@ pub(crate) enum PushError {
     StillMissing { target: String, package: String, version: i64, rounds: u32 },
     #[error("{target} kept rejecting chunks of {package} version {version} (damaged in transit?)")]
     KeptRejecting { target: String, package: String, version: i64 },
+    /// This node's lease on the job ran out (it could not renew it in time) and another
+    /// node may run it now.
+    #[error("{package} → {target}: this node's lease on the job ran out; another node finishes it")]
+    LeaseLost { package: String, target: String },
     /// A task of the push was cancelled: the server is stopping.
     #[error("the push was cancelled (the server is stopping)")]
     Cancelled,
@@ -157,6 +161,7 @@ impl PushError {
             | PushError::StillMissing { .. }
             | PushError::KeptRejecting { .. }
             | PushError::Cancelled
+            | PushError::LeaseLost { .. }
             | PushError::WindowClosed { .. }
             | PushError::Task(_) => true,
             PushError::Library { .. }
@@ -254,7 +259,14 @@ pub fn backoff(cfg: &DistConfig, attempt: i64) -> Duration {
 
 /// Runs due jobs until `shutdown`.
 pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
-    match site.store.reset_in_progress().await {
+    // SQLite has one server (its lock file says so): every claim left is this server's.
+    // On PostgreSQL other nodes' live claims are theirs.
+    let reset = match site.store.backend() {
+        dpsync_store::Backend::Sqlite => site.store.reset_in_progress().await,
+        dpsync_store::Backend::Postgres => site.store.reset_node(&site.cfg.node).await,
+    };
+    let lease = site.lease();
+    match reset {
         Ok(n) if n > 0 => tracing::info!(jobs = n, "resuming distributions interrupted by a stop"),
         Ok(_) => {}
         Err(e) => tracing::error!("cannot reset interrupted jobs: {e}"),
@@ -263,7 +275,7 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
     loop {
         let free = slots.available_permits();
         if free > 0 {
-            match site.store.claim_due(now_ms(), free as i64).await {
+            match site.store.claim_leased(now_ms(), free as i64, &lease).await {
                 Ok(jobs) => {
                     for job in jobs {
                         let permit = slots.clone().acquire_owned().await.expect("semaphore open");
@@ -354,8 +366,14 @@ impl Site {
             Outcome::Failed { .. } | Outcome::ValidationFailed { .. } => "failed",
         };
         self.metrics.record_job(job.target_kind, ended, started.elapsed());
-        match self.store.finish(&job.package_id, job.target_id, outcome).await {
-            Ok(d) => {
+        let claim = job.claim_token.unwrap_or_default();
+        match self.store.finish_leased(&job.package_id, job.target_id, claim, outcome).await {
+            Ok(None) => tracing::warn!(
+                package = %job.package_id,
+                target = %job.target_name,
+                "this node's lease on the job ran out and another node took it over; its outcome is not recorded here"
+            ),
+            Ok(Some(d)) => {
                 tracing::debug!(package = %d.package_id, target = %d.target_name, state = %d.state, "job finished");
                 // The last target of a package being deleted dropped it: its rows go.
                 if d.state == DistState::Removed
@@ -526,6 +544,11 @@ impl Site {
                 // Chunks resent after a refused commit go without a base.
                 let against = if round == 0 { base.as_ref() } else { None };
                 self.send_chunks(job, target, client, &manifest, against, missing).await?;
+            }
+            // Another node took the job over when this one's lease ran out: only the
+            // claim that holds the job tells the target to commit.
+            if !self.store.holds_claim(pkg, job.target_id, job.claim_token.unwrap_or_default()).await? {
+                return Err(PushError::LeaseLost { package: pkg.clone(), target: target.name.clone() });
             }
             self.set_progress(&key, |p| p.phase = Phase::Committing);
             let committing = |p: &wire::CommitProgress| {

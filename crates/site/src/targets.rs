@@ -445,6 +445,7 @@ impl Site {
         }
         let lock = self.package_lock(&p.id);
         let _g = lock.lock().await;
+        let _everywhere = self.store.cluster_lock(&[(dpsync_store::ClusterKey::Refresh(&p.id), false)]).await?;
         let versions = self.store.versions(&p.id).await?;
         let Some(current) = versions.last() else {
             return Err(SiteError::Refused(format!("{} has no version to roll back", p.id)));
@@ -514,6 +515,7 @@ impl Site {
             .into_iter()
             .map(|d| TargetStatus {
                 progress: progress.get(&(d.package_id.clone(), d.target_id)).cloned(),
+                node: d.claimed_by.clone().filter(|_| d.state == DistState::InProgress),
                 next_retry_at: next_retry_at(&d),
                 name: d.target_name,
                 kind: api_kind(d.target_kind),

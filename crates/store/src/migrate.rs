@@ -66,6 +66,7 @@ pub(crate) const SITE_SQLITE: Schema = Schema {
         migration!(5, "package lifecycle", "sqlite/0005_package_lifecycle.sql"),
         migration!(6, "handover", "sqlite/0006_handover.sql"),
         migration!(7, "last success", "sqlite/0007_last_success.sql"),
+        migration!(8, "nodes and leases", "sqlite/0008_nodes_and_leases.sql"),
     ],
     user_version: false,
 };
@@ -82,6 +83,7 @@ pub(crate) const SITE_POSTGRES: Schema = Schema {
         migration!(5, "package lifecycle", "postgres/0005_package_lifecycle.sql"),
         migration!(6, "handover", "postgres/0006_handover.sql"),
         migration!(7, "last success", "postgres/0007_last_success.sql"),
+        migration!(8, "nodes and leases", "postgres/0008_nodes_and_leases.sql"),
     ],
     user_version: false,
 };
