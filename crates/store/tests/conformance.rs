@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dpsync_hash::{ChunkId, ContentRoot, FileHash};
 use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged, StagedChunk};
 use dpsync_store::{
-    Action, Backend, DistState, NewTarget, NewVersion, Outcome, PackageUpdate, PackageVersion, Priority, StateCount,
+    Action, Backend, ClusterKey, DistState, Lease, NewTarget, NewVersion, Outcome, PackageUpdate, PackageVersion, Priority, StateCount,
     Store, StoreError, TargetKind, TargetUpdate, VersionStats,
 };
 use sqlx::Connection;
@@ -160,6 +160,8 @@ conformance!(
     job_superseded_while_in_progress_is_requeued,
     concurrent_claimers_never_share_a_row,
     reset_in_progress_requeues_claimed_rows,
+    leases_are_renewed_reclaimed_and_checked,
+    nodes_heartbeat_and_identity_values,
     record_progress_accumulates_bytes,
     prune_versions_keeps_current_and_wanted,
     version_with_root_finds_the_newest,
@@ -797,6 +799,79 @@ async fn reset_in_progress_requeues_claimed_rows(db: &Db) {
     let again = db.claim_due(soon(), 10).await.unwrap();
     assert_eq!(again.len(), 3);
     assert!(again.iter().filter(|d| d.target_id != t3).all(|d| d.attempts == 2));
+}
+
+async fn leases_are_renewed_reclaimed_and_checked(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t1 = target(db, "dp1").await;
+    let t2 = target(db, "dp2").await;
+    for t in [t1, t2] {
+        db.assign(&id, t).await.unwrap();
+    }
+    let a = Lease { node: "a".into(), ms: 60_000 };
+    let b = Lease { node: "b".into(), ms: 60_000 };
+    db.register_node("a", "ia").await.unwrap();
+    db.register_node("b", "ib").await.unwrap();
+    let by_a = db.claim_leased(soon(), 1, &a).await.unwrap();
+    assert_eq!(by_a.len(), 1);
+    let job = by_a[0].clone();
+    assert_eq!(job.claimed_by.as_deref(), Some("a"));
+    let token = job.claim_token.expect("a claim token");
+    assert!(job.lease_until.unwrap() >= now() + 59_000, "leased for a minute: {:?}", job.lease_until);
+    assert!(db.holds_claim(&id, job.target_id, token).await.unwrap());
+    assert_eq!(db.jobs_by_node().await.unwrap(), vec![("a".to_owned(), 1)]);
+
+    // Not expired: nothing to reclaim, and b's start leaves a's claim alone.
+    assert_eq!(db.reclaim_expired(now()).await.unwrap(), 0);
+    assert_eq!(db.reset_node("b").await.unwrap(), 0, "another node's live claim is not reset");
+    // A heartbeat renews a's lease; with another instance it renews nothing.
+    assert!(db.heartbeat(&a, "ia").await.unwrap());
+    assert!(!db.heartbeat(&a, "someone else").await.unwrap());
+
+    // a stops renewing: past its lease the row is claimable by b.
+    let renewed = db.distribution(&id, job.target_id).await.unwrap().unwrap().lease_until.unwrap();
+    assert!(renewed >= job.lease_until.unwrap(), "renewed");
+    assert_eq!(db.reclaim_expired(renewed - 1).await.unwrap(), 0, "not before the renewed lease ends");
+    let past = renewed + 1;
+    assert_eq!(db.reclaim_expired(past).await.unwrap(), 1);
+    assert!(!db.holds_claim(&id, job.target_id, token).await.unwrap(), "a's claim is gone");
+    let by_b = db.claim_leased(past, 10, &b).await.unwrap();
+    let again = by_b.iter().find(|d| d.target_id == job.target_id).expect("b claims a's job");
+    assert_eq!(again.claimed_by.as_deref(), Some("b"));
+    assert_eq!(again.attempts, 2, "attempts are kept across nodes");
+
+    // a's late outcome is not recorded; b's is.
+    let late = db.finish_leased(&id, job.target_id, token, Outcome::Installed { version: 1 }).await.unwrap();
+    assert!(late.is_none(), "a lost its lease: {late:?}");
+    let d = db.distribution(&id, job.target_id).await.unwrap().unwrap();
+    assert_eq!((d.state, d.claimed_by.as_deref()), (DistState::InProgress, Some("b")));
+    let done = db
+        .finish_leased(&id, job.target_id, again.claim_token.unwrap(), Outcome::Installed { version: 1 })
+        .await
+        .unwrap()
+        .expect("b holds the claim");
+    assert_eq!(done.state, DistState::Installed);
+    assert_eq!((done.claimed_by, done.lease_until, done.claim_token), (None, None, None));
+
+    // b restarts: its own claims go back to the queue.
+    assert_eq!(db.reset_node("b").await.unwrap(), 1);
+    let d = db.distribution(&id, if job.target_id == t1 { t2 } else { t1 }).await.unwrap().unwrap();
+    assert_eq!(d.state, DistState::Pending);
+}
+
+async fn nodes_heartbeat_and_identity_values(db: &Db) {
+    assert_eq!(db.meta_set_once("site_key", "k1").await.unwrap(), "k1");
+    assert_eq!(db.meta_set_once("site_key", "k2").await.unwrap(), "k1", "the first value stays");
+    db.register_node("n2", "i1").await.unwrap();
+    db.register_node("n1", "i1").await.unwrap();
+    let before = db.node("n1").await.unwrap().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(db.heartbeat(&Lease { node: "n1".into(), ms: 1000 }, "i1").await.unwrap());
+    let after = db.node("n1").await.unwrap().unwrap();
+    assert!(after.heartbeat_at > before.heartbeat_at);
+    let names: Vec<String> = db.nodes().await.unwrap().into_iter().map(|n| n.name).collect();
+    assert_eq!(names, ["n1", "n2"]);
+    let _lock = db.cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh("PS100001"), false)]).await.unwrap();
 }
 
 async fn record_progress_accumulates_bytes(db: &Db) {
