@@ -84,7 +84,18 @@ fn library_id(dir: &Path, adopt: Option<&str>) -> Result<String> {
     }
     let id = adopt.map_or_else(|| format!("{}{}", instance_id(), instance_id()), str::to_owned);
     let tmp = dir.join(format!(".{LIBRARY_ID}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, format!("{id}\n")).with_context(|| format!("cannot write {}", tmp.display()))?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(format!("{id}\n").as_bytes()).and_then(|_| f.sync_all()))
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+    }
     let linked = std::fs::hard_link(&tmp, &path);
     let _ = std::fs::remove_file(&tmp);
     match linked {

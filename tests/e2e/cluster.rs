@@ -1,0 +1,224 @@
+//! Several server nodes of one site on one PostgreSQL database and one shared library
+//! folder: a node killed in the middle of a distribution loses its jobs to the other,
+//! which finishes them without sending again what arrived; refreshes through two nodes at
+//! once; and the refusals that keep a second key, library or SQLite server off a site's
+//! database. Tests on PostgreSQL skip (saying so) when no server is reachable, unless
+//! `DPSYNC_REQUIRE_POSTGRES=1`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::*;
+use crate::proxy::Proxy;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+/// `--lease-secs` of the nodes in these tests: a dead node's jobs move after this.
+const LEASE_SECS: u64 = 3;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// Options of node `name` of site PS1 on `db`, sharing `library`.
+fn node_opts(db: &PgDatabase, library: &Path, name: &str) -> ServerOpts {
+    ServerOpts {
+        database_url: Some(db.url.clone()),
+        args: vec![
+            "--library".into(),
+            s(library).into(),
+            "--node".into(),
+            name.into(),
+            "--lease-secs".into(),
+            LEASE_SECS.to_string(),
+            "--retry-delay-ms".into(),
+            "200".into(),
+        ],
+        ..ServerOpts::site("PS1")
+    }
+}
+
+fn target_state<'a>(status: &'a Value, name: &str) -> &'a str {
+    target_of(status, name)["state"].as_str().unwrap_or("")
+}
+
+/// Two rate-limited DPs behind byte-counting proxies, a package of about 16 MiB distributed by node A;
+/// A is SIGKILLed in the middle of both transfers; node B (started while A's jobs run,
+/// leaving them alone) takes them over once A's lease runs out and finishes them: both
+/// trees equal the source, and what crossed each link in all stays within 1.05 × the
+/// package.
+#[test]
+fn a_killed_node_loses_its_jobs_to_the_other_which_finishes_them() {
+    let Some(db) = PgDatabase::create() else { return };
+    const RATE: u64 = 3 * MIB;
+    let dir = TestDir::new();
+    let library = dir.join("library");
+    let src = dir.join("src");
+    let mut tree = gen_tree(&src, 30, 1501, 0..64 * KIB);
+    tree.add_file(&src, "big/payload.bin", 14 * MIB, 1502);
+    set_old_mtimes(&src);
+    let total = tree.total_bytes();
+
+    let mut a = Server::start_with(dir.join("node-a"), node_opts(&db, &library, "a"));
+    let agents: Vec<Agent> =
+        (1..=2).map(|i| Agent::start(dir.join(format!("dp{i}")), Some(&format!("token-dp{i}")))).collect();
+    let proxies: Vec<Proxy> = agents.iter().map(|ag| Proxy::start(ag.addr())).collect();
+    // The proxies only count: the rate limit is the site's (`dp add --rate-limit`), as
+    // for a branch link.
+    for (i, p) in proxies.iter().enumerate() {
+        let name = format!("dp{}", i + 1);
+        let token = format!("token-{name}");
+        a.cli_json(&["dp", "add", &name, &p.url(), "--token", &token, "--rate-limit", &RATE.to_string()]);
+    }
+    let id = text(&a.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
+    a.cli_json(&["distribute", &id, "--dp", "dp1", "--dp", "dp2"]);
+    assert_eq!(num(&a.cli_json(&["refresh", &id]), "source_version"), 1);
+
+    let agent_daemons: Vec<&Daemon> = agents.iter().map(Agent::daemon).collect();
+    let running_on_a = |st: &Value| {
+        ["dp1", "dp2"].iter().all(|n| {
+            let t = target_of(st, n);
+            t["state"] == "in_progress" && t["node"] == "a"
+        })
+    };
+    a.wait_status(&id, "node a to run both jobs", Duration::from_secs(30), &agent_daemons, |st| {
+        assert!(["dp1", "dp2"].iter().all(|n| target_state(st, n) != "installed"), "finished too soon: {st:#}");
+        running_on_a(st)
+    });
+
+    // Node B starts meanwhile: A's live jobs stay A's.
+    let b = Server::start_with(dir.join("node-b"), node_opts(&db, &library, "b"));
+    let info = b.cli_json(&["info"]);
+    let nodes: Vec<&str> = info["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["a", "b"], "{info:#}");
+    assert!(info["nodes"].as_array().unwrap().iter().all(|n| n["alive"] == true), "{info:#}");
+    assert_eq!(info["site_key"], a.cli_json(&["info"])["site_key"], "one site key");
+    b.wait_status(&id, "a third of the package to cross to each DP", Duration::from_secs(30), &agent_daemons, |st| {
+        assert!(running_on_a(st), "node b took node a's live jobs: {st:#}");
+        proxies.iter().all(|p| p.bytes_up() >= total / 3)
+    });
+
+    a.kill9();
+    let killed = Instant::now();
+    let before: Vec<u64> = proxies.iter().map(Proxy::bytes_up).collect();
+    eprintln!("killed node a; {before:?} bytes had crossed to the DPs");
+    assert!(before.iter().all(|&n| n < total), "a DP already had everything: {before:?}");
+
+    // B takes the jobs over after A's lease, and needs about what is left to send.
+    let limit = Duration::from_secs(LEASE_SECS + 2) + Duration::from_secs(total / RATE + 20);
+    for name in ["dp1", "dp2"] {
+        b.wait_installed(&id, name, 1, limit.saturating_sub(killed.elapsed()), &agent_daemons);
+    }
+    eprintln!("node b finished both {:?} after the kill", killed.elapsed());
+    for (i, ag) in agents.iter().enumerate() {
+        assert_same_tree(&src, &ag.current(&id));
+        let sent = proxies[i].bytes_up();
+        eprintln!("dp{}: {sent} bytes crossed for {total} bytes of content", i + 1);
+        assert!(sent as f64 <= 1.05 * total as f64, "dp{} was sent {sent} bytes for {total}", i + 1);
+    }
+    let log = b.log();
+    assert!(log.contains("took over jobs whose node stopped renewing its lease"), "node b's log:\n{log}");
+    let info = b.cli_json(&["info"]);
+    let a_row = info["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "a").unwrap().clone();
+    assert_eq!(a_row["alive"], false, "{info:#}");
+    drop(b);
+    drop(a);
+    drop(proxies);
+    drop(agents);
+    drop(db);
+}
+
+/// Refreshes of one package through both nodes at once, several rounds: each succeeds
+/// with its own version or is refused with a clear message; versions never repeat and
+/// only grow.
+#[test]
+fn concurrent_refreshes_through_two_nodes_get_distinct_versions() {
+    let Some(db) = PgDatabase::create() else { return };
+    let dir = TestDir::new();
+    let library = dir.join("library");
+    let src = dir.join("src");
+    let mut tree = gen_tree(&src, 200, 1511, 0..32 * KIB);
+    let a = Server::start_with(dir.join("node-a"), node_opts(&db, &library, "a"));
+    let b = Server::start_with(dir.join("node-b"), node_opts(&db, &library, "b"));
+    let id = text(&a.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
+    let mut versions = Vec::new();
+    for round in 0..4u64 {
+        tree.add_file(&src, &format!("round-{round}.bin"), 2 * MIB, 1520 + round);
+        let outs = std::thread::scope(|sc| {
+            let ra = sc.spawn(|| a.cli(&["refresh", &id, "--json"]));
+            let rb = sc.spawn(|| b.cli(&["refresh", &id, "--json"]));
+            [ra.join().unwrap(), rb.join().unwrap()]
+        });
+        for out in outs {
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            if out.status.success() {
+                let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+                versions.push(num(&r, "source_version"));
+            } else {
+                assert!(
+                    stderr.starts_with("dpsync: ") && stderr.trim_end().lines().count() == 1 && stderr.contains("refresh"),
+                    "a refresh failed without a clear refusal: {stderr}"
+                );
+            }
+        }
+    }
+    eprintln!("versions: {versions:?}");
+    let mut sorted = versions.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), versions.len(), "a version was given twice: {versions:?}");
+    assert!(versions.len() >= 4, "most refreshes were refused: {versions:?}");
+    let shown = a.cli_json(&["package", "show", &id]);
+    let stored: Vec<u64> = shown["versions"].as_array().unwrap().iter().map(|v| num(v, "source_version")).collect();
+    assert!(stored.windows(2).all(|w| w[0] < w[1]), "versions only grow: {stored:?}");
+    assert_eq!(num(&shown, "source_version"), *sorted.last().unwrap());
+    drop(b);
+    drop(a);
+    drop(db);
+}
+
+/// A second server on a site's database with its own key, or with the site's key but
+/// another library, is refused naming what differs; so is a second server on one SQLite
+/// file. The nodes that belong keep running.
+#[test]
+fn a_second_key_or_library_or_sqlite_server_is_refused() {
+    let dir = TestDir::new();
+    // SQLite: a second server (its own data directory) on the first one's database.
+    let first = Server::start(dir.join("sqlite-a"), "PS1");
+    let db_file = first.data_dir.join("dpsync.db");
+    let opts = ServerOpts { database_url: Some(format!("sqlite://{}", db_file.display())), ..ServerOpts::site("PS1") };
+    let e = Server::refuse_to_start(dir.join("sqlite-b"), &opts);
+    assert!(e.contains("is in use by another dpsync server") && e.contains("PostgreSQL"), "{e}");
+    first.cli_json(&["info"]);
+    drop(first);
+
+    let Some(db) = PgDatabase::create() else { return };
+    let library = dir.join("library");
+    let a = Server::start_with(dir.join("node-a"), node_opts(&db, &library, "a"));
+
+    // Its own library, so its own key: the key differs.
+    let other: PathBuf = dir.join("other-library");
+    let e = Server::refuse_to_start(dir.join("node-b"), &node_opts(&db, &other, "b"));
+    assert!(e.contains("signing key") && e.contains("is not the key of site PS1") && e.contains("--library"), "{e}");
+    // No --library at all (the new user's mistake): its data directory's own key.
+    let plain = ServerOpts { database_url: Some(db.url.clone()), ..ServerOpts::site("PS1") };
+    let e = Server::refuse_to_start(dir.join("node-c"), &plain);
+    assert!(e.contains("signing key"), "{e}");
+    // The site's key, in another library folder: the library differs.
+    let copied = dir.join("copied-library");
+    fs::create_dir_all(&copied).unwrap();
+    fs::set_permissions(&copied, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    fs::copy(library.join("site.key"), copied.join("site.key")).unwrap();
+    let e = Server::refuse_to_start(dir.join("node-d"), &node_opts(&db, &copied, "d"));
+    assert!(e.contains("content library") && e.contains("is not the library of site PS1"), "{e}");
+
+    // The same library: a node of the site.
+    let b = Server::start_with(dir.join("node-b2"), node_opts(&db, &library, "b"));
+    assert_eq!(b.cli_json(&["info"])["site_key"], a.cli_json(&["info"])["site_key"]);
+    drop(b);
+    drop(a);
+    drop(db);
+}
