@@ -133,7 +133,8 @@ fn a_killed_node_loses_its_jobs_to_the_other_which_finishes_them() {
 
 /// Refreshes of one package through both nodes at once, several rounds: each succeeds
 /// with its own version or is refused with a clear message; versions never repeat and
-/// only grow.
+/// only grow; and they run one after the other (the new file of a round is read by one
+/// of them only).
 #[test]
 fn concurrent_refreshes_through_two_nodes_get_distinct_versions() {
     let Some(db) = PgDatabase::create() else { return };
@@ -144,9 +145,13 @@ fn concurrent_refreshes_through_two_nodes_get_distinct_versions() {
     let a = Server::start_with(dir.join("node-a"), node_opts(&db, &library, "a"));
     let b = Server::start_with(dir.join("node-b"), node_opts(&db, &library, "b"));
     let id = text(&a.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
-    let mut versions = Vec::new();
+    set_old_mtimes(&src);
+    let mut versions = vec![num(&b.cli_json(&["refresh", &id]), "source_version")];
     for round in 0..4u64 {
         tree.add_file(&src, &format!("round-{round}.bin"), 2 * MIB, 1520 + round);
+        // Old times: no file is re-read for having changed too recently to be trusted.
+        set_old_mtimes(&src);
+        let mut hashed = Vec::new();
         let outs = std::thread::scope(|sc| {
             let ra = sc.spawn(|| a.cli(&["refresh", &id, "--json"]));
             let rb = sc.spawn(|| b.cli(&["refresh", &id, "--json"]));
@@ -157,6 +162,7 @@ fn concurrent_refreshes_through_two_nodes_get_distinct_versions() {
             if out.status.success() {
                 let r: Value = serde_json::from_slice(&out.stdout).unwrap();
                 versions.push(num(&r, "source_version"));
+                hashed.push(num(&r, "bytes_hashed"));
             } else {
                 assert!(
                     stderr.starts_with("dpsync: ") && stderr.trim_end().lines().count() == 1 && stderr.contains("refresh"),
@@ -164,13 +170,16 @@ fn concurrent_refreshes_through_two_nodes_get_distinct_versions() {
                 );
             }
         }
+        // One after the other: the second starts from the first's version, so the new
+        // file is read once in the round, not by both.
+        assert_eq!(hashed.iter().sum::<u64>(), 2 * MIB, "round {round}: bytes hashed {hashed:?}");
     }
     eprintln!("versions: {versions:?}");
     let mut sorted = versions.clone();
     sorted.sort_unstable();
     sorted.dedup();
     assert_eq!(sorted.len(), versions.len(), "a version was given twice: {versions:?}");
-    assert!(versions.len() >= 4, "most refreshes were refused: {versions:?}");
+    assert!(versions.len() >= 5, "most refreshes were refused: {versions:?}");
     let shown = a.cli_json(&["package", "show", &id]);
     let stored: Vec<u64> = shown["versions"].as_array().unwrap().iter().map(|v| num(v, "source_version")).collect();
     assert!(stored.windows(2).all(|w| w[0] < w[1]), "versions only grow: {stored:?}");
@@ -220,5 +229,72 @@ fn a_second_key_or_library_or_sqlite_server_is_refused() {
     assert_eq!(b.cli_json(&["info"])["site_key"], a.cli_json(&["info"])["site_key"]);
     drop(b);
     drop(a);
+    drop(db);
+}
+
+/// Both nodes alive, ten rounds: a new version is refreshed through one node and, at a
+/// random moment of its distribution, one node (chosen at random) is SIGKILLed and
+/// started again. Every round ends with both DPs on the round's version and trees equal
+/// to the source; versions never repeat; and no version was installed twice on a DP,
+/// which a job pushed by two nodes at once would do (each commit logs one
+/// "version installed" line on the agent).
+#[test]
+fn killing_either_node_at_random_moments_loses_nothing() {
+    let Some(db) = PgDatabase::create() else { return };
+    const RATE: u64 = 4 * MIB;
+    let dir = TestDir::new();
+    let library = dir.join("library");
+    let src = dir.join("src");
+    let mut tree = gen_tree(&src, 40, 1531, 0..32 * KIB);
+    let mut nodes = [
+        Server::start_with(dir.join("node-a"), node_opts(&db, &library, "a")),
+        Server::start_with(dir.join("node-b"), node_opts(&db, &library, "b")),
+    ];
+    let agents: Vec<Agent> =
+        (1..=2).map(|i| Agent::start(dir.join(format!("dp{i}")), Some(&format!("token-dp{i}")))).collect();
+    for (i, ag) in agents.iter().enumerate() {
+        let name = format!("dp{}", i + 1);
+        let token = format!("token-{name}");
+        nodes[0].cli_json(&["dp", "add", &name, &ag.url(), "--token", &token, "--rate-limit", &RATE.to_string()]);
+    }
+    let id = text(&nodes[0].cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
+    nodes[1].cli_json(&["distribute", &id, "--dp", "dp1", "--dp", "dp2"]);
+    let mut rng = Rng::new(1532);
+    let mut versions = Vec::new();
+    for round in 0..10u64 {
+        tree.add_file(&src, &format!("round-{round}.bin"), 2 * MIB + rng.below(MIB), 1540 + round);
+        let via = rng.below(2) as usize;
+        let v = num(&nodes[via].cli_json(&["refresh", &id]), "source_version");
+        versions.push(v);
+        std::thread::sleep(Duration::from_millis(rng.range(50..900)));
+        let victim = rng.below(2) as usize;
+        eprintln!("round {round}: version {v} through node {via}, killing node {victim}");
+        nodes[victim].kill9();
+        nodes[victim].restart();
+        let other = &nodes[1 - victim];
+        let agent_daemons: Vec<&Daemon> = agents.iter().map(Agent::daemon).collect();
+        for name in ["dp1", "dp2"] {
+            other.wait_installed(&id, name, v, Duration::from_secs(60), &agent_daemons);
+        }
+        for ag in &agents {
+            assert_same_tree(&src, &ag.current(&id));
+        }
+    }
+    let mut distinct = versions.clone();
+    distinct.dedup();
+    assert_eq!(distinct, versions, "versions repeat");
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "versions only grow: {versions:?}");
+    for (i, ag) in agents.iter().enumerate() {
+        let log = ag.log();
+        for v in &versions {
+            let needle = format!("version installed package=\"{id}\" version={v} ");
+            let n = log.matches(&needle).count();
+            assert!(n <= 1, "dp{} installed version {v} {n} times: two nodes pushed one job", i + 1);
+        }
+        let last = versions.last().unwrap();
+        assert!(log.contains(&format!("version installed package=\"{id}\" version={last} ")), "dp{}", i + 1);
+    }
+    drop(nodes);
+    drop(agents);
     drop(db);
 }

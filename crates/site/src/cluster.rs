@@ -50,10 +50,18 @@ pub(crate) async fn check(store: &Store, cfg: &ServerConfig, key: &SiteKey) -> R
     }
     let in_db = store.meta_get("library_id").await?;
     let dir = cfg.library_dir.clone();
-    // A SQLite database has one server: a library without an id (made before ids, or
-    // restored from a backup) takes the database's. On PostgreSQL only an empty library
-    // is new.
-    let adopt = in_db.clone().filter(|_| store.backend() == Backend::Sqlite);
+    // A library without an id (made before ids, or restored from a backup) takes the
+    // database's when no other node of the site runs: on SQLite, which has one server,
+    // always; on PostgreSQL, a folder without an id while another node serves is another
+    // library, and is refused.
+    let others_alive = match store.backend() {
+        Backend::Sqlite => false,
+        Backend::Postgres => {
+            let lease = cfg.lease.as_millis() as i64;
+            store.nodes().await?.iter().any(|n| n.name != cfg.node && now_ms() - n.heartbeat_at <= lease)
+        }
+    };
+    let adopt = in_db.clone().filter(|_| !others_alive);
     let id = tokio::task::spawn_blocking(move || library_id(&dir, adopt.as_deref())).await.context("library id")??;
     let recorded = store.meta_set_once("library_id", &id).await?;
     if recorded != id {
