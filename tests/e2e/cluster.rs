@@ -165,7 +165,9 @@ fn concurrent_refreshes_through_two_nodes_get_distinct_versions() {
                 hashed.push(num(&r, "bytes_hashed"));
             } else {
                 assert!(
-                    stderr.starts_with("dpsync: ") && stderr.trim_end().lines().count() == 1 && stderr.contains("refresh"),
+                    stderr.starts_with("dpsync: ")
+                        && stderr.trim_end().lines().count() == 1
+                        && stderr.contains("refresh"),
                     "a refresh failed without a clear refusal: {stderr}"
                 );
             }

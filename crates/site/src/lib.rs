@@ -10,10 +10,10 @@
 mod admin;
 pub mod backup;
 mod clients;
+mod cluster;
 mod config;
 mod distribute;
 mod handover;
-mod cluster;
 mod lifecycle;
 mod metrics;
 mod receive;

@@ -81,10 +81,8 @@ impl Site {
         let lock = self.package_lock(&package.id);
         let _exclusive = lock.lock().await;
         // The same across the site's nodes (no-op on SQLite, which has one).
-        let _everywhere = self
-            .store
-            .cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh(&package.id), false)])
-            .await?;
+        let _everywhere =
+            self.store.cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh(&package.id), false)]).await?;
 
         let previous = self.store.latest_version(&package.id).await?;
         let (prev_manifest, prev_cache, prev_root) = match &previous {
@@ -528,7 +526,10 @@ impl Site {
         let _everywhere = match self.store.cluster_lock(&[(ClusterKey::Library, false)]).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(package = pkg, "the failed refresh's content stays in the library until `dpsync gc`: {e}");
+                tracing::warn!(
+                    package = pkg,
+                    "the failed refresh's content stays in the library until `dpsync gc`: {e}"
+                );
                 return;
             }
         };

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dpsync_hash::{ChunkId, ContentRoot, FileHash};
 use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged, StagedChunk};
 use dpsync_store::{
-    Action, Backend, ClusterKey, DistState, Lease, NewTarget, NewVersion, Outcome, PackageUpdate, PackageVersion, Priority, StateCount,
-    Store, StoreError, TargetKind, TargetUpdate, VersionStats,
+    Action, Backend, ClusterKey, DistState, Lease, NewTarget, NewVersion, Outcome, PackageUpdate, PackageVersion,
+    Priority, StateCount, Store, StoreError, TargetKind, TargetUpdate, VersionStats,
 };
 use sqlx::Connection;
 
@@ -871,7 +871,8 @@ async fn nodes_heartbeat_and_identity_values(db: &Db) {
     assert!(after.heartbeat_at > before.heartbeat_at);
     let names: Vec<String> = db.nodes().await.unwrap().into_iter().map(|n| n.name).collect();
     assert_eq!(names, ["n1", "n2"]);
-    let _lock = db.cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh("PS100001"), false)]).await.unwrap();
+    let _lock =
+        db.cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh("PS100001"), false)]).await.unwrap();
 }
 
 async fn record_progress_accumulates_bytes(db: &Db) {
