@@ -196,4 +196,17 @@ impl Store {
         }
         Ok(ClusterLock { _tx: Some(tx) })
     }
+
+    /// [`Store::cluster_lock`] of one key, exclusively, without waiting: `None` while
+    /// another node holds it.
+    pub async fn try_cluster_lock(&self, key: ClusterKey<'_>) -> Result<Option<ClusterLock>> {
+        if self.backend == Backend::Sqlite {
+            return Ok(Some(ClusterLock { _tx: None }));
+        }
+        let mut tx = self.pool.begin().await?;
+        let row =
+            sqlx::query("SELECT pg_try_advisory_xact_lock($1) AS taken").bind(key.key()).fetch_one(&mut *tx).await?;
+        let taken: bool = row.try_get("taken")?;
+        Ok(taken.then_some(ClusterLock { _tx: Some(tx) }))
+    }
 }

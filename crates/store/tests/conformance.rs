@@ -873,6 +873,14 @@ async fn nodes_heartbeat_and_identity_values(db: &Db) {
     assert_eq!(names, ["n1", "n2"]);
     let _lock =
         db.cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh("PS100001"), false)]).await.unwrap();
+    // Another holder of a package's refresh lock: on PostgreSQL a try fails until it is
+    // released; SQLite (one server) has nothing to hold.
+    let held = db.cluster_lock(&[(ClusterKey::Refresh("PS100002"), false)]).await.unwrap();
+    let tried = db.try_cluster_lock(ClusterKey::Refresh("PS100002")).await.unwrap();
+    assert_eq!(tried.is_some(), db.backend() == Backend::Sqlite);
+    drop(tried);
+    drop(held);
+    assert!(db.try_cluster_lock(ClusterKey::Refresh("PS100002")).await.unwrap().is_some(), "released");
 }
 
 async fn record_progress_accumulates_bytes(db: &Db) {
