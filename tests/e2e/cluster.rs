@@ -89,6 +89,9 @@ fn a_killed_node_loses_its_jobs_to_the_other_which_finishes_them() {
         running_on_a(st)
     });
 
+    let text_status = String::from_utf8_lossy(&a.cli(&["status", &id]).stdout).into_owned();
+    assert!(text_status.contains("running on node a"), "{text_status}");
+
     // Node B starts meanwhile: A's live jobs stay A's.
     let b = Server::start_with(dir.join("node-b"), node_opts(&db, &library, "b"));
     let info = b.cli_json(&["info"]);
@@ -96,6 +99,11 @@ fn a_killed_node_loses_its_jobs_to_the_other_which_finishes_them() {
     assert_eq!(nodes, ["a", "b"], "{info:#}");
     assert!(info["nodes"].as_array().unwrap().iter().all(|n| n["alive"] == true), "{info:#}");
     assert_eq!(info["site_key"], a.cli_json(&["info"])["site_key"], "one site key");
+    let text_info = String::from_utf8_lossy(&b.cli(&["info"]).stdout).into_owned();
+    assert!(
+        text_info.contains("node a") && text_info.contains("node b") && text_info.contains("last heartbeat"),
+        "{text_info}"
+    );
     b.wait_status(&id, "a third of the package to cross to each DP", Duration::from_secs(30), &agent_daemons, |st| {
         assert!(running_on_a(st), "node b took node a's live jobs: {st:#}");
         proxies.iter().all(|p| p.bytes_up() >= total / 3)

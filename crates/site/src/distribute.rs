@@ -265,7 +265,11 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
         dpsync_store::Backend::Sqlite => site.store.reset_in_progress().await,
         dpsync_store::Backend::Postgres => site.store.reset_node(&site.cfg.node).await,
     };
-    let lease = site.lease();
+    // SQLite has one server: its claims need no expiry (nothing could take them over).
+    let lease = match site.store.backend() {
+        dpsync_store::Backend::Sqlite => dpsync_store::Lease { ms: 0, ..site.lease() },
+        dpsync_store::Backend::Postgres => site.lease(),
+    };
     match reset {
         Ok(n) if n > 0 => tracing::info!(jobs = n, "resuming distributions interrupted by a stop"),
         Ok(_) => {}

@@ -369,7 +369,7 @@ impl Store {
             .bind(limit)
             .bind(now)
             .bind(lease.map(|l| l.node.clone()))
-            .bind(lease.map(|l| now + l.ms))
+            .bind(lease.filter(|l| l.ms > 0).map(|l| now + l.ms))
             .execute(&mut *tx)
             .await?;
         let rows = sqlx::query(concat!(

@@ -18,7 +18,8 @@ use crate::{Backend, Store, now_ms};
 pub struct Lease {
     /// The node's name (`--node`).
     pub node: String,
-    /// How long a claim holds without renewal, in milliseconds.
+    /// How long a claim holds without renewal, in milliseconds; 0: for good (a single
+    /// server, whose claims nothing else could take over).
     pub ms: i64,
 }
 

@@ -855,8 +855,17 @@ async fn leases_are_renewed_reclaimed_and_checked(db: &Db) {
 
     // b restarts: its own claims go back to the queue.
     assert_eq!(db.reset_node("b").await.unwrap(), 1);
-    let d = db.distribution(&id, if job.target_id == t1 { t2 } else { t1 }).await.unwrap().unwrap();
+    let other = if job.target_id == t1 { t2 } else { t1 };
+    let d = db.distribution(&id, other).await.unwrap().unwrap();
     assert_eq!(d.state, DistState::Pending);
+
+    // A claim without expiry (a single server): it names its node and is never reclaimed.
+    let single = Lease { node: "solo".into(), ms: 0 };
+    let c = db.claim_leased(soon(), 10, &single).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!((c[0].claimed_by.as_deref(), c[0].lease_until), (Some("solo"), None));
+    assert_eq!(db.reclaim_expired(now() + 86_400_000).await.unwrap(), 0);
+    assert!(db.holds_claim(&id, other, c[0].claim_token.unwrap()).await.unwrap());
 }
 
 async fn nodes_heartbeat_and_identity_values(db: &Db) {
