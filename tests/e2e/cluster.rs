@@ -271,6 +271,7 @@ fn killing_either_node_at_random_moments_loses_nothing() {
     nodes[1].cli_json(&["distribute", &id, "--dp", "dp1", "--dp", "dp2"]);
     let mut rng = Rng::new(1532);
     let mut versions = Vec::new();
+    let mut mid_job = 0;
     for round in 0..10u64 {
         tree.add_file(&src, &format!("round-{round}.bin"), 2 * MIB + rng.below(MIB), 1540 + round);
         let via = rng.below(2) as usize;
@@ -278,7 +279,11 @@ fn killing_either_node_at_random_moments_loses_nothing() {
         versions.push(v);
         std::thread::sleep(Duration::from_millis(rng.range(50..900)));
         let victim = rng.below(2) as usize;
-        eprintln!("round {round}: version {v} through node {via}, killing node {victim}");
+        let victim_name = ["a", "b"][victim];
+        let st = nodes[1 - victim].status(&id);
+        let held = ["dp1", "dp2"].iter().filter(|n| target_of(&st, n)["node"] == victim_name).count();
+        mid_job += usize::from(held > 0);
+        eprintln!("round {round}: version {v} through node {via}, killing node {victim_name} ({held} jobs held)");
         nodes[victim].kill9();
         nodes[victim].restart();
         let other = &nodes[1 - victim];
@@ -290,6 +295,8 @@ fn killing_either_node_at_random_moments_loses_nothing() {
             assert_same_tree(&src, &ag.current(&id));
         }
     }
+    eprintln!("{mid_job} of 10 kills hit a node while it ran jobs");
+    assert!(mid_job >= 1, "no kill hit a node in the middle of a job: the loop tested nothing");
     let mut distinct = versions.clone();
     distinct.dedup();
     assert_eq!(distinct, versions, "versions repeat");
