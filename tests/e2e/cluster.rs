@@ -251,7 +251,7 @@ fn a_second_key_or_library_or_sqlite_server_is_refused() {
 #[test]
 fn killing_either_node_at_random_moments_loses_nothing() {
     let Some(db) = PgDatabase::create() else { return };
-    const RATE: u64 = 4 * MIB;
+    const RATE: u64 = 2 * MIB;
     let dir = TestDir::new();
     let library = dir.join("library");
     let src = dir.join("src");
