@@ -315,3 +315,72 @@ fn killing_either_node_at_random_moments_loses_nothing() {
     drop(agents);
     drop(db);
 }
+
+/// A child site run by two nodes (one PostgreSQL database, one library, one TLS
+/// certificate): the parent registers it with both addresses; with the first node
+/// stopped, a refresh at the parent reaches the child through the second, and the
+/// child's DP installs it.
+#[test]
+fn a_parent_uses_the_next_address_of_a_child_site_when_one_fails() {
+    let Some(db) = PgDatabase::create() else { return };
+    let dir = TestDir::new();
+    let src = dir.join("src");
+    gen_tree(&src, 30, 1551, 0..64 * KIB);
+    set_old_mtimes(&src);
+    let tls = dir.join("ch1-tls");
+    let out = run_bounded(
+        dpsync_command().args(["cert", "create", "--out", s(&tls), "--host", "127.0.0.1", "--json"]),
+        CLI_TIMEOUT,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fingerprint = text(&serde_json::from_slice(&out.stdout).unwrap(), "fingerprint").to_owned();
+    let library = dir.join("ch1-library");
+    let child = |name: &str| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut opts = node_opts(&db, &library, name);
+        opts.site_code = Some("CH1".into());
+        opts.args.extend(
+            [
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--token",
+                "link",
+                "--tls-cert",
+                s(&tls.join("cert.pem")),
+                "--tls-key",
+                s(&tls.join("key.pem")),
+            ]
+            .map(String::from),
+        );
+        (Server::start_with(dir.join(format!("ch1-{name}")), opts), format!("https://127.0.0.1:{port}"))
+    };
+    let (mut ch1a, url_a) = child("a");
+    let (ch1b, url_b) = child("b");
+    let dp = Agent::start(dir.join("dp1"), Some("dp-token"));
+    ch1a.cli_json(&["dp", "add", "dp1", &dp.url(), "--token", "dp-token"]);
+
+    let ps1 = Server::start(dir.join("ps1"), "PS1");
+    let r = ps1.cli_json(&["site", "add", "ch1", &url_a, &url_b, "--token", "link", "--fingerprint", &fingerprint]);
+    assert_eq!(text(&r, "url"), format!("{url_a} {url_b}"), "{r:#}");
+    let id = text(&ps1.cli_json(&["package", "add", "app", s(&src)]), "id").to_owned();
+    ps1.cli_json(&["distribute", &id, "--site", "ch1"]);
+    ps1.cli_json(&["refresh", &id]);
+    let daemons = [ch1a.daemon(), ch1b.daemon(), dp.daemon()];
+    ps1.wait_installed(&id, "ch1", 1, Duration::from_secs(60), &daemons);
+    ch1b.wait_installed(&id, "dp1", 1, Duration::from_secs(60), &[dp.daemon()]);
+
+    // The first node goes away: version 2 goes through the second address.
+    ch1a.terminate();
+    fs::write(src.join("new.txt"), b"version 2").unwrap();
+    ps1.cli_json(&["refresh", &id]);
+    ps1.wait_installed(&id, "ch1", 2, Duration::from_secs(60), &[ch1b.daemon(), dp.daemon()]);
+    ch1b.wait_installed(&id, "dp1", 2, Duration::from_secs(60), &[dp.daemon()]);
+    assert_same_tree(&src, &dp.current(&id));
+    let log = ps1.log();
+    assert!(log.contains(&format!("trying its next address {url_b}")), "PS1's log:\n{log}");
+    drop(ps1);
+    drop(ch1b);
+    drop(ch1a);
+    drop(dp);
+    drop(db);
+}

@@ -16,6 +16,9 @@ type Settings = [u8; 32];
 /// The clients of the targets, by target id.
 pub(crate) struct Clients {
     by_target: Mutex<HashMap<i64, (Settings, TargetClient)>>,
+    /// For a target with several addresses (a child site run by several nodes): which
+    /// one is used now, by target id.
+    address: Mutex<HashMap<i64, usize>>,
     /// Clients built so far (a cache miss or changed settings).
     built: AtomicU64,
     /// How long a call may make no progress (see [`TargetClient`]).
@@ -38,13 +41,17 @@ impl std::fmt::Debug for Clients {
 
 impl Clients {
     pub(crate) fn new(stall: Duration) -> Self {
-        Self { by_target: Mutex::default(), built: AtomicU64::new(0), stall }
+        Self { by_target: Mutex::default(), address: Mutex::default(), built: AtomicU64::new(0), stall }
     }
 
     /// The client of `target` as it is configured now (the caller has just read it from
     /// the store): the cached one while its settings are unchanged, else a new one.
     pub(crate) fn get(&self, target: &Target) -> Result<TargetClient, TransferError> {
-        let settings = settings_of(target);
+        let urls: Vec<&str> = target.url.split_whitespace().collect();
+        let index = self.address.lock().unwrap().get(&target.id).copied().unwrap_or(0) % urls.len().max(1);
+        let url = urls.get(index).copied().unwrap_or(target.url.as_str());
+        let mut settings = settings_of(target);
+        settings[0] ^= index as u8;
         let limit = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
         if let Some((s, client)) = self.by_target.lock().unwrap().get(&target.id)
             && *s == settings
@@ -54,7 +61,7 @@ impl Clients {
         }
         // Built outside the lock (it reads the system's root certificates); two jobs that
         // race here each build one, and the last one stays.
-        let client = TargetClient::new(&target.name, &target.url, target.token.clone(), target.fingerprint.as_deref())?
+        let client = TargetClient::new(&target.name, url, target.token.clone(), target.fingerprint.as_deref())?
             .with_stall(self.stall);
         client.set_rate_limit(limit);
         self.built.fetch_add(1, Ordering::Relaxed);
@@ -64,6 +71,19 @@ impl Clients {
 }
 
 impl Clients {
+    /// After `target` did not answer at its current address: uses its next one from now
+    /// on and returns it, or `None` when it has one address only.
+    pub(crate) fn fail_over(&self, target: &Target) -> Option<String> {
+        let urls: Vec<&str> = target.url.split_whitespace().collect();
+        if urls.len() < 2 {
+            return None;
+        }
+        let mut address = self.address.lock().unwrap();
+        let next = (address.get(&target.id).copied().unwrap_or(0) + 1) % urls.len();
+        address.insert(target.id, next);
+        Some(urls[next].to_owned())
+    }
+
     /// Drops the client of a target that was removed.
     pub(crate) fn forget(&self, target_id: i64) {
         self.by_target.lock().unwrap().remove(&target_id);

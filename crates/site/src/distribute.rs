@@ -320,7 +320,18 @@ impl Site {
             p.started_ms = now_ms();
         });
         let result = match self.store.target_by_id(job.target_id).await {
-            Ok(Some(target)) => self.run_action(&job, &target).await,
+            Ok(Some(target)) => {
+                // A target with several addresses (a child site run by several nodes):
+                // one that does not answer hands the job to the next, within this attempt.
+                let mut result = self.run_action(&job, &target).await;
+                for _ in 1..target.url.split_whitespace().count() {
+                    let Err(PushError::Unreachable(e)) = &result else { break };
+                    let Some(next) = self.clients.fail_over(&target) else { break };
+                    tracing::warn!(target = %target.name, "{e}; trying its next address {next}");
+                    result = self.run_action(&job, &target).await;
+                }
+                result
+            }
             Ok(None) => Err(PushError::TargetGone { target: job.target_name.clone() }),
             Err(e) => Err(e.into()),
         };

@@ -97,6 +97,19 @@ fn check_rate_limit(rate: Option<i64>) -> Result<(), SiteError> {
     Ok(())
 }
 
+/// Checks a target's address, or its addresses separated by spaces (a child site run by
+/// several nodes, tried in turn), and returns them normalized, space-separated.
+fn check_urls(text: &str, pinned: bool) -> Result<String, SiteError> {
+    let urls = text
+        .split_whitespace()
+        .map(|u| dpsync_transfer::client::check_target_url(u, pinned).map_err(SiteError::Invalid))
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(SiteError::Invalid("no URL given; give the target's receiving address".into()));
+    }
+    Ok(urls.join(" "))
+}
+
 impl Site {
     pub async fn add_target(&self, req: AddTarget) -> Result<TargetInfo, SiteError> {
         let kind = store_kind(&req.kind)?;
@@ -106,8 +119,7 @@ impl Site {
             return Err(SiteError::Invalid(format!("target name {name:?}: use letters, digits, '-', '_' and '.'")));
         }
         let fingerprint = req.fingerprint.as_deref().map(fingerprint_of).transpose()?;
-        let url =
-            dpsync_transfer::client::check_target_url(&req.url, fingerprint.is_some()).map_err(SiteError::Invalid)?;
+        let url = check_urls(&req.url, fingerprint.is_some())?;
         check_rate_limit(req.rate_limit)?;
         let windows = crate::windows::Windows::parse_all(&req.windows).map_err(SiteError::Invalid)?;
         crate::lifecycle::check_interval("validation", req.validate_every_ms)?;
@@ -224,9 +236,9 @@ impl Site {
         let mut update = TargetUpdate { url: None, token, fingerprint, group, rate_limit: req.rate_limit, windows };
         let pinned = update.apply(before.clone()).fingerprint.is_some();
         if let Some(url) = &req.url {
-            update.url = Some(dpsync_transfer::client::check_target_url(url, pinned).map_err(SiteError::Invalid)?);
+            update.url = Some(check_urls(url, pinned)?);
         } else if update.fingerprint.is_some() {
-            dpsync_transfer::client::check_target_url(&before.url, pinned).map_err(SiteError::Invalid)?;
+            check_urls(&before.url, pinned)?;
         }
         if let Some(every) = req.validate_every_ms {
             crate::lifecycle::check_interval("validation", every)?;
