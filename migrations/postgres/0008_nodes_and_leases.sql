@@ -8,5 +8,7 @@ CREATE TABLE nodes (
     name          TEXT PRIMARY KEY NOT NULL,
     instance      TEXT NOT NULL,
     started_at    BIGINT NOT NULL,
-    heartbeat_at  BIGINT NOT NULL
+    heartbeat_at  BIGINT NOT NULL,
+    -- Set by a clean stop: the name is free at once, and the node is not alive.
+    stopped_at    BIGINT
 );

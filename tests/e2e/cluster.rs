@@ -235,8 +235,13 @@ fn a_second_key_or_library_or_sqlite_server_is_refused() {
     assert!(e.contains("content library") && e.contains("is not the library of site PS1"), "{e}");
 
     // The same library: a node of the site.
-    let b = Server::start_with(dir.join("node-b2"), node_opts(&db, &library, "b"));
+    let mut b = Server::start_with(dir.join("node-b2"), node_opts(&db, &library, "b"));
     assert_eq!(b.cli_json(&["info"])["site_key"], a.cli_json(&["info"])["site_key"]);
+    // A clean stop is seen at once by the other nodes.
+    b.terminate();
+    let info = a.cli_json(&["info"]);
+    let b_row = info["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "b").unwrap().clone();
+    assert_eq!(b_row["alive"], false, "{info:#}");
     drop(b);
     drop(a);
     drop(db);

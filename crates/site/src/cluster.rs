@@ -58,7 +58,11 @@ pub(crate) async fn check(store: &Store, cfg: &ServerConfig, key: &SiteKey) -> R
         Backend::Sqlite => false,
         Backend::Postgres => {
             let lease = cfg.lease.as_millis() as i64;
-            store.nodes().await?.iter().any(|n| n.name != cfg.node && now_ms() - n.heartbeat_at <= lease)
+            store
+                .nodes()
+                .await?
+                .iter()
+                .any(|n| n.name != cfg.node && n.stopped_at.is_none() && now_ms() - n.heartbeat_at <= lease)
         }
     };
     let adopt = in_db.clone().filter(|_| !others_alive);
@@ -119,6 +123,7 @@ fn library_id(dir: &Path, adopt: Option<&str>) -> Result<String> {
 async fn wait_for_same_name(store: &Store, cfg: &ServerConfig) -> Result<()> {
     let lease = cfg.lease.as_millis() as i64;
     if let Some(prev) = store.node(&cfg.node).await?
+        && prev.stopped_at.is_none()
         && now_ms() - prev.heartbeat_at < lease
     {
         tracing::info!(node = %cfg.node, "node {} beat recently; waiting for its lease to run out", cfg.node);
@@ -185,7 +190,7 @@ impl Site {
             .into_iter()
             .map(|n| dpsync_api::NodeInfo {
                 jobs_running: running.iter().find(|(name, _)| *name == n.name).map_or(0, |(_, c)| *c),
-                alive: now - n.heartbeat_at <= lease,
+                alive: n.stopped_at.is_none() && now - n.heartbeat_at <= lease,
                 name: n.name,
                 started_at: n.started_at,
                 last_heartbeat_at: n.heartbeat_at,

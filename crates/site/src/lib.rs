@@ -393,6 +393,12 @@ async fn serve(
     ready();
     let served = axum::serve(listeners.admin, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await;
     stop.cancel();
+    // The other nodes need not wait for this one's leases to run out.
+    match site.store.node_stopped(&site.cfg.node, &site.instance).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(jobs = n, "gave this node's running jobs back to the queue"),
+        Err(e) => tracing::warn!("cannot record this node's stop: {e}"),
+    }
     site.store.close().await;
     tracing::info!("dpsync server stopped");
     served.context("admin socket")

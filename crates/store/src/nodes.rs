@@ -33,6 +33,8 @@ pub struct NodeRecord {
     pub started_at: i64,
     /// Unix ms of the last heartbeat.
     pub heartbeat_at: i64,
+    /// Unix ms of its last clean stop, if it stopped after its last start.
+    pub stopped_at: Option<i64>,
 }
 
 /// Locks held across every node until dropped (a transaction on PostgreSQL, whose
@@ -85,6 +87,7 @@ fn node_from_row(row: &sqlx::any::AnyRow) -> Result<NodeRecord> {
         instance: row.try_get("instance")?,
         started_at: row.try_get("started_at")?,
         heartbeat_at: row.try_get("heartbeat_at")?,
+        stopped_at: row.try_get("stopped_at")?,
     })
 }
 
@@ -102,7 +105,7 @@ impl Store {
 
     /// The node named `name`, if it ever ran.
     pub async fn node(&self, name: &str) -> Result<Option<NodeRecord>> {
-        sqlx::query("SELECT name, instance, started_at, heartbeat_at FROM nodes WHERE name = $1")
+        sqlx::query("SELECT name, instance, started_at, heartbeat_at, stopped_at FROM nodes WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
@@ -113,7 +116,7 @@ impl Store {
 
     /// Every node that ever ran on this database, by name.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        sqlx::query("SELECT name, instance, started_at, heartbeat_at FROM nodes ORDER BY name")
+        sqlx::query("SELECT name, instance, started_at, heartbeat_at, stopped_at FROM nodes ORDER BY name")
             .fetch_all(&self.pool)
             .await?
             .iter()
@@ -143,7 +146,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO nodes (name, instance, started_at, heartbeat_at) VALUES ($1, $2, $3, $3) \
              ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, started_at = excluded.started_at, \
-               heartbeat_at = excluded.heartbeat_at",
+               heartbeat_at = excluded.heartbeat_at, stopped_at = NULL",
         )
         .bind(name)
         .bind(instance)
@@ -151,6 +154,19 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Records a clean stop of node `name` (this start of it): it is not alive any more,
+    /// and its `in_progress` jobs go back to the queue at once for the other nodes (see
+    /// [`Store::reset_node`](crate::Store::reset_node)). Returns how many jobs it gave up.
+    pub async fn node_stopped(&self, name: &str, instance: &str) -> Result<u64> {
+        sqlx::query("UPDATE nodes SET stopped_at = $3 WHERE name = $1 AND instance = $2")
+            .bind(name)
+            .bind(instance)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        self.reset_node(name).await
     }
 
     /// The node's heartbeat, and the renewal of the leases of every job it runs (until

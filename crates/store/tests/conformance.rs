@@ -880,6 +880,11 @@ async fn nodes_heartbeat_and_identity_values(db: &Db) {
     assert!(after.heartbeat_at > before.heartbeat_at);
     let names: Vec<String> = db.nodes().await.unwrap().into_iter().map(|n| n.name).collect();
     assert_eq!(names, ["n1", "n2"]);
+    assert_eq!(after.stopped_at, None);
+    db.node_stopped("n1", "i1").await.unwrap();
+    assert!(db.node("n1").await.unwrap().unwrap().stopped_at.is_some(), "a clean stop is recorded");
+    db.register_node("n1", "i2").await.unwrap();
+    assert_eq!(db.node("n1").await.unwrap().unwrap().stopped_at, None, "a start clears it");
     let _lock =
         db.cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh("PS100001"), false)]).await.unwrap();
     // Another holder of a package's refresh lock: on PostgreSQL a try fails until it is
