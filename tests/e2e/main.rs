@@ -3,6 +3,7 @@
 mod backup;
 mod beneath;
 mod cli;
+mod cluster;
 mod config;
 mod distribute;
 mod hardening;

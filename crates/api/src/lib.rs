@@ -379,6 +379,30 @@ pub struct SiteInfo {
     pub packages: u64,
     /// This site's public signing key: DPs and child sites pin it (`--trust CODE=KEY`).
     pub site_key: String,
+    /// The node that answered (`--node`).
+    #[serde(default)]
+    pub node: String,
+    /// The content library folder (`--library`; shared by every node of the site).
+    #[serde(default)]
+    pub library: String,
+    /// Every server node that ran on this site's database, by name.
+    #[serde(default)]
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// A server node of the site (a row of `dpsync info`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// When it started (Unix milliseconds).
+    pub started_at: i64,
+    /// Its last heartbeat (Unix milliseconds); it beats every third of its lease.
+    pub last_heartbeat_at: i64,
+    /// Whether it beat within the lease time: a node that did not is taken for dead, and
+    /// its jobs are claimed by the others.
+    pub alive: bool,
+    /// Jobs it runs now.
+    pub jobs_running: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -723,8 +747,11 @@ pub struct TargetStatus {
     /// When a validation last checked this package's content there (unix ms).
     #[serde(default)]
     pub last_validated_at: Option<i64>,
-    /// Live progress while the target's job runs.
+    /// Live progress while the target's job runs (known to the node that runs it).
     pub progress: Option<Progress>,
+    /// While `in_progress`: the server node that runs the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// For a child site: its own targets (when it could be asked).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetStatus>,

@@ -308,8 +308,10 @@ enum TargetCmd {
         /// A name for it, unique on this site (used by --dp / --site NAME).
         name: String,
         /// Its receiving address, e.g. https://dp1.example:8443 (agents serve TLS unless
-        /// started with --insecure-http).
-        url: String,
+        /// started with --insecure-http). A child site run by several nodes may be given
+        /// one address per node: when one does not answer, the next is used.
+        #[arg(required = true, num_args = 1..)]
+        url: Vec<String>,
         /// Token the target expects.
         #[arg(long, hide_env_values = true)]
         token: Option<String>,
@@ -372,9 +374,10 @@ enum TargetCmd {
 struct SetArgs {
     /// The target's name.
     name: String,
-    /// New receiving address, e.g. https://dp1.example:8443.
+    /// New receiving address, e.g. https://dp1.example:8443; repeat it for a child site
+    /// run by several nodes (one address per node, tried in turn).
     #[arg(long)]
-    url: Option<String>,
+    url: Vec<String>,
     /// New token the target expects.
     #[arg(long, hide_env_values = true, conflicts_with = "token_file")]
     token: Option<String>,
@@ -805,7 +808,7 @@ async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> 
             let req = AddTarget {
                 name,
                 kind: kind.into(),
-                url,
+                url: url.join(" "),
                 token,
                 group,
                 rate_limit,
@@ -842,7 +845,7 @@ async fn target_cmd(c: &AdminClient, json: bool, kind: &str, cmd: TargetCmd) -> 
             };
             let req = SetTarget {
                 kind: Some(kind.into()),
-                url: a.url.clone(),
+                url: (!a.url.is_empty()).then(|| a.url.join(" ")),
                 token,
                 fingerprint: a.fingerprint.clone().map(Some),
                 group: if a.no_group { Some(None) } else { a.group.clone().map(Some) },
@@ -1174,7 +1177,18 @@ async fn info_cmd(c: &AdminClient, json: bool) -> Result<()> {
             plural(r.packages, "package"),
             r.database,
             r.data_dir
-        )
+        );
+        outln!("node {}, content library {}", r.node, r.library);
+        for n in &r.nodes {
+            outln!(
+                "  node {:<20} {:<5} last heartbeat {}  started {}  {} running",
+                n.name,
+                if n.alive { "alive" } else { "down" },
+                crate::util::when(n.last_heartbeat_at),
+                crate::util::when(n.started_at),
+                plural(n.jobs_running, "job")
+            );
+        }
     });
     Ok(())
 }

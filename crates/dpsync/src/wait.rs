@@ -422,9 +422,10 @@ pub fn print_status(s: &StatusReport) {
             t.installed_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
             human_bytes(t.bytes_sent_last.max(0) as u64),
             human_bytes(t.bytes_sent_total.max(0) as u64),
-            match t.next_window_at {
-                Some(at) => format!("next send window opens {}", crate::util::when(at)),
-                None => t.last_error.clone().unwrap_or_default(),
+            match (t.next_window_at, &t.node) {
+                (Some(at), _) => format!("next send window opens {}", crate::util::when(at)),
+                (None, Some(node)) => format!("running on node {node}"),
+                (None, None) => t.last_error.clone().unwrap_or_default(),
             }
         );
         for c in &t.targets {

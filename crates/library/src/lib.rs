@@ -210,8 +210,16 @@ impl Library {
     /// folder is made 0700 (tightened, with a warning, if it was looser): a package's
     /// content is no business of other local users, whatever the source folder allowed.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_with_tmp(root, &root.join("tmp"))
+    }
+
+    /// [`Library::open`] with files being written in `tmp` (cleared here) instead of
+    /// `tmp/`: several processes sharing one library each keep their own, so one that
+    /// starts never removes another's half-written files. `tmp` must be on the library's
+    /// filesystem (a folder beneath `root`).
+    pub fn open_with_tmp(root: &Path, tmp: &Path) -> Result<Self> {
         let objects = root.join("objects");
-        let tmp = root.join("tmp");
+        let tmp = tmp.to_owned();
         fs::create_dir_all(&objects).at(&objects)?;
         let md = fs::metadata(root).at(root)?;
         if md.permissions().mode() & 0o077 != 0 {

@@ -78,6 +78,9 @@ async fn site_info(State(site): State<Arc<Site>>) -> ApiResult<SiteInfo> {
         database: site.store.backend().as_str().into(),
         packages: site.store.packages().await?.len() as u64,
         site_key: site.site_key.public_hex(),
+        node: site.cfg.node.clone(),
+        library: site.cfg.library_dir.display().to_string(),
+        nodes: site.node_infos().await?,
     }))
 }
 

@@ -318,9 +318,10 @@ impl Site {
 
         progress.phase("files");
         let mut copies: Vec<(PathBuf, String)> = Vec::new();
-        let site_key = data.join(SITE_KEY).is_file();
+        // In the data directory, or in the library given by --library.
+        let site_key = self.cfg.site_key_path.is_file();
         if site_key {
-            copies.push((data.join(SITE_KEY), SITE_KEY.into()));
+            copies.push((self.cfg.site_key_path.clone(), SITE_KEY.into()));
         }
         let trust_store = data.join(TRUST_STORE).is_file();
         if trust_store {

@@ -18,6 +18,9 @@ type Settings = [u8; 32];
 /// The clients of the targets, by target id.
 pub(crate) struct Clients {
     by_target: Mutex<HashMap<i64, (Settings, TargetClient)>>,
+    /// For a target with several addresses (a child site run by several nodes): which
+    /// one is used now, by target id.
+    address: Mutex<HashMap<i64, usize>>,
     /// Clients built so far (a cache miss or changed settings).
     built: AtomicU64,
     /// How long a call may make no progress (see [`TargetClient`]).
@@ -43,7 +46,13 @@ impl std::fmt::Debug for Clients {
 
 impl Clients {
     pub(crate) fn new(stall: Duration) -> Self {
-        Self { by_target: Mutex::default(), built: AtomicU64::new(0), stall, shared: Mutex::default() }
+        Self {
+            by_target: Mutex::default(),
+            address: Mutex::default(),
+            built: AtomicU64::new(0),
+            stall,
+            shared: Mutex::default(),
+        }
     }
 
     /// The HTTP client every target without a pinned certificate shares, built once.
@@ -61,7 +70,11 @@ impl Clients {
     /// The client of `target` as it is configured now (the caller has just read it from
     /// the store): the cached one while its settings are unchanged, else a new one.
     pub(crate) fn get(&self, target: &Target) -> Result<TargetClient, TransferError> {
-        let settings = settings_of(target);
+        let urls: Vec<&str> = target.url.split_whitespace().collect();
+        let index = self.address.lock().unwrap().get(&target.id).copied().unwrap_or(0) % urls.len().max(1);
+        let url = urls.get(index).copied().unwrap_or(target.url.as_str());
+        let mut settings = settings_of(target);
+        settings[0] ^= index as u8;
         // With send windows, the job sets the rate when it asks whether one is open (a
         // window may carry its own): setting the plain limit here would undo it for the
         // target's other running jobs.
@@ -80,8 +93,8 @@ impl Clients {
         // Built outside the lock (it reads the system's root certificates); two jobs that
         // race here each build one, and the last one stays.
         let client = match target.fingerprint.as_deref() {
-            Some(fp) => TargetClient::new(&target.name, &target.url, target.token.clone(), Some(fp))?,
-            None => TargetClient::with_http(&self.shared()?, &target.name, &target.url, target.token.clone()),
+            Some(fp) => TargetClient::new(&target.name, url, target.token.clone(), Some(fp))?,
+            None => TargetClient::with_http(&self.shared()?, &target.name, url, target.token.clone()),
         }
         .with_stall(self.stall);
         pace(&client);
@@ -92,6 +105,19 @@ impl Clients {
 }
 
 impl Clients {
+    /// After `target` did not answer at its current address: uses its next one from now
+    /// on and returns it, or `None` when it has one address only.
+    pub(crate) fn fail_over(&self, target: &Target) -> Option<String> {
+        let urls: Vec<&str> = target.url.split_whitespace().collect();
+        if urls.len() < 2 {
+            return None;
+        }
+        let mut address = self.address.lock().unwrap();
+        let next = (address.get(&target.id).copied().unwrap_or(0) + 1) % urls.len();
+        address.insert(target.id, next);
+        Some(urls[next].to_owned())
+    }
+
     /// Drops the client of a target that was removed.
     pub(crate) fn forget(&self, target_id: i64) {
         self.by_target.lock().unwrap().remove(&target_id);

@@ -35,6 +35,20 @@ pub struct ServerSettings {
     /// sqlite://PATH or postgres://USER@HOST/DB [default: sqlite://DATA_DIR/dpsync.db].
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
+    /// Content library folder, which also holds the site's signing key (`site.key`);
+    /// every node of a site on one PostgreSQL database uses the same one (a shared
+    /// filesystem) [default: DATA_DIR/library, key in DATA_DIR/site.key].
+    #[arg(long, value_name = "DIR")]
+    pub library: Option<PathBuf>,
+    /// Name of this server node, unique among the nodes sharing the database; shown by
+    /// `dpsync info` and by `status` for the jobs it runs [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Seconds a node's claim on a running job holds without renewal, 2–3600 (it renews
+    /// every third of it); a node that dies loses its jobs to the others this long after
+    /// [default: 15].
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    pub lease_secs: Option<i64>,
     /// Targets pushed to at once, 1–1024 [default: 8].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub parallel_targets: Option<i64>,
@@ -126,6 +140,15 @@ pub struct ServerConfig {
     pub socket: PathBuf,
     pub listen: Option<String>,
     pub database_url: String,
+    /// The content library folder.
+    pub library_dir: PathBuf,
+    /// The site's signing key: `site.key` in `--library` when given, else in the data
+    /// directory.
+    pub site_key_path: PathBuf,
+    /// This node's name (`--node`, else the host name).
+    pub node: String,
+    /// How long a claim on a job holds without renewal.
+    pub lease: Duration,
     pub keep_versions: i64,
     pub dist: DistConfig,
     pub listen_token: Option<String>,
@@ -154,6 +177,9 @@ impl std::fmt::Debug for ServerConfig {
             .field("socket", &self.socket)
             .field("listen", &self.listen)
             .field("database_url", &crate::redact_url(&self.database_url))
+            .field("library_dir", &self.library_dir)
+            .field("node", &self.node)
+            .field("lease", &self.lease)
             .field("keep_versions", &self.keep_versions)
             .field("dist", &self.dist)
             .field("listen_token", &self.listen_token.as_ref().map(|_| "<redacted>"))
@@ -200,6 +226,25 @@ impl ServerConfig {
             return Err(l.invalid("database_url", "use sqlite://PATH or postgres://USER@HOST/DB"));
         }
         let keep_versions = l.number("keep_versions", s.keep_versions, 5, 2..=1_000_000)?;
+        let (library_dir, site_key_path) = match &s.library {
+            Some(dir) => {
+                let dir = absolute(dir)?;
+                (dir.clone(), dir.join("site.key"))
+            }
+            None => (data_dir.join("library"), data_dir.join("site.key")),
+        };
+        let node = match s.node {
+            Some(n) => n,
+            None => host_name(),
+        };
+        if node.is_empty() || node.len() > 64 || !node.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(l.invalid(
+                "node",
+                format!("node name {node:?} is invalid: use up to 64 letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        let lease = Duration::from_secs(l.number("lease_secs", s.lease_secs, 15, 2..=3600)? as u64);
         let defaults = DistConfig::default();
         // A first delay above the backoff's cap would be cut to the cap without a word.
         let max_delay_ms = defaults.retry_max.as_millis() as i64;
@@ -268,6 +313,10 @@ impl ServerConfig {
             socket,
             listen,
             database_url,
+            library_dir,
+            site_key_path,
+            node,
+            lease,
             keep_versions,
             dist,
             listen_token,
@@ -282,6 +331,14 @@ impl ServerConfig {
             config_file: None,
         })
     }
+}
+
+/// This machine's host name, the default node name.
+fn host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "node".to_owned())
 }
 
 #[cfg(test)]

@@ -153,6 +153,10 @@ pub(crate) enum PushError {
     StillMissing { target: String, package: String, version: i64, rounds: u32 },
     #[error("{target} kept rejecting chunks of {package} version {version} (damaged in transit?)")]
     KeptRejecting { target: String, package: String, version: i64 },
+    /// This node's lease on the job ran out (it could not renew it in time) and another
+    /// node may run it now.
+    #[error("{package} → {target}: this node's lease on the job ran out; another node finishes it")]
+    LeaseLost { package: String, target: String },
     /// A task of the push was cancelled: the server is stopping.
     #[error("the push was cancelled (the server is stopping)")]
     Cancelled,
@@ -175,6 +179,7 @@ impl PushError {
             | PushError::StillMissing { .. }
             | PushError::KeptRejecting { .. }
             | PushError::Cancelled
+            | PushError::LeaseLost { .. }
             | PushError::WindowClosed { .. }
             | PushError::Task(_) => true,
             PushError::Library { .. }
@@ -352,7 +357,18 @@ impl Drop for Waiting<'_> {
 }
 
 pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
-    match site.store.reset_in_progress().await {
+    // SQLite has one server (its lock file says so): every claim left is this server's.
+    // On PostgreSQL other nodes' live claims are theirs.
+    let reset = match site.store.backend() {
+        dpsync_store::Backend::Sqlite => site.store.reset_in_progress().await,
+        dpsync_store::Backend::Postgres => site.store.reset_node(&site.cfg.node).await,
+    };
+    // SQLite has one server: its claims need no expiry (nothing could take them over).
+    let lease = match site.store.backend() {
+        dpsync_store::Backend::Sqlite => dpsync_store::Lease { ms: 0, ..site.lease() },
+        dpsync_store::Backend::Postgres => site.lease(),
+    };
+    match reset {
         Ok(n) if n > 0 => tracing::info!(jobs = n, "resuming distributions interrupted by a stop"),
         Ok(_) => {}
         Err(e) => tracing::error!("cannot reset interrupted jobs: {e}"),
@@ -368,14 +384,14 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
             if free == 0 {
                 continue;
             }
-            match site.store.claim_due_of(now_ms(), free as i64, Some(health)).await {
+            match site.store.claim_leased(now_ms(), free as i64, Some(health), &lease).await {
                 Ok(jobs) => {
                     for job in jobs {
                         let probe = probes.clone().acquire_owned().await.expect("semaphore open");
                         let push = pools.push.clone();
                         let site = site.clone();
                         tokio::spawn(async move {
-                            site.run_job(job, Admission { probe, push }).await;
+                            site.run_job(job, Admission { probe: Some(probe), push }).await;
                             site.jobs.notify_one();
                         });
                     }
@@ -418,7 +434,8 @@ struct Pools {
 /// A claimed job's way through the pools: it holds its probe slot until its target has
 /// answered, then waits for a push slot.
 struct Admission {
-    probe: OwnedSemaphorePermit,
+    /// Given back once the target answered its probe.
+    probe: Option<OwnedSemaphorePermit>,
     push: Arc<Semaphore>,
 }
 
@@ -436,7 +453,19 @@ impl Site {
             p.started_ms = now_ms();
         });
         let result = match self.store.target_by_id(job.target_id).await {
-            Ok(Some(target)) => self.run_action(&job, &target, admission).await,
+            Ok(Some(target)) => {
+                // A target with several addresses (a child site run by several nodes):
+                // one that does not answer hands the job to the next, within this attempt.
+                let mut admission = admission;
+                let mut result = self.run_action(&job, &target, &mut admission).await;
+                for _ in 1..target.url.split_whitespace().count() {
+                    let Err(PushError::Unreachable(e)) = &result else { break };
+                    let Some(next) = self.clients.fail_over(&target) else { break };
+                    tracing::warn!(target = %target.name, "{e}; trying its next address {next}");
+                    result = self.run_action(&job, &target, &mut admission).await;
+                }
+                result
+            }
             Ok(None) => Err(PushError::TargetGone { target: job.target_name.clone() }),
             Err(e) => Err(e.into()),
         };
@@ -486,8 +515,14 @@ impl Site {
             Outcome::Failed { .. } | Outcome::ValidationFailed { .. } => "failed",
         };
         self.metrics.record_job(job.target_kind, ended, started.elapsed());
-        match self.store.finish(&job.package_id, job.target_id, outcome).await {
-            Ok(d) => {
+        let claim = job.claim_token.unwrap_or_default();
+        match self.store.finish_leased(&job.package_id, job.target_id, claim, outcome).await {
+            Ok(None) => tracing::warn!(
+                package = %job.package_id,
+                target = %job.target_name,
+                "this node's lease on the job ran out and another node took it over; its outcome is not recorded here"
+            ),
+            Ok(Some(d)) => {
                 tracing::debug!(package = %d.package_id, target = %d.target_name, state = %d.state, "job finished");
                 // The last target of a package being deleted dropped it: its rows go.
                 if d.state == DistState::Removed
@@ -504,7 +539,7 @@ impl Site {
         &self,
         job: &Distribution,
         target: &Target,
-        admission: Admission,
+        admission: &mut Admission,
     ) -> Result<Outcome, PushError> {
         let client = self.clients.get(target).map_err(|e| PushError::transfer(e, target, &job.package_id))?;
         // Content goes only within the target's send windows (a removal sends none).
@@ -519,8 +554,8 @@ impl Site {
             .probe_state(&job.package_id, self.dist.probe)
             .await
             .map_err(|e| PushError::transfer(e, target, &job.package_id))?;
-        let _push_slot = admission.push.acquire_owned().await.expect("semaphore open");
-        drop(admission.probe);
+        let _push_slot = admission.push.clone().acquire_owned().await.expect("semaphore open");
+        drop(admission.probe.take());
         let pushed = match job.action {
             Action::Install | Action::Validate => {
                 self.push(job, target, &client, false, probed).await.map(|version| Outcome::Installed { version })
@@ -685,6 +720,11 @@ impl Site {
                 // Chunks resent after a refused commit go without a base.
                 let against = if round == 0 { base.as_ref() } else { None };
                 self.send_chunks(job, target, client, &manifest, against, missing).await?;
+            }
+            // Another node took the job over when this one's lease ran out: only the
+            // claim that holds the job tells the target to commit.
+            if !self.store.holds_claim(pkg, job.target_id, job.claim_token.unwrap_or_default()).await? {
+                return Err(PushError::LeaseLost { package: pkg.clone(), target: target.name.clone() });
             }
             self.set_progress(&key, |p| p.phase = Phase::Committing);
             let committing = |p: &wire::CommitProgress| {

@@ -51,6 +51,12 @@ impl Site {
                 p.id
             ))
         })?;
+        let Some(_everywhere) = self.store.try_cluster_lock(dpsync_store::ClusterKey::Refresh(&p.id)).await? else {
+            return Err(SiteError::Conflict(format!(
+                "package {} is being refreshed or rolled back on another node; try again when it is done",
+                p.id
+            )));
+        };
         let p = self.find_package(&p.id).await?;
         let key = self.child_site_key(&new_site).await?;
         let mut chain = match p.owner_chain.as_deref() {

@@ -10,6 +10,7 @@
 mod admin;
 pub mod backup;
 mod clients;
+mod cluster;
 mod config;
 mod distribute;
 pub mod export;
@@ -101,7 +102,8 @@ pub struct Site {
     delta_cache: Mutex<HashMap<(String, i64, i64), WireManifest>>,
     /// Chunk batches held in memory by all pushes together, in KiB (see `DistConfig`).
     batch_memory: distribute::Budget,
-    /// This site's signing key (`DATA/site.key`).
+    /// This site's signing key (`site.key` in the library given by `--library`, else in
+    /// the data directory).
     pub site_key: dpsync_transfer::trust::SiteKey,
     /// Pinned keys of the sites whose packages this site receives and relays.
     pub trust: Arc<dpsync_transfer::trust::TrustStore>,
@@ -109,18 +111,34 @@ pub struct Site {
     clients: clients::Clients,
     /// The backup running now, if any.
     backup: backup::Running,
+    /// This start of the node (random): its `nodes` row names it, so a second process
+    /// with the same `--node` is noticed.
+    pub instance: String,
+    /// Held while the server runs on a SQLite database.
+    _sqlite_lock: Option<std::fs::File>,
 }
 
 impl Site {
     pub async fn open(cfg: ServerConfig) -> Result<Self> {
         dpsync_agent::daemon::secure_data_dir(&cfg.data_dir)?;
         let dist = cfg.dist.clone();
-        let site_key = dpsync_transfer::trust::SiteKey::load_or_create(&cfg.data_dir.join("site.key"))?;
+        let shared = cfg.library_dir != cfg.data_dir.join("library");
+        if shared {
+            dpsync_agent::daemon::secure_data_dir(&cfg.library_dir)
+                .with_context(|| format!("the content library {} (--library)", cfg.library_dir.display()))?;
+        }
+        let site_key = dpsync_transfer::trust::SiteKey::load_or_create(&cfg.site_key_path)?;
         let trust = Arc::new(dpsync_transfer::trust::TrustStore::open(
             &cfg.data_dir.join("trusted-sites.json"),
             &cfg.trust,
             cfg.strict_trust,
         )?);
+        // SQLite serves one server: a second one on the same file (from another data
+        // directory) is refused before it touches anything.
+        let sqlite_lock = match sqlite_path(&cfg.database_url) {
+            Some(db) => Some(lock_sqlite(&db)?),
+            None => None,
+        };
         let store = match Store::connect(&cfg.database_url).await {
             Ok(store) => store,
             // Names the file and says what to do already.
@@ -138,8 +156,10 @@ impl Site {
             Some(_) => {}
             None => store.meta_set("site_code", &cfg.site_code).await?,
         }
-        let lib_dir = cfg.data_dir.join("library");
-        let library = tokio::task::spawn_blocking(move || Library::open(&lib_dir)).await??;
+        let lib_dir = cfg.library_dir.clone();
+        let tmp = if shared { lib_dir.join("tmp").join(&cfg.node) } else { lib_dir.join("tmp") };
+        let library = tokio::task::spawn_blocking(move || Library::open_with_tmp(&lib_dir, &tmp)).await??;
+        cluster::check(&store, &cfg, &site_key).await?;
         let clients = clients::Clients::new(cfg.dist.stall);
         Ok(Self {
             metrics: SiteMetrics::default(),
@@ -163,6 +183,8 @@ impl Site {
             trust,
             clients,
             backup: Default::default(),
+            instance: cluster::instance_id(),
+            _sqlite_lock: sqlite_lock,
         })
     }
 
@@ -182,6 +204,7 @@ impl Site {
     /// Prunes old versions and removes library content no retained version names.
     pub async fn gc(&self) -> Result<GcReport, SiteError> {
         let _exclusive = self.gc_lock.write().await;
+        let _everywhere = self.store.cluster_lock(&[(dpsync_store::ClusterKey::Library, false)]).await?;
         let started = std::time::SystemTime::now();
         let mut report = GcReport::default();
         for p in self.store.packages().await? {
@@ -205,6 +228,39 @@ impl Site {
         tracing::info!(?report, "garbage collection done");
         Ok(report)
     }
+}
+
+/// The file of a `sqlite:` database URL (none for an in-memory one or PostgreSQL).
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && !path.starts_with(":memory:")).then(|| PathBuf::from(path))
+}
+
+/// Locks `DB-server.lock` beside a SQLite database for as long as the file is open.
+fn lock_sqlite(db: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = db.as_os_str().to_owned();
+    name.push("-server.lock");
+    let path = PathBuf::from(name);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if f.try_lock().is_err() {
+        bail!(
+            "the SQLite database {} is in use by another dpsync server; SQLite serves one server only: \
+             stop the other one, or run several nodes on PostgreSQL (--database-url postgres://…) with one --library",
+            db.display()
+        );
+    }
+    Ok(f)
 }
 
 /// Hides a password in a database URL for messages.
@@ -313,8 +369,12 @@ async fn serve(
         data_dir = %site.cfg.data_dir.display(),
         socket = %listeners.admin_path.display(),
         database = %redact_url(&site.cfg.database_url),
+        node = %site.cfg.node,
+        library = %site.cfg.library_dir.display(),
         "dpsync server ready"
     );
+    site.store.register_node(&site.cfg.node, &site.instance).await?;
+    tokio::spawn(cluster::heartbeat(site.clone(), stop.clone()));
     tokio::spawn(distribute::run_jobs(site.clone(), stop.clone()));
     tokio::spawn(lifecycle::run_schedules(site.clone(), stop.clone()));
     if let Some(tcp) = listeners.receive {
@@ -338,6 +398,12 @@ async fn serve(
     ready();
     let served = axum::serve(listeners.admin, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await;
     stop.cancel();
+    // The other nodes need not wait for this one's leases to run out.
+    match site.store.node_stopped(&site.cfg.node, &site.instance).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(jobs = n, "gave this node's running jobs back to the queue"),
+        Err(e) => tracing::warn!("cannot record this node's stop: {e}"),
+    }
     site.store.close().await;
     tracing::info!("dpsync server stopped");
     served.context("admin socket")

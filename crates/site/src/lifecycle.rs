@@ -152,6 +152,13 @@ impl Site {
                 p.id
             )));
         };
+        // The same on the site's other nodes.
+        let Some(_everywhere) = self.store.try_cluster_lock(dpsync_store::ClusterKey::Refresh(&p.id)).await? else {
+            return Err(SiteError::Conflict(format!(
+                "a refresh or rollback of {} is running on another node; wait for it to end, then delete again",
+                p.id
+            )));
+        };
         self.store.start_deleting(&p.id).await?;
         self.kick_jobs();
         let done = self.finish_deleting(&p.id).await?;

@@ -15,6 +15,7 @@ use dpsync_library::{ImportBatch, Imported, Library};
 use dpsync_scan::{
     FilePlan, FileStat, RACY_WINDOW_NS, ScanCache, ScanEntry, ScanError, ScanKind, SourceChanged, SourceRoot,
 };
+use dpsync_store::ClusterKey;
 use dpsync_store::{NewVersion, VersionStats};
 use rayon::prelude::*;
 
@@ -79,6 +80,9 @@ impl Site {
         let _gc_shared = self.gc_lock.read().await;
         let lock = self.package_lock(&package.id);
         let _exclusive = lock.lock().await;
+        // The same across the site's nodes (no-op on SQLite, which has one).
+        let _everywhere =
+            self.store.cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh(&package.id), false)]).await?;
 
         let previous = self.store.latest_version(&package.id).await?;
         let (prev_manifest, prev_cache, prev_root) = match &previous {
@@ -519,6 +523,16 @@ impl Site {
             return;
         }
         let _exclusive = self.gc_lock.write().await;
+        let _everywhere = match self.store.cluster_lock(&[(ClusterKey::Library, false)]).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(
+                    package = pkg,
+                    "the failed refresh's content stays in the library until `dpsync gc`: {e}"
+                );
+                return;
+            }
+        };
         let manifests = match self.store.live_file_hashes().await {
             Ok(m) => m,
             Err(e) => {

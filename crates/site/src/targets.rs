@@ -138,6 +138,19 @@ fn check_rate_limit(rate: Option<i64>) -> Result<(), SiteError> {
     Ok(())
 }
 
+/// Checks a target's address, or its addresses separated by spaces (a child site run by
+/// several nodes, tried in turn), and returns them normalized, space-separated.
+fn check_urls(text: &str, pinned: bool) -> Result<String, SiteError> {
+    let urls = text
+        .split_whitespace()
+        .map(|u| dpsync_transfer::client::check_target_url(u, pinned).map_err(SiteError::Invalid))
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(SiteError::Invalid("no URL given; give the target's receiving address".into()));
+    }
+    Ok(urls.join(" "))
+}
+
 impl Site {
     pub async fn add_target(&self, req: AddTarget) -> Result<TargetInfo, SiteError> {
         let kind = store_kind(&req.kind)?;
@@ -147,8 +160,7 @@ impl Site {
             return Err(SiteError::Invalid(format!("target name {name:?}: use letters, digits, '-', '_' and '.'")));
         }
         let fingerprint = req.fingerprint.as_deref().map(fingerprint_of).transpose()?;
-        let url =
-            dpsync_transfer::client::check_target_url(&req.url, fingerprint.is_some()).map_err(SiteError::Invalid)?;
+        let url = check_urls(&req.url, fingerprint.is_some())?;
         check_rate_limit(req.rate_limit)?;
         let windows = crate::windows::Windows::parse_all(&req.windows).map_err(SiteError::Invalid)?;
         crate::lifecycle::check_interval("validation", req.validate_every_ms)?;
@@ -284,9 +296,9 @@ impl Site {
         }
         let pinned = update.apply(before.clone()).fingerprint.is_some();
         if let Some(url) = &req.url {
-            update.url = Some(dpsync_transfer::client::check_target_url(url, pinned).map_err(SiteError::Invalid)?);
+            update.url = Some(check_urls(url, pinned)?);
         } else if update.fingerprint.is_some() {
-            dpsync_transfer::client::check_target_url(&before.url, pinned).map_err(SiteError::Invalid)?;
+            check_urls(&before.url, pinned)?;
         }
         if let Some(every) = req.validate_every_ms {
             crate::lifecycle::check_interval("validation", every)?;
@@ -506,6 +518,7 @@ impl Site {
         }
         let lock = self.package_lock(&p.id);
         let _g = lock.lock().await;
+        let _everywhere = self.store.cluster_lock(&[(dpsync_store::ClusterKey::Refresh(&p.id), false)]).await?;
         let versions = self.store.versions(&p.id).await?;
         let Some(current) = versions.last() else {
             return Err(SiteError::Refused(format!("{} has no version to roll back", p.id)));
@@ -575,6 +588,7 @@ impl Site {
             .into_iter()
             .map(|d| TargetStatus {
                 progress: progress.get(&(d.package_id.clone(), d.target_id)).cloned(),
+                node: d.claimed_by.clone().filter(|_| d.state == DistState::InProgress),
                 next_retry_at: next_retry_at(&d),
                 name: d.target_name,
                 kind: api_kind(d.target_kind),

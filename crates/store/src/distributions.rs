@@ -17,14 +17,14 @@ use sqlx::any::AnyRow;
 
 use crate::error::{Result, StoreError};
 use crate::packages::{Lock, lock_package, normalize_id};
-use crate::{Action, Backend, DistState, Distribution, Outcome, StateCount, Store, TargetHealth, now_ms};
+use crate::{Action, Backend, DistState, Distribution, Lease, Outcome, StateCount, Store, TargetHealth, now_ms};
 
 macro_rules! dist_select {
     () => {
         "SELECT d.package_id, d.target_id, t.name AS target_name, t.kind AS target_kind, \
          d.state, d.action, d.desired_version, d.installed_version, d.attempts, \
          d.next_attempt_at, d.last_error, d.last_error_at, d.bytes_sent_last, d.bytes_sent_total, d.bytes_from_peers_last, d.updated_at, \
-         d.window_wait, d.last_validated_at \
+         d.window_wait, d.last_validated_at, d.claim_token, d.claimed_by, d.lease_until \
          FROM distributions d JOIN targets t ON t.id = d.target_id "
     };
 }
@@ -72,6 +72,9 @@ fn dist_from_row(row: &AnyRow) -> Result<Distribution> {
         bytes_from_peers_last: row.try_get("bytes_from_peers_last")?,
         updated_at: row.try_get("updated_at")?,
         last_validated_at: row.try_get("last_validated_at")?,
+        claim_token: row.try_get("claim_token")?,
+        claimed_by: row.try_get("claimed_by")?,
+        lease_until: row.try_get("lease_until")?,
     })
 }
 
@@ -295,8 +298,9 @@ impl Store {
     /// oldest due first, marks them `in_progress`, increments `attempts` and returns them (with their
     /// action, so removals stay identifiable). A row is never returned to two claimers:
     /// PostgreSQL uses `FOR UPDATE SKIP LOCKED`, SQLite one `BEGIN IMMEDIATE` transaction.
+    /// The rows carry no lease: a single server's claims (see [`Store::claim_leased`]).
     pub async fn claim_due(&self, now_ms: i64, limit: i64) -> Result<Vec<Distribution>> {
-        self.claim_due_of(now_ms, limit, None).await
+        self.claim(now_ms, limit, None, None).await
     }
 
     /// [`Store::claim_due`] restricted to the rows of targets whose jobs are failing
@@ -307,6 +311,32 @@ impl Store {
         now_ms: i64,
         limit: i64,
         health: Option<TargetHealth>,
+    ) -> Result<Vec<Distribution>> {
+        self.claim(now_ms, limit, health, None).await
+    }
+
+    /// [`Store::claim_due`] for one node of several sharing this database: each row
+    /// claimed records the node and a lease until `now_ms + lease.ms`, which the node
+    /// renews while it works ([`Store::heartbeat`]). A row whose lease ran out is made
+    /// claimable again by [`Store::reclaim_expired`]; its outcome is then recorded only
+    /// by the claim that holds it ([`Store::finish_leased`]). `health` as for
+    /// [`Store::claim_due_of`].
+    pub async fn claim_leased(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        health: Option<TargetHealth>,
+        lease: &Lease,
+    ) -> Result<Vec<Distribution>> {
+        self.claim(now_ms, limit, health, Some(lease)).await
+    }
+
+    async fn claim(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        health: Option<TargetHealth>,
+        lease: Option<&Lease>,
     ) -> Result<Vec<Distribution>> {
         if limit <= 0 {
             return Ok(Vec::new());
@@ -326,14 +356,16 @@ impl Store {
         let sql = match self.backend {
             Backend::Sqlite => format!(
                 "UPDATE distributions SET state = 'in_progress', attempts = attempts + 1, \
-                   claim_token = $1, claimed_generation = generation, updated_at = $4 \
+                   claim_token = $1, claimed_generation = generation, updated_at = $4, \
+                   claimed_by = $5, lease_until = $6 \
                  WHERE rowid IN (SELECT rowid FROM distributions WHERE {} AND next_attempt_at <= $2{only} \
                    ORDER BY {order} LIMIT $3)",
                 claimable!()
             ),
             Backend::Postgres => format!(
                 "UPDATE distributions SET state = 'in_progress', attempts = attempts + 1, \
-                   claim_token = $1, claimed_generation = generation, updated_at = $4 \
+                   claim_token = $1, claimed_generation = generation, updated_at = $4, \
+                   claimed_by = $5, lease_until = $6 \
                  WHERE (package_id, target_id) IN (SELECT package_id, target_id \
                    FROM distributions WHERE {} AND next_attempt_at <= $2{only} \
                    ORDER BY {order} LIMIT $3 \
@@ -343,12 +375,15 @@ impl Store {
                 claimable!()
             ),
         };
+        let now = crate::now_ms();
         // Built only from this function's constant fragments.
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(token)
             .bind(now_ms)
             .bind(limit)
-            .bind(crate::now_ms())
+            .bind(now)
+            .bind(lease.map(|l| l.node.clone()))
+            .bind(lease.filter(|l| l.ms > 0).map(|l| now + l.ms))
             .execute(&mut *tx)
             .await?;
         let rows = sqlx::query(concat!(
@@ -378,6 +413,39 @@ impl Store {
         })
     }
 
+    /// Makes the `in_progress` rows whose lease ran out before `now_ms` claimable again
+    /// (`pending`, `removing` for a removal; attempts kept): their node stopped renewing,
+    /// so it died or lost the database. Returns how many rows were freed.
+    pub async fn reclaim_expired(&self, now_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE distributions SET \
+               state = CASE WHEN action = 'remove' THEN 'removing' ELSE 'pending' END, \
+               claim_token = NULL, claimed_by = NULL, lease_until = NULL, next_attempt_at = $1, updated_at = $1 \
+             WHERE state = 'in_progress' AND lease_until IS NOT NULL AND lease_until < $1",
+        )
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Whether the claim `claim_token` still holds the row (it is `in_progress` under that
+    /// claim, and its lease, if any, has not run out): asked before a target is told to
+    /// commit, so two nodes never finish the same job.
+    pub async fn holds_claim(&self, package_id: &str, target_id: i64, claim_token: i64) -> Result<bool> {
+        let row = sqlx::query(
+            "SELECT 1 AS held FROM distributions WHERE package_id = $1 AND target_id = $2 \
+               AND state = 'in_progress' AND claim_token = $3 AND (lease_until IS NULL OR lease_until >= $4)",
+        )
+        .bind(normalize_id(package_id))
+        .bind(target_id)
+        .bind(claim_token)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
     /// The earliest `next_attempt_at` among claimable rows (possibly in the past), or `None`
     /// if nothing is waiting: how long the scheduler may sleep.
     pub async fn next_due_at(&self) -> Result<Option<i64>> {
@@ -405,12 +473,13 @@ impl Store {
 
     /// At server start: every `in_progress` row goes back to `pending` (`removing` if its
     /// action is `remove`), attempts kept. Returns how many rows were reset. Call it only
-    /// when no worker of any server sharing this database is running.
+    /// when no worker of any server sharing this database is running (a single server);
+    /// a node of several calls [`Store::reset_node`].
     pub async fn reset_in_progress(&self) -> Result<u64> {
         let done = sqlx::query(
             "UPDATE distributions SET \
                state = CASE WHEN action = 'remove' THEN 'removing' ELSE 'pending' END, \
-               claim_token = NULL, updated_at = $1 \
+               claim_token = NULL, claimed_by = NULL, lease_until = NULL, updated_at = $1 \
              WHERE state = 'in_progress'",
         )
         .bind(now_ms())
@@ -437,6 +506,26 @@ impl Store {
             return Err(not_assigned(&id, target_id));
         }
         Ok(())
+    }
+
+    /// At a node's start: its own `in_progress` rows (claimed before it stopped), those
+    /// claimed without a lease (by a server without leases), and those whose lease ran
+    /// out go back to `pending` (`removing` for a removal), attempts kept; other nodes'
+    /// live claims are left alone. Returns how many rows were reset.
+    pub async fn reset_node(&self, node: &str) -> Result<u64> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE distributions SET \
+               state = CASE WHEN action = 'remove' THEN 'removing' ELSE 'pending' END, \
+               claim_token = NULL, claimed_by = NULL, lease_until = NULL, updated_at = $1 \
+             WHERE state = 'in_progress' \
+               AND (claimed_by = $2 OR claimed_by IS NULL OR lease_until IS NULL OR lease_until < $1)",
+        )
+        .bind(now)
+        .bind(node)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Adds `bytes_sent_delta` to `bytes_sent_last` and `bytes_sent_total`. This is a write
@@ -472,18 +561,43 @@ impl Store {
     /// version is still recorded, but the row becomes `pending` (`removing` for a removal)
     /// with attempts 0 so the newer request runs next. `NotFound` if not assigned.
     pub async fn finish(&self, package_id: &str, target_id: i64, outcome: Outcome) -> Result<Distribution> {
+        let dist = self.finish_claim(package_id, target_id, None, outcome).await?;
+        dist.ok_or_else(|| not_assigned(package_id, target_id))
+    }
+
+    /// [`Store::finish`] for the claim `claim_token` (a row from [`Store::claim_leased`]):
+    /// the outcome is recorded only while that claim still holds the row. `Ok(None)`
+    /// when it does not any more — its lease ran out and another node reclaimed the row —
+    /// and nothing is changed.
+    pub async fn finish_leased(
+        &self,
+        package_id: &str,
+        target_id: i64,
+        claim_token: i64,
+        outcome: Outcome,
+    ) -> Result<Option<Distribution>> {
+        self.finish_claim(package_id, target_id, Some(claim_token), outcome).await
+    }
+
+    async fn finish_claim(
+        &self,
+        package_id: &str,
+        target_id: i64,
+        claim: Option<i64>,
+        outcome: Outcome,
+    ) -> Result<Option<Distribution>> {
         let id = normalize_id(package_id);
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         let sql = match self.backend {
             Backend::Sqlite => {
                 "SELECT state, action, installed_version, attempts, next_attempt_at, \
-                   generation, claimed_generation, last_error, last_error_at \
+                   generation, claimed_generation, last_error, last_error_at, claim_token \
                  FROM distributions WHERE package_id = $1 AND target_id = $2"
             }
             Backend::Postgres => {
                 "SELECT state, action, installed_version, attempts, next_attempt_at, \
-                   generation, claimed_generation, last_error, last_error_at \
+                   generation, claimed_generation, last_error, last_error_at, claim_token \
                  FROM distributions WHERE package_id = $1 AND target_id = $2 FOR UPDATE"
             }
         };
@@ -494,6 +608,12 @@ impl Store {
             .await?
             .ok_or_else(|| not_assigned(&id, target_id))?;
         let state: DistState = row.try_get::<String, _>("state")?.parse()?;
+        if let Some(mine) = claim {
+            let holder: Option<i64> = row.try_get("claim_token")?;
+            if state != DistState::InProgress || holder != Some(mine) {
+                return Ok(None);
+            }
+        }
         let action: Action = row.try_get::<String, _>("action")?.parse()?;
         let mut installed: Option<i64> = row.try_get("installed_version")?;
         let mut attempts: i64 = row.try_get("attempts")?;
@@ -544,7 +664,8 @@ impl Store {
         let last_error_at = if window_wait != 0 { previous_error_at } else { last_error.as_ref().map(|_| now) };
         sqlx::query(
             "UPDATE distributions SET state = $3, installed_version = $4, attempts = $5, \
-               next_attempt_at = $6, last_error = $7, last_error_at = $9, claim_token = NULL, updated_at = $8, \
+               next_attempt_at = $6, last_error = $7, last_error_at = $9, claim_token = NULL, \
+               claimed_by = NULL, lease_until = NULL, updated_at = $8, \
                window_wait = $10, last_success_at = CASE WHEN $11 = 1 THEN $8 ELSE last_success_at END \
              WHERE package_id = $1 AND target_id = $2",
         )
@@ -576,7 +697,7 @@ impl Store {
         }
         let dist = select_one(&mut tx, &id, target_id).await?.ok_or_else(|| not_assigned(&id, target_id))?;
         tx.commit().await?;
-        Ok(dist)
+        Ok(Some(dist))
     }
 }
 

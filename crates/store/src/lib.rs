@@ -25,6 +25,7 @@ mod distributions;
 mod error;
 mod integrity;
 mod migrate;
+mod nodes;
 mod observe;
 mod packages;
 mod snapshot;
@@ -41,6 +42,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Row, Transaction};
 use crate::migrate::{SITE_POSTGRES, SITE_SQLITE};
 
 pub use error::{Result, StoreError};
+pub use nodes::{ClusterKey, ClusterLock, Lease, NodeRecord};
 pub use observe::TargetSeries;
 pub use snapshot::snapshot_sqlite_file;
 pub use types::{
@@ -59,7 +61,8 @@ pub fn schema_versions() -> Vec<i64> {
 }
 
 const SQLITE_POOL_SIZE: u32 = 4;
-const POSTGRES_POOL_SIZE: u32 = 5;
+// Refreshes hold one connection for their cluster locks.
+const POSTGRES_POOL_SIZE: u32 = 10;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Handle to the store: a connection pool. Cheap to clone; clones share the pool.

@@ -520,6 +520,13 @@ pub struct Distribution {
     pub updated_at: i64,
     /// When a validation last checked this package's content on the target (unix ms).
     pub last_validated_at: Option<i64>,
+    /// The claim that holds the row while it is `in_progress` (see
+    /// [`Store::claim_leased`](crate::Store::claim_leased)).
+    pub claim_token: Option<i64>,
+    /// The server node that claimed the row, while it is `in_progress`.
+    pub claimed_by: Option<String>,
+    /// Until when (unix ms) that node's lease on the row holds, unless renewed.
+    pub lease_until: Option<i64>,
 }
 
 /// How many distributions to one kind of target are in one state (a row of

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dpsync_hash::{ChunkId, ContentRoot, FileHash};
 use dpsync_store::agent::{AgentDb, ChunkLocation, PackRows, PackedChunk, Staged, StagedChunk};
 use dpsync_store::{
-    Action, Backend, DistState, NewTarget, NewVersion, Outcome, PackageUpdate, PackageVersion, Priority, StateCount,
-    Store, StoreError, TargetHealth, TargetKind, TargetUpdate, VersionStats,
+    Action, Backend, ClusterKey, DistState, Lease, NewTarget, NewVersion, Outcome, PackageUpdate, PackageVersion,
+    Priority, StateCount, Store, StoreError, TargetHealth, TargetKind, TargetUpdate, VersionStats,
 };
 use sqlx::Connection;
 
@@ -160,6 +160,8 @@ conformance!(
     job_superseded_while_in_progress_is_requeued,
     concurrent_claimers_never_share_a_row,
     reset_in_progress_requeues_claimed_rows,
+    leases_are_renewed_reclaimed_and_checked,
+    nodes_heartbeat_and_identity_values,
     record_progress_accumulates_bytes,
     prune_versions_keeps_current_and_wanted,
     version_with_root_finds_the_newest,
@@ -800,6 +802,102 @@ async fn reset_in_progress_requeues_claimed_rows(db: &Db) {
     let again = db.claim_due(soon(), 10).await.unwrap();
     assert_eq!(again.len(), 3);
     assert!(again.iter().filter(|d| d.target_id != t3).all(|d| d.attempts == 2));
+}
+
+async fn leases_are_renewed_reclaimed_and_checked(db: &Db) {
+    let id = package_v1(db, "Office").await;
+    let t1 = target(db, "dp1").await;
+    let t2 = target(db, "dp2").await;
+    for t in [t1, t2] {
+        db.assign(&id, t).await.unwrap();
+    }
+    let a = Lease { node: "a".into(), ms: 60_000 };
+    let b = Lease { node: "b".into(), ms: 60_000 };
+    db.register_node("a", "ia").await.unwrap();
+    db.register_node("b", "ib").await.unwrap();
+    let by_a = db.claim_leased(soon(), 1, None, &a).await.unwrap();
+    assert_eq!(by_a.len(), 1);
+    let job = by_a[0].clone();
+    assert_eq!(job.claimed_by.as_deref(), Some("a"));
+    let token = job.claim_token.expect("a claim token");
+    assert!(job.lease_until.unwrap() >= now() + 59_000, "leased for a minute: {:?}", job.lease_until);
+    assert!(db.holds_claim(&id, job.target_id, token).await.unwrap());
+    assert_eq!(db.jobs_by_node().await.unwrap(), vec![("a".to_owned(), 1)]);
+
+    // Not expired: nothing to reclaim, and b's start leaves a's claim alone.
+    assert_eq!(db.reclaim_expired(now()).await.unwrap(), 0);
+    assert_eq!(db.reset_node("b").await.unwrap(), 0, "another node's live claim is not reset");
+    // A heartbeat renews a's lease; with another instance it renews nothing.
+    assert!(db.heartbeat(&a, "ia").await.unwrap());
+    assert!(!db.heartbeat(&a, "someone else").await.unwrap());
+
+    // a stops renewing: past its lease the row is claimable by b.
+    let renewed = db.distribution(&id, job.target_id).await.unwrap().unwrap().lease_until.unwrap();
+    assert!(renewed >= job.lease_until.unwrap(), "renewed");
+    assert_eq!(db.reclaim_expired(renewed - 1).await.unwrap(), 0, "not before the renewed lease ends");
+    let past = renewed + 1;
+    assert_eq!(db.reclaim_expired(past).await.unwrap(), 1);
+    assert!(!db.holds_claim(&id, job.target_id, token).await.unwrap(), "a's claim is gone");
+    let by_b = db.claim_leased(past, 10, None, &b).await.unwrap();
+    let again = by_b.iter().find(|d| d.target_id == job.target_id).expect("b claims a's job");
+    assert_eq!(again.claimed_by.as_deref(), Some("b"));
+    assert_eq!(again.attempts, 2, "attempts are kept across nodes");
+
+    // a's late outcome is not recorded; b's is.
+    let late = db.finish_leased(&id, job.target_id, token, Outcome::Installed { version: 1 }).await.unwrap();
+    assert!(late.is_none(), "a lost its lease: {late:?}");
+    let d = db.distribution(&id, job.target_id).await.unwrap().unwrap();
+    assert_eq!((d.state, d.claimed_by.as_deref()), (DistState::InProgress, Some("b")));
+    let done = db
+        .finish_leased(&id, job.target_id, again.claim_token.unwrap(), Outcome::Installed { version: 1 })
+        .await
+        .unwrap()
+        .expect("b holds the claim");
+    assert_eq!(done.state, DistState::Installed);
+    assert_eq!((done.claimed_by, done.lease_until, done.claim_token), (None, None, None));
+
+    // b restarts: its own claims go back to the queue.
+    assert_eq!(db.reset_node("b").await.unwrap(), 1);
+    let other = if job.target_id == t1 { t2 } else { t1 };
+    let d = db.distribution(&id, other).await.unwrap().unwrap();
+    assert_eq!(d.state, DistState::Pending);
+
+    // A claim without expiry (a single server): it names its node and is never reclaimed.
+    let single = Lease { node: "solo".into(), ms: 0 };
+    let c = db.claim_leased(soon(), 10, None, &single).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!((c[0].claimed_by.as_deref(), c[0].lease_until), (Some("solo"), None));
+    assert_eq!(db.reclaim_expired(now() + 86_400_000).await.unwrap(), 0);
+    assert!(db.holds_claim(&id, other, c[0].claim_token.unwrap()).await.unwrap());
+}
+
+async fn nodes_heartbeat_and_identity_values(db: &Db) {
+    assert_eq!(db.meta_set_once("site_key", "k1").await.unwrap(), "k1");
+    assert_eq!(db.meta_set_once("site_key", "k2").await.unwrap(), "k1", "the first value stays");
+    db.register_node("n2", "i1").await.unwrap();
+    db.register_node("n1", "i1").await.unwrap();
+    let before = db.node("n1").await.unwrap().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(db.heartbeat(&Lease { node: "n1".into(), ms: 1000 }, "i1").await.unwrap());
+    let after = db.node("n1").await.unwrap().unwrap();
+    assert!(after.heartbeat_at > before.heartbeat_at);
+    let names: Vec<String> = db.nodes().await.unwrap().into_iter().map(|n| n.name).collect();
+    assert_eq!(names, ["n1", "n2"]);
+    assert_eq!(after.stopped_at, None);
+    db.node_stopped("n1", "i1").await.unwrap();
+    assert!(db.node("n1").await.unwrap().unwrap().stopped_at.is_some(), "a clean stop is recorded");
+    db.register_node("n1", "i2").await.unwrap();
+    assert_eq!(db.node("n1").await.unwrap().unwrap().stopped_at, None, "a start clears it");
+    let _lock =
+        db.cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh("PS100001"), false)]).await.unwrap();
+    // Another holder of a package's refresh lock: on PostgreSQL a try fails until it is
+    // released; SQLite (one server) has nothing to hold.
+    let held = db.cluster_lock(&[(ClusterKey::Refresh("PS100002"), false)]).await.unwrap();
+    let tried = db.try_cluster_lock(ClusterKey::Refresh("PS100002")).await.unwrap();
+    assert_eq!(tried.is_some(), db.backend() == Backend::Sqlite);
+    drop(tried);
+    drop(held);
+    assert!(db.try_cluster_lock(ClusterKey::Refresh("PS100002")).await.unwrap().is_some(), "released");
 }
 
 async fn record_progress_accumulates_bytes(db: &Db) {

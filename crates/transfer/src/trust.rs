@@ -81,7 +81,7 @@ impl SiteKey {
         }
         let der =
             Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|e| err("cannot create a site key", &e))?;
-        let tmp = path.with_extension("tmp");
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new()
@@ -93,7 +93,15 @@ impl SiteKey {
                 .map_err(|e| err("cannot write the site key", &e))?;
             f.write_all(der.as_ref()).and_then(|_| f.sync_all()).map_err(|e| err("cannot write the site key", &e))?;
         }
-        std::fs::rename(&tmp, path).map_err(|e| err("cannot write the site key", &e))?;
+        // A link, not a rename: of two servers creating the key of a shared library at
+        // once, the first one's stays and the other loads it.
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Self::load_or_create(path),
+            Err(e) => return Err(err("cannot write the site key", &e)),
+        }
         let pair = Ed25519KeyPair::from_pkcs8(der.as_ref()).map_err(|e| err("site key is not valid", &e))?;
         Ok(Self { pair })
     }
