@@ -374,7 +374,7 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
         Err(e) => tracing::error!("cannot reset interrupted jobs: {e}"),
     }
     let pools = Pools {
-        push: Arc::new(Semaphore::new(site.dist.parallel)),
+        push: Arc::new(PushGate::new(site.dist.parallel)),
         healthy: Arc::new(Semaphore::new(site.dist.probes.max(1))),
         failing: Arc::new(Semaphore::new(site.dist.failing_probes.max(1))),
     };
@@ -389,9 +389,10 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
                     for job in jobs {
                         let probe = probes.clone().acquire_owned().await.expect("semaphore open");
                         let push = pools.push.clone();
+                        let ticket = push.ticket();
                         let site = site.clone();
                         tokio::spawn(async move {
-                            site.run_job(job, Admission { probe: Some(probe), push }).await;
+                            site.run_job(job, Admission { probe: Some(probe), push, ticket }).await;
                             site.jobs.notify_one();
                         });
                     }
@@ -426,9 +427,86 @@ const CLAIM_COALESCE: Duration = Duration::from_millis(20);
 /// The job runner's slots: `push` for pushes (`DistConfig::parallel`), `healthy` and
 /// `failing` for probes of targets not known to fail and of failing ones.
 struct Pools {
-    push: Arc<Semaphore>,
+    push: Arc<PushGate>,
     healthy: Arc<Semaphore>,
     failing: Arc<Semaphore>,
+}
+
+/// The push slots, handed out by package priority (then in the order the jobs were
+/// claimed), not in the order their targets happened to answer the probe: many jobs wait
+/// here at once, and a high-priority package must not queue behind them.
+#[derive(Debug)]
+struct PushGate {
+    slots: Arc<Semaphore>,
+    /// (higher priority first, then claim order) of the jobs waiting for a slot.
+    waiting: std::sync::Mutex<std::collections::BTreeSet<(std::cmp::Reverse<i64>, u64)>>,
+    /// Wakes the waiters when a slot frees or the head of the line changes.
+    turn: tokio::sync::Notify,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// A push slot; given back (and the next in line woken) when dropped.
+struct PushSlot<'a> {
+    _permit: OwnedSemaphorePermit,
+    gate: &'a PushGate,
+}
+
+impl Drop for PushSlot<'_> {
+    fn drop(&mut self) {
+        // The permit is released after this body; waking first is harmless: a woken
+        // waiter that finds no slot waits for the next wake-up, and this one follows.
+        let gate = self.gate;
+        gate.turn.notify_waiters();
+    }
+}
+
+impl PushGate {
+    fn new(slots: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(slots)),
+            waiting: Default::default(),
+            turn: tokio::sync::Notify::new(),
+            next: Default::default(),
+        }
+    }
+
+    /// A ticket in the line: taken when the job is claimed, so that claim order counts.
+    fn ticket(&self) -> u64 {
+        self.next.fetch_add(1, Relaxed)
+    }
+
+    /// Waits until this job (of a package of priority rank `rank`) is first in line and a
+    /// slot is free.
+    async fn enter(&self, rank: i64, ticket: u64) -> PushSlot<'_> {
+        let key = (std::cmp::Reverse(rank), ticket);
+        self.waiting.lock().unwrap().insert(key);
+        // Out of the line however this ends (a job given up while waiting included).
+        struct InLine<'a>(&'a PushGate, (std::cmp::Reverse<i64>, u64));
+        impl Drop for InLine<'_> {
+            fn drop(&mut self) {
+                if self.0.waiting.lock().unwrap().remove(&self.1) {
+                    self.0.turn.notify_waiters();
+                }
+            }
+        }
+        let _in_line = InLine(self, key);
+        loop {
+            let woken = self.turn.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let first = self.waiting.lock().unwrap().first() == Some(&key);
+            if first && let Ok(permit) = self.slots.clone().try_acquire_owned() {
+                // Leaving the line (`_in_line`) wakes the next, who may take another slot.
+                return PushSlot { _permit: permit, gate: self };
+            }
+            // Released slots wake the line; so does a new head of it. A short tick
+            // bounds the wait should a wake-up fall between a check and the wait.
+            tokio::select! {
+                _ = &mut woken => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
 }
 
 /// A claimed job's way through the pools: it holds its probe slot until its target has
@@ -436,7 +514,9 @@ struct Pools {
 struct Admission {
     /// Given back once the target answered its probe.
     probe: Option<OwnedSemaphorePermit>,
-    push: Arc<Semaphore>,
+    push: Arc<PushGate>,
+    /// The job's place in the line for push slots.
+    ticket: u64,
 }
 
 impl Site {
@@ -554,7 +634,12 @@ impl Site {
             .probe_state(&job.package_id, self.dist.probe)
             .await
             .map_err(|e| PushError::transfer(e, target, &job.package_id))?;
-        let _push_slot = admission.push.clone().acquire_owned().await.expect("semaphore open");
+        let rank = match self.store.package(&job.package_id).await? {
+            Some(p) => p.priority.rank(),
+            None => 0,
+        };
+        // The probe slot is held while waiting in line, which bounds the line.
+        let _push_slot = admission.push.enter(rank, admission.ticket).await;
         drop(admission.probe.take());
         let pushed = match job.action {
             Action::Install | Action::Validate => {
@@ -1417,6 +1502,33 @@ mod tests {
         assert!(jobs.feed("PS100001", 3, 2, false).is_none(), "the first is still fed");
         drop(first);
         assert!(jobs.feed("PS100001", 3, 2, false).is_some(), "released when its job ended");
+    }
+
+    #[tokio::test]
+    async fn push_slots_go_by_priority_then_claim_order_and_a_job_given_up_leaves_the_line() {
+        let gate = Arc::new(PushGate::new(1));
+        let held = gate.enter(1, gate.ticket()).await;
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // Claimed in this order: low, a job that is given up, high, medium.
+        let tickets: Vec<(i64, u64)> = [0, 2, 2, 1].iter().map(|r| (*r, gate.ticket())).collect();
+        let mut tasks = Vec::new();
+        for (i, (rank, ticket)) in tickets.into_iter().enumerate() {
+            let (gate, order) = (gate.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _slot = gate.enter(rank, ticket).await;
+                order.lock().unwrap().push(i);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tasks.remove(1).abort(); // the given-up job: first among the high ones
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![2, 3, 0]);
+        assert!(gate.waiting.lock().unwrap().is_empty());
     }
 
     #[test]
