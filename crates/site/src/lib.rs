@@ -115,7 +115,10 @@ pub struct Site {
     /// with the same `--node` is noticed.
     pub instance: String,
     /// Held while the server runs on a SQLite database.
-    _sqlite_lock: Option<std::fs::File>,
+    /// Held while this server serves a SQLite database; released when `run` returns (a
+    /// server restarted in the same process must not find it taken by the old one's
+    /// lingering tasks).
+    sqlite_lock: Mutex<Option<std::fs::File>>,
 }
 
 impl Site {
@@ -184,7 +187,7 @@ impl Site {
             clients,
             backup: Default::default(),
             instance: cluster::instance_id(),
-            _sqlite_lock: sqlite_lock,
+            sqlite_lock: Mutex::new(sqlite_lock),
         })
     }
 
@@ -405,6 +408,7 @@ async fn serve(
         Err(e) => tracing::warn!("cannot record this node's stop: {e}"),
     }
     site.store.close().await;
+    site.sqlite_lock.lock().unwrap().take();
     tracing::info!("dpsync server stopped");
     served.context("admin socket")
 }

@@ -86,7 +86,15 @@ impl Running {
         F: Future<Output = Result<()>> + Send + 'static,
     {
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(stopped));
+        let what = name.to_owned();
+        let running = run(stopped);
+        let task = tokio::spawn(async move {
+            let r = running.await;
+            if let Err(e) = &r {
+                eprintln!("{what}: run ended with an error: {e:#}");
+            }
+            r
+        });
         Self { name: name.to_owned(), stop, task, _lock: lock }
     }
 
