@@ -1,0 +1,3 @@
+//! The benchmark harness shared by the `import`, `compare` and `fanout` binaries.
+
+pub mod harness;
