@@ -103,6 +103,8 @@ wire_enum! {
         Pending => "pending",
         /// A job is running (`progress` says how far).
         InProgress => "in_progress",
+        /// A validation job is running: the target checks its content.
+        Validating => "validating",
         /// The target holds `installed_version`, the desired version.
         Installed => "installed",
         /// The last attempt failed for a reason that may heal; tried again at `next_attempt_at`.

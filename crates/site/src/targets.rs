@@ -23,6 +23,14 @@ pub(crate) fn api_kind(k: TargetKind) -> dpsync_api::TargetKind {
     }
 }
 
+/// The state a distribution is shown in: a running validation job reads `validating`.
+fn shown_state(d: &Distribution) -> dpsync_api::DistState {
+    match (d.state, d.action) {
+        (DistState::InProgress, Action::Validate) => dpsync_api::DistState::Validating,
+        (s, _) => api_state(s),
+    }
+}
+
 pub(crate) fn api_state(s: DistState) -> dpsync_api::DistState {
     use dpsync_api::DistState as Api;
     match s {
@@ -346,10 +354,10 @@ impl Site {
             packages.push(TargetPackage {
                 progress: progress.get(&(d.package_id.clone(), d.target_id)).cloned(),
                 next_retry_at: next_retry_at(&d),
+                state: shown_state(&d),
                 package: d.package_id,
                 name: p.name,
                 source_version: p.current_version,
-                state: api_state(d.state),
                 action: api_action(d.action),
                 installed_version: d.installed_version,
                 desired_version: d.desired_version,
@@ -590,9 +598,9 @@ impl Site {
                 progress: progress.get(&(d.package_id.clone(), d.target_id)).cloned(),
                 node: d.claimed_by.clone().filter(|_| d.state == DistState::InProgress),
                 next_retry_at: next_retry_at(&d),
+                state: shown_state(&d),
                 name: d.target_name,
                 kind: api_kind(d.target_kind),
-                state: api_state(d.state),
                 action: api_action(d.action),
                 installed_version: d.installed_version,
                 desired_version: d.desired_version,
