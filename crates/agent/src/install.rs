@@ -448,17 +448,12 @@ pub fn collect_unlinked(
     candidates: impl IntoIterator<Item = FileHash>,
     kept: &[(&Path, &Manifest)],
 ) -> Vec<FileHash> {
-    let unlinked: Vec<FileHash> = candidates
-        .into_iter()
-        .filter(|h| fs::metadata(lib.object_path(h)).is_ok_and(|md| md.nlink() == 1))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    let wanted: HashSet<FileHash> = unlinked.iter().copied().collect();
+    let unlinked: HashSet<FileHash> =
+        candidates.into_iter().filter(|h| fs::metadata(lib.object_path(h)).is_ok_and(|md| md.nlink() == 1)).collect();
     let mut holders: HashMap<FileHash, PathBuf> = HashMap::new();
     for (dir, manifest) in kept {
         for e in manifest.files() {
-            if let Some(h) = e.file_hash().filter(|h| wanted.contains(h)) {
+            if let Some(h) = e.file_hash().filter(|h| unlinked.contains(h)) {
                 holders.entry(h).or_insert_with(|| dir.join(e.path.as_str()));
             }
         }

@@ -75,19 +75,11 @@ impl Clients {
         let url = urls.get(index).copied().unwrap_or(target.url.as_str());
         let mut settings = settings_of(target);
         settings[0] ^= index as u8;
-        // With send windows, the job sets the rate when it asks whether one is open (a
-        // window may carry its own): setting the plain limit here would undo it for the
-        // target's other running jobs.
-        let limit = target.rate_limit.filter(|r| *r > 0).map(|r| r as u64);
-        let pace = |client: &TargetClient| {
-            if target.windows.is_none() {
-                client.set_rate_limit(limit);
-            }
-        };
+        // The rate is set by the job that sends, when it asks whether a window is open
+        // (`Site::window_gate`): the target's limit, or a window's own rate.
         if let Some((s, client)) = self.by_target.lock().unwrap().get(&target.id)
             && *s == settings
         {
-            pace(client);
             return Ok(client.clone());
         }
         // Built outside the lock (it reads the system's root certificates); two jobs that
@@ -97,7 +89,6 @@ impl Clients {
             None => TargetClient::with_http(&self.shared()?, &target.name, url, target.token.clone()),
         }
         .with_stall(self.stall);
-        pace(&client);
         self.built.fetch_add(1, Ordering::Relaxed);
         self.by_target.lock().unwrap().insert(target.id, (settings, client.clone()));
         Ok(client)

@@ -662,7 +662,8 @@ impl Site {
     }
 
     /// Whether content may go to `target` now; while open, sets its client's rate to
-    /// the lower of its rate limit and the open window's rate.
+    /// the lower of its rate limit and the open window's rate. The one place a target's
+    /// rate is set: every job that sends content asks here first.
     fn window_gate(&self, target: &Target, client: &TargetClient) -> Gate {
         let gate = Windows::from_stored(target.windows.as_deref()).at(now_ms());
         if let Gate::Open { rate } = gate {

@@ -83,6 +83,16 @@ impl Site {
         // The same across the site's nodes (no-op on SQLite, which has one).
         let _everywhere =
             self.store.cluster_lock(&[(ClusterKey::Library, true), (ClusterKey::Refresh(&package.id), false)]).await?;
+        // The package as it is under the locks: a handover may have moved it meanwhile,
+        // and the number of the version to commit follows its ownership chain.
+        let package = self.find_live_package(&package.id).await?;
+        if package.source_site != self.cfg.site_code {
+            return Err(SiteError::Refused(format!(
+                "package {} was handed to site {} while this refresh waited; refresh it there",
+                package.id, package.source_site
+            )));
+        }
+        let number = self.next_own_version(&package);
 
         let previous = self.store.latest_version(&package.id).await?;
         let (prev_manifest, prev_cache, prev_root) = match &previous {
@@ -148,7 +158,6 @@ impl Site {
             files_unchanged: report.files_unchanged as i64,
             bytes_hashed: report.bytes_hashed as i64,
         };
-        let number = self.store.package(&id).await?.and_then(|p| self.next_own_version(&p));
         let record = self
             .store
             .commit_version(

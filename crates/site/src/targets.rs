@@ -527,6 +527,14 @@ impl Site {
         let lock = self.package_lock(&p.id);
         let _g = lock.lock().await;
         let _everywhere = self.store.cluster_lock(&[(dpsync_store::ClusterKey::Refresh(&p.id), false)]).await?;
+        // As it is under the locks (a handover may have moved it while this waited).
+        let p = self.find_live_package(&p.id).await?;
+        if p.source_site != self.cfg.site_code {
+            return Err(SiteError::Refused(format!(
+                "package {} was handed to site {} while this rollback waited; roll it back there",
+                p.id, p.source_site
+            )));
+        }
         let versions = self.store.versions(&p.id).await?;
         let Some(current) = versions.last() else {
             return Err(SiteError::Refused(format!("{} has no version to roll back", p.id)));

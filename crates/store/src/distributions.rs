@@ -491,21 +491,14 @@ impl Store {
     /// Adds `bytes` to what a pull DP fetched from other DPs for its current job
     /// (`bytes_from_peers_last`). `NotFound` if not assigned.
     pub async fn record_peer_bytes(&self, package_id: &str, target_id: i64, bytes: i64) -> Result<()> {
-        let id = normalize_id(package_id);
-        let done = sqlx::query(
+        self.add_bytes(
             "UPDATE distributions SET bytes_from_peers_last = bytes_from_peers_last + $3, updated_at = $4 \
              WHERE package_id = $1 AND target_id = $2",
+            package_id,
+            target_id,
+            bytes,
         )
-        .bind(&id)
-        .bind(target_id)
-        .bind(bytes)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(not_assigned(&id, target_id));
-        }
-        Ok(())
+        .await
     }
 
     /// At a node's start: its own `in_progress` rows (claimed before it stopped), those
@@ -531,18 +524,22 @@ impl Store {
     /// Adds `bytes_sent_delta` to `bytes_sent_last` and `bytes_sent_total`. This is a write
     /// transaction: call it per batch, not per chunk. `NotFound` if not assigned.
     pub async fn record_progress(&self, package_id: &str, target_id: i64, bytes_sent_delta: i64) -> Result<()> {
-        let id = normalize_id(package_id);
-        let done = sqlx::query(
+        self.add_bytes(
             "UPDATE distributions SET bytes_sent_last = bytes_sent_last + $3, \
                bytes_sent_total = bytes_sent_total + $3, updated_at = $4 \
              WHERE package_id = $1 AND target_id = $2",
+            package_id,
+            target_id,
+            bytes_sent_delta,
         )
-        .bind(&id)
-        .bind(target_id)
-        .bind(bytes_sent_delta)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        .await
+    }
+
+    /// Runs `sql`, a byte counter update binding (package, target, bytes, now), on one
+    /// row. `NotFound` if not assigned.
+    async fn add_bytes(&self, sql: &'static str, package_id: &str, target_id: i64, bytes: i64) -> Result<()> {
+        let id = normalize_id(package_id);
+        let done = sqlx::query(sql).bind(&id).bind(target_id).bind(bytes).bind(now_ms()).execute(&self.pool).await?;
         if done.rows_affected() == 0 {
             return Err(not_assigned(&id, target_id));
         }
