@@ -82,16 +82,23 @@ impl Clients {
         {
             return Ok(client.clone());
         }
-        // Built outside the lock (it reads the system's root certificates); two jobs that
-        // race here each build one, and the last one stays.
-        let client = match target.fingerprint.as_deref() {
+        // Built outside the lock (it reads the system's root certificates). Two jobs that
+        // race here each build one, but only the first is kept and both use it: a target
+        // has one client, so one pacer for its rate limit and one measured rate.
+        let built = match target.fingerprint.as_deref() {
             Some(fp) => TargetClient::new(&target.name, url, target.token.clone(), Some(fp))?,
             None => TargetClient::with_http(&self.shared()?, &target.name, url, target.token.clone()),
         }
         .with_stall(self.stall);
+        let mut by_target = self.by_target.lock().unwrap();
+        if let Some((s, client)) = by_target.get(&target.id)
+            && *s == settings
+        {
+            return Ok(client.clone());
+        }
         self.built.fetch_add(1, Ordering::Relaxed);
-        self.by_target.lock().unwrap().insert(target.id, (settings, client.clone()));
-        Ok(client)
+        by_target.insert(target.id, (settings, built.clone()));
+        Ok(built)
     }
 }
 
