@@ -205,6 +205,9 @@ impl VersionSink for DpTrees {
             written_on_arrival = written_on_arrival.len(),
             linked = installed.files_linked,
             bytes_built = installed.bytes_built,
+            assemble_ms = installed.assemble_ms,
+            place_ms = installed.place_ms,
+            sync_ms = installed.sync_ms,
             "version installed"
         );
         let (db, lib, pkg_dir) = (core.db().clone(), core.library().clone(), self.pkg_dir(&pkg));

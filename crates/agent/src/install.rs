@@ -65,6 +65,11 @@ pub struct Installed {
     pub bytes_built: u64,
     /// The files assembled (their chunks are to be indexed).
     pub built: Vec<FileHash>,
+    /// Milliseconds spent assembling files, placing the tree's entries, and making it
+    /// durable (logged with the install).
+    pub assemble_ms: u64,
+    pub place_ms: u64,
+    pub sync_ms: u64,
 }
 
 /// How far a build has come: read by the receiving service while a commit runs, so
@@ -120,14 +125,17 @@ pub fn install(
     force: bool,
     progress: &BuildProgress,
 ) -> Result<Installed, InstallError> {
+    let clock = std::time::Instant::now();
     let mut out = assemble_missing_reporting(lib, manifest, sources, force, progress)?;
+    out.assemble_ms = clock.elapsed().as_millis() as u64;
     let versions = pkg_dir.join("versions");
     fs::create_dir_all(&versions).map_err(io(format!("creating {}", versions.display())))?;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let name = format!("v{version}-{stamp:x}");
     let dir = versions.join(&name);
     fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
-    out.files_linked = build_tree(lib, &dir, manifest, progress, NO_LINK_LIMIT)?;
+    let (linked, place_ms, sync_ms) = build_tree_timed(lib, &dir, manifest, progress, NO_LINK_LIMIT)?;
+    (out.files_linked, out.place_ms, out.sync_ms) = (linked, place_ms, sync_ms);
     switch_current(pkg_dir, &format!("versions/{name}"))?;
     progress.start(BuildProgress::RECORDING, 0);
     out.dir = dir;
@@ -283,6 +291,18 @@ pub(crate) fn build_tree(
     progress: &BuildProgress,
     link_limit: u64,
 ) -> Result<u64, InstallError> {
+    build_tree_timed(lib, dir, manifest, progress, link_limit).map(|(linked, _, _)| linked)
+}
+
+/// [`build_tree`], also returning the milliseconds spent placing entries and syncing.
+fn build_tree_timed(
+    lib: &Library,
+    dir: &Path,
+    manifest: &Manifest,
+    progress: &BuildProgress,
+    link_limit: u64,
+) -> Result<(u64, u64, u64), InstallError> {
+    let clock = std::time::Instant::now();
     let mut linked = 0;
     let mut dirs = Vec::new();
     let mut placer = Placer { lib, link_limit, copies: HashMap::new() };
@@ -317,13 +337,14 @@ pub(crate) fn build_tree(
     // One flush for the whole tree (files copied, links, folders and their metadata)
     // instead of one fsync per file or folder: on a tree of many small files the
     // per-file flushes were nearly all of the time.
+    let place_ms = clock.elapsed().as_millis() as u64;
     progress.start(BuildProgress::SYNCING, 0);
     let root = File::open(dir).map_err(io(format!("opening {}", dir.display())))?;
     rustix::fs::syncfs(&root).map_err(|e| InstallError::Io {
         context: format!("syncing the filesystem of {}", dir.display()),
         source: e.into(),
     })?;
-    Ok(linked)
+    Ok((linked, place_ms, clock.elapsed().as_millis() as u64 - place_ms))
 }
 
 /// An inode of this tree that entries with the same content, mode and time are linked to.

@@ -609,6 +609,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
         let core = &self.core;
         // Owned: the sink may keep it for clean-up that runs after the answer.
         let guard = core.lock(pkg).lock_owned().await;
+        let clock = std::time::Instant::now();
         let p = core.db.package_summary(pkg).await.map_err(internal("commit"))?.unwrap_or_default();
         let Some(mut staged) = core.db.staged(pkg, version).await.map_err(internal("commit"))? else {
             if p.installed_version == Some(version) && !p.broken {
@@ -630,6 +631,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
         let sources = core.chunk_sources(pkg, &manifest, staged.force).await?;
         let (sink, lib, m2, force, package) =
             (self.sink.clone(), core.library.clone(), manifest.clone(), staged.force, pkg.to_owned());
+        let prepare_ms = clock.elapsed().as_millis() as u64;
         let built = blocking(move || sink.build(&lib, &package, version, &m2, &sources, force)).await?;
         let installed = match built {
             Ok(i) => i,
@@ -669,6 +671,13 @@ impl<S: VersionSink> Receiver for Agent<S> {
             guard,
         };
         self.sink.commit(core, arrived).await?;
+        tracing::debug!(
+            package = pkg,
+            version,
+            prepare_ms,
+            total_ms = clock.elapsed().as_millis() as u64,
+            "commit done"
+        );
         Ok(CommitResponse { installed_version: version, content_root, files_built, files_linked })
     }
 
