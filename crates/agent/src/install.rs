@@ -284,6 +284,7 @@ const NO_LINK_LIMIT: u64 = u64::MAX;
 /// Creates the tree and makes it durable with one `syncfs`; returns how many files are
 /// hard links (to a library object or to a copy of one). `link_limit` stands in for the
 /// filesystem's link limit in tests.
+#[cfg(test)]
 pub(crate) fn build_tree(
     lib: &Library,
     dir: &Path,
