@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -1190,6 +1190,79 @@ fn agent_restart_after_a_crash_between_switch_and_record_keeps_a_whole_current()
     assert_same_tree_and_times(&site.src, &current);
     let resp = site.agents[0].download(&id, &rel);
     assert_eq!((resp.status, resp.body == fs::read(site.src.join(&rel)).unwrap()), (200, true));
+}
+
+// ---------------------------------------------------------------------------------------
+// 16. Recycling the previous tree, and a crash between the recycle and the switch
+
+/// The version trees in `pkg_dir/versions`, and the one `current` names.
+fn trees(pkg_dir: &Path) -> (Vec<PathBuf>, PathBuf) {
+    let mut all: Vec<PathBuf> = fs::read_dir(pkg_dir.join("versions")).unwrap().map(|e| e.unwrap().path()).collect();
+    all.sort();
+    (all, pkg_dir.join(fs::read_link(pkg_dir.join("current")).unwrap()))
+}
+
+/// A DP builds each version by recycling the tree of the version before the live one
+/// (the folder itself is reused: same inode), so two trees stay on disk. An agent killed
+/// after it renamed that tree for the next version and began editing it (before the
+/// switch) comes back with `current` whole, the half-edited tree removed, and installs
+/// the next versions correctly (afresh once, since its previous tree is gone, then by
+/// recycling again).
+#[test]
+fn a_half_recycled_tree_left_by_a_crash_is_removed_and_installs_go_on() {
+    let mut site = Site::with_dps(1, &[]);
+    let tree = gen_tree(&site.src, 60, 1616, 0..16 * KIB);
+    set_old_mtimes(&site.src);
+    site.distribute_all();
+    let id = site.id.clone();
+    let pkg_dir = site.agents[0].package_dir(&id);
+    let files: Vec<String> = tree.files.keys().cloned().collect();
+    let mut version = 0;
+    let mut change = |site: &Site, i: usize| {
+        append(&site.src.join(&files[i]), format!("change {i}").as_bytes());
+        fs::write(site.src.join(format!("added-{i}.txt")), format!("added {i}")).unwrap();
+        set_old_mtimes(&site.src);
+        version += 1;
+        let r = site.refresh_wait();
+        assert_eq!(num(&r, "source_version"), version);
+        site.assert_all_match_source();
+        assert_same_tree_and_times(&site.src, &site.agents[0].current(&id));
+    };
+    change(&site, 0);
+    change(&site, 1);
+    change(&site, 2);
+    // current = v3, previous = v2: v4 is built in v2's folder.
+    let (before, current) = trees(&pkg_dir);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let previous = before.iter().find(|t| **t != current).unwrap().clone();
+    let previous_inode = fs::metadata(&previous).unwrap().ino();
+    change(&site, 3);
+    let (after, current) = trees(&pkg_dir);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(fs::metadata(&current).unwrap().ino(), previous_inode, "v4 was not built in v2's folder");
+    assert!(site.agents[0].log().contains("recycled=true"), "the install log says it recycled");
+
+    // The state a SIGKILL mid-recycle leaves: the previous tree (v3) renamed for a v5 the
+    // database does not know, half edited.
+    site.agents[0].terminate();
+    let previous = after.iter().find(|t| **t != current).unwrap().clone();
+    let half = pkg_dir.join("versions/v5-dead");
+    fs::rename(&previous, &half).unwrap();
+    fs::remove_file(half.join(&files[5])).unwrap();
+    fs::write(half.join("only-in-v5.txt"), b"never recorded").unwrap();
+    site.agents[0].restart();
+    let (now, current) = trees(&pkg_dir);
+    assert_eq!(now, vec![current.clone()], "the half-recycled tree is removed at start");
+    assert_same_tree_and_times(&site.src, &site.agents[0].current(&id));
+
+    // v5: its previous tree is gone, so it is built afresh; v6 recycles v4's tree again.
+    change(&site, 6);
+    let (after, current) = trees(&pkg_dir);
+    assert_eq!(after.len(), 2, "{after:?}");
+    let previous_inode = fs::metadata(after.iter().find(|t| **t != current).unwrap()).unwrap().ino();
+    change(&site, 7);
+    let (_, current) = trees(&pkg_dir);
+    assert_eq!(fs::metadata(&current).unwrap().ino(), previous_inode, "v6 was not built in v4's folder");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 //! A distribution point's sink: verified versions become trees that clients read.
 //!
-//! A version is built in a fresh folder under `packages/P/versions/` (files hard-linked
-//! from the library where the object's inode can carry the entry's metadata), and made
-//! live by one rename of the `current` symlink: readers see the old version whole or
-//! the new one whole. A commit answers once `current` is switched and the install
-//! recorded; the tree that fell out of (current, previous) and the library objects only
-//! it used are removed afterwards by a task that still holds the package's lock, so the
-//! package's next offer, commit or removal waits for it.
+//! A version is built under `packages/P/versions/` (files hard-linked from the library
+//! where the object's inode can carry the entry's metadata) by recycling the previous
+//! version's tree, which is not live (see [`install::install`]), or in a fresh folder,
+//! and made live by one rename of the `current` symlink: readers see the old version
+//! whole or the new one whole. A commit answers once `current` is switched and the
+//! install recorded; a tree that fell out of (current, previous) without being recycled
+//! and the library objects only dropped links used are removed afterwards by a task that
+//! still holds the package's lock, so the package's next offer, commit or removal waits
+//! for it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +51,9 @@ pub struct DpTrees {
     validating: tokio::sync::Mutex<()>,
     /// Bytes per second a validation reads at most.
     validate_read_rate: Option<u64>,
+    /// Per package, the previous version's tree and encoded manifest that the next
+    /// build may recycle (set by `prepare_build`, taken by `build`).
+    recyclable: Mutex<HashMap<String, (PathBuf, Vec<u8>)>>,
 }
 
 impl DpTrees {
@@ -63,6 +68,7 @@ impl DpTrees {
             bytes_served: AtomicU64::new(0),
             validating: tokio::sync::Mutex::new(()),
             validate_read_rate,
+            recyclable: Mutex::new(HashMap::new()),
         };
         for p in core.db().packages().await? {
             if let (Some(v), Some(dir), Some(m)) = (p.installed_version, &p.installed_dir, &p.installed_manifest) {
@@ -171,11 +177,45 @@ impl VersionSink for DpTrees {
             .map_err(|source| InstallError::Io { context: format!("creating {}", pkg_dir.display()), source })?;
         let progress = Arc::new(BuildProgress::default());
         self.builds.lock().unwrap().insert(pkg.to_owned(), progress.clone());
-        let built = install::install(lib, &pkg_dir, version, manifest, sources, force, &progress);
+        let recyclable = self.recyclable.lock().unwrap().remove(pkg).filter(|_| !force);
+        let previous = recyclable.and_then(|(dir, blob)| match Manifest::decode(&blob, &DecodeLimits::default()) {
+            Ok(manifest) => Some(install::Previous { dir, manifest }),
+            Err(e) => {
+                tracing::warn!(package = pkg, "the previous version's stored manifest does not decode: {e}");
+                None
+            }
+        });
+        let built = install::install(lib, &pkg_dir, version, manifest, sources, force, previous, &progress);
         if built.is_err() {
             self.builds.lock().unwrap().remove(pkg);
         }
         built
+    }
+
+    /// The tree the next build may recycle: the previous version's, when it is not
+    /// the installed one, not what `current` points at, lies in this package's
+    /// `versions/`, and nothing asks for a build that trusts nothing installed (`force`, or
+    /// a package a validation found broken: the previous tree may share a damaged inode).
+    async fn prepare_build(&self, core: &Core, pkg: &str, force: bool) -> Result<(), ReceiveError> {
+        self.recyclable.lock().unwrap().remove(pkg);
+        let p = core.db().package_summary(pkg).await.map_err(internal("commit"))?.unwrap_or_default();
+        if force || p.broken {
+            return Ok(());
+        }
+        let Some(prev) = p.previous_dir.filter(|d| Some(d) != p.installed_dir.as_ref()).map(PathBuf::from) else {
+            return Ok(());
+        };
+        let pkg_dir = self.pkg_dir(pkg);
+        let current = std::fs::read_link(pkg_dir.join("current")).ok();
+        if prev.parent() != Some(pkg_dir.join("versions").as_path())
+            || current.as_deref().and_then(Path::file_name) == prev.file_name()
+        {
+            return Ok(());
+        }
+        if let Some(blob) = core.db().previous_manifest(pkg).await.map_err(internal("commit"))? {
+            self.recyclable.lock().unwrap().insert(pkg.to_owned(), (prev, blob));
+        }
+        Ok(())
     }
 
     fn build_progress(&self, pkg: &str) -> Option<CommitStage> {
@@ -189,7 +229,9 @@ impl VersionSink for DpTrees {
         // only it used go after the answer. Its manifest is read before the install
         // record replaces it.
         let dir = arrived.installed.dir.display().to_string();
-        let dropped = p.previous_dir.as_ref().is_some_and(|d| Some(d) != p.installed_dir.as_ref() && *d != dir);
+        // A recycled tree was that version's: what its links dropped is known already.
+        let dropped = arrived.installed.released.is_none()
+            && p.previous_dir.as_ref().is_some_and(|d| Some(d) != p.installed_dir.as_ref() && *d != dir);
         let dropped_manifest =
             if dropped { core.db().previous_manifest(&pkg).await.map_err(internal("commit"))? } else { None };
         let recorded = core.record_install(&arrived, &dir).await;
@@ -204,6 +246,8 @@ impl VersionSink for DpTrees {
             built = installed.files_built,
             written_on_arrival = written_on_arrival.len(),
             linked = installed.files_linked,
+            kept = installed.files_kept,
+            recycled = installed.released.is_some(),
             bytes_built = installed.bytes_built,
             assemble_ms = installed.assemble_ms,
             place_ms = installed.place_ms,
@@ -227,6 +271,7 @@ impl VersionSink for DpTrees {
                 // Every object the new tree uses has a second link now: of the files
                 // written on arrival, only those of a replaced version have none.
                 let mut candidates = manifest_hashes(dropped_manifest.as_ref());
+                candidates.extend(installed.released.iter().flatten().copied());
                 candidates.extend(written_on_arrival);
                 let mut kept = vec![(installed.dir.as_path(), &*manifest)];
                 if let Some(b) = before.as_deref().filter(|b| b.dir != installed.dir) {
@@ -382,6 +427,7 @@ mod tests {
             builds: Mutex::new(HashMap::new()),
             validating: tokio::sync::Mutex::new(()),
             validate_read_rate: None,
+            recyclable: Mutex::new(HashMap::new()),
         };
         let core = crate::Metrics::default();
         core.chunks_received.store(7, Ordering::Relaxed);

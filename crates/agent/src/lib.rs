@@ -631,6 +631,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
         let sources = core.chunk_sources(pkg, &manifest, staged.force).await?;
         let (sink, lib, m2, force, package) =
             (self.sink.clone(), core.library.clone(), manifest.clone(), staged.force, pkg.to_owned());
+        self.sink.prepare_build(core, pkg, force).await?;
         let prepare_ms = clock.elapsed().as_millis() as u64;
         let built = blocking(move || sink.build(&lib, &package, version, &m2, &sources, force)).await?;
         let installed = match built {

@@ -68,6 +68,19 @@ pub trait VersionSink: Send + Sync + std::fmt::Debug + 'static {
         async { Ok(()) }
     }
 
+    /// Called with the package's lock held just before [`VersionSink::build`]: reads from
+    /// the receiver's state what the build can start from (a DP: the previous version's
+    /// tree and manifest, which the build recycles). `force`: the build must not trust
+    /// what is installed.
+    fn prepare_build(
+        &self,
+        _core: &Core,
+        _pkg: &str,
+        _force: bool,
+    ) -> impl Future<Output = Result<(), ReceiveError>> + Send {
+        async { Ok(()) }
+    }
+
     /// On a blocking thread: puts every file of `manifest` into `lib` (assembling those
     /// it lacks, all of them with `force`, from `sources`) and lays out whatever this
     /// receiver serves. Nothing is visible to readers before [`VersionSink::commit`].

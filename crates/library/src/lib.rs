@@ -22,7 +22,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
@@ -331,6 +331,32 @@ impl Library {
     /// durable (e.g. by [`Library::sync_filesystem`] after writing it): no fsync of its own.
     pub fn adopt_durable(&self, tmp: &Path, hash: &FileHash) -> Result<bool> {
         self.adopt_file_synced(None, tmp, hash)
+    }
+
+    /// Names `tmp` (a file the caller wrote, hashed to `hash`, and has made durable since,
+    /// e.g. by a `syncfs` of the filesystem) as the object `hash`, without a flush of its
+    /// own. Unlike [`Library::adopt_durable`], the inode keeps its mode and times when
+    /// something else already links it (a version tree placed before the flush); only an
+    /// unlinked file gets the objects' mode. With `replace`, content already stored under
+    /// `hash` is replaced (a repair); otherwise `tmp` is dropped and false returned (a tree
+    /// linking it keeps its inode as a copy of its own).
+    pub fn name_durable(&self, tmp: &Path, hash: &FileHash, replace: bool) -> Result<bool> {
+        let dest = self.object_path(hash);
+        if !replace && dest.is_file() {
+            fs::remove_file(tmp).at(tmp)?;
+            return Ok(false);
+        }
+        if fs::metadata(tmp).at(tmp)?.nlink() == 1 {
+            fs::set_permissions(tmp, fs::Permissions::from_mode(OBJECT_MODE)).at(tmp)?;
+        }
+        let dir = dest.parent().expect("object paths have a parent");
+        if !dir.is_dir() {
+            fs::create_dir_all(dir).at(dir)?;
+            self.dirty_dirs.lock().unwrap().insert(self.objects.clone());
+        }
+        fs::rename(tmp, &dest).at(&dest)?;
+        self.dirty_dirs.lock().unwrap().insert(dir.to_owned());
+        Ok(true)
     }
 
     /// Makes everything written on the library's filesystem durable with one `syncfs`:
