@@ -247,7 +247,7 @@ impl VersionSink for DpTrees {
             written_on_arrival = written_on_arrival.len(),
             linked = installed.files_linked,
             kept = installed.files_kept,
-            recycled = installed.released.is_some(),
+            recycled = installed.recycled,
             bytes_built = installed.bytes_built,
             assemble_ms = installed.assemble_ms,
             place_ms = installed.place_ms,

@@ -68,6 +68,8 @@ pub struct Installed {
     pub bytes_built: u64,
     /// The files assembled (their chunks are to be indexed).
     pub built: Vec<FileHash>,
+    /// Whether the tree was built by recycling the previous version's.
+    pub recycled: bool,
     /// Entries a recycled tree kept as they were (nothing done for them).
     pub files_kept: u64,
     /// When the previous version's tree was consumed by this install (recycled, or
@@ -261,6 +263,7 @@ fn place_and_switch(
     }
     let linked = match placed {
         Some(r) => {
+            out.recycled = true;
             out.files_kept = r.kept;
             out.released = Some(r.released);
             r.linked
@@ -1054,7 +1057,7 @@ mod tests {
             install_limited(&lib, &pkg, version, m, &none, false, previous, &progress, LIMIT).unwrap()
         };
         let first = install(1, &v1, None);
-        assert!(first.released.is_none());
+        assert!(first.released.is_none() && !first.recycled);
         assert_eq!(snapshot(&first.dir), snapshot(&fresh(&dir.path().join("f1"), &CONTENTS, &v1, LIMIT)));
 
         let kept: Vec<(PathBuf, u64)> = (0..30)
@@ -1078,6 +1081,7 @@ mod tests {
             assert_eq!(inode(&now), *ino, "{} was placed again", now.display());
         }
         assert_eq!(second.files_kept as usize, v2.entries().len() - 22, "entries left as they were");
+        assert!(second.recycled);
         let mut released = second.released.clone().expect("recycled");
         released.sort();
         let mut want = vec![d[0].hash, d[1].hash, d[2].hash, d[3].hash, d[0].hash, d[1].hash, d[3].hash, d[2].hash];
@@ -1123,6 +1127,7 @@ mod tests {
         let versions: Vec<_> = fs::read_dir(pkg.join("versions")).unwrap().map(|e| e.unwrap().path()).collect();
         assert_eq!(versions.len(), 2, "the half-recycled tree is gone: {versions:?}");
         assert_eq!(snapshot(&third.dir), snapshot(&fresh(&dir.path().join("f3"), &CONTENTS, &v2, NO_LINK_LIMIT)));
+        assert!(!third.recycled);
         assert_eq!(third.released.unwrap().len(), v1.files().count(), "every link of that tree went");
     }
 
