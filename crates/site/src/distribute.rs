@@ -414,7 +414,11 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
         tokio::select! {
             // Jobs that end close together are replaced by one claim, not one each: a
             // claim's cost grows with the jobs waiting, which may be thousands.
-            _ = site.jobs.notified() => tokio::time::sleep(CLAIM_COALESCE).await,
+            _ = site.jobs.notified() => {
+                if !site.kicked.swap(false, Relaxed) {
+                    tokio::time::sleep(CLAIM_COALESCE).await;
+                }
+            }
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => break,
         }
@@ -520,8 +524,10 @@ struct Admission {
 }
 
 impl Site {
-    /// Wakes the runner (new or changed jobs).
+    /// Wakes the runner (new or changed jobs): it claims at once, without the pause that
+    /// lets job ends gather (a refresh's targets start a round trip sooner).
     pub fn kick_jobs(&self) {
+        self.kicked.store(true, Relaxed);
         self.jobs.notify_one();
     }
 

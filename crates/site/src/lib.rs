@@ -85,6 +85,8 @@ pub struct Site {
     pub dist: DistConfig,
     /// Wakes the job runner.
     jobs: tokio::sync::Notify,
+    /// Set by [`Site::kick_jobs`]: new work waits for no coalescing of job ends.
+    kicked: std::sync::atomic::AtomicBool,
     /// Wakes the scheduler (a schedule changed).
     schedules: tokio::sync::Notify,
     /// Scheduled validations running at once (see `lifecycle`).
@@ -175,6 +177,7 @@ impl Site {
             batch_memory: distribute::Budget::new(dist.batch_memory),
             dist,
             jobs: tokio::sync::Notify::new(),
+            kicked: std::sync::atomic::AtomicBool::new(false),
             schedules: tokio::sync::Notify::new(),
             validation_slots: tokio::sync::Semaphore::new(lifecycle::VALIDATIONS_AT_ONCE),
             scheduled_running: Mutex::new(HashSet::new()),
