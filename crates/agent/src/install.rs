@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -388,6 +388,13 @@ impl Readers {
 /// returns its path and size once its bytes hashed to the entry's BLAKE3 (the caller
 /// makes it durable, then names it). `Ok(Err(ids))` names chunks whose source did not
 /// verify.
+///
+/// Consecutive chunks that lie end to end in one source (a file rebuilt from its old
+/// version is mostly such runs) are read with one `pread` of up to [`RUN_BYTES`] and
+/// written straight from that buffer. Chunks from a staging pack are checked against
+/// their ids as they are read; chunks from a library object (content verified when it
+/// was stored) are covered by the whole file's BLAKE3, and are checked one by one only
+/// when that fails, to name the damaged ones: a rebuilt file is hashed once, not twice.
 fn assemble(
     lib: &Library,
     e: &Entry,
@@ -396,45 +403,127 @@ fn assemble(
 ) -> Result<Result<(PathBuf, u64), Vec<ChunkId>>, InstallError> {
     let EntryKind::File { hash, size, chunks } = &e.kind else { unreachable!("only files are assembled") };
     let tmp = lib.temp_path();
-    let file = fs::OpenOptions::new()
+    let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(io(format!("creating {}", tmp.display())))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut hasher = blake3::Hasher::new();
     let mut buf = Vec::new();
     let mut bad = Vec::new();
-    for c in chunks {
-        let src = &sources[&c.id];
-        let (path, offset, len) = match src {
-            Source::Pack { path, offset, len } => (path.clone(), *offset, *len),
-            Source::Object { hash, offset, len } => (lib.object_path(hash), *offset, *len),
-        };
-        buf.resize(len as usize, 0);
-        let ok =
-            len == c.len && readers.read(&path, offset, &mut buf).is_ok() && ChunkId::from(blake3::hash(&buf)) == c.id;
-        if !ok {
-            bad.push(c.id);
+    let runs = source_runs(lib, chunks, sources);
+    for run in &runs {
+        buf.resize(run.len as usize, 0);
+        if !run.exact || readers.read(&run.path, run.offset, &mut buf).is_err() {
+            bad.extend(run.chunks.iter().map(|c| c.id));
             continue;
         }
-        hasher.update(&buf);
-        w.write_all(&buf).map_err(io(format!("writing {}", tmp.display())))?;
+        if run.from_pack {
+            let mut rest = &buf[..];
+            let mut ok = true;
+            for c in run.chunks {
+                let (piece, tail) = rest.split_at(c.len as usize);
+                rest = tail;
+                if ChunkId::from(blake3::hash(piece)) != c.id {
+                    bad.push(c.id);
+                    ok = false;
+                }
+            }
+            if !ok {
+                continue;
+            }
+        }
+        if bad.is_empty() {
+            hasher.update(&buf);
+            file.write_all(&buf).map_err(io(format!("writing {}", tmp.display())))?;
+        }
     }
-    let file = w
-        .into_inner()
-        .map_err(|e| InstallError::Io { context: format!("writing {}", tmp.display()), source: e.into_error() })?;
     drop(file);
+    if bad.is_empty() && FileHash::from(hasher.finalize()) != *hash {
+        // Which chunk is wrong: a damaged library object, or a manifest whose chunks do
+        // not make up its file.
+        bad = damaged_object_chunks(readers, &runs, &mut buf);
+        if bad.is_empty() {
+            let _ = fs::remove_file(&tmp);
+            return Err(InstallError::BadManifest(format!("{}: its chunks do not hash to the file's BLAKE3", e.path)));
+        }
+    }
     if !bad.is_empty() {
         let _ = fs::remove_file(&tmp);
         return Ok(Err(bad));
     }
-    if FileHash::from(hasher.finalize()) != *hash {
-        let _ = fs::remove_file(&tmp);
-        return Err(InstallError::BadManifest(format!("{}: its chunks do not hash to the file's BLAKE3", e.path)));
-    }
     Ok(Ok((tmp, *size)))
+}
+
+/// The most a run of chunks read at once holds.
+const RUN_BYTES: u64 = 4 << 20;
+
+/// Chunks that lie end to end in one source file.
+struct SourceRun<'a> {
+    path: PathBuf,
+    offset: u64,
+    len: u64,
+    from_pack: bool,
+    /// False for a chunk whose source's length is not the manifest's (it fails).
+    exact: bool,
+    chunks: &'a [dpsync_hash::Chunk],
+}
+
+/// Groups `chunks` (every one with a source) into runs of at most [`RUN_BYTES`] (a chunk
+/// larger than that is a run of its own). A chunk whose source length differs from the
+/// manifest's is a run of its own, not `exact`.
+fn source_runs<'a>(
+    lib: &Library,
+    chunks: &'a [dpsync_hash::Chunk],
+    sources: &HashMap<ChunkId, Source>,
+) -> Vec<SourceRun<'a>> {
+    let mut runs: Vec<SourceRun<'a>> = Vec::new();
+    let mut start = 0;
+    for (i, c) in chunks.iter().enumerate() {
+        let (path, offset, len, from_pack) = match &sources[&c.id] {
+            Source::Pack { path, offset, len } => (path.clone(), *offset, *len, true),
+            Source::Object { hash, offset, len } => (lib.object_path(hash), *offset, *len, false),
+        };
+        let exact = len == c.len;
+        if let Some(last) = runs.last_mut()
+            && exact
+            && last.exact
+            && last.from_pack == from_pack
+            && last.path == path
+            && last.offset + last.len == offset
+            && last.len + u64::from(len) <= RUN_BYTES
+        {
+            last.len += u64::from(len);
+            last.chunks = &chunks[start..=i];
+            continue;
+        }
+        start = i;
+        runs.push(SourceRun { path, offset, len: u64::from(len), from_pack, exact, chunks: &chunks[i..=i] });
+    }
+    runs
+}
+
+/// Reads again the runs taken from library objects and names the chunks that do not hash
+/// to their ids.
+fn damaged_object_chunks(readers: &mut Readers, runs: &[SourceRun<'_>], buf: &mut Vec<u8>) -> Vec<ChunkId> {
+    let mut bad = Vec::new();
+    for run in runs.iter().filter(|r| !r.from_pack && r.exact) {
+        buf.resize(run.len as usize, 0);
+        if readers.read(&run.path, run.offset, buf).is_err() {
+            bad.extend(run.chunks.iter().map(|c| c.id));
+            continue;
+        }
+        let mut rest = &buf[..];
+        for c in run.chunks {
+            let (piece, tail) = rest.split_at(c.len as usize);
+            rest = tail;
+            if ChunkId::from(blake3::hash(piece)) != c.id {
+                bad.push(c.id);
+            }
+        }
+    }
+    bad
 }
 
 pub(crate) fn system_time(ns: i64) -> SystemTime {
@@ -1194,6 +1283,99 @@ mod tests {
             fs::read_link(pkg.join("current")).unwrap(),
             Path::new("versions").join(done.dir.file_name().unwrap())
         );
+    }
+
+    fn noise(seed: u8, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        blake3::Hasher::new().update(&[seed]).finalize_xof().fill(&mut b);
+        b
+    }
+
+    /// A file rebuilt from its old version's library object (100 bytes inserted at its
+    /// start): the old chunks are read in runs (end to end in the object, at most
+    /// `RUN_BYTES` each), the result is byte for byte the new file; when the object is
+    /// damaged, the install fails naming exactly the chunk whose bytes changed, and
+    /// nothing is left in the library's `tmp/`.
+    #[test]
+    fn a_file_rebuilt_from_an_old_object_is_read_in_runs_and_a_damaged_chunk_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = Library::open(&dir.path().join("library")).unwrap();
+        let params = ChunkParams { min: 4 << 10, avg: 16 << 10, max: 64 << 10 };
+        let old = noise(7, 12 << 20);
+        let old_d = lib.import(&old[..], &params).unwrap().digest;
+        let mut new = noise(8, 100);
+        new.extend_from_slice(&old);
+        let new_d = dpsync_hash::digest_stream(&new[..], &mut std::io::sink(), &params).unwrap();
+        assert!(new_d.chunks.len() > 100, "{} chunks", new_d.chunks.len());
+        // Sources: the old object for every chunk they share; the new first chunk(s) from a pack.
+        let mut at = 0u64;
+        let mut sources: HashMap<ChunkId, Source> = HashMap::new();
+        for c in &old_d.chunks {
+            sources.insert(c.id, Source::Object { hash: old_d.hash, offset: at, len: c.len });
+            at += u64::from(c.len);
+        }
+        let mut pos = 0usize;
+        let mut fresh = Vec::new();
+        for c in &new_d.chunks {
+            if !sources.contains_key(&c.id) {
+                fresh.push((c.id, bytes::Bytes::copy_from_slice(&new[pos..pos + c.len as usize])));
+            }
+            pos += c.len as usize;
+        }
+        assert!(!fresh.is_empty() && fresh.len() < 4, "{} new chunks", fresh.len());
+        let pack = dir.path().join("packs/p1");
+        for (id, offset, len) in write_pack(&pack, &fresh).unwrap() {
+            sources.insert(id, Source::Pack { path: pack.clone(), offset, len });
+        }
+        let entry = file("big", &new_d, 0o644, 0);
+        let runs = source_runs(&lib, entry.chunks(), &sources);
+        assert!(runs.len() <= fresh.len() + 1 + (12 << 20) / RUN_BYTES as usize + 1, "{} runs", runs.len());
+        assert!(runs.iter().all(|r| r.len <= RUN_BYTES && r.exact));
+        assert_eq!(runs.iter().map(|r| r.chunks.len()).sum::<usize>(), new_d.chunks.len());
+
+        let m = Manifest::new(vec![entry.clone()]).unwrap();
+        let pkg = dir.path().join("pkg");
+        let done = install(&lib, &pkg, 1, &m, &sources, false, None, &BuildProgress::default()).unwrap();
+        assert_eq!(fs::read(done.dir.join("big")).unwrap(), new);
+
+        // The old object damaged in the middle: the chunk holding that byte is named.
+        let mut damaged_new = new.clone();
+        damaged_new.push(1); // another file, so that the library lacks it
+        let d2 = dpsync_hash::digest_stream(&damaged_new[..], &mut std::io::sink(), &params).unwrap();
+        let obj = lib.object_path(&old_d.hash);
+        let mut perms = fs::metadata(&obj).unwrap().permissions();
+        perms.set_mode(0o600);
+        fs::set_permissions(&obj, perms).unwrap();
+        let spot = 6 << 20;
+        let f = fs::OpenOptions::new().write(true).open(&obj).unwrap();
+        f.write_all_at(&[old[spot] ^ 0xff], spot as u64).unwrap();
+        let mut at = 0u64;
+        let victim = old_d
+            .chunks
+            .iter()
+            .find(|c| {
+                at += u64::from(c.len);
+                at > spot as u64
+            })
+            .unwrap()
+            .id;
+        let mut pos = 0usize;
+        let mut fresh = Vec::new();
+        for c in &d2.chunks {
+            if !sources.contains_key(&c.id) {
+                fresh.push((c.id, bytes::Bytes::copy_from_slice(&damaged_new[pos..pos + c.len as usize])));
+            }
+            pos += c.len as usize;
+        }
+        let pack2 = dir.path().join("packs/p2");
+        for (id, offset, len) in write_pack(&pack2, &fresh).unwrap() {
+            sources.insert(id, Source::Pack { path: pack2.clone(), offset, len });
+        }
+        let m2 = Manifest::new(vec![file("big", &d2, 0o644, 0)]).unwrap();
+        let err = install(&lib, &pkg, 2, &m2, &sources, false, None, &BuildProgress::default()).unwrap_err();
+        assert!(matches!(&err, InstallError::Missing(ids) if ids == &vec![victim]), "{err}");
+        assert!(!lib.contains(&d2.hash));
+        assert_eq!(fs::read_dir(dir.path().join("library/tmp")).unwrap().count(), 0, "nothing left unnamed");
     }
 
     /// Only `EMLINK` (and `EXDEV`) mean "make a copy"; any other failure names the path.
