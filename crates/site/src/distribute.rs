@@ -414,7 +414,12 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
         tokio::select! {
             // Jobs that end close together are replaced by one claim, not one each: a
             // claim's cost grows with the jobs waiting, which may be thousands.
-            _ = site.jobs.notified() => tokio::time::sleep(CLAIM_COALESCE).await,
+            // New work (a refresh's version) is claimed at once: it waits for nothing.
+            _ = site.jobs.notified() => {
+                if !site.jobs_new_work.swap(false, Relaxed) {
+                    tokio::time::sleep(CLAIM_COALESCE).await;
+                }
+            }
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => break,
         }
@@ -520,8 +525,9 @@ struct Admission {
 }
 
 impl Site {
-    /// Wakes the runner (new or changed jobs).
+    /// Wakes the runner (new or changed jobs): it claims them at once.
     pub fn kick_jobs(&self) {
+        self.jobs_new_work.store(true, Relaxed);
         self.jobs.notify_one();
     }
 
