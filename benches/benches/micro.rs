@@ -118,8 +118,8 @@ fn store(c: &mut Criterion) {
     let new_version = |n: u64| NewVersion {
         version: None,
         content_root: ContentRoot::from_hex(&format!("{n:064x}")).unwrap(),
-        manifest: blob.clone(),
-        scan_cache: vec![0; 1 << 20],
+        manifest: Some(blob.clone()),
+        scan_cache: Some(vec![0; 1 << 20]),
         signature: None,
         stats: VersionStats::default(),
         origin: "refresh".into(),
@@ -155,6 +155,10 @@ fn store(c: &mut Criterion) {
             n += 1;
             rt.block_on(db.commit_version(&pkg, new_version(n))).unwrap()
         })
+    });
+    let unchanged = NewVersion { manifest: None, scan_cache: None, ..new_version(n) };
+    g.bench_function("commit_version (content root unchanged: no manifest written, 8 targets re-queued)", |b| {
+        b.iter(|| rt.block_on(db.commit_version(&pkg, unchanged.clone())).unwrap())
     });
     g.bench_function("claim_due (8 jobs)", |b| b.iter(|| rt.block_on(db.claim_due(i64::MAX, 8)).unwrap()));
     g.bench_function("record_progress", |b| {

@@ -181,6 +181,8 @@ fn a_file_re_read_only_for_its_recent_timestamp_is_explained() {
     assert_eq!(num(&again, "files_read"), 1, "{again:#}");
     assert_eq!(num(&again, "files_recent"), 1, "{again:#}");
     assert_eq!(num(&again, "files_changed"), 0, "{again:#}");
+    // Same content: the version shares the stored manifest.
+    assert_eq!((&again["unchanged_fast"], &again["manifest_stored"]), (&false.into(), &false.into()), "{again:#}");
     let window = num(&again, "recent_window_ms");
     assert!(window > 0, "{again:#}");
     let (out, _) = site.ok(&["refresh", &site.id]);
@@ -193,7 +195,10 @@ fn a_file_re_read_only_for_its_recent_timestamp_is_explained() {
 
     // With ordinary timestamps nothing is read, and nothing needs explaining.
     set_old_mtime(&path);
-    site.server.cli_json(&["refresh", &site.id]);
+    let read = site.server.cli_json(&["refresh", &site.id]);
+    assert_eq!((num(&read, "files_read"), &read["manifest_stored"]), (1, &true.into()), "{read:#}");
+    let fast = site.server.cli_json(&["refresh", &site.id]);
+    assert_eq!((num(&fast, "files_read"), &fast["unchanged_fast"]), (0, &true.into()), "{fast:#}");
     let (out, _) = site.ok(&["refresh", &site.id]);
     assert!(out.contains("hashed 0 B in 0 files"), "{out}");
     assert!(!out.contains("re-read"), "{out}");

@@ -110,6 +110,8 @@ fn refresh_counts_new_unchanged_and_changed_files() {
     let root1 = text(&r1, "content_root").to_owned();
     assert_eq!(root1.len(), 64, "content root is 32 bytes of hex: {root1}");
     assert!(root1.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(r1["manifest_stored"], true);
+    assert_eq!(manifest_rows(&server, "PS100001"), 1);
 
     // 2: nothing changed (refresh by name this time): nothing is read.
     let r2 = server.cli_json(&["refresh", "app"]);
@@ -123,6 +125,12 @@ fn refresh_counts_new_unchanged_and_changed_files() {
     assert_eq!(num(&r2, "files_unchanged"), files);
     assert_eq!((num(&r2, "files_added"), num(&r2, "files_changed"), num(&r2, "files_removed")), (0, 0, 0));
     assert_eq!(num(&r2, "total_bytes"), total);
+    assert_eq!((num(&r2, "files"), num(&r2, "dirs"), num(&r2, "symlinks")), (files, tree.dirs.len() as u64, 1));
+    // Found unchanged from the scan alone, and committed as a version row sharing the
+    // previous version's manifest: no manifest built, encoded or written.
+    assert_eq!(r2["unchanged_fast"], true, "{r2:#}");
+    assert_eq!(r2["manifest_stored"], false, "{r2:#}");
+    assert_eq!(manifest_rows(&server, "PS100001"), 1, "the unchanged refresh wrote no manifest");
 
     // 3: one file grows: only it is read.
     let (changed, size) = some_nonempty_file(&tree);
@@ -139,6 +147,8 @@ fn refresh_counts_new_unchanged_and_changed_files() {
     assert_eq!(num(&r3, "total_bytes"), total + 1000);
     assert_ne!(text(&r3, "content_root"), root1);
     assert_eq!(r3["content_changed"], true);
+    assert_eq!((&r3["unchanged_fast"], &r3["manifest_stored"]), (&false.into(), &true.into()), "{r3:#}");
+    assert_eq!(manifest_rows(&server, "PS100001"), 2);
 
     // The store agrees.
     let show = assert_versions(&server, "PS100001", 3, &[1, 2, 3]);
@@ -174,6 +184,8 @@ fn verify_rereads_everything_and_keeps_the_root() {
     assert_eq!(num(&r2, "files_unchanged"), files);
     assert_eq!(text(&r2, "content_root"), root1);
     assert_eq!(r2["content_changed"], false);
+    assert_eq!((&r2["unchanged_fast"], &r2["manifest_stored"]), (&false.into(), &false.into()), "{r2:#}");
+    assert_eq!(manifest_rows(&f.server, &f.id), 1);
 
     // The scan cache written by --verify is good: the next plain refresh reads nothing.
     let r3 = f.server.cli_json(&["refresh", &f.id]);
@@ -181,6 +193,7 @@ fn verify_rereads_everything_and_keeps_the_root() {
     assert_eq!(num(&r3, "bytes_hashed"), 0);
     assert_eq!(num(&r3, "files_read"), 0);
     assert_eq!(text(&r3, "content_root"), root1);
+    assert_eq!(r3["unchanged_fast"], true, "{r3:#}");
 }
 
 #[test]
@@ -660,4 +673,16 @@ fn dp_add_refuses_urls_no_site_can_connect_to() {
     }
     assert!(server.cli_json(&["dp", "list"]).as_array().unwrap().is_empty(), "nothing was added");
     server.cli_json(&["dp", "add", "dp1", "https://127.0.0.1:8443"]);
+}
+
+/// How many manifests the server's SQLite store holds for `pkg` (read beside the server).
+fn manifest_rows(server: &Server, pkg: &str) -> i64 {
+    let url = format!("sqlite://{}", server.data_dir.join("dpsync.db").display());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let store = dpsync_store::Store::connect(&url).await.unwrap();
+        let n = store.manifest_count(pkg).await.unwrap();
+        store.close().await;
+        n
+    })
 }

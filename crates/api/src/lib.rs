@@ -223,6 +223,15 @@ pub struct RefreshReport {
     /// The window behind `files_recent`, in milliseconds.
     #[serde(default)]
     pub recent_window_ms: u64,
+    /// Whether the refresh stored a manifest: only for content the package does not hold
+    /// yet (a manifest is stored once per content root; an unchanged refresh commits a
+    /// version that shares the previous one's).
+    #[serde(default)]
+    pub manifest_stored: bool,
+    /// Whether the scan found every entry as the previous version has it (every file's
+    /// stat vouched for by the scan cache), so no manifest was built or encoded.
+    #[serde(default)]
+    pub unchanged_fast: bool,
     /// Targets the new version was queued for.
     pub targets_queued: u64,
     pub duration_ms: u64,

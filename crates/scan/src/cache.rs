@@ -1,5 +1,6 @@
 //! The scan cache: the (size, mtime, ctime, inode, device) each file had when its hash
-//! was taken, stored beside each version so the next refresh can skip unchanged files.
+//! was taken, stored with the manifest those hashes are in (once per content root) so the
+//! next refresh can skip unchanged files.
 //!
 //! A file modified within [`RACY_WINDOW_NS`] of the moment the scan began is stored as
 //! never-reusable: file timestamps come from a coarse clock (one kernel tick, at most

@@ -414,8 +414,9 @@ pub async fn run_jobs(site: Arc<Site>, shutdown: CancellationToken) {
         tokio::select! {
             // Jobs that end close together are replaced by one claim, not one each: a
             // claim's cost grows with the jobs waiting, which may be thousands.
+            // New work (a refresh's version) is claimed at once: it waits for nothing.
             _ = site.jobs.notified() => {
-                if !site.kicked.swap(false, Relaxed) {
+                if !site.jobs_new_work.swap(false, Relaxed) {
                     tokio::time::sleep(CLAIM_COALESCE).await;
                 }
             }
@@ -524,10 +525,9 @@ struct Admission {
 }
 
 impl Site {
-    /// Wakes the runner (new or changed jobs): it claims at once, without the pause that
-    /// lets job ends gather (a refresh's targets start a round trip sooner).
+    /// Wakes the runner (new or changed jobs): it claims them at once.
     pub fn kick_jobs(&self) {
-        self.kicked.store(true, Relaxed);
+        self.jobs_new_work.store(true, Relaxed);
         self.jobs.notify_one();
     }
 

@@ -85,8 +85,9 @@ pub struct Site {
     pub dist: DistConfig,
     /// Wakes the job runner.
     jobs: tokio::sync::Notify,
-    /// Set by [`Site::kick_jobs`]: new work waits for no coalescing of job ends.
-    kicked: std::sync::atomic::AtomicBool,
+    /// Set with a wake of `jobs` that brings new work (a version committed, an action
+    /// asked): the runner claims at once instead of letting ended jobs gather first.
+    jobs_new_work: std::sync::atomic::AtomicBool,
     /// Wakes the scheduler (a schedule changed).
     schedules: tokio::sync::Notify,
     /// Scheduled validations running at once (see `lifecycle`).
@@ -177,7 +178,7 @@ impl Site {
             batch_memory: distribute::Budget::new(dist.batch_memory),
             dist,
             jobs: tokio::sync::Notify::new(),
-            kicked: std::sync::atomic::AtomicBool::new(false),
+            jobs_new_work: std::sync::atomic::AtomicBool::new(false),
             schedules: tokio::sync::Notify::new(),
             validation_slots: tokio::sync::Semaphore::new(lifecycle::VALIDATIONS_AT_ONCE),
             scheduled_running: Mutex::new(HashSet::new()),

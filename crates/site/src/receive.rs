@@ -266,8 +266,8 @@ impl Site {
                 NewVersion {
                     version: Some(version),
                     content_root: *root,
-                    manifest,
-                    scan_cache: vec![],
+                    manifest: Some(manifest),
+                    scan_cache: None,
                     stats,
                     origin: format!("site {}", p.source_site),
                     signature,

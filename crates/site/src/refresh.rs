@@ -111,10 +111,11 @@ impl Site {
         let params = self.params;
         let id = package.id.clone();
         let stored = stored_new.clone();
-        let built = tokio::task::spawn_blocking(move || {
+        let (built, prev_cache) = tokio::task::spawn_blocking(move || {
             let source = Path::new(&source);
             let apart = |scan: &[ScanEntry]| own_state.check_scan(source, scan);
-            build(&library, &params, source, prev_manifest.as_ref(), &prev_cache, &req, &apart, &stored)
+            let built = build(&library, &params, source, prev_manifest.as_ref(), &prev_cache, &req, &apart, &stored);
+            built.map(|b| (b, prev_cache))
         })
         .await
         .context("refresh task")??;
@@ -129,19 +130,32 @@ impl Site {
             return Ok(report);
         }
         let commit_started = Instant::now();
-        let (manifest, cache) = built.version.expect("built unless dry run");
-        // Encoding and hashing several MB: off the executor, and the manifest once.
-        let (encoded, root, scan_cache) = tokio::task::spawn_blocking(move || {
-            let (encoded, root) = manifest.encode_with_root();
-            (encoded, root, cache.encode())
-        })
-        .await
-        .context("encoding task")?;
+        // What to store: the manifest only when its content root is new to the package (a
+        // manifest is stored once per content root); the scan cache only when it moved.
+        let (root, manifest, scan_cache) = match built.version.expect("built unless dry run") {
+            BuiltVersion::Same => {
+                let prev = previous.as_ref().expect("only a previous version can be the same");
+                (prev.summary.content_root, None, None)
+            }
+            BuiltVersion::New(manifest, cache) => {
+                // Encoding and hashing several MB: off the executor, and the manifest once.
+                let prev_root = previous.as_ref().map(|v| v.summary.content_root);
+                tokio::task::spawn_blocking(move || {
+                    let (encoded, root) = manifest.encode_with_root();
+                    let cache = (prev_root != Some(root) || cache != prev_cache).then(|| cache.encode());
+                    (root, (prev_root != Some(root)).then_some(encoded), cache)
+                })
+                .await
+                .context("encoding task")?
+            }
+        };
         if only_if_changed && prev_root.as_deref() == Some(root.to_hex().as_str()) {
             // Same content: no version, but the stats read now describe it (the package
             // lock keeps the current version from moving meanwhile).
             let current = previous.as_ref().map_or(0, |v| v.summary.version);
-            self.store.set_scan_cache(&id, current, &scan_cache).await?;
+            if let Some(scan_cache) = &scan_cache {
+                self.store.set_scan_cache(&id, current, scan_cache).await?;
+            }
             report.source_version = current;
             report.content_root = prev_root.clone();
             report.duration_ms = started.elapsed().as_millis() as u64;
@@ -158,6 +172,7 @@ impl Site {
             files_unchanged: report.files_unchanged as i64,
             bytes_hashed: report.bytes_hashed as i64,
         };
+        let stored_manifest = manifest.is_some();
         let record = self
             .store
             .commit_version(
@@ -165,7 +180,7 @@ impl Site {
                 NewVersion {
                     version: number,
                     content_root: root,
-                    manifest: encoded,
+                    manifest,
                     scan_cache,
                     stats,
                     origin: "refresh".into(),
@@ -174,10 +189,11 @@ impl Site {
             )
             .await?;
         self.store.prune_versions(&id, self.cfg.keep_versions).await?;
-        report.source_version = record.summary.version;
+        report.source_version = record.version;
         let root = root.to_hex();
         report.content_changed = prev_root.as_deref() != Some(root.as_str());
         report.committed = true;
+        report.manifest_stored = stored_manifest;
         report.content_root = Some(root);
         report.targets_queued = self.queued_targets(&id).await?;
         self.metrics.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -193,6 +209,11 @@ impl Site {
             changed = report.files_changed,
             removed = report.files_removed,
             bytes_hashed = report.bytes_hashed,
+            manifest_stored = stored_manifest,
+            load_ms = report.phases.load_ms,
+            scan_ms = report.phases.scan_ms,
+            read_ms = report.phases.read_ms,
+            commit_ms = report.phases.commit_ms,
             ms = report.duration_ms,
             "refresh committed"
         );
@@ -208,7 +229,16 @@ impl Site {
 
 struct Built {
     report: RefreshReport,
-    version: Option<(Manifest, ScanCache)>,
+    version: Option<BuiltVersion>,
+}
+
+enum BuiltVersion {
+    /// Every entry as in the previous version, every file vouched for by the scan cache:
+    /// the previous content root, whose scan cache still holds: nothing to build, encode
+    /// or store but the version row.
+    Same,
+    /// The scanned tree, and the stats its files' hashes were taken from.
+    New(Manifest, ScanCache),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -231,6 +261,19 @@ fn build(
     if req.dry_run {
         dry_run_report(&root, &plan, previous, &mut report);
         return Ok(Built { report, version: None });
+    }
+    if let Some(prev) = previous
+        && !req.verify
+        && same_as(&plan, prev)
+    {
+        for (entry, _) in &plan.items {
+            count_kind(&mut report, entry);
+        }
+        report.files_unchanged = report.files;
+        report.unchanged_fast = true;
+        report.recent_window_ms = (RACY_WINDOW_NS / 1_000_000) as u64;
+        report.phases.read_ms = clock.elapsed().as_millis() as u64 - report.phases.scan_ms;
+        return Ok(Built { report, version: Some(BuiltVersion::Same) });
     }
 
     let bytes_read = AtomicU64::new(0);
@@ -309,7 +352,29 @@ fn build(
     report.files_recent = files_recent.into_inner();
     report.recent_window_ms = (RACY_WINDOW_NS / 1_000_000) as u64;
     report.phases.read_ms = clock.elapsed().as_millis() as u64 - report.phases.scan_ms;
-    Ok(Built { report, version: Some((manifest, cache)) })
+    Ok(Built { report, version: Some(BuiltVersion::New(manifest, cache)) })
+}
+
+/// Whether the scanned tree is `previous` exactly: the same entries in the same order
+/// (both sorted by path bytes) with the same kinds, modes, times and link targets, and
+/// every file reused (its stat is the one its hash was taken with, so its hash, size and
+/// chunks are the previous entry's). The manifest would then encode to the same bytes,
+/// so its content root is the previous one, and the scan cache would come out the same
+/// (each file's stat is the cached one, and a cache only names files of its manifest).
+fn same_as(plan: &dpsync_scan::Plan, previous: &Manifest) -> bool {
+    let prev = previous.entries();
+    plan.items.len() == prev.len()
+        && plan.items.iter().zip(prev).all(|((entry, decision), old)| {
+            entry.path == old.path
+                && entry.mode == old.mode
+                && entry.stat.mtime_ns == old.mtime_ns
+                && match (&entry.kind, &old.kind) {
+                    (ScanKind::Dir, EntryKind::Dir) => true,
+                    (ScanKind::Symlink { target }, EntryKind::Symlink { target: old }) => target == old,
+                    (ScanKind::File, EntryKind::File { .. }) => matches!(decision, Some(FilePlan::Reuse { .. })),
+                    _ => false,
+                }
+        })
 }
 
 /// Opens the source folder once and scans it through that descriptor (the scan and every

@@ -562,8 +562,9 @@ impl Site {
                 NewVersion {
                     version: self.next_own_version(&p),
                     content_root: rec.summary.content_root,
-                    manifest: rec.manifest,
-                    scan_cache: rec.scan_cache,
+                    // Shared with the version restored (and its scan cache with it).
+                    manifest: None,
+                    scan_cache: None,
                     stats,
                     origin: format!("rollback to {}", prev.version),
                     signature: None,
@@ -572,12 +573,12 @@ impl Site {
             .await?;
         let queued = self.queued_targets(&p.id).await?;
         self.kick_jobs();
-        tracing::info!(package = %p.id, version = committed.summary.version, restored = prev.version, "rolled back");
+        tracing::info!(package = %p.id, version = committed.version, restored = prev.version, "rolled back");
         Ok(RollbackReport {
             package: p.id,
-            source_version: committed.summary.version,
+            source_version: committed.version,
             restored_version: prev.version,
-            content_root: committed.summary.content_root.to_hex(),
+            content_root: committed.content_root.to_hex(),
             targets_queued: queued,
         })
     }

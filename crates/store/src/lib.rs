@@ -1,6 +1,7 @@
 //! `dpsync-store`: the site's versioned manifest store.
 //!
-//! It holds packages, their source versions (manifest and scan cache blobs), targets (DPs and
+//! It holds packages, their source versions (each naming, by content root, one manifest row
+//! holding the manifest and scan cache blobs, stored once per package and content root), targets (DPs and
 //! child sites) and the durable distribution job queue, in SQLite (default) or PostgreSQL
 //! through one `sqlx::AnyPool` code path. This crate owns all SQL of the project.
 //!

@@ -69,6 +69,7 @@ pub(crate) const SITE_SQLITE: Schema = Schema {
         migration!(8, "nodes and leases", "sqlite/0008_nodes_and_leases.sql"),
         migration!(9, "target health", "sqlite/0009_target_health.sql"),
         migration!(10, "pull", "sqlite/0010_pull.sql"),
+        migration!(11, "shared manifests", "sqlite/0011_shared_manifests.sql"),
     ],
     user_version: false,
 };
@@ -88,6 +89,7 @@ pub(crate) const SITE_POSTGRES: Schema = Schema {
         migration!(8, "nodes and leases", "postgres/0008_nodes_and_leases.sql"),
         migration!(9, "target health", "postgres/0009_target_health.sql"),
         migration!(10, "pull", "postgres/0010_pull.sql"),
+        migration!(11, "shared manifests", "postgres/0011_shared_manifests.sql"),
     ],
     user_version: false,
 };

@@ -457,6 +457,7 @@ impl Store {
         for sql in [
             "DELETE FROM distributions WHERE package_id = $1",
             "DELETE FROM versions WHERE package_id = $1",
+            "DELETE FROM manifests WHERE package_id = $1",
             "DELETE FROM packages WHERE id = $1",
         ] {
             sqlx::query(sql).bind(&id).execute(&mut *tx).await?;

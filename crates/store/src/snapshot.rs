@@ -28,9 +28,9 @@ impl Store {
 
     /// Forgets the scan cache of every version (replacing it with `empty`, the encoding of
     /// an empty cache), so that the next refresh of each package reads every source file
-    /// again, and so imports it into the content library. Returns the versions changed.
+    /// again, and so imports it into the content library. Returns the manifests changed.
     pub async fn forget_scan_caches(&self, empty: &[u8]) -> Result<u64> {
-        let done = sqlx::query("UPDATE versions SET scan_cache = $1").bind(empty).execute(&self.pool).await?;
+        let done = sqlx::query("UPDATE manifests SET scan_cache = $1").bind(empty).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }
 }
@@ -62,8 +62,8 @@ mod tests {
         NewVersion {
             version: None,
             content_root: dpsync_hash::ContentRoot::from_hex(&format!("{tag:0>64}")).unwrap(),
-            manifest: format!("manifest {tag}").into_bytes(),
-            scan_cache: format!("scan cache {tag}").into_bytes(),
+            manifest: Some(format!("manifest {tag}").into_bytes()),
+            scan_cache: Some(format!("scan cache {tag}").into_bytes()),
             signature: None,
             stats: VersionStats::default(),
             origin: "refresh".into(),

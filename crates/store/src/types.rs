@@ -278,10 +278,14 @@ pub struct NewVersion {
     pub version: Option<i64>,
     /// BLAKE3 content root of the manifest (stored as lowercase hex).
     pub content_root: ContentRoot,
-    /// Encoded manifest (opaque to the store).
-    pub manifest: Vec<u8>,
-    /// Encoded scan cache (opaque to the store).
-    pub scan_cache: Vec<u8>,
+    /// Encoded manifest (opaque to the store), stored once per (package, content root).
+    /// `None`: the package already stores the manifest of `content_root` (an unchanged
+    /// refresh, a rollback), which the new version then shares; the commit fails with
+    /// [`StoreError::NotFound`](crate::StoreError::NotFound) if it does not.
+    pub manifest: Option<Vec<u8>>,
+    /// Encoded scan cache (opaque to the store), kept with the manifest of `content_root`:
+    /// `Some` replaces it, `None` keeps the stored one (empty for a new manifest).
+    pub scan_cache: Option<Vec<u8>>,
     /// Scan statistics.
     pub stats: VersionStats,
     /// Where the version came from, e.g. `"local"` or the parent site code.
@@ -311,7 +315,8 @@ pub struct VersionSummary {
     pub signature: Option<String>,
 }
 
-/// A stored source version with its manifest and scan cache.
+/// A stored source version with its manifest and scan cache (those of its content root,
+/// shared by every version of the package with that content root).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionRecord {
     /// Everything but the blobs.

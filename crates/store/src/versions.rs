@@ -1,9 +1,14 @@
 //! Source versions: committing a manifest as the next version (and re-targeting every
 //! distribution of the package at it), reading versions back, pruning old ones.
+//!
+//! A manifest is stored once per (package, content root), in `manifests`, with the scan
+//! cache that goes with it; versions name it by their content root. Versions with the same
+//! content (unchanged refreshes, rollbacks) share one row, and pruning drops a manifest
+//! once no version of its package names its root.
 
 use dpsync_hash::ContentRoot;
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
 
 use crate::decode;
 use crate::error::{Result, StoreError};
@@ -14,6 +19,17 @@ macro_rules! summary_columns {
     () => {
         "package_id, version, content_root, files, dirs, symlinks, total_bytes, files_added, \
          files_changed, files_removed, files_unchanged, bytes_hashed, origin, created_at, signature"
+    };
+}
+
+/// The summary columns of `versions v` joined with the blobs of its manifest row `m` (a
+/// version whose manifest row is missing comes out as a corrupt row, never as no version).
+macro_rules! record_select {
+    () => {
+        "SELECT v.package_id, v.version, v.content_root, v.files, v.dirs, v.symlinks, v.total_bytes, \
+           v.files_added, v.files_changed, v.files_removed, v.files_unchanged, v.bytes_hashed, v.origin, \
+           v.created_at, v.signature, m.manifest, m.scan_cache \
+         FROM versions v LEFT JOIN manifests m ON m.package_id = v.package_id AND m.content_root = v.content_root"
     };
 }
 
@@ -44,11 +60,17 @@ fn summary_from_row(row: &AnyRow) -> Result<VersionSummary> {
 }
 
 fn record_from_row(row: &AnyRow) -> Result<VersionRecord> {
-    Ok(VersionRecord {
-        summary: summary_from_row(row)?,
-        manifest: row.try_get("manifest")?,
-        scan_cache: row.try_get("scan_cache")?,
-    })
+    let summary = summary_from_row(row)?;
+    let manifest: Option<Vec<u8>> = row.try_get("manifest")?;
+    let scan_cache: Option<Vec<u8>> = row.try_get("scan_cache")?;
+    match (manifest, scan_cache) {
+        (Some(manifest), Some(scan_cache)) => Ok(VersionRecord { summary, manifest, scan_cache }),
+        _ => Err(StoreError::CorruptRow {
+            table: "manifests",
+            key: format!("package {} content root {}", summary.package_id, summary.content_root.to_hex()),
+            detail: format!("missing, although version {} names it", summary.version),
+        }),
+    }
 }
 
 impl Store {
@@ -66,7 +88,11 @@ impl Store {
     ///
     /// On PostgreSQL the package row is locked, so concurrent commits serialize and version
     /// numbers never repeat. If the call fails nothing changes.
-    pub async fn commit_version(&self, package_id: &str, new: NewVersion) -> Result<VersionRecord> {
+    ///
+    /// The manifest is stored once per (package, content root): given bytes are inserted
+    /// unless that content root's row exists (same root, same bytes); `None` requires the
+    /// row, so an unchanged refresh writes one version row and no manifest.
+    pub async fn commit_version(&self, package_id: &str, new: NewVersion) -> Result<VersionSummary> {
         let id = normalize_id(package_id);
         let now = now_ms();
         let mut tx = self.begin_write().await?;
@@ -79,6 +105,39 @@ impl Store {
             }
         };
 
+        let root = new.content_root.to_hex();
+        match (&new.manifest, &new.scan_cache) {
+            (Some(manifest), cache) => {
+                sqlx::query(
+                    "INSERT INTO manifests (package_id, content_root, manifest, scan_cache) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (package_id, content_root) DO NOTHING",
+                )
+                .bind(&id)
+                .bind(&root)
+                .bind(manifest)
+                .bind(cache.as_deref().unwrap_or_default())
+                .execute(&mut *tx)
+                .await?;
+                if let Some(cache) = cache {
+                    set_cache(&mut tx, &id, &root, cache).await?;
+                }
+            }
+            (None, Some(cache)) => {
+                if !set_cache(&mut tx, &id, &root, cache).await? {
+                    return Err(no_manifest(&id, &root));
+                }
+            }
+            (None, None) => {
+                let found = sqlx::query("SELECT 1 AS one FROM manifests WHERE package_id = $1 AND content_root = $2")
+                    .bind(&id)
+                    .bind(&root)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if found.is_none() {
+                    return Err(no_manifest(&id, &root));
+                }
+            }
+        }
         sqlx::query("UPDATE packages SET current_version = $2 WHERE id = $1")
             .bind(&id)
             .bind(version)
@@ -88,12 +147,11 @@ impl Store {
         sqlx::query(concat!(
             "INSERT INTO versions (",
             summary_columns!(),
-            ", manifest, scan_cache) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
         ))
         .bind(&id)
         .bind(version)
-        .bind(new.content_root.to_hex())
+        .bind(&root)
         .bind(s.files)
         .bind(s.dirs)
         .bind(s.symlinks)
@@ -106,8 +164,6 @@ impl Store {
         .bind(&new.origin)
         .bind(now)
         .bind(&new.signature)
-        .bind(&new.manifest)
-        .bind(&new.scan_cache)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -124,48 +180,54 @@ impl Store {
         .await?;
         tx.commit().await?;
 
-        Ok(VersionRecord {
-            summary: VersionSummary {
-                package_id: id,
-                version,
-                content_root: new.content_root,
-                stats: new.stats,
-                origin: new.origin,
-                created_at: now,
-                signature: new.signature,
-            },
-            manifest: new.manifest,
-            scan_cache: new.scan_cache,
+        Ok(VersionSummary {
+            package_id: id,
+            version,
+            content_root: new.content_root,
+            stats: new.stats,
+            origin: new.origin,
+            created_at: now,
+            signature: new.signature,
         })
     }
 
-    /// Replaces the scan cache of a retained version (a scheduled refresh that found the
-    /// same content keeps the stats it read, so the next one need not read those files
-    /// again). Returns whether the version was there.
+    /// Replaces the scan cache kept with a retained version's manifest (shared by every
+    /// version with its content root: a refresh that found the same content keeps the
+    /// stats it read, so the next one need not read those files again). Returns whether
+    /// the version was there.
     pub async fn set_scan_cache(&self, package_id: &str, version: i64, scan_cache: &[u8]) -> Result<bool> {
-        let done = sqlx::query("UPDATE versions SET scan_cache = $3 WHERE package_id = $1 AND version = $2")
-            .bind(normalize_id(package_id))
-            .bind(version)
-            .bind(scan_cache)
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE manifests SET scan_cache = $3 WHERE package_id = $1 AND content_root = \
+               (SELECT v.content_root FROM versions v WHERE v.package_id = $1 AND v.version = $2)",
+        )
+        .bind(normalize_id(package_id))
+        .bind(version)
+        .bind(scan_cache)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// How many manifests the package stores (one per distinct content root of its
+    /// retained versions).
+    pub async fn manifest_count(&self, package_id: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM manifests WHERE package_id = $1")
+            .bind(normalize_id(package_id))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
     }
 
     /// One version with its blobs, or `None` (also if pruned).
     pub async fn version(&self, package_id: &str, version: i64) -> Result<Option<VersionRecord>> {
-        sqlx::query(concat!(
-            "SELECT ",
-            summary_columns!(),
-            ", manifest, scan_cache FROM versions WHERE package_id = $1 AND version = $2"
-        ))
-        .bind(normalize_id(package_id))
-        .bind(version)
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(record_from_row)
-        .transpose()
+        sqlx::query(concat!(record_select!(), " WHERE v.package_id = $1 AND v.version = $2"))
+            .bind(normalize_id(package_id))
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(record_from_row)
+            .transpose()
     }
 
     /// One version without its blobs, or `None` (also if pruned).
@@ -182,11 +244,25 @@ impl Store {
 
     /// The manifest blob of one version, or `None` (also if pruned).
     pub async fn version_manifest(&self, package_id: &str, version: i64) -> Result<Option<Vec<u8>>> {
-        Ok(sqlx::query_scalar("SELECT manifest FROM versions WHERE package_id = $1 AND version = $2")
-            .bind(normalize_id(package_id))
-            .bind(version)
-            .fetch_optional(&self.pool)
-            .await?)
+        let id = normalize_id(package_id);
+        let row = sqlx::query(
+            "SELECT v.content_root, m.manifest FROM versions v LEFT JOIN manifests m \
+               ON m.package_id = v.package_id AND m.content_root = v.content_root \
+             WHERE v.package_id = $1 AND v.version = $2",
+        )
+        .bind(&id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        match row.try_get::<Option<Vec<u8>>, _>("manifest")? {
+            Some(m) => Ok(Some(m)),
+            None => Err(StoreError::CorruptRow {
+                table: "manifests",
+                key: format!("package {id} content root {}", row.try_get::<String, _>("content_root")?),
+                detail: format!("missing, although version {version} names it"),
+            }),
+        }
     }
 
     /// The newest retained version of a package whose content root is `root`, if any: the
@@ -218,11 +294,8 @@ impl Store {
     /// The package's current version with its blobs, or `None` before the first commit.
     pub async fn latest_version(&self, package_id: &str) -> Result<Option<VersionRecord>> {
         sqlx::query(concat!(
-            "SELECT ",
-            summary_columns!(),
-            ", manifest, scan_cache FROM versions \
-             WHERE package_id = $1 \
-               AND version = (SELECT current_version FROM packages WHERE id = $1)"
+            record_select!(),
+            " WHERE v.package_id = $1 AND v.version = (SELECT current_version FROM packages WHERE id = $1)"
         ))
         .bind(normalize_id(package_id))
         .fetch_optional(&self.pool)
@@ -256,19 +329,42 @@ impl Store {
         .bind(keep)
         .execute(&mut *tx)
         .await?;
+        // The manifests no retained version names any more.
+        sqlx::query(
+            "DELETE FROM manifests WHERE package_id = $1 \
+               AND content_root NOT IN (SELECT v.content_root FROM versions v WHERE v.package_id = $1)",
+        )
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(done.rows_affected())
     }
 
-    /// The manifest blobs of every retained version of every package (ordered by package and
-    /// version), for the content library's mark-and-sweep: a file is live if any of these
-    /// manifests names it.
+    /// The manifest blobs of every retained version of every package (each stored manifest
+    /// once, ordered by package and content root), for the content library's
+    /// mark-and-sweep: a file is live if any of these manifests names it.
     pub async fn live_file_hashes(&self) -> Result<Vec<Vec<u8>>> {
-        sqlx::query("SELECT manifest FROM versions ORDER BY package_id, version")
+        sqlx::query("SELECT manifest FROM manifests ORDER BY package_id, content_root")
             .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|r| Ok(r.try_get("manifest")?))
             .collect()
     }
+}
+
+/// Replaces the scan cache of one manifest row; whether the row was there.
+async fn set_cache(tx: &mut Transaction<'static, Any>, id: &str, root: &str, cache: &[u8]) -> Result<bool> {
+    let done = sqlx::query("UPDATE manifests SET scan_cache = $3 WHERE package_id = $1 AND content_root = $2")
+        .bind(id)
+        .bind(root)
+        .bind(cache)
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+fn no_manifest(id: &str, root: &str) -> StoreError {
+    StoreError::NotFound(format!("the manifest of content root {root} in package {id} (commit it with its manifest)"))
 }

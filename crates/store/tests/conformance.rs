@@ -165,6 +165,8 @@ conformance!(
     record_progress_accumulates_bytes,
     prune_versions_keeps_current_and_wanted,
     version_with_root_finds_the_newest,
+    manifests_are_stored_once_per_content_root,
+    inline_manifests_become_shared_rows,
     migrations_are_idempotent,
     newer_schema_is_refused,
     meta_get_set,
@@ -207,8 +209,8 @@ fn new_version(tag: &str) -> NewVersion {
     NewVersion {
         version: None,
         content_root: root(tag),
-        manifest: format!("manifest {tag}").into_bytes(),
-        scan_cache: format!("scan cache {tag}").into_bytes(),
+        manifest: Some(format!("manifest {tag}").into_bytes()),
+        scan_cache: Some(format!("scan cache {tag}").into_bytes()),
         signature: Some(format!("signature {tag}")),
         stats: VersionStats {
             files: 10,
@@ -349,7 +351,7 @@ async fn foreign_packages(db: &Db) {
         .commit_version("CEN0001A", NewVersion { version: Some(7), origin: "CEN".into(), ..new_version("f") })
         .await
         .unwrap();
-    assert_eq!(v.summary.version, 7);
+    assert_eq!(v.version, 7);
     assert_eq!(db.package("CEN0001A").await.unwrap().unwrap().current_version, 7);
 }
 
@@ -359,8 +361,11 @@ async fn commit_numbers_versions_1_2_3(db: &Db) {
     let mut got = Vec::new();
     for tag in ["a", "b", "c"] {
         let v = db.commit_version(&p.id, new_version(tag)).await.unwrap();
-        assert_eq!(v.manifest, format!("manifest {tag}").into_bytes());
-        got.push(v.summary.version);
+        assert_eq!(
+            db.version_manifest(&p.id, v.version).await.unwrap().unwrap(),
+            format!("manifest {tag}").into_bytes()
+        );
+        got.push(v.version);
     }
     assert_eq!(got, vec![1, 2, 3]);
     assert_eq!(db.package(&p.id).await.unwrap().unwrap().current_version, 3);
@@ -395,7 +400,7 @@ async fn commit_numbers_versions_1_2_3(db: &Db) {
 async fn explicit_version_must_be_newer(db: &Db) {
     let p = db.create_package("PS1", "Office", "/src").await.unwrap();
     let v = db.commit_version(&p.id, NewVersion { version: Some(5), ..new_version("a") }).await.unwrap();
-    assert_eq!(v.summary.version, 5);
+    assert_eq!(v.version, 5);
     for offered in [5, 3, 0, -1] {
         let err =
             db.commit_version(&p.id, NewVersion { version: Some(offered), ..new_version("b") }).await.unwrap_err();
@@ -413,7 +418,7 @@ async fn explicit_version_must_be_newer(db: &Db) {
     assert_eq!(db.package(&p.id).await.unwrap().unwrap().current_version, 5);
     assert_eq!(db.versions(&p.id).await.unwrap().len(), 1);
     let next = db.commit_version(&p.id, new_version("c")).await.unwrap();
-    assert_eq!(next.summary.version, 6);
+    assert_eq!(next.version, 6);
 }
 
 async fn concurrent_commits_never_duplicate_a_version(db: &Db) {
@@ -423,7 +428,7 @@ async fn concurrent_commits_never_duplicate_a_version(db: &Db) {
         let store = db.store.clone();
         let id = p.id.clone();
         tasks.push(tokio::spawn(async move {
-            store.commit_version(&id, new_version(&format!("c{i}"))).await.map(|v| v.summary.version)
+            store.commit_version(&id, new_version(&format!("c{i}"))).await.map(|v| v.version)
         }));
     }
     let mut versions = Vec::new();
@@ -459,7 +464,7 @@ async fn commit_resets_distributions_to_pending(db: &Db) {
     db.finish(&id, t_gone, Outcome::Removed).await.unwrap();
 
     let v2 = db.commit_version(&id, new_version("b")).await.unwrap();
-    assert_eq!(v2.summary.version, 2);
+    assert_eq!(v2.version, 2);
     for t in [t_ok, t_fail] {
         let d = db.distribution(&id, t).await.unwrap().unwrap();
         assert_eq!(d.state, DistState::Pending, "{d:?}");
@@ -957,7 +962,7 @@ async fn prune_versions_keeps_current_and_wanted(db: &Db) {
 
     // Pruning never makes numbers repeat.
     let v = db.commit_version(&p.id, new_version("v7")).await.unwrap();
-    assert_eq!(v.summary.version, 7);
+    assert_eq!(v.version, 7);
 
     let mut live = db.live_file_hashes().await.unwrap();
     live.sort();
@@ -966,6 +971,126 @@ async fn prune_versions_keeps_current_and_wanted(db: &Db) {
     assert_eq!(live, want);
     assert_eq!(db.versions(&other).await.unwrap().len(), 1, "other packages untouched");
     assert!(db.prune_versions("PS1FFFFF", 1).await.unwrap_err().is_not_found());
+}
+
+async fn manifests_are_stored_once_per_content_root(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    let other = package_v1(db, "Other").await;
+    let same = |tag: &str| NewVersion { manifest: None, scan_cache: None, ..new_version(tag) };
+    db.commit_version(&p.id, new_version("a")).await.unwrap();
+    assert_eq!(db.manifest_count(&p.id).await.unwrap(), 1);
+    // An unchanged refresh: a version row, no manifest.
+    let v2 = db.commit_version(&p.id, same("a")).await.unwrap();
+    assert_eq!((v2.version, v2.content_root), (2, root("a")));
+    assert_eq!(db.manifest_count(&p.id).await.unwrap(), 1, "no manifest written");
+    assert_eq!(db.version(&p.id, 2).await.unwrap().unwrap().manifest, b"manifest a");
+    assert_eq!(db.version_manifest(&p.id, 2).await.unwrap().unwrap(), b"manifest a");
+    // The same content committed with its bytes (a child site, a refresh back to it) is
+    // not stored twice; a scan cache given replaces the shared one.
+    db.commit_version(&p.id, NewVersion { scan_cache: Some(b"newer".to_vec()), ..new_version("a") }).await.unwrap();
+    assert_eq!(db.manifest_count(&p.id).await.unwrap(), 1);
+    assert_eq!(db.version(&p.id, 1).await.unwrap().unwrap().scan_cache, b"newer", "shared by the versions");
+    // ... and so does one given without the manifest.
+    db.commit_version(&p.id, NewVersion { scan_cache: Some(b"newest".to_vec()), ..same("a") }).await.unwrap();
+    assert_eq!(db.latest_version(&p.id).await.unwrap().unwrap().scan_cache, b"newest");
+    assert!(db.set_scan_cache(&p.id, 2, b"set").await.unwrap());
+    assert_eq!(db.version(&p.id, 4).await.unwrap().unwrap().scan_cache, b"set");
+    // Content the package does not store must come with its manifest; nothing changes.
+    let err = db.commit_version(&p.id, same("b")).await.unwrap_err();
+    assert!(err.is_not_found() && err.to_string().contains(&root("b").to_hex()), "{err}");
+    let err = db.commit_version(&p.id, NewVersion { scan_cache: Some(vec![1]), ..same("b") }).await.unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert_eq!(db.package(&p.id).await.unwrap().unwrap().current_version, 4);
+    // Another package's manifest of that content is not this one's.
+    db.commit_version(&other, new_version("b")).await.unwrap();
+    assert!(db.commit_version(&p.id, same("b")).await.unwrap_err().is_not_found());
+
+    db.commit_version(&p.id, new_version("b")).await.unwrap(); // 5
+    db.commit_version(&p.id, same("a")).await.unwrap(); // 6
+    assert_eq!(db.manifest_count(&p.id).await.unwrap(), 2);
+    // A manifest shared by versions survives the pruning of some of them...
+    assert_eq!(db.prune_versions(&p.id, 2).await.unwrap(), 4);
+    assert_eq!(db.manifest_count(&p.id).await.unwrap(), 2);
+    assert_eq!(db.version(&p.id, 6).await.unwrap().unwrap().manifest, b"manifest a");
+    assert_eq!(db.version(&p.id, 5).await.unwrap().unwrap().manifest, b"manifest b");
+    // ... and goes with the last one.
+    db.commit_version(&p.id, new_version("c")).await.unwrap(); // 7
+    assert_eq!(db.prune_versions(&p.id, 1).await.unwrap(), 2);
+    assert_eq!(db.manifest_count(&p.id).await.unwrap(), 1);
+    assert_eq!(db.version_manifest(&p.id, 7).await.unwrap().unwrap(), b"manifest c");
+    let mut live = db.live_file_hashes().await.unwrap();
+    live.sort();
+    let want: Vec<Vec<u8>> = ["manifest a", "manifest b", "manifest c"].map(|m| m.into()).to_vec();
+    assert_eq!(live, want, "this package's c, the other's a and b");
+    assert_eq!(db.manifest_count(&other).await.unwrap(), 2, "other packages untouched");
+
+    // A version whose manifest row is missing is a corrupt row, not a missing version.
+    let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    sqlx::query("DELETE FROM manifests WHERE package_id = $1").bind(p.id.clone()).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    let key = format!("package {} content root {}", p.id, root("c").to_hex());
+    expect_corrupt(db.version(&p.id, 7).await.unwrap_err(), "manifests", &key);
+    expect_corrupt(db.version_manifest(&p.id, 7).await.unwrap_err(), "manifests", &key);
+    expect_corrupt(db.latest_version(&p.id).await.unwrap_err(), "manifests", &key);
+}
+
+/// A database at schema 10 (manifests and scan caches inline in `versions`) is upgraded:
+/// one manifest row per (package, content root), with the scan cache of its newest version.
+async fn inline_manifests_become_shared_rows(db: &Db) {
+    let p = db.create_package("PS1", "Office", "/src").await.unwrap();
+    let blob = match db.backend() {
+        Backend::Postgres => "BYTEA NOT NULL DEFAULT '\\x'",
+        Backend::Sqlite => "BLOB NOT NULL DEFAULT x''",
+    };
+    let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    for sql in [
+        "DROP TABLE manifests".to_string(),
+        format!("ALTER TABLE versions ADD COLUMN manifest {blob}"),
+        format!("ALTER TABLE versions ADD COLUMN scan_cache {blob}"),
+        "DELETE FROM schema_migrations WHERE version = 11".to_string(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
+    }
+    for (version, tag, cache) in [(1, "a", "cache 1"), (2, "a", "cache 2"), (3, "b", "cache 3")] {
+        sqlx::query(
+            "INSERT INTO versions (package_id, version, content_root, manifest, scan_cache, files, dirs, \
+               symlinks, total_bytes, files_added, files_changed, files_removed, files_unchanged, \
+               bytes_hashed, origin, created_at) \
+             VALUES ($1, $2, $3, $4, $5, 1, 0, 0, 1, 1, 0, 0, 0, 1, 'refresh', 0)",
+        )
+        .bind(p.id.clone())
+        .bind(version as i64)
+        .bind(root(tag).to_hex())
+        .bind(format!("manifest {tag}").into_bytes())
+        .bind(cache.as_bytes().to_vec())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    sqlx::query("UPDATE packages SET current_version = 3 WHERE id = $1")
+        .bind(p.id.clone())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    let store = Store::connect(&db.url).await.unwrap();
+    assert_eq!(store.manifest_count(&p.id).await.unwrap(), 2);
+    let v1 = store.version(&p.id, 1).await.unwrap().unwrap();
+    assert_eq!((v1.manifest, v1.scan_cache), (b"manifest a".to_vec(), b"cache 2".to_vec()));
+    assert_eq!(store.version(&p.id, 2).await.unwrap().unwrap().manifest, b"manifest a");
+    let v3 = store.latest_version(&p.id).await.unwrap().unwrap();
+    assert_eq!((v3.summary.version, v3.manifest, v3.scan_cache), (3, b"manifest b".to_vec(), b"cache 3".to_vec()));
+    assert!(sqlx::query("SELECT manifest FROM versions").fetch_all(&mut conn).await.is_err(), "column dropped");
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(applied, dpsync_store::schema_versions());
+    // And it works as any other: an unchanged refresh adds no manifest.
+    store.commit_version(&p.id, NewVersion { manifest: None, scan_cache: None, ..new_version("b") }).await.unwrap();
+    assert_eq!(store.manifest_count(&p.id).await.unwrap(), 2);
+    conn.close().await.unwrap();
+    store.close().await;
 }
 
 async fn version_with_root_finds_the_newest(db: &Db) {
