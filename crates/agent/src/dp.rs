@@ -239,6 +239,8 @@ impl VersionSink for DpTrees {
                 Ok(removed) => forget_objects(&db, removed).await,
                 Err(e) => tracing::warn!(package = pkg, "cleaning up after the install: {e}"),
             }
+            // The replaced version's manifests and the install's own tables are freed.
+            crate::daemon::release_free_memory();
         });
         Ok(())
     }
