@@ -240,7 +240,7 @@ impl VersionSink for DpTrees {
                 Err(e) => tracing::warn!(package = pkg, "cleaning up after the install: {e}"),
             }
             // The replaced version's manifests and the install's own tables are freed.
-            crate::daemon::release_free_memory();
+            let _ = tokio::task::spawn_blocking(crate::daemon::release_free_memory).await;
         });
         Ok(())
     }

@@ -557,12 +557,13 @@ impl Site {
         // The last job of a package running drops its decoded manifests: they serve the
         // pushes that run together, and a later push decodes again (tens of ms) rather
         // than the site holding every pushed version's manifest for good.
+        // What the pushes read and planned is freed now: handed back off the executor,
+        // without delaying the outcome.
         if !others_running {
             self.manifest_cache.lock().unwrap().retain(|(p, _), _| *p != job.package_id);
             self.delta_cache.lock().unwrap().retain(|(p, _, _), _| *p != job.package_id);
+            drop(tokio::task::spawn_blocking(dpsync_agent::daemon::release_free_memory));
         }
-        // What the push read and planned is freed now.
-        dpsync_agent::daemon::release_free_memory();
 
         let outcome = match result {
             Ok(o) => {

@@ -53,8 +53,9 @@ impl Site {
             let stored = std::mem::take(&mut *stored_new.0.lock().unwrap());
             self.take_back_imports(pkg, stored, e).await;
         }
-        // The scan, both manifests and their encodings are freed now.
-        dpsync_agent::daemon::release_free_memory();
+        // The scan, both manifests and their encodings are freed now: handed back off
+        // the executor, without delaying the answer.
+        drop(tokio::task::spawn_blocking(dpsync_agent::daemon::release_free_memory));
         result
     }
 
