@@ -62,7 +62,7 @@ fn manifest_20k() -> Manifest {
                 path: dir.join(&format!("file{f:03}.dat")).unwrap(),
                 mode: 0o644,
                 mtime_ns: 1_700_000_000_000_000_000 + n as i64,
-                kind: EntryKind::File { size: 3 * 65_536, hash: FileHash::from_bytes(id(n, 2)), chunks },
+                kind: EntryKind::File { size: 3 * 65_536, hash: FileHash::from_bytes(id(n, 2)), chunks: chunks.into() },
             });
         }
     }

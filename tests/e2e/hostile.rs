@@ -175,7 +175,7 @@ impl Version {
                 path: RelPath::new(*p).unwrap(),
                 mode: 0o644,
                 mtime_ns: MTIME,
-                kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks },
+                kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.into() },
             });
         }
         for (p, t) in links {
@@ -1047,7 +1047,11 @@ fn chunks_that_do_not_verify_are_never_installed() {
         path: RelPath::new("lie.bin").unwrap(),
         mode: 0o644,
         mtime_ns: MTIME,
-        kind: EntryKind::File { size: d.size, hash: FileHash::from(blake3::hash(b"something else")), chunks: d.chunks },
+        kind: EntryKind::File {
+            size: d.size,
+            hash: FileHash::from(blake3::hash(b"something else")),
+            chunks: d.chunks.into(),
+        },
     });
     let lie = Version {
         manifest: Manifest::new(entries).unwrap(),
@@ -1554,7 +1558,7 @@ impl Chain {
                     off += ch.len as usize;
                 }
                 files.insert(rel.clone(), data);
-                EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks }
+                EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.into() }
             };
             entries.push(Entry { path: RelPath::new(rel).unwrap(), mode, mtime_ns, kind });
         }

@@ -268,7 +268,7 @@ fn import_one(
     if digest.size != entry.stat.size {
         return Err(format!("{}: read {} bytes, scanned {}", path.display(), digest.size, entry.stat.size));
     }
-    Ok(EntryKind::File { size: digest.size, hash: digest.hash, chunks: digest.chunks })
+    Ok(EntryKind::File { size: digest.size, hash: digest.hash, chunks: digest.chunks.into() })
 }
 
 /// `Library::import` step for step (temp file, one-pass digest + copy, chmod, rename into

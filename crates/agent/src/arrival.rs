@@ -297,7 +297,7 @@ mod tests {
                 path: RelPath::new(*path).unwrap(),
                 mode: 0o644,
                 mtime_ns: 0,
-                kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks },
+                kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.into() },
             });
         }
         (Arc::new(Manifest::new(entries).unwrap()), chunks)

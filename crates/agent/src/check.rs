@@ -308,7 +308,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lib = Library::open(&dir.path().join("library")).unwrap();
         let d = lib.import(&b"hello"[..], &ChunkParams::default()).unwrap().digest;
-        let file = EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.clone() };
+        let file = EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.clone().into() };
         let manifest = Manifest::new(vec![
             entry("locked", 0o555, 1_000_000_000, EntryKind::Dir),
             entry("locked/f", 0o444, 2_000_000_000, file.clone()),

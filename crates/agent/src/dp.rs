@@ -284,6 +284,8 @@ impl VersionSink for DpTrees {
                 Ok(removed) => forget_objects(&db, removed).await,
                 Err(e) => tracing::warn!(package = pkg, "cleaning up after the install: {e}"),
             }
+            // The replaced version's manifests and the install's own tables are freed.
+            let _ = tokio::task::spawn_blocking(crate::daemon::release_free_memory).await;
         });
         Ok(())
     }

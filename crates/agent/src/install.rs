@@ -951,7 +951,7 @@ mod tests {
             path: RelPath::new(path).unwrap(),
             mode,
             mtime_ns,
-            kind: EntryKind::File { size: digest.size, hash: digest.hash, chunks: digest.chunks.clone() },
+            kind: EntryKind::File { size: digest.size, hash: digest.hash, chunks: digest.chunks.clone().into() },
         }
     }
 

@@ -349,11 +349,10 @@ async fn forget_objects(db: &AgentDb, removed: Vec<FileHash>) {
     }
 }
 
-/// The file hashes of an encoded manifest (none when it does not decode).
+/// The file hashes of a stored manifest (none when it does not decode), read from its
+/// encoding without decoding the whole manifest.
 fn manifest_hashes(blob: Option<&Vec<u8>>) -> Vec<FileHash> {
-    blob.and_then(|b| Manifest::decode(b, &DecodeLimits::default()).ok())
-        .map(|m| m.files().filter_map(|e| e.file_hash()).collect())
-        .unwrap_or_default()
+    blob.and_then(|b| Manifest::file_hashes_of_encoding(b).ok()).unwrap_or_default()
 }
 
 /// The receiving side: the protocol's [`Receiver`], with what becomes of a verified
@@ -506,7 +505,7 @@ impl<S: VersionSink> Receiver for Agent<S> {
             return Ok(vec![]);
         }
         core.db
-            .stage(&Staged {
+            .stage(Staged {
                 package: pkg.to_owned(),
                 version,
                 content_root: root,

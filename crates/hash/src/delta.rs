@@ -369,7 +369,7 @@ fn materialize(d: &DeltaEntry, old: Option<&Entry>) -> Result<Entry, DeltaError>
                     ChunkOp::Literal(c) => chunks.extend_from_slice(c),
                 }
             }
-            EntryKind::File { size: *size, hash: *hash, chunks }
+            EntryKind::File { size: *size, hash: *hash, chunks: chunks.into() }
         }
     };
     Ok(Entry { path: d.path.clone(), mode: d.mode, mtime_ns: d.mtime_ns, kind })

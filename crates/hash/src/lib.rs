@@ -14,5 +14,5 @@ pub mod path;
 pub use chunker::{ChunkParams, FileDigest, digest_stream};
 pub use delta::{ChunkOp, DeltaEntry, DeltaError, DeltaKind, ManifestDelta};
 pub use ids::{ChunkId, ContentRoot, FileHash, HexError};
-pub use manifest::{Chunk, DecodeError, DecodeLimits, Entry, EntryKind, Manifest, ManifestDiff};
+pub use manifest::{Chunk, Chunks, DecodeError, DecodeLimits, Entry, EntryKind, Manifest, ManifestDiff};
 pub use path::{PathError, RelPath};

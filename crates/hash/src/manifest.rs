@@ -35,10 +35,116 @@ pub struct Chunk {
     pub len: u32,
 }
 
+/// The chunks of a file, in order; derefs to `[Chunk]`. A single chunk (every file up
+/// to the chunker's minimum size, so nearly every file of a tree of small files) is held
+/// inline, more in a boxed slice of exactly their number: a decoded manifest then costs
+/// no allocation per small file for its chunk list.
+#[derive(Clone, Default)]
+pub struct Chunks(ChunksRepr);
+
+#[derive(Clone)]
+enum ChunksRepr {
+    One(Chunk),
+    Many(Box<[Chunk]>),
+}
+
+impl Default for ChunksRepr {
+    fn default() -> Self {
+        ChunksRepr::Many(Box::default())
+    }
+}
+
+impl Chunks {
+    pub fn as_slice(&self) -> &[Chunk] {
+        match &self.0 {
+            ChunksRepr::One(c) => std::slice::from_ref(c),
+            ChunksRepr::Many(b) => b,
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<Chunk> {
+        self.as_slice().to_vec()
+    }
+}
+
+impl std::ops::Deref for Chunks {
+    type Target = [Chunk];
+    fn deref(&self) -> &[Chunk] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for Chunks {
+    fn deref_mut(&mut self) -> &mut [Chunk] {
+        match &mut self.0 {
+            ChunksRepr::One(c) => std::slice::from_mut(c),
+            ChunksRepr::Many(b) => b,
+        }
+    }
+}
+
+impl From<Vec<Chunk>> for Chunks {
+    fn from(v: Vec<Chunk>) -> Self {
+        match v.as_slice() {
+            [one] => Chunks(ChunksRepr::One(*one)),
+            _ => Chunks(ChunksRepr::Many(v.into_boxed_slice())),
+        }
+    }
+}
+
+impl From<&[Chunk]> for Chunks {
+    fn from(v: &[Chunk]) -> Self {
+        match v {
+            [one] => Chunks(ChunksRepr::One(*one)),
+            _ => Chunks(ChunksRepr::Many(v.into())),
+        }
+    }
+}
+
+impl FromIterator<Chunk> for Chunks {
+    fn from_iter<I: IntoIterator<Item = Chunk>>(iter: I) -> Self {
+        iter.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl<'a> IntoIterator for &'a Chunks {
+    type Item = &'a Chunk;
+    type IntoIter = std::slice::Iter<'a, Chunk>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
+impl PartialEq for Chunks {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Chunks {}
+
+impl PartialEq<Vec<Chunk>> for Chunks {
+    fn eq(&self, other: &Vec<Chunk>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl std::hash::Hash for Chunks {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state)
+    }
+}
+
+impl std::fmt::Debug for Chunks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryKind {
     Dir,
-    File { size: u64, hash: FileHash, chunks: Vec<Chunk> },
+    File { size: u64, hash: FileHash, chunks: Chunks },
     Symlink { target: String },
 }
 
@@ -240,11 +346,17 @@ impl Manifest {
                     if n > r.b.len() / 36 {
                         return Err(DecodeError::Truncated);
                     }
-                    let mut chunks = Vec::with_capacity(n);
-                    for _ in 0..n {
+                    let chunks = if n == 1 {
                         let id = ChunkId::from_bytes(r.array()?);
-                        chunks.push(Chunk { id, len: r.u32()? });
-                    }
+                        Chunks(ChunksRepr::One(Chunk { id, len: r.u32()? }))
+                    } else {
+                        let mut chunks = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            let id = ChunkId::from_bytes(r.array()?);
+                            chunks.push(Chunk { id, len: r.u32()? });
+                        }
+                        chunks.into()
+                    };
                     EntryKind::File { size, hash, chunks }
                 }
                 2 => {
@@ -290,6 +402,47 @@ impl Manifest {
         let mut h = blake3::Hasher::new_derive_key(ROOT_CONTEXT);
         h.update(encoded);
         ContentRoot::from(h.finalize())
+    }
+
+    /// The file hashes of an encoded manifest, in entry order, read without building
+    /// the manifest (a few bytes per file instead of a decoded entry each). It reads the
+    /// structure only: for bytes that [`Manifest::decode`] accepts it equals the decoded
+    /// manifest's `files()` hashes; meant for encodings this process stored itself.
+    pub fn file_hashes_of_encoding(encoded: &[u8]) -> Result<Vec<FileHash>, DecodeError> {
+        let mut r = Reader { b: encoded };
+        if r.take(4)? != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let format = r.u16()?;
+        if format != FORMAT_VERSION {
+            return Err(DecodeError::UnsupportedFormat(format));
+        }
+        let count = r.u64()?;
+        let mut out = Vec::new();
+        for _ in 0..count {
+            let plen = r.u16()? as usize;
+            r.take(plen)?;
+            let kind = r.u8()?;
+            r.take(4 + 8)?;
+            match kind {
+                0 => {}
+                1 => {
+                    r.take(8)?;
+                    out.push(FileHash::from_bytes(r.array()?));
+                    let n = r.u32()? as usize;
+                    r.take(n.checked_mul(36).ok_or(DecodeError::Truncated)?)?;
+                }
+                2 => {
+                    let tlen = r.u16()? as usize;
+                    r.take(tlen)?;
+                }
+                kind => return Err(DecodeError::UnknownKind { path: String::new(), kind }),
+            }
+        }
+        if !r.b.is_empty() {
+            return Err(DecodeError::TrailingBytes(r.b.len()));
+        }
+        Ok(out)
     }
 
     /// What changed from `old` to `self`. An entry is unchanged when kind, mode, mtime,

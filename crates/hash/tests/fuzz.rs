@@ -626,7 +626,7 @@ fn valid_manifest() -> impl Strategy<Value = Manifest> {
                 path: RelPath::new(p).unwrap(),
                 mode: 0o644,
                 mtime_ns: seed as i64,
-                kind: EntryKind::File { size, hash: FileHash::from_bytes([i as u8; 32]), chunks },
+                kind: EntryKind::File { size, hash: FileHash::from_bytes([i as u8; 32]), chunks: chunks.into() },
             });
         }
         entries.push(Entry {
@@ -892,7 +892,7 @@ fn repeated_copies_are_bounded() {
         path: RelPath::new("f").unwrap(),
         mode: 0o644,
         mtime_ns: 0,
-        kind: EntryKind::File { size: 1000, hash: FileHash::from_bytes([1; 32]), chunks },
+        kind: EntryKind::File { size: 1000, hash: FileHash::from_bytes([1; 32]), chunks: chunks.into() },
     }])
     .unwrap();
     let d = dpsync_hash::ManifestDelta {

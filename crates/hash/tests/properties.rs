@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use dpsync_hash::manifest::{FORMAT_VERSION, MAX_CHUNK_LEN};
 use dpsync_hash::path::{MAX_PATH_BYTES, resolve_symlink};
 use dpsync_hash::{
-    Chunk, ChunkId, ChunkOp, ChunkParams, ContentRoot, DecodeError, DecodeLimits, DeltaEntry, DeltaError, DeltaKind,
-    Entry, EntryKind, FileDigest, FileHash, Manifest, ManifestDelta, PathError, RelPath, digest_stream,
+    Chunk, ChunkId, ChunkOp, ChunkParams, Chunks, ContentRoot, DecodeError, DecodeLimits, DeltaEntry, DeltaError,
+    DeltaKind, Entry, EntryKind, FileDigest, FileHash, Manifest, ManifestDelta, PathError, RelPath, digest_stream,
 };
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -565,8 +565,10 @@ fn mutate_one(m: &Manifest, which: u8, pick: usize, aux: usize) -> Option<Vec<En
         }
         // Grow the file by a chunk.
         (5, EntryKind::File { size, chunks, .. }) => {
-            chunks.push(Chunk { id: ChunkId::from_bytes([aux as u8; 32]), len: 1 + (aux % 1000) as u32 });
-            *size += u64::from(chunks.last().unwrap().len);
+            let mut grown = chunks.to_vec();
+            grown.push(Chunk { id: ChunkId::from_bytes([aux as u8; 32]), len: 1 + (aux % 1000) as u32 });
+            *size += u64::from(grown.last().unwrap().len);
+            *chunks = grown.into();
         }
         (6, EntryKind::Symlink { target }) => target.push_str("/x"),
         // Rename: '~' never occurs in generated names, so the new path is fresh.
@@ -574,7 +576,7 @@ fn mutate_one(m: &Manifest, which: u8, pick: usize, aux: usize) -> Option<Vec<En
         // Retype: anything ↔ an empty file.
         (8, kind) => {
             *kind = if matches!(kind, EntryKind::Dir) {
-                EntryKind::File { size: 0, hash: FileHash::from(blake3::hash(b"")), chunks: Vec::new() }
+                EntryKind::File { size: 0, hash: FileHash::from(blake3::hash(b"")), chunks: Default::default() }
             } else {
                 EntryKind::Dir
             }
@@ -613,6 +615,50 @@ proptest! {
         prop_assert_eq!(m.files().count(), m.entries().iter().filter(|e| e.is_file()).count());
         let sorted = m.entries().windows(2).all(|w| w[0].path.as_str().as_bytes() < w[1].path.as_str().as_bytes());
         prop_assert!(sorted, "entries not strictly sorted by path bytes");
+    }
+
+    #[test]
+    fn chunk_lists_behave_as_the_vec_they_were_made_from(
+        a in proptest::collection::vec((any::<u8>(), 1u32..100), 0..4),
+        b in proptest::collection::vec((any::<u8>(), 1u32..100), 0..4),
+    ) {
+        use std::hash::{BuildHasher, RandomState};
+        let mk = |v: &[(u8, u32)]| -> Vec<Chunk> {
+            v.iter().map(|&(id, len)| Chunk { id: ChunkId::from_bytes([id; 32]), len }).collect()
+        };
+        let (va, vb) = (mk(&a), mk(&b));
+        let ca = Chunks::from(va.clone());
+        prop_assert_eq!(&ca[..], &va[..]);
+        prop_assert_eq!(ca.to_vec(), va.clone());
+        prop_assert!(ca == va);
+        prop_assert_eq!(&Chunks::from(&va[..]), &ca);
+        prop_assert_eq!(&va.iter().copied().collect::<Chunks>(), &ca);
+        prop_assert_eq!((&ca).into_iter().collect::<Vec<_>>(), va.iter().collect::<Vec<_>>());
+        let cb = Chunks::from(vb.clone());
+        prop_assert_eq!(ca == cb, va == vb);
+        let h = RandomState::new();
+        prop_assert_eq!(h.hash_one(&ca), h.hash_one(&va[..]));
+        prop_assert_eq!(format!("{ca:?}"), format!("{va:?}"));
+        // Mutating in place keeps the list equal to the same change made to the vec.
+        let (mut ma, mut mv) = (ca.clone(), va.clone());
+        if let (Some(c), Some(v)) = (ma.first_mut(), mv.first_mut()) {
+            c.len += 1;
+            v.len += 1;
+        }
+        prop_assert!(ma == mv);
+    }
+
+    #[test]
+    fn file_hashes_of_encoding_match_the_decoded_manifest(m in manifest_strategy(24), cut in any::<usize>()) {
+        let bytes = m.encode();
+        let want: Vec<_> = m.files().filter_map(Entry::file_hash).collect();
+        prop_assert_eq!(Manifest::file_hashes_of_encoding(&bytes).unwrap(), want);
+        // A cut encoding is refused, never read past its end.
+        let cut = cut % bytes.len();
+        prop_assert!(Manifest::file_hashes_of_encoding(&bytes[..cut]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        prop_assert_eq!(Manifest::file_hashes_of_encoding(&longer), Err(DecodeError::TrailingBytes(1)));
     }
 
     #[test]
@@ -720,7 +766,7 @@ fn encoding_matches_the_documented_layout() {
             kind: EntryKind::File {
                 size: 30,
                 hash: FileHash::from_bytes([0xAB; 32]),
-                chunks: vec![chunk(0, 10), chunk(1, 20)],
+                chunks: vec![chunk(0, 10), chunk(1, 20)].into(),
             },
         },
         Entry { path: RelPath::new("d").unwrap(), mode: 0o755, mtime_ns: 1, kind: EntryKind::Dir },
@@ -1093,7 +1139,7 @@ fn rp(s: &str) -> RelPath {
 #[test]
 fn diff_of_a_handcrafted_pair() {
     let e = |p: &str, mode: u32, mtime_ns: i64, kind: EntryKind| Entry { path: rp(p), mode, mtime_ns, kind };
-    let file = |b: u8| EntryKind::File { size: 0, hash: FileHash::from_bytes([b; 32]), chunks: vec![] };
+    let file = |b: u8| EntryKind::File { size: 0, hash: FileHash::from_bytes([b; 32]), chunks: Default::default() };
     let link = |t: &str| EntryKind::Symlink { target: t.into() };
     let old = Manifest::new(vec![
         e("d", 0o755, 0, EntryKind::Dir),
@@ -1394,7 +1440,8 @@ fn edit_chunks(m: &Manifest, pick: usize, at: usize, how: u8, seed: u8) -> Optio
     let mut entries = m.entries().to_vec();
     let files: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].is_file()).collect();
     let e = &mut entries[*files.get(pick % files.len().max(1))?];
-    let EntryKind::File { size, chunks, hash } = &mut e.kind else { unreachable!() };
+    let EntryKind::File { size, chunks: list, hash } = &mut e.kind else { unreachable!() };
+    let mut chunks = list.to_vec();
     let fresh = Chunk { id: ChunkId::from_bytes([seed; 32]), len: 1 + u32::from(seed) * 7 };
     let at = at % (chunks.len() + 1);
     match how % 4 {
@@ -1406,6 +1453,7 @@ fn edit_chunks(m: &Manifest, pick: usize, at: usize, how: u8, seed: u8) -> Optio
         _ => chunks.push(fresh),
     }
     *size = chunks.iter().map(|c| u64::from(c.len)).sum();
+    *list = chunks.into();
     *hash = FileHash::from_bytes([seed.wrapping_add(1); 32]);
     Some(entries)
 }
@@ -1484,7 +1532,7 @@ fn delta_of_an_insert_at_the_start_of_a_big_file_is_small() {
         kind: EntryKind::File {
             size: chunks.iter().map(|c| u64::from(c.len)).sum(),
             hash: FileHash::from_bytes([seed; 32]),
-            chunks,
+            chunks: chunks.into(),
         },
     };
     let base = Manifest::new(vec![file(chunks.clone(), 1)]).unwrap();
@@ -1507,7 +1555,7 @@ fn delta_application_refuses_what_the_base_lacks() {
         kind: EntryKind::File {
             size: 5,
             hash: FileHash::from_bytes([1; 32]),
-            chunks: vec![Chunk { id: ChunkId::from_bytes([2; 32]), len: 5 }],
+            chunks: vec![Chunk { id: ChunkId::from_bytes([2; 32]), len: 5 }].into(),
         },
     }])
     .unwrap();

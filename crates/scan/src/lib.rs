@@ -15,12 +15,11 @@
 mod cache;
 mod root;
 
-use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use dpsync_hash::path::escape_controls;
-use dpsync_hash::{Chunk, Entry, EntryKind, FileHash, Manifest, RelPath};
+use dpsync_hash::{Chunks, EntryKind, FileHash, Manifest, RelPath};
 
 pub use cache::{CacheDecodeError, RACY_WINDOW_NS, ScanCache};
 pub use root::{Resolver, SourceChanged, SourceKind, SourceRoot, SourceStat};
@@ -105,7 +104,7 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FilePlan {
     /// Unchanged since the previous version: reuse its hash and chunks.
-    Reuse { hash: FileHash, size: u64, chunks: Vec<Chunk> },
+    Reuse { hash: FileHash, size: u64, chunks: Chunks },
     /// New, changed, or `--verify`: read it.
     Read,
 }
@@ -121,15 +120,14 @@ pub struct Plan {
 
 /// Decides, per file, whether `previous` (with the stats in `cache`) still describes it.
 pub fn plan(scan: Vec<ScanEntry>, previous: Option<&Manifest>, cache: &ScanCache, verify: bool) -> Plan {
-    let prev: HashMap<&str, &Entry> =
-        previous.map(|m| m.entries().iter().map(|e| (e.path.as_str(), e)).collect()).unwrap_or_default();
     let mut out = Plan::default();
     for entry in scan {
         let decision = match entry.kind {
             ScanKind::File => {
                 let reused = (!verify)
                     .then(|| {
-                        let old = prev.get(entry.path.as_str())?;
+                        // By binary search in the sorted manifest: no index of it is built.
+                        let old = previous?.get(entry.path.as_str())?;
                         let cached = cache.get(entry.path.as_str())?;
                         match &old.kind {
                             EntryKind::File { size, hash, chunks }

@@ -95,7 +95,7 @@ fn plan_reuses_only_files_whose_stat_matches() {
             path: e.path.clone(),
             mode: e.mode,
             mtime_ns: e.stat.mtime_ns,
-            kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks },
+            kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.into() },
         });
     }
     let manifest = Manifest::new(entries).unwrap();

@@ -555,7 +555,21 @@ impl Site {
             Ok(None) => Err(PushError::TargetGone { target: job.target_name.clone() }),
             Err(e) => Err(e.into()),
         };
-        self.progress.lock().unwrap().remove(&key);
+        let others_running = {
+            let mut progress = self.progress.lock().unwrap();
+            progress.remove(&key);
+            progress.keys().any(|(p, _)| *p == job.package_id)
+        };
+        // The last job of a package running drops its decoded manifests: they serve the
+        // pushes that run together, and a later push decodes again (tens of ms) rather
+        // than the site holding every pushed version's manifest for good.
+        // What the pushes read and planned is freed now: handed back off the executor,
+        // without delaying the outcome.
+        if !others_running {
+            self.manifest_cache.lock().unwrap().retain(|(p, _), _| *p != job.package_id);
+            self.delta_cache.lock().unwrap().retain(|(p, _, _), _| *p != job.package_id);
+            drop(tokio::task::spawn_blocking(dpsync_agent::daemon::release_free_memory));
+        }
 
         let outcome = match result {
             Ok(o) => {
@@ -1014,27 +1028,30 @@ impl Site {
     }
 
     /// The decoded manifest and its compressed wire form, cached per version (a relabel
-    /// never loads it). `None` when the version is no longer stored.
+    /// never loads it). `None` when the version is no longer stored. Pushes of one
+    /// version share one decoded copy: those that ask while it is being decoded wait for it.
     async fn wire_manifest(&self, pkg: &str, version: i64) -> Result<Option<(Arc<Manifest>, Bytes)>, PushError> {
-        let key = (pkg.to_owned(), version);
-        if let Some(hit) = self.manifest_cache.lock().unwrap().get(&key).cloned() {
-            return Ok(Some(hit));
+        let slot = cache_slot(&self.manifest_cache, (pkg.to_owned(), version), 4);
+        let filled = slot
+            .get_or_try_init(|| async {
+                let stored = self.store.version_manifest(pkg, version).await;
+                let Some(encoded) = stored.map_err(|e| Some(PushError::from(e)))? else {
+                    return Err(None);
+                };
+                tokio::task::spawn_blocking(move || -> Result<_, DecodeError> {
+                    let m = Manifest::decode(&encoded, &DecodeLimits::default())?;
+                    Ok((Arc::new(m), Bytes::from(wire::compress_manifest(&encoded))))
+                })
+                .await
+                .map_err(|e| Some(PushError::from(e)))?
+                .map_err(|source| Some(PushError::CorruptManifest { package: pkg.to_owned(), version, source }))
+            })
+            .await;
+        match filled {
+            Ok(hit) => Ok(Some(hit.clone())),
+            Err(None) => Ok(None),
+            Err(Some(e)) => Err(e),
         }
-        let Some(encoded) = self.store.version_manifest(pkg, version).await? else {
-            return Ok(None);
-        };
-        let built = tokio::task::spawn_blocking(move || -> Result<_, DecodeError> {
-            let m = Manifest::decode(&encoded, &DecodeLimits::default())?;
-            Ok((Arc::new(m), Bytes::from(wire::compress_manifest(&encoded))))
-        })
-        .await?
-        .map_err(|source| PushError::CorruptManifest { package: pkg.to_owned(), version, source })?;
-        let mut cache = self.manifest_cache.lock().unwrap();
-        if cache.len() >= 4 {
-            cache.clear();
-        }
-        cache.insert(key, built.clone());
-        Ok(Some(built))
     }
 
     /// The decoded manifest of a stored version (cached).
@@ -1047,7 +1064,8 @@ impl Site {
     }
 
     /// The decoded manifest of `base_version` and the compressed delta from it to
-    /// `manifest` (version `version`), cached per (package, base, version).
+    /// `manifest` (version `version`), cached per (package, base, version) and computed
+    /// once for the pushes that ask for it together.
     async fn wire_delta(
         &self,
         pkg: &str,
@@ -1055,22 +1073,19 @@ impl Site {
         version: i64,
         manifest: &Arc<Manifest>,
     ) -> Result<(Arc<Manifest>, Bytes), PushError> {
-        let key = (pkg.to_owned(), base_version, version);
-        if let Some(hit) = self.delta_cache.lock().unwrap().get(&key).cloned() {
-            return Ok(hit);
-        }
-        let base = self.manifest_of(pkg, base_version).await?;
-        let (b, m) = (base.clone(), manifest.clone());
-        let delta = tokio::task::spawn_blocking(move || {
-            Bytes::from(wire::compress_manifest(&dpsync_hash::ManifestDelta::between(&b, &m).encode()))
-        })
-        .await?;
-        let mut cache = self.delta_cache.lock().unwrap();
-        if cache.len() >= 8 {
-            cache.clear();
-        }
-        cache.insert(key, (base.clone(), delta.clone()));
-        Ok((base, delta))
+        let slot = cache_slot(&self.delta_cache, (pkg.to_owned(), base_version, version), 8);
+        let filled = slot
+            .get_or_try_init(|| async {
+                let base = self.manifest_of(pkg, base_version).await?;
+                let (b, m) = (base.clone(), manifest.clone());
+                let delta = tokio::task::spawn_blocking(move || {
+                    Bytes::from(wire::compress_manifest(&dpsync_hash::ManifestDelta::between(&b, &m).encode()))
+                })
+                .await?;
+                Ok::<_, PushError>((base, delta))
+            })
+            .await?;
+        Ok(filled.clone())
     }
 
     /// Reads, compresses and sends `missing` in batches; resends chunks the target
@@ -1207,6 +1222,20 @@ impl ReadPlan {
     fn base_of(&self, item: &ReadItem) -> Option<&BaseRun> {
         item.base.map(|b| &self.bases[b as usize])
     }
+}
+
+/// The slot of `key` in a manifest cache, created empty when absent; a cache of `bound`
+/// slots is emptied before another is added (a push holding a slot keeps it).
+fn cache_slot<K: std::hash::Hash + Eq>(
+    cache: &std::sync::Mutex<HashMap<K, crate::CacheSlot>>,
+    key: K,
+    bound: usize,
+) -> crate::CacheSlot {
+    let mut cache = cache.lock().unwrap();
+    if !cache.contains_key(&key) && cache.len() >= bound {
+        cache.clear();
+    }
+    cache.entry(key).or_default().clone()
 }
 
 /// Where to read each of `missing` (the first place it occurs in `manifest`), and, with
@@ -1485,7 +1514,7 @@ mod tests {
                     kind: EntryKind::File {
                         size: chunks.iter().map(|c| u64::from(c.len)).sum(),
                         hash: FileHash::from_bytes([*h; 32]),
-                        chunks: chunks.clone(),
+                        chunks: chunks.clone().into(),
                     },
                 })
                 .collect(),
@@ -1728,7 +1757,7 @@ mod tests {
                 path: RelPath::new("f").unwrap(),
                 mode: 0o644,
                 mtime_ns: 0,
-                kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.clone() },
+                kind: EntryKind::File { size: d.size, hash: d.hash, chunks: d.chunks.clone().into() },
             }])
             .unwrap(),
         );

@@ -43,6 +43,9 @@ pub use receive::ChildSite;
 
 /// A decoded manifest and its compressed wire form.
 type WireManifest = (Arc<Manifest>, bytes::Bytes);
+/// A cache slot filled once: pushes of one version that start together wait for the
+/// first one's decode instead of each holding a decoded copy of their own.
+type CacheSlot = Arc<tokio::sync::OnceCell<WireManifest>>;
 
 /// A failure the admin API reports; the variant picks the HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -99,10 +102,11 @@ pub struct Site {
     /// Pull DPs' jobs: who waits for a source, and who takes a version from the site
     /// because no source has it yet (see `distribute::PullJobs`).
     pull_jobs: distribute::PullJobs,
-    manifest_cache: Mutex<HashMap<(String, i64), WireManifest>>,
+    /// Decoded manifests and their compressed wire form, by (package, version).
+    manifest_cache: Mutex<HashMap<(String, i64), CacheSlot>>,
     /// Compressed manifest deltas, by (package, base version, version), with the decoded
     /// base (bounded like `manifest_cache`).
-    delta_cache: Mutex<HashMap<(String, i64, i64), WireManifest>>,
+    delta_cache: Mutex<HashMap<(String, i64, i64), CacheSlot>>,
     /// Chunk batches held in memory by all pushes together, in KiB (see `DistConfig`).
     batch_memory: distribute::Budget,
     /// This site's signing key (`site.key` in the library given by `--library`, else in

@@ -53,6 +53,9 @@ impl Site {
             let stored = std::mem::take(&mut *stored_new.0.lock().unwrap());
             self.take_back_imports(pkg, stored, e).await;
         }
+        // The scan, both manifests and their encodings are freed now: handed back off
+        // the executor, without delaying the answer.
+        drop(tokio::task::spawn_blocking(dpsync_agent::daemon::release_free_memory));
         result
     }
 
@@ -94,14 +97,15 @@ impl Site {
         }
         let number = self.next_own_version(&package);
 
-        let previous = self.store.latest_version(&package.id).await?;
-        let (prev_manifest, prev_cache, prev_root) = match &previous {
+        let mut previous = self.store.latest_version(&package.id).await?;
+        // The stored blobs are dropped once decoded: not held through the refresh.
+        let (prev_manifest, prev_cache, prev_root) = match previous.as_mut() {
             Some(v) => (
                 Some(
-                    Manifest::decode(&v.manifest, &DecodeLimits::default())
+                    Manifest::decode(&std::mem::take(&mut v.manifest), &DecodeLimits::default())
                         .context("the stored manifest of the previous version is corrupt")?,
                 ),
-                ScanCache::decode(&v.scan_cache).unwrap_or_default(),
+                ScanCache::decode(&std::mem::take(&mut v.scan_cache)).unwrap_or_default(),
                 Some(v.summary.content_root.to_hex()),
             ),
             None => (None, ScanCache::default(), None),
@@ -304,7 +308,7 @@ fn build(
                     if !req.verify && reread_unchanged(previous, prev_cache, &entry, &digest) {
                         files_recent.fetch_add(1, Ordering::Relaxed);
                     }
-                    let kind = EntryKind::File { size: digest.size, hash: digest.hash, chunks: digest.chunks };
+                    let kind = EntryKind::File { size: digest.size, hash: digest.hash, chunks: digest.chunks.into() };
                     (Entry { path: entry.path.clone(), mode, mtime_ns: stat.mtime_ns, kind }, Some(stat))
                 }
             })

@@ -325,7 +325,9 @@ impl AgentDb {
         Ok(n)
     }
 
-    pub async fn stage(&self, s: &Staged) -> Result<()> {
+    /// Stages a manifest (taken by value: its blob, several MB for a large tree, is
+    /// handed to SQLite without a copy).
+    pub async fn stage(&self, s: Staged) -> Result<()> {
         sqlx::query(
             "INSERT INTO staged (package, version, content_root, manifest, force, created_at, signature)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -335,10 +337,10 @@ impl AgentDb {
         .bind(&s.package)
         .bind(s.version)
         .bind(s.content_root.to_hex())
-        .bind(&s.manifest)
+        .bind(s.manifest)
         .bind(s.force as i64)
         .bind(now_ms())
-        .bind(&s.signature)
+        .bind(s.signature)
         .execute(&self.pool)
         .await?;
         Ok(())

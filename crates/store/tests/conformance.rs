@@ -1541,7 +1541,7 @@ async fn agent_rows_round_trip() {
         force: false,
         signature: Some("sig".into()),
     };
-    db.stage(&staged).await.unwrap();
+    db.stage(staged.clone()).await.unwrap();
     assert_eq!(db.staged(PKG, 3).await.unwrap().unwrap(), staged);
     assert_eq!(db.latest_staged_version(PKG).await.unwrap(), Some(3));
 
@@ -1697,7 +1697,7 @@ async fn agent_database_of_the_former_runner_opens() {
         force: true,
         signature: Some("sig".into()),
     };
-    db.stage(&staged).await.unwrap();
+    db.stage(staged.clone()).await.unwrap();
     assert_eq!(db.staged(PKG, 1).await.unwrap().unwrap(), staged);
     db.close().await;
     assert_eq!(agent_bookkeeping(&path).await, ((1..=latest).collect(), latest));

@@ -562,7 +562,10 @@ pub fn decode_ids(b: &[u8]) -> Option<Vec<ChunkId>> {
 
 /// Compresses a manifest encoding for the wire.
 pub fn compress_manifest(encoded: &[u8]) -> Vec<u8> {
-    zstd::bulk::compress(encoded, 3).expect("zstd compression of an in-memory buffer")
+    let mut out = zstd::bulk::compress(encoded, 3).expect("zstd compression of an in-memory buffer");
+    // Sized for the worst case (more than the input): kept in caches, so no slack.
+    out.shrink_to_fit();
+    out
 }
 
 /// Decompresses a manifest body, refusing more than [`MAX_MANIFEST_DECODED`] bytes.
