@@ -52,6 +52,8 @@ struct Shared {
     next_id: AtomicU64,
     /// Pump threads still running.
     pumps: AtomicUsize,
+    /// The most connections live at once since the start or `reset_counters`.
+    peak_live: AtomicUsize,
 }
 
 impl Default for Shared {
@@ -72,6 +74,7 @@ impl Default for Shared {
             live: Mutex::default(),
             next_id: AtomicU64::default(),
             pumps: AtomicUsize::default(),
+            peak_live: AtomicUsize::default(),
         }
     }
 }
@@ -128,6 +131,7 @@ impl Proxy {
     pub fn reset_counters(&self) {
         self.shared.bytes_up.store(0, SeqCst);
         self.shared.bytes_down.store(0, SeqCst);
+        self.shared.peak_live.store(lock(&self.shared.live).len(), SeqCst);
     }
 
     /// Flip (XOR 0x01) the client→upstream byte at offset `n` counted from now
@@ -194,6 +198,12 @@ impl Proxy {
     pub fn live_connections(&self) -> usize {
         lock(&self.shared.live).len()
     }
+
+    /// The most connections that were live at once (since the start, or since
+    /// `reset_counters`).
+    pub fn peak_connections(&self) -> usize {
+        self.shared.peak_live.load(SeqCst)
+    }
 }
 
 impl Drop for Proxy {
@@ -244,7 +254,11 @@ fn serve(client: TcpStream, upstream: SocketAddr, shared: &Arc<Shared>) -> std::
     let up = (client.try_clone()?, server.try_clone()?);
     let down = (server, client);
     let id = shared.next_id.fetch_add(1, SeqCst);
-    lock(&shared.live).insert(id, registered);
+    {
+        let mut live = lock(&shared.live);
+        live.insert(id, registered);
+        shared.peak_live.fetch_max(live.len(), SeqCst);
+    }
     let pumps_left = Arc::new(AtomicUsize::new(2));
     for (is_up, (src, dst)) in [(true, up), (false, down)] {
         let shared = Arc::clone(shared);
