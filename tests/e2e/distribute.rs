@@ -676,44 +676,6 @@ fn chunk_corrupted_on_the_wire_is_rejected_and_sent_again() {
     assert!(proxied <= direct + 2 * 256 * KIB + 1024, "dp2 {proxied} vs dp1 {direct}");
 }
 
-/// On a link with a round trip, the push keeps two chunk batches in flight (the next
-/// crosses while the DP stores this one), yet the DP receives them in order: every file
-/// is still written as its chunks arrive (none is assembled at commit).
-#[test]
-fn chunk_batches_overlap_on_the_link_and_arrive_in_order() {
-    let mut site = Site::new(&[]);
-    let token = "token-dp1";
-    let agent = Agent::start(site.dir.join("a1"), Some(token));
-    let proxy = Proxy::start(agent.addr());
-    site.agents.push(agent);
-    site.register(0, &proxy.url(), Some(token), None);
-    for i in 0..4u64 {
-        write_random_file(&site.src.join(format!("part{i}.bin")), MIB, 80 + i);
-    }
-    set_old_mtimes(&site.src);
-    site.distribute_all();
-    // 20 ms on every read each way: a round trip the sender would otherwise wait out
-    // after every batch.
-    proxy.set_delay_ms(20);
-    proxy.reset_counters();
-    site.refresh_wait();
-    site.assert_all_match_source();
-    assert!(
-        proxy.peak_connections() >= 2,
-        "the batches went one at a time (at most {} connection open){}",
-        proxy.peak_connections(),
-        site.tails()
-    );
-    let r = site.agents[0].get("/metrics", &[]);
-    let written: u64 = r
-        .body_text()
-        .lines()
-        .find(|l| l.starts_with("dpsync_agent_files_written_on_arrival_total "))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .expect("the written-on-arrival counter");
-    assert_eq!(written, 4, "every file is written as its chunks arrive, in order{}", site.tails());
-}
-
 // ---------------------------------------------------------------------------------------
 // 8. Rollback
 

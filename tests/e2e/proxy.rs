@@ -52,8 +52,6 @@ struct Shared {
     next_id: AtomicU64,
     /// Pump threads still running.
     pumps: AtomicUsize,
-    /// The most connections live at once since the start or `reset_counters`.
-    peak_live: AtomicUsize,
 }
 
 impl Default for Shared {
@@ -74,7 +72,6 @@ impl Default for Shared {
             live: Mutex::default(),
             next_id: AtomicU64::default(),
             pumps: AtomicUsize::default(),
-            peak_live: AtomicUsize::default(),
         }
     }
 }
@@ -131,7 +128,6 @@ impl Proxy {
     pub fn reset_counters(&self) {
         self.shared.bytes_up.store(0, SeqCst);
         self.shared.bytes_down.store(0, SeqCst);
-        self.shared.peak_live.store(lock(&self.shared.live).len(), SeqCst);
     }
 
     /// Flip (XOR 0x01) the client→upstream byte at offset `n` counted from now
@@ -198,12 +194,6 @@ impl Proxy {
     pub fn live_connections(&self) -> usize {
         lock(&self.shared.live).len()
     }
-
-    /// The most connections that were live at once (since the start, or since
-    /// `reset_counters`).
-    pub fn peak_connections(&self) -> usize {
-        self.shared.peak_live.load(SeqCst)
-    }
 }
 
 impl Drop for Proxy {
@@ -254,11 +244,7 @@ fn serve(client: TcpStream, upstream: SocketAddr, shared: &Arc<Shared>) -> std::
     let up = (client.try_clone()?, server.try_clone()?);
     let down = (server, client);
     let id = shared.next_id.fetch_add(1, SeqCst);
-    {
-        let mut live = lock(&shared.live);
-        live.insert(id, registered);
-        shared.peak_live.fetch_max(live.len(), SeqCst);
-    }
+    lock(&shared.live).insert(id, registered);
     let pumps_left = Arc::new(AtomicUsize::new(2));
     for (is_up, (src, dst)) in [(true, up), (false, down)] {
         let shared = Arc::clone(shared);

@@ -1140,62 +1140,27 @@ impl Site {
                 read_batches(&lib, &package, items, (&sizing, most), verify, &budget, tx)
             });
             let mut rejected_all = Vec::new();
-            // Two batches may be in flight: the next one crosses the link while the target
-            // stores this one (on a link with a long round trip, one at a time would leave
-            // the link idle for a round trip and the target's write of every batch). The
-            // next starts only once this one's body is wholly handed to its connection, so
-            // the target receives them in order (its files written as chunks arrive rely
-            // on that order).
-            let mut in_flight = futures::stream::FuturesOrdered::new();
-            let mut handing_over: Option<tokio::sync::oneshot::Receiver<()>> = None;
-            let mut read_all = false;
-            loop {
-                if read_all && in_flight.is_empty() {
-                    break;
-                }
-                let may_send = !read_all && handing_over.is_none() && in_flight.len() < BATCHES_IN_FLIGHT;
-                tokio::select! {
-                    done = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
-                        let Some((answer, len, raw)) = done else { continue };
-                        let resp: wire::BatchResponse = match answer {
-                            Ok(r) => r,
-                            // A batch damaged in transit can break its framing: send it again.
-                            Err(TransferError::Rejected { reason: RejectReason::BadRequest(message), .. }) => {
-                                return Err(PushError::BatchRefused {
-                                    target: target.name.clone(),
-                                    package: pkg.clone(),
-                                    message,
-                                });
-                            }
-                            Err(e) => return Err(refused(e)),
-                        };
-                        batch_bytes.store(size(client), Relaxed);
-                        self.count_sent(job, len).await;
-                        self.set_progress(&key, |p| p.bytes_done += raw);
-                        rejected_all.extend(resp.rejected);
-                    }
-                    _ = async { handing_over.as_mut().expect("checked").await }, if handing_over.is_some() => {
-                        handing_over = None;
-                    }
-                    batch = rx.recv(), if may_send => {
-                        let Some(batch) = batch else {
-                            read_all = true;
-                            continue;
-                        };
-                        // The batch's memory permit is held until the target has answered.
-                        let (body, raw, permit) = batch?;
-                        self.check_window(job, client).await?;
-                        let len = body.len() as u64;
-                        let (tell, told) = tokio::sync::oneshot::channel();
-                        handing_over = Some(told);
-                        let version = job.desired_version;
-                        in_flight.push_back(async move {
-                            let answer = client.send_batch_telling(pkg, version, body, Some(tell)).await;
-                            drop(permit);
-                            (answer, len, raw)
+            while let Some(batch) = rx.recv().await {
+                // The batch's memory permit is held until the target has answered.
+                let (body, raw, _permit) = batch?;
+                self.check_window(job, client).await?;
+                let len = body.len() as u64;
+                let resp = match client.send_batch(pkg, job.desired_version, body).await {
+                    Ok(r) => r,
+                    // A batch damaged in transit can break its framing: send it again.
+                    Err(TransferError::Rejected { reason: RejectReason::BadRequest(message), .. }) => {
+                        return Err(PushError::BatchRefused {
+                            target: target.name.clone(),
+                            package: pkg.clone(),
+                            message,
                         });
                     }
-                }
+                    Err(e) => return Err(refused(e)),
+                };
+                batch_bytes.store(size(client), Relaxed);
+                self.count_sent(job, len).await;
+                self.set_progress(&key, |p| p.bytes_done += raw);
+                rejected_all.extend(resp.rejected);
             }
             reader.await?;
             if rejected_all.is_empty() {
@@ -1367,9 +1332,6 @@ fn wait_for_window(job: &Distribution, target: &Target, opens_at: Option<i64>) -
     );
     Outcome::WaitWindow { next_window_at }
 }
-
-/// Batches of one push in flight at once (see `send_chunks`).
-const BATCHES_IN_FLIGHT: usize = 2;
 
 /// The memory all pushes' batches may hold at once, in KiB permits.
 #[derive(Debug, Clone)]

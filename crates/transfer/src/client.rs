@@ -270,18 +270,11 @@ struct BodyProgress {
     taken: AtomicU64,
     /// Milliseconds after `started` that bytes were last taken.
     last_ms: AtomicU64,
-    /// Told once the last slice of the body has been handed to the connection.
-    handed_over: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl BodyProgress {
-    fn telling(handed_over: Option<tokio::sync::oneshot::Sender<()>>) -> Arc<Self> {
-        Arc::new(Self {
-            started: Instant::now(),
-            taken: AtomicU64::new(0),
-            last_ms: AtomicU64::new(0),
-            handed_over: std::sync::Mutex::new(handed_over),
-        })
+    fn new() -> Arc<Self> {
+        Arc::new(Self { started: Instant::now(), taken: AtomicU64::new(0), last_ms: AtomicU64::new(0) })
     }
 
     fn took(&self, n: usize) {
@@ -320,11 +313,6 @@ fn progress_body(body: Bytes, progress: Arc<BodyProgress>, pacer: Arc<Pacer>) ->
                 tokio::time::sleep_until(when.into()).await;
             }
             progress.took(end - at);
-            if end == body.len()
-                && let Some(tell) = progress.handed_over.lock().unwrap().take()
-            {
-                let _ = tell.send(());
-            }
             Some((Ok::<Bytes, std::io::Error>(body.slice(at..end)), end))
         }
     });
@@ -437,20 +425,6 @@ impl TargetClient {
         extra: &[(&str, String)],
         acting: Duration,
     ) -> Result<reqwest::Response, TransferError> {
-        self.send_telling(method, path, body, extra, acting, None).await
-    }
-
-    /// [`Self::send`], telling `handed_over` once the whole body is in the connection's
-    /// hands (dropped unsent if the call ends before).
-    async fn send_telling(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<(Bytes, &'static str)>,
-        extra: &[(&str, String)],
-        acting: Duration,
-        handed_over: Option<tokio::sync::oneshot::Sender<()>>,
-    ) -> Result<reqwest::Response, TransferError> {
         let mut req = self.http.request(method, self.url(path));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -458,7 +432,7 @@ impl TargetClient {
         for (k, v) in extra {
             req = req.header(*k, v);
         }
-        let progress = BodyProgress::telling(handed_over);
+        let progress = BodyProgress::new();
         let len = body.as_ref().map_or(0, |(b, _)| b.len());
         if let Some((b, ct)) = body {
             req = req.header(header::CONTENT_TYPE, ct).header(header::CONTENT_LENGTH, b.len()).body(progress_body(
@@ -684,27 +658,13 @@ impl TargetClient {
 
     /// Sends one encoded chunk batch.
     pub async fn send_batch(&self, pkg: &str, version: i64, body: Bytes) -> Result<BatchResponse, TransferError> {
-        self.send_batch_telling(pkg, version, body, None).await
-    }
-
-    /// [`Self::send_batch`], telling `handed_over` once the whole body is in the
-    /// connection's hands: the sender may then start the next batch while the target
-    /// still stores this one.
-    pub async fn send_batch_telling(
-        &self,
-        pkg: &str,
-        version: i64,
-        body: Bytes,
-        handed_over: Option<tokio::sync::oneshot::Sender<()>>,
-    ) -> Result<BatchResponse, TransferError> {
         let r = self
-            .send_telling(
+            .send(
                 Method::POST,
                 &format!("/v1/packages/{pkg}/versions/{version}/chunks"),
                 Some((body, wire::CONTENT_TYPE_CHUNKS)),
                 &[],
                 ACT_QUICKLY,
-                handed_over,
             )
             .await?;
         self.json(r).await
