@@ -420,17 +420,9 @@ fn assemble(
             continue;
         }
         if run.from_pack {
-            let mut rest = &buf[..];
-            let mut ok = true;
-            for c in run.chunks {
-                let (piece, tail) = rest.split_at(c.len as usize);
-                rest = tail;
-                if ChunkId::from(blake3::hash(piece)) != c.id {
-                    bad.push(c.id);
-                    ok = false;
-                }
-            }
-            if !ok {
+            let failed = bad.len();
+            bad.extend(chunks_not_matching(&buf, run.chunks));
+            if bad.len() > failed {
                 continue;
             }
         }
@@ -514,13 +506,20 @@ fn damaged_object_chunks(readers: &mut Readers, runs: &[SourceRun<'_>], buf: &mu
             bad.extend(run.chunks.iter().map(|c| c.id));
             continue;
         }
-        let mut rest = &buf[..];
-        for c in run.chunks {
-            let (piece, tail) = rest.split_at(c.len as usize);
-            rest = tail;
-            if ChunkId::from(blake3::hash(piece)) != c.id {
-                bad.push(c.id);
-            }
+        bad.extend(chunks_not_matching(buf, run.chunks));
+    }
+    bad
+}
+
+/// The chunks of a run (its bytes in `buf`, end to end) whose bytes do not hash to their id.
+fn chunks_not_matching(buf: &[u8], chunks: &[dpsync_hash::Chunk]) -> Vec<ChunkId> {
+    let mut rest = buf;
+    let mut bad = Vec::new();
+    for c in chunks {
+        let (piece, tail) = rest.split_at(c.len as usize);
+        rest = tail;
+        if ChunkId::from(blake3::hash(piece)) != c.id {
+            bad.push(c.id);
         }
     }
     bad

@@ -349,14 +349,21 @@ impl Library {
         if fs::metadata(tmp).at(tmp)?.nlink() == 1 {
             fs::set_permissions(tmp, fs::Permissions::from_mode(OBJECT_MODE)).at(tmp)?;
         }
+        self.rename_to_object(tmp, &dest)?;
+        Ok(true)
+    }
+
+    /// Renames `tmp` to the object path `dest`, creating its folder if needed; both
+    /// folders are recorded for the next [`Library::sync`].
+    fn rename_to_object(&self, tmp: &Path, dest: &Path) -> Result<()> {
         let dir = dest.parent().expect("object paths have a parent");
         if !dir.is_dir() {
             fs::create_dir_all(dir).at(dir)?;
             self.dirty_dirs.lock().unwrap().insert(self.objects.clone());
         }
-        fs::rename(tmp, &dest).at(&dest)?;
+        fs::rename(tmp, dest).at(dest)?;
         self.dirty_dirs.lock().unwrap().insert(dir.to_owned());
-        Ok(true)
+        Ok(())
     }
 
     /// Makes everything written on the library's filesystem durable with one `syncfs`:
@@ -382,13 +389,7 @@ impl Library {
             file.sync_all().at(tmp)?;
         }
         fs::set_permissions(tmp, fs::Permissions::from_mode(OBJECT_MODE)).at(tmp)?;
-        let dir = dest.parent().expect("object paths have a parent");
-        if !dir.is_dir() {
-            fs::create_dir_all(dir).at(dir)?;
-            self.dirty_dirs.lock().unwrap().insert(self.objects.clone());
-        }
-        fs::rename(tmp, &dest).at(&dest)?;
-        self.dirty_dirs.lock().unwrap().insert(dir.to_owned());
+        self.rename_to_object(tmp, &dest)?;
         Ok(true)
     }
 
