@@ -454,6 +454,8 @@ const RUN_BYTES: u64 = 4 << 20;
 /// Chunks that lie end to end in one source file.
 struct SourceRun<'a> {
     path: PathBuf,
+    /// The source file, compared while grouping (its path is built once per run).
+    file: SourceFile<'a>,
     offset: u64,
     len: u64,
     from_pack: bool,
@@ -462,27 +464,32 @@ struct SourceRun<'a> {
     chunks: &'a [dpsync_hash::Chunk],
 }
 
+#[derive(PartialEq, Eq)]
+enum SourceFile<'a> {
+    Pack(&'a Path),
+    Object(&'a FileHash),
+}
+
 /// Groups `chunks` (every one with a source) into runs of at most [`RUN_BYTES`] (a chunk
 /// larger than that is a run of its own). A chunk whose source length differs from the
 /// manifest's is a run of its own, not `exact`.
 fn source_runs<'a>(
     lib: &Library,
     chunks: &'a [dpsync_hash::Chunk],
-    sources: &HashMap<ChunkId, Source>,
+    sources: &'a HashMap<ChunkId, Source>,
 ) -> Vec<SourceRun<'a>> {
     let mut runs: Vec<SourceRun<'a>> = Vec::new();
     let mut start = 0;
     for (i, c) in chunks.iter().enumerate() {
-        let (path, offset, len, from_pack) = match &sources[&c.id] {
-            Source::Pack { path, offset, len } => (path.clone(), *offset, *len, true),
-            Source::Object { hash, offset, len } => (lib.object_path(hash), *offset, *len, false),
+        let (file, offset, len) = match &sources[&c.id] {
+            Source::Pack { path, offset, len } => (SourceFile::Pack(path), *offset, *len),
+            Source::Object { hash, offset, len } => (SourceFile::Object(hash), *offset, *len),
         };
         let exact = len == c.len;
         if let Some(last) = runs.last_mut()
             && exact
             && last.exact
-            && last.from_pack == from_pack
-            && last.path == path
+            && last.file == file
             && last.offset + last.len == offset
             && last.len + u64::from(len) <= RUN_BYTES
         {
@@ -491,7 +498,11 @@ fn source_runs<'a>(
             continue;
         }
         start = i;
-        runs.push(SourceRun { path, offset, len: u64::from(len), from_pack, exact, chunks: &chunks[i..=i] });
+        let (path, from_pack) = match file {
+            SourceFile::Pack(path) => (path.to_owned(), true),
+            SourceFile::Object(hash) => (lib.object_path(hash), false),
+        };
+        runs.push(SourceRun { path, file, offset, len: u64::from(len), from_pack, exact, chunks: &chunks[i..=i] });
     }
     runs
 }

@@ -317,14 +317,7 @@ impl Manifest {
     /// Decodes and validates untrusted bytes.
     pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
         let mut r = Reader { b: bytes };
-        if r.take(4)? != MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        let format = r.u16()?;
-        if format != FORMAT_VERSION {
-            return Err(DecodeError::UnsupportedFormat(format));
-        }
-        let count = r.u64()?;
+        let count = r.header()?;
         if count > limits.max_entries {
             return Err(DecodeError::TooManyEntries { count, limit: limits.max_entries });
         }
@@ -410,14 +403,7 @@ impl Manifest {
     /// manifest's `files()` hashes; meant for encodings this process stored itself.
     pub fn file_hashes_of_encoding(encoded: &[u8]) -> Result<Vec<FileHash>, DecodeError> {
         let mut r = Reader { b: encoded };
-        if r.take(4)? != MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        let format = r.u16()?;
-        if format != FORMAT_VERSION {
-            return Err(DecodeError::UnsupportedFormat(format));
-        }
-        let count = r.u64()?;
+        let count = r.header()?;
         let mut out = Vec::new();
         for _ in 0..count {
             let plen = r.u16()? as usize;
@@ -677,6 +663,18 @@ pub(crate) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// The magic and format of a manifest encoding; returns its entry count.
+    fn header(&mut self) -> Result<u64, DecodeError> {
+        if self.take(4)? != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let format = self.u16()?;
+        if format != FORMAT_VERSION {
+            return Err(DecodeError::UnsupportedFormat(format));
+        }
+        Ok(self.u64()?)
+    }
+
     pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], Truncated> {
         if self.b.len() < n {
             return Err(Truncated);
