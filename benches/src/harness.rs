@@ -28,6 +28,12 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `dpsync agent` on a loopback port of its own, plain HTTP, data in `dir`.
+    pub fn spawn_agent(name: &str, prog: &Path, dir: &Path, log: &Path, env: &[(&str, &str)]) -> Res<Self> {
+        let d = dir.to_str().ok_or("non-UTF-8 path")?;
+        Self::spawn(name, prog, &["agent", "--data-dir", d, "--listen", "127.0.0.1:0", "--insecure-http"], log, env)
+    }
+
     pub fn spawn(name: &str, prog: &Path, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Res<Self> {
         let out = File::create(log).map_err(err(log.display()))?;
         let out2 = out.try_clone().map_err(err(log.display()))?;

@@ -933,11 +933,10 @@ impl Env {
         let mut agents = Vec::new();
         for i in 1..=args.dps {
             let dir = base.join(format!("agent{i}"));
-            let d = dir.to_str().ok_or("non-UTF-8 path")?.to_owned();
-            let mut a = Daemon::spawn(
+            let mut a = Daemon::spawn_agent(
                 &format!("agent dp{i}"),
                 &args.dpsync,
-                &["agent", "--data-dir", &d, "--listen", "127.0.0.1:0", "--insecure-http"],
+                &dir,
                 &logs.join(format!("agent{i}.log")),
                 &env,
             )?;

@@ -167,14 +167,7 @@ fn one_run(
     let mut agents = Vec::new();
     for i in 1..=n {
         let dir = base.join(format!("dp{i}"));
-        let d = dir.to_str().ok_or("non-UTF-8 path")?.to_owned();
-        let a = Daemon::spawn(
-            &format!("dp{i}"),
-            &args.dpsync,
-            &["agent", "--data-dir", &d, "--listen", "127.0.0.1:0", "--insecure-http"],
-            &logs.join(format!("dp{i}.log")),
-            &env,
-        )?;
+        let a = Daemon::spawn_agent(&format!("dp{i}"), &args.dpsync, &dir, &logs.join(format!("dp{i}.log")), &env)?;
         agents.push((a, dir));
     }
     let mut proxies = Vec::new();
